@@ -1,0 +1,49 @@
+"""streamattn: topology-aware sequence-parallel attention.
+
+`topology/` and `triton_kernels/` live at the repository root (see DESIGN.md) but install inside
+the package as `streamattn.topology` and `streamattn.triton_kernels`, so no generic top-level
+name collides with other distributions.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+inner = [p for p in find_packages(include=["streamattn", "streamattn.*"])]
+topo = ["streamattn.topology"] + ["streamattn.topology." + p for p in find_packages("topology")]
+trit = ["streamattn.triton_kernels"] + [
+    "streamattn.triton_kernels." + p for p in find_packages("triton_kernels")
+]
+
+package_dir = {"streamattn.topology": "topology", "streamattn.triton_kernels": "triton_kernels"}
+for p in topo[1:]:
+    package_dir[p] = os.path.join("topology", *p.split(".")[2:])
+for p in trit[1:]:
+    package_dir[p] = os.path.join("triton_kernels", *p.split(".")[2:])
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("STREAMATTN_BUILD_CUDA") == "1":
+    # Optional: the NVSHMEM device-side exchange (csrc/). Never required on CPU installs.
+    from csrc_build import cuda_extension  # noqa: E402  (local helper, only with CUDA)
+
+    ext, cmd = cuda_extension()
+    ext_modules, cmdclass = [ext], cmd
+
+setup(
+    name="streamattn",
+    version="0.1.0",
+    description="Topology-aware sequence-parallel attention for Diffusion Transformers",
+    packages=inner + topo + trit,
+    package_dir=package_dir,
+    package_data={"streamattn.topology": ["machines/*.json"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.3", "numpy"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "triton>=3.0; platform_machine=='x86_64'"],
+        "gpu": ["flash-attn", "nvshmem4py-cu13", "nvidia-ml-py"],
+        "bench": ["matplotlib", "rich"],
+        "diffusers": ["diffusers", "transformers", "accelerate"],
+    },
+    entry_points={"console_scripts": ["streamattn=streamattn.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,1 @@
+"""streamattn: topology-aware sequence-parallel attention."""

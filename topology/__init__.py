@@ -1,0 +1,1 @@
+"""Topology: model, emulation specs, probe and shipped machine files."""
