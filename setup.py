@@ -13,8 +13,13 @@ topo = ["streamattn.topology"] + ["streamattn.topology." + p for p in find_packa
 trit = ["streamattn.triton_kernels"] + [
     "streamattn.triton_kernels." + p for p in find_packages("triton_kernels")
 ]
+bench = ["streamattn.bench"]
 
-package_dir = {"streamattn.topology": "topology", "streamattn.triton_kernels": "triton_kernels"}
+package_dir = {
+    "streamattn.topology": "topology",
+    "streamattn.triton_kernels": "triton_kernels",
+    "streamattn.bench": "bench",
+}
 for p in topo[1:]:
     package_dir[p] = os.path.join("topology", *p.split(".")[2:])
 for p in trit[1:]:
@@ -32,7 +37,7 @@ setup(
     name="streamattn",
     version="0.1.0",
     description="Topology-aware sequence-parallel attention for Diffusion Transformers",
-    packages=inner + topo + trit,
+    packages=inner + topo + trit + bench,
     package_dir=package_dir,
     package_data={"streamattn.topology": ["machines/*.json"]},
     python_requires=">=3.9",

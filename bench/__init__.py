@@ -1,0 +1,1 @@
+"""Benchmarks: sweeps, the emulated-cluster launcher, baselines (installed as streamattn.bench)."""
