@@ -1,1 +1,13 @@
-"""streamattn: topology-aware sequence-parallel attention."""
+"""streamattn: topology-aware sequence-parallel attention for Diffusion Transformers.
+
+    out = streamattn.attention(q, k, v, group)   # each rank: its [B, S_local, H, D] shard in, same out
+"""
+from .api import attention
+from .errors import PeerError, PeerTimeoutError, StreamAttnError
+from .plan import Plan, choose_plan
+from .problem import Problem
+from .reference import reference_attention
+
+__version__ = "0.1.0"
+__all__ = ["attention", "Plan", "Problem", "choose_plan", "reference_attention", "PeerError",
+           "PeerTimeoutError", "StreamAttnError", "__version__"]

@@ -1,0 +1,11 @@
+"""Sequence-parallel attention algorithms, each written once against the Transport interface.
+
+Every algorithm takes (transport, problem, q, k, v, joint) with q: [B, S_local, H, D] and
+k, v: [B, S_local, Hk, D] (bshd) and returns (out [B, S_local, H, D], joint_out or None).
+"""
+from .local import attend
+from .ring import ring_attention
+from .ulysses import ulysses_attention
+from .usp import usp_attention
+
+__all__ = ["attend", "ring_attention", "ulysses_attention", "usp_attention"]

@@ -1,0 +1,104 @@
+"""Ring attention: K/V blocks rotate around a ring; each step's send overlaps the next compute.
+
+Each of the r ring members keeps its query block and sees every member's K/V block once, merging
+the partial outputs with the LSE (merge.update_out_and_lse). Blocks may have different lengths.
+Joint text tokens are attended once: the local queries attend the joint K/V (first for "front",
+last for "rear"); the joint queries attend each member's local K/V block there, and the r partials
+are merged in member order so every member ends with a bit-identical joint output.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import attention_with_lse
+from ..merge import empty_accumulator, merge_all, update_out_and_lse
+
+TAG_STEP, TAG_JOINT = 100, 13
+
+
+def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
+              joint=None, joint_strategy="front"):
+    """The ring over `members` (group ranks, in ring order); me: my index.
+
+    q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
+    seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
+    joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]).
+    Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype.
+    """
+    r = len(members)
+    B, Sq, h, D = q.shape
+    hk = k.shape[2]
+    qb = q.transpose(1, 2)
+    out, lse = empty_accumulator(B, h, Sq, D, q.dtype, q.device)
+
+    def merge_with(kb, vb, **mask):
+        o, l = attention_with_lse(qb, kb, vb, scale=scale, **mask)
+        update_out_and_lse(out, lse, o, l)
+
+    if joint is not None and joint_strategy == "front":
+        merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
+
+    # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
+    kv = torch.stack([k, v])
+    nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
+    for t in range(r):
+        src = (me - t) % r
+        pending = None
+        if t < r - 1:
+            incoming = torch.empty(2, B, seg_lens[(me - t - 1) % r], hk, D, dtype=kv.dtype, device=kv.device)
+            pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
+        kb, vb = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+        if not causal:
+            merge_with(kb, vb)
+        elif seg_offsets[src] <= seg_offsets[me] + Sq - 1:  # otherwise every key lies in the future
+            merge_with(kb, vb, causal=True, q_offset=seg_offsets[me], k_offset=seg_offsets[src])
+        if pending is not None:
+            pending.wait()
+            kv = incoming
+
+    if joint is not None and joint_strategy == "rear":
+        merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
+    if joint is None:
+        return out, None
+    return out, _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)
+
+
+def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
+    """Joint queries against every member's block: one partial per member, merged in member order.
+    Member 0 also covers the joint keys themselves, so they count exactly once."""
+    jq, jk, jv = (t.transpose(1, 2) for t in joint)
+    parts = [attention_with_lse(jq, k.transpose(1, 2), v.transpose(1, 2), scale=scale)]
+    if me == 0:
+        own = attention_with_lse(jq, jk, jv, scale=scale)
+        parts = [own] + parts if joint_strategy == "front" else parts + [own]
+    o, l = merge_all(parts)
+    B, h, T, D = o.shape
+    flat = torch.cat([o.reshape(-1), l.reshape(-1)]).contiguous()
+    r = len(members)
+    bufs = [None] * r
+    sends, recvs = [], []
+    for j in range(r):
+        if j == me:
+            bufs[j] = flat
+            continue
+        sends.append((members[j], flat))
+        bufs[j] = torch.empty_like(flat)
+        recvs.append((members[j], bufs[j]))
+    transport.exchange(sends, recvs, TAG_JOINT).wait()
+    n = B * h * T * D
+    return merge_all([(b[:n].view(B, h, T, D), b[n:].view(B, h, T)) for b in bufs])[0]
+
+
+def ring_attention(transport, problem, q, k, v, joint=None, members=None):
+    """Ring over `members` (default: the whole group) with every member's own shard as its block.
+    q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]. Returns (out [B, S_local, H, D], joint_out
+    [B, T, H, D] or None) in q's dtype."""
+    members = list(range(transport.size)) if members is None else members
+    me = members.index(transport.rank)
+    lens = [problem.seq_lens[m] for m in members]
+    offsets = [problem.offsets[m] for m in members]
+    out, jout = ring_core(transport, members, me, q, k, v, seg_lens=lens, seg_offsets=offsets,
+                          scale=problem.scale, causal=problem.causal, joint=joint,
+                          joint_strategy=problem.joint_strategy)
+    out = out.transpose(1, 2).to(q.dtype)
+    return out, (jout.transpose(1, 2).to(q.dtype) if jout is not None else None)

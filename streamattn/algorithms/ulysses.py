@@ -1,0 +1,146 @@
+"""Ulysses (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards and back.
+
+Each of the u members of a Ulysses group holds [B, S_j, H, D] for its own S_j tokens (S_j may differ).
+After `scatter_heads` member j holds [B, sum_j S_j, H/u, D]: every token of the group, its own H/u
+query heads, and the K/V heads those query heads use. With GQA/MQA and fewer K/V heads than members,
+each member receives only the K/V heads its query heads need (the fewest replicas possible).
+"""
+from __future__ import annotations
+
+import torch
+
+from .local import attend
+
+TAG_SCATTER, TAG_GATHER, TAG_JOINT = 10, 11, 12
+
+
+def head_ranges(heads: int, kv_heads: int, u: int):
+    """(q_ranges, kv_ranges): member j owns query heads q_ranges[j] = (lo, hi) and needs K/V heads
+    kv_ranges[j]. Query head h uses K/V head h // (heads // kv_heads)."""
+    hq, g = heads // u, heads // kv_heads
+    q_ranges = [(j * hq, (j + 1) * hq) for j in range(u)]
+    kv_ranges = [(lo // g, (hi - 1) // g + 1) for lo, hi in q_ranges]
+    return q_ranges, kv_ranges
+
+
+def fit_kv_heads(k, q_range, kv_range, group_size, dim=2):
+    """Make k's heads (along `dim`) follow the standard GQA map for the local query heads:
+    local query head i must use local K/V head i // (hq // hk). When the member's query heads
+    straddle K/V groups unevenly, expand K/V to one head per query head."""
+    hq, hk = q_range[1] - q_range[0], kv_range[1] - kv_range[0]
+    want = [(q_range[0] + i) // group_size - kv_range[0] for i in range(hq)]
+    if hq % hk == 0 and want == [i // (hq // hk) for i in range(hq)]:
+        return k
+    return k.index_select(dim, torch.tensor(want, device=k.device))
+
+
+def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads):
+    """Sequence shards -> head shards within one Ulysses group.
+
+    members: group ranks of the Ulysses group in order; me: my index in it; lens[j]: tokens of member
+    j. q: [B, S_me, H, D], k, v: [B, S_me, Hk, D]. Returns q, k, v: [B, sum(lens), h, D] with my
+    query heads and the K/V heads they use (already fitted to the standard GQA map).
+    """
+    u = len(members)
+    B, _, _, D = q.shape
+    q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
+    hq = q_ranges[me][1] - q_ranges[me][0]
+    hk = kv_ranges[me][1] - kv_ranges[me][0]
+
+    def pack(j):
+        (a, b), (c, d) = q_ranges[j], kv_ranges[j]
+        return torch.cat([q[:, :, a:b].reshape(-1), k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
+
+    bufs = [None] * u
+    sends, recvs = [], []
+    for j in range(u):
+        if j == me:
+            bufs[j] = pack(j)
+            continue
+        sends.append((members[j], pack(j)))
+        bufs[j] = torch.empty(B * lens[j] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
+        recvs.append((members[j], bufs[j]))
+    transport.exchange(sends, recvs, TAG_SCATTER).wait()
+
+    qs, ks, vs = [], [], []
+    for j in range(u):
+        n_q, n_kv = B * lens[j] * hq * D, B * lens[j] * hk * D
+        buf = bufs[j]
+        qs.append(buf[:n_q].view(B, lens[j], hq, D))
+        ks.append(buf[n_q : n_q + n_kv].view(B, lens[j], hk, D))
+        vs.append(buf[n_q + n_kv :].view(B, lens[j], hk, D))
+    g = heads // kv_heads
+    qo = torch.cat(qs, 1)
+    ko = fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g)
+    vo = fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g)
+    return qo, ko, vo
+
+
+def slice_joint(joint, heads, kv_heads, u, me):
+    """Joint tokens are replicated on every rank, so each member takes its heads locally (no
+    communication). joint: (jq [B, T, H, D], jk, jv [B, T, Hk, D])."""
+    jq, jk, jv = joint
+    q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
+    (a, b), (c, d) = q_ranges[me], kv_ranges[me]
+    g = heads // kv_heads
+    return (
+        jq[:, :, a:b],
+        fit_kv_heads(jk[:, :, c:d], q_ranges[me], kv_ranges[me], g),
+        fit_kv_heads(jv[:, :, c:d], q_ranges[me], kv_ranges[me], g),
+    )
+
+
+def gather_heads(transport, members, me, out, lens, heads):
+    """Head shards -> sequence shards: the inverse of scatter_heads for the output.
+    out: [B, sum(lens), h, D] -> [B, lens[me], H, D]."""
+    u = len(members)
+    B, _, _, D = out.shape
+    q_ranges, _ = head_ranges(heads, heads, u)
+    offsets = [sum(lens[:j]) for j in range(u)]
+    parts = [None] * u
+    sends, recvs = [], []
+    for j in range(u):
+        piece = out[:, offsets[j] : offsets[j] + lens[j]]
+        if j == me:
+            parts[j] = piece
+            continue
+        sends.append((members[j], piece.contiguous()))
+        h = q_ranges[j][1] - q_ranges[j][0]
+        parts[j] = torch.empty(B, lens[me], h, D, dtype=out.dtype, device=out.device)
+        recvs.append((members[j], parts[j]))
+    transport.exchange(sends, recvs, TAG_GATHER).wait()
+    return torch.cat(parts, 2)
+
+
+def allgather_heads(transport, members, me, x):
+    """x: [B, T, h, D] (my heads of a replicated block) -> [B, T, u*h, D], identical on all members."""
+    u = len(members)
+    parts = [None] * u
+    sends, recvs = [], []
+    mine = x.contiguous()
+    for j in range(u):
+        if j == me:
+            parts[j] = mine
+            continue
+        sends.append((members[j], mine))
+        parts[j] = torch.empty_like(mine)
+        recvs.append((members[j], parts[j]))
+    transport.exchange(sends, recvs, TAG_JOINT).wait()
+    return torch.cat(parts, 2)
+
+
+def ulysses_attention(transport, problem, q, k, v, joint=None, members=None):
+    """Ulysses over `members` (default: the whole group). q: [B, S_local, H, D], k, v:
+    [B, S_local, Hk, D]; joint as in local.attend. Returns (out [B, S_local, H, D], joint_out)."""
+    members = list(range(transport.size)) if members is None else members
+    me = members.index(transport.rank)
+    lens = [problem.seq_lens[m] for m in members]
+    H, Hk = problem.heads, problem.kv_heads
+    qh, kh, vh = scatter_heads(transport, members, me, q, k, v, lens, H, Hk)
+    jh = slice_joint(joint, H, Hk, len(members), me) if joint is not None else None
+    out, jout = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
+                       joint_strategy=problem.joint_strategy)
+    out = gather_heads(transport, members, me, out, lens, H)
+    if jout is not None:
+        jout = allgather_heads(transport, members, me, jout)
+    return out, jout

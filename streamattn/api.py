@@ -1,0 +1,160 @@
+"""`streamattn.attention`: the public op.
+
+Per call: local checks → (first call of a shape) metadata exchange, agreement check and plan →
+the plan's algorithm over the group's transport → output in the caller's layout.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+
+from . import algorithms
+from .config import validate_every_call
+from .plan import choose_plan
+from .problem import Problem
+from .transport import TorchTransport
+from .validate import DTYPES, check_agreement, check_local, encode
+
+log = logging.getLogger("streamattn")
+
+TAG_META = 1
+_CACHE_SIZE = 64
+_transports: dict = {}   # id(group) -> (group, transport)
+_plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
+
+
+def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
+              joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
+              ulysses_degree=None, ring_degree=None):
+    """Exact attention over a sequence sharded across the ranks of `group`.
+
+    q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
+    k, v: [B, S_local, Hk, D] (or bhsd), Hk dividing H (GQA/MQA). Shards are in rank order; S_local
+    may differ between ranks (e.g. 4097 tokens on 4 ranks: 1025/1024/1024/1024).
+    joint_q/k/v: text tokens replicated on every rank, [B, T, H|Hk, D] in the same layout, placed in
+    front of ("front") or behind ("rear") the image sequence; then the call returns
+    (out, joint_out) with joint_out identical on every rank.
+    causal: mask by global position (rank order). scale: default 1/sqrt(D).
+    algorithm: "auto" | "ulysses" | "ring" | "usp"; ulysses_degree / ring_degree force a split.
+    group=None: the default group, or a group of one if torch.distributed is not initialised.
+    Returns out in q's layout, shape and dtype.
+    """
+    err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
+                      algorithm, ulysses_degree, ring_degree)
+    size = _group_size(group)
+    if size == 1:
+        if err:
+            raise ValueError(f"streamattn.attention: {err}")
+        return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
+
+    transport = _transport(group)
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    if err is None and q.device.type != transport.device.type:
+        err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
+               f"communicates on {transport.device.type}")
+    if err:
+        key = None
+    else:
+        key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, bool(causal),
+               scale, None if joint is None else (tuple(joint_q.shape), tuple(joint_k.shape)),
+               joint_strategy, algorithm, ulysses_degree, ring_degree)
+    cached = _plans.get(key) if key is not None and not validate_every_call() else None
+    if cached is None:
+        cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+                        ulysses_degree, ring_degree)
+        _plans[key] = cached
+        if len(_plans) > _CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    problem, plan = cached
+
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if joint is not None:
+            joint = tuple(t.transpose(1, 2) for t in joint)
+    out, jout = _run(plan, transport, problem, q, k, v, joint)
+    out = _to_layout(out, layout)
+    if joint is None:
+        return out
+    return out, _to_layout(jout, layout)
+
+
+def _run(plan, transport, problem, q, k, v, joint):
+    if plan.algorithm == "ulysses":
+        return algorithms.ulysses_attention(transport, problem, q, k, v, joint)
+    if plan.algorithm == "ring":
+        return algorithms.ring_attention(transport, problem, q, k, v, joint)
+    if plan.algorithm == "usp":
+        return algorithms.usp_attention(transport, problem, q, k, v, joint, ulysses_degree=plan.ulysses_degree)
+    raise AssertionError(f"no algorithm for {plan}")
+
+
+def _to_layout(x, layout):
+    return (x if layout == "bshd" else x.transpose(1, 2)).contiguous()
+
+
+def _group_size(group) -> int:
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size()
+    return dist.get_world_size(group)
+
+
+def _transport(group):
+    entry = _transports.get(id(group))
+    if entry is None or entry[0] is not group:
+        entry = (group, TorchTransport(group, node_of=_node_map(group)))
+        _transports[id(group)] = entry
+    return entry[1]
+
+
+def _node_map(group):
+    """Node of every group rank, from STREAMATTN_TOPOLOGY when it declares one, else one node."""
+    size = _group_size(group)
+    try:
+        from .topology import resolve_topology  # noqa: PLC0415 (optional until the probe lands)
+    except ImportError:
+        return [0] * size
+    topo = resolve_topology(group, probe_if_missing=False)
+    return [topo.node_of(r) for r in range(size)] if topo is not None else [0] * size
+
+
+def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+           ulysses_degree, ring_degree):
+    """First call of a shape: exchange metadata, agree or raise everywhere, then plan."""
+    joint_len = 0
+    if joint is not None and err is None:
+        joint_len = joint[0].shape[1 if layout == "bshd" else 2]
+    if err is None and scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    vec = encode(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
+                 ulysses_degree, ring_degree)
+    agreed = check_agreement(transport.all_gather_vector(vec, TAG_META))
+    problem = Problem(batch=agreed["batch"], heads=agreed["heads"], kv_heads=agreed["kv_heads"],
+                      head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
+                      seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
+                      joint_len=joint_len, joint_strategy=joint_strategy)
+    plan = choose_plan(problem, transport.node_of, algorithm, ulysses_degree, ring_degree)
+    log.debug("streamattn plan for %s: %s", problem, plan)
+    return problem, plan
+
+
+def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):
+    """Group of one: the local kernel, no communication."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if joint is not None:
+            joint = tuple(t.transpose(1, 2) for t in joint)
+    out, jout = algorithms.attend(q, k, v, scale=scale, causal=causal, joint=joint,
+                                  joint_strategy=joint_strategy)
+    if joint is None:
+        return _to_layout(out, layout)
+    return _to_layout(out, layout), _to_layout(jout, layout)

@@ -1,0 +1,24 @@
+"""Environment settings, read at call time so tests and operators can change them per process."""
+import os
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def timeout_s() -> float:
+    """STREAMATTN_TIMEOUT_S: the longest any single wait on a peer may take (default 300 s)."""
+    raw = os.environ.get("STREAMATTN_TIMEOUT_S", "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"STREAMATTN_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"STREAMATTN_TIMEOUT_S={raw!r} must be positive")
+    return value
+
+
+def validate_every_call() -> bool:
+    """STREAMATTN_VALIDATE=every: gather and compare metadata on every call, not only the first
+    call of a shape (costs one small exchange per call; catches ranks that change shape alone)."""
+    return os.environ.get("STREAMATTN_VALIDATE", "first").strip().lower() == "every"

@@ -1,0 +1,197 @@
+"""Tasks the RankPool runs on every rank (tests, demo). Each is fn(rank, world_size, **json_kwargs)
+and returns JSON. Inputs are generated from a seed identically on every rank, so each rank can
+build the float64 reference of the whole sequence and check its own shard."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import streamattn
+from streamattn.reference import reference_attention
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def ping(rank, world_size):
+    return {"rank": rank, "pid": os.getpid()}
+
+
+def split_lengths(total: int, world: int) -> list:
+    """Uneven split like 4097 on 4 ranks: 1025/1024/1024/1024."""
+    base, extra = divmod(total, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def make_inputs(*, seed, batch, seq, heads, kv_heads, head_dim, joint_len=0, dtype="float32"):
+    """Global tensors (bshd) in `dtype`, the same on every rank for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
+
+    q, k, v = rnd(batch, seq, heads, head_dim), rnd(batch, seq, kv_heads, head_dim), rnd(batch, seq, kv_heads, head_dim)
+    joint = None
+    if joint_len:
+        joint = (rnd(batch, joint_len, heads, head_dim), rnd(batch, joint_len, kv_heads, head_dim),
+                 rnd(batch, joint_len, kv_heads, head_dim))
+    return q, k, v, joint
+
+
+def _shard(x, lens, rank):
+    start = sum(lens[:rank])
+    return x[:, start : start + lens[rank]]
+
+
+def _rel_err(out, ref):
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=16, batch=1,
+                    lens=None, dtype="float32", layout="bshd", causal=False, joint_len=0,
+                    joint_strategy="front", algorithm="auto", ulysses_degree=None, ring_degree=None,
+                    seed=0, scale=None, repeat=1):
+    """Run streamattn.attention on this rank's shard and compare with the float64 reference.
+    Returns {"err", "joint_err", "plan", "shape"}: errors are max|out-ref| / max|ref|."""
+    kv_heads = kv_heads or heads
+    lens = lens or split_lengths(seq, world_size)
+    q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, joint_len=joint_len, dtype=dtype)
+    kw = {}
+    if joint is not None:
+        kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy=joint_strategy)
+    ref = reference_attention(q, k, v, scale=scale, causal=causal, **kw)
+    ref, jref = ref if joint is not None else (ref, None)
+
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    if layout == "bhsd":
+        ql, kl, vl = (t.transpose(1, 2).contiguous() for t in (ql, kl, vl))
+        kw = {n: (t.transpose(1, 2).contiguous() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    for _ in range(repeat):
+        res = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, scale=scale,
+                                   algorithm=algorithm, ulysses_degree=ulysses_degree,
+                                   ring_degree=ring_degree, **kw)
+    out, jout = res if joint is not None else (res, None)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+        jout = jout.transpose(1, 2) if jout is not None else None
+    assert out.dtype == q.dtype, f"output dtype {out.dtype} != input dtype {q.dtype}"
+    assert tuple(out.shape) == tuple(_shard(q, lens, rank).shape), f"output shape {tuple(out.shape)}"
+    result = {"err": _rel_err(out, _shard(ref, lens, rank)), "joint_err": None,
+              "plan": str(_last_plan()), "shape": list(out.shape)}
+    if jref is not None:
+        result["joint_err"] = _rel_err(jout, jref)
+        result["joint_digest"] = float(jout.double().sum())
+    return result
+
+
+def _last_plan():
+    from streamattn import api
+
+    return next(reversed(api._plans.values()))[1] if api._plans else None
+
+
+def bad_input(rank, world_size, *, bad_rank, kind, seq=24, heads=8, head_dim=16):
+    """One rank passes different heads / dtype / layout / malformed shapes; every rank must raise
+    ValueError. Returns {"type", "error", "seconds"}."""
+    q, k, v, _ = make_inputs(seed=1, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=head_dim)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    layout = "bshd"
+    if rank == bad_rank:
+        if kind == "heads":
+            ql, kl, vl = ql[:, :, : heads // 2], kl[:, :, : heads // 2], vl[:, :, : heads // 2]
+        elif kind == "dtype":
+            ql, kl, vl = ql.double(), kl.double(), vl.double()
+        elif kind == "layout":
+            ql, kl, vl = (t.transpose(1, 2).contiguous() for t in (ql, kl, vl))
+            layout = "bhsd"
+        elif kind == "ndim":
+            ql = ql[0]
+        elif kind == "head_dim":
+            ql, kl, vl = ql[..., :8], kl[..., :8], vl[..., :8]
+    t0 = time.monotonic()
+    try:
+        streamattn.attention(ql, kl, vl, layout=layout)
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0}
+    return {"type": None, "error": None, "seconds": time.monotonic() - t0}
+
+
+def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, heads=8):
+    """dying_rank exits abruptly inside the call; the others must raise an error naming it."""
+    q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=16)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    streamattn.attention(ql, kl, vl, algorithm=algorithm)  # warm: plan cached, metadata agreed
+    if rank == dying_rank:
+        from streamattn import kernels
+
+        real = kernels.attention_with_lse
+
+        def dying(*a, **kw):
+            os._exit(17)
+
+        kernels.attention_with_lse = dying
+        import streamattn.algorithms.ring as ring_mod
+        import streamattn.algorithms.local as local_mod
+
+        ring_mod.attention_with_lse = dying
+        local_mod.attention_with_lse = dying
+    t0 = time.monotonic()
+    try:
+        streamattn.attention(ql, kl, vl, algorithm=algorithm)
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0,
+                "peer": getattr(exc, "peer", None)}
+    return {"type": None, "error": None, "seconds": time.monotonic() - t0, "peer": None}
+
+
+def zero_lse_ring(rank, world_size, *, seq=40, heads=4):
+    """Negative control: a kernel that returns LSE = 0 (the known CPU bug of a peer library) must
+    make the ring visibly wrong, proving the checks can fail."""
+    import streamattn.algorithms.ring as ring_mod
+
+    real = ring_mod.attention_with_lse
+
+    def zero_lse(*a, **kw):
+        out, lse = real(*a, **kw)
+        return out, torch.zeros_like(lse)
+
+    ring_mod.attention_with_lse = zero_lse
+    try:
+        return check_attention(rank, world_size, seq=seq, heads=heads, algorithm="ring", seed=5)
+    finally:
+        ring_mod.attention_with_lse = real
+
+
+def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batch=1, algorithm="auto",
+                    ulysses_degree=None, ring_degree=None, iters=5, warmup=1, dtype="float32", seed=0):
+    """Median latency (s) of streamattn.attention over iters, plus the max error vs float64."""
+    res = check_attention(rank, world_size, seq=seq, heads=heads, head_dim=head_dim, batch=batch,
+                          joint_len=joint_len, algorithm=algorithm, ulysses_degree=ulysses_degree,
+                          ring_degree=ring_degree, dtype=dtype, seed=seed)
+    lens = split_lengths(seq, world_size)
+    q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=heads,
+                                 head_dim=head_dim, joint_len=joint_len, dtype=dtype)
+    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    kw = {}
+    if joint is not None:
+        kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        streamattn.attention(ql, kl, vl, algorithm=algorithm, ulysses_degree=ulysses_degree,
+                             ring_degree=ring_degree, **kw)
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
+        if i >= warmup:
+            times.append(float(dt))
+    times.sort()
+    res["latency_s"] = times[len(times) // 2]
+    return res

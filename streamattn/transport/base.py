@@ -1,0 +1,83 @@
+"""The Transport interface every algorithm is written against.
+
+Algorithms only ever say "send these tensors to these peers, receive those from those, then wait".
+The two-sided torch.distributed backend and the one-sided backends (shm, nvshmem) implement the
+same calls, so an algorithm is written once. Peers are ranks *of the transport's group*.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ByteCounters:
+    """Bytes this rank sent, split by link class (same node or across nodes)."""
+
+    intra: int = 0
+    inter: int = 0
+    messages: int = 0
+
+    def reset(self) -> None:
+        self.intra = self.inter = self.messages = 0
+
+    def as_dict(self) -> dict:
+        return {"intra": self.intra, "inter": self.inter, "messages": self.messages}
+
+
+class Pending(ABC):
+    """Handle of posted sends/receives. wait() raises PeerError/PeerTimeoutError naming the peer."""
+
+    @abstractmethod
+    def wait(self) -> None: ...
+
+
+class Transport(ABC):
+    """Point-to-point exchange within one group.
+
+    rank, size: this rank and the group size. device: where message tensors must live.
+    node_of: node index of every group rank (classifies bytes as intra/inter).
+    """
+
+    rank: int
+    size: int
+    device: torch.device
+    node_of: list
+    counters: ByteCounters
+
+    @abstractmethod
+    def exchange(self, sends, recvs, tag: int, count: bool = True) -> Pending:
+        """Post sends [(peer, tensor)] and receives [(peer, tensor)] without blocking.
+
+        Tensors must be contiguous and stay alive and unmodified until wait() returns. At most one
+        send and one receive per (peer, tag) may be outstanding. count=False keeps the bytes out of
+        the counters (metadata, not payload).
+        """
+
+    @abstractmethod
+    def describe_peer(self, peer: int) -> str:
+        """How error messages name a peer, e.g. 'rank 2 (global rank 6)'."""
+
+    def _count(self, peer: int, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.node_of[peer] == self.node_of[self.rank]:
+            self.counters.intra += nbytes
+        else:
+            self.counters.inter += nbytes
+        self.counters.messages += 1
+
+    def all_gather_vector(self, vec: torch.Tensor, tag: int) -> list:
+        """Every rank's copy of a small 1-D tensor (same shape and dtype on every rank)."""
+        vec = vec.to(self.device).contiguous()
+        out = [None] * self.size
+        out[self.rank] = vec
+        recvs = []
+        for p in range(self.size):
+            if p != self.rank:
+                out[p] = torch.empty_like(vec)
+                recvs.append((p, out[p]))
+        sends = [(p, vec) for p in range(self.size) if p != self.rank]
+        self.exchange(sends, recvs, tag, count=False).wait()
+        return [t.cpu() for t in out]

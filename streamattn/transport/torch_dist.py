@@ -1,0 +1,111 @@
+"""Two-sided transport over torch.distributed: gloo on CPU, NCCL on GPU.
+
+Every exchange is point-to-point (also the all-to-alls), so every wait knows which peer it waits
+on: a dead or silent peer is reported by rank, within STREAMATTN_TIMEOUT_S. No sub-groups are
+created, so a user's group never has to be entered collectively by ranks outside it.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import timeout_s
+from ..errors import PeerError, PeerTimeoutError
+from .base import ByteCounters, Pending, Transport
+
+
+class _TorchPending(Pending):
+    def __init__(self, transport, works, tag):
+        self.transport = transport
+        self.works = works  # [(peer, "send"|"recv", work)]
+        self.tag = tag
+        self.start = time.monotonic()
+
+    def wait(self) -> None:
+        limit = self.transport.timeout
+        deadline = self.start + limit
+        for peer, kind, work in self.works:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                ok = work.wait(datetime.timedelta(seconds=remaining))
+            except Exception as exc:  # gloo/NCCL report timeouts and closed pairs as RuntimeError
+                text = str(exc)
+                who = self.transport.describe_peer(peer)
+                if "Timed out" in text or "timeout" in text.lower():
+                    raise PeerTimeoutError(
+                        f"streamattn: timed out after {limit:.0f}s waiting to {kind} "
+                        f"(tag {self.tag}) {'to' if kind == 'send' else 'from'} {who}; that rank "
+                        "may have died, be stuck, or be making a different call "
+                        "(STREAMATTN_TIMEOUT_S sets the limit)",
+                        peer,
+                    ) from exc
+                raise PeerError(
+                    f"streamattn: {kind} (tag {self.tag}) with {who} failed: {text.splitlines()[0]}",
+                    peer,
+                ) from exc
+            if ok is False:
+                raise PeerTimeoutError(
+                    f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
+                    f"with {self.transport.describe_peer(peer)}",
+                    peer,
+                )
+
+
+class TorchTransport(Transport):
+    """Transport over a torch.distributed ProcessGroup (group-local ranks)."""
+
+    def __init__(self, group=None, node_of=None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group)).lower()
+        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.size)] if (
+            self.group is not dist.group.WORLD
+        ) else list(range(self.size))
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.node_of = list(node_of) if node_of is not None else [0] * self.size
+        self.counters = ByteCounters()
+        self.timeout = timeout_s()
+
+    def describe_peer(self, peer: int) -> str:
+        g = self.global_ranks[peer]
+        return f"rank {peer}" if g == peer else f"rank {peer} (global rank {g})"
+
+    def exchange(self, sends, recvs, tag: int, count: bool = True) -> Pending:
+        self.timeout = timeout_s()
+        if count:
+            for peer, t in sends:
+                self._count(peer, t)
+        if self.backend == "nccl":
+            return self._exchange_batched(sends, recvs, tag)
+        works = []
+        # Receives first: a sender never waits for a receiver to post in gloo, but posting receives
+        # early lets data land directly in its buffer.
+        for peer, t in recvs:
+            works.append((peer, "recv", self.group.recv([t], peer, tag)))
+        for peer, t in sends:
+            works.append((peer, "send", self.group.send([t], peer, tag)))
+        return _TorchPending(self, works, tag)
+
+    def _exchange_batched(self, sends, recvs, tag):
+        # NCCL needs matching send/recv pairs issued inside one group call, or it can deadlock.
+        ops, who = [], []
+        for peer, t in recvs:
+            ops.append(dist.P2POp(dist.irecv, t, self.global_ranks[peer], self.group, tag))
+            who.append((peer, "recv"))
+        for peer, t in sends:
+            ops.append(dist.P2POp(dist.isend, t, self.global_ranks[peer], self.group, tag))
+            who.append((peer, "send"))
+        if not ops:
+            return _TorchPending(self, [], tag)
+        works = dist.batch_isend_irecv(ops)
+        if len(works) == len(who):
+            return _TorchPending(self, [(p, k, w) for (p, k), w in zip(who, works)], tag)
+        # Coalesced into one work: errors can only be attributed to the whole batch.
+        return _TorchPending(self, [(who[0][0], "exchange", w) for w in works], tag)
