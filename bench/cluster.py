@@ -589,6 +589,7 @@ class EmulatedCluster:
                 if isinstance(e, (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired)):
                     raise ClusterUnavailable(f"building the emulated cluster failed: {_err(e)}") from e
                 raise
+            # still masked: a Ctrl-C that arrived during setup is delivered to our handler
             if self.install_signal_handlers:
                 self._install_handlers()
         return self
@@ -665,22 +666,21 @@ class EmulatedCluster:
 
     def _teardown(self) -> None:
         errors: List[str] = []
-        # 1. processes we started: their process groups, TERM then KILL
-        live = [p for p in self._procs if p.poll() is None]
+        # 1. processes we started: TERM their process groups, then KILL. A child is only reaped
+        #    after its group got SIGKILL, so its PID (= the group id) cannot have been reused.
+        live = [p for p in self._procs if p.returncode is None]
         for p in live:
-            _killpg(p.pid, signal.SIGTERM)
+            _signal_proc(p, signal.SIGTERM)
         end = time.monotonic() + self.kill_grace
+        while live and time.monotonic() < end and not all(_exited_unreaped(p) for p in live):
+            time.sleep(0.02)
         for p in live:
-            try:
-                p.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self._procs:
-            _killpg(p.pid, signal.SIGKILL)  # also any leftovers of the group
+            _signal_proc(p, signal.SIGKILL)  # also whatever is left of its group
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 errors.append(f"process {p.pid} did not die")
+        self._procs.clear()
         # 2. namespaces (anything still inside is killed); their veth ends and qdiscs go with them
         for ns in reversed(self._created_ns):
             e = _delete_netns(ns)
@@ -750,6 +750,28 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _signal_proc(p: subprocess.Popen, sig: int) -> None:
+    """Signal an unreaped child and its process group (its own group when start_new_session)."""
+    if p.returncode is not None:
+        return  # reaped: its PID may belong to someone else now
+    _killpg(p.pid, sig)
+    try:
+        os.kill(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exited_unreaped(p: subprocess.Popen) -> bool:
+    """Has the child exited? Checked without reaping it (waitid WNOWAIT)."""
+    if p.returncode is not None:
+        return True
+    try:
+        r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return r is not None
 
 
 class _masked_signals:
@@ -856,8 +878,8 @@ def measure_throughput(cluster: EmulatedCluster, src_node: int, dst_node: int,
         return int(counted) * 8.0 / float(elapsed)
     finally:
         for p in (recv, send):
-            if p is not None and p.poll() is None:
-                _killpg(p.pid, signal.SIGKILL)
+            if p is not None and p.returncode is None:
+                _signal_proc(p, signal.SIGKILL)
                 p.wait()
 
 

@@ -230,6 +230,52 @@ def test_live_cluster_is_not_stale():
         assert c.netns[0] in _system_state()
 
 
+@needs_netns
+def test_atexit_teardown_without_with(tmp_path):
+    script = tmp_path / "noclose.py"
+    script.write_text(textwrap.dedent(r"""
+        import json
+        from streamattn.bench.cluster import EmulatedCluster
+        c = EmulatedCluster(2, 1).start()   # never closed explicitly: atexit must do it
+        child = c.popen(0, ["sleep", "600"])
+        print(json.dumps({"pid": c.pid, "token": c.token, "child": child.pid}), flush=True)
+    """))
+    p = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert not _leftovers(info["pid"], info["token"])
+    assert _dead(info["child"])
+
+
+@needs_netns
+def test_concurrent_clusters_get_distinct_subnets():
+    with EmulatedCluster(1, 1) as a, EmulatedCluster(2, 1, inter_bw="500mbit") as b:
+        assert a.subnet != b.subnet
+        assert a.subnet.subnet_of(__import__("ipaddress").ip_network("198.18.0.0/15"))
+        assert b.subnet.subnet_of(__import__("ipaddress").ip_network("198.18.0.0/15"))
+        assert measure_throughput(b, 0, 1, seconds=0.5) > 0.3 * 500e6
+        with pytest.raises(TypeError):
+            b.popen(0, "echo no shell strings")
+        ids = [(a.pid, a.token), (b.pid, b.token)]
+    assert not any(_leftovers(*i) for i in ids)
+
+
+@needs_netns
+def test_inter_latency_needs_netem():
+    """netem is absent from some kernels: asking for latency must fail loudly, not run without it."""
+    try:
+        preflight(need_netem=True)
+    except ClusterUnavailable as e:
+        assert "netem" in e.reason
+        with pytest.raises(ClusterUnavailable, match="netem"):
+            EmulatedCluster(2, 1, inter_latency="2ms").start()
+    else:
+        with EmulatedCluster(2, 1, inter_latency="2ms") as c:
+            out = subprocess.run(["tc", "qdisc", "show", "dev", c.host_ifnames[0]],
+                                 capture_output=True, text=True).stdout
+            assert "netem" in out and "tbf" in out
+
+
 WORKER = textwrap.dedent(r"""
     import datetime, json, os, sys, time
     import torch, torch.distributed as dist
