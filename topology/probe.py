@@ -54,16 +54,19 @@ def _from_text(text: str, what: str) -> Topology:
     text = text.strip()
     if not text:
         raise ValueError(f"{what} is empty")
-    if text.lower().endswith(".json") or os.path.sep in text or os.path.isfile(text):
-        if not os.path.isfile(text):
-            raise ValueError(f"{what}={text!r}: topology file not found")
-        t = Topology.load(text)
-        return t.replace(provenance=f"file:{os.path.abspath(text)}")
-    if is_spec(text):
+    if is_spec(text):  # checked first: "2x4:inter=1Gbit/s" contains a slash
         try:
             return parse_spec(text)
         except ValueError as e:
             raise ValueError(f"{what}={text!r}: {e}") from None
+    if text.lower().endswith(".json") or os.path.sep in text or os.path.isfile(text):
+        if not os.path.isfile(text):
+            raise ValueError(f"{what}={text!r}: topology file not found")
+        try:
+            t = Topology.load(text)
+        except ValueError as e:
+            raise ValueError(f"{what}={text!r}: {e}") from None
+        return t.replace(provenance=f"file:{os.path.abspath(text)}")
     if text in list_machines():
         return load_machine(text)
     raise ValueError(
