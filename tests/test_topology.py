@@ -521,3 +521,48 @@ def test_probe_single_process(monkeypatch, tmp_path):
     assert t.world_size == 1 and t.node == (0,) and t.provenance == "probe"
     assert resolve_topology() == t
     assert os.listdir(tmp_path) == []  # nothing worth caching for one rank
+
+
+# ------------------------------------------------------------------------------------- probe assembly
+def test_build_from_gpu_facts_and_measurement():
+    from streamattn.topology.measure import Measurement
+    from streamattn.topology.probe import _apply_measurement, _build, _measure_pairs
+
+    nvs = Link(LinkKind.NVSWITCH, 450e9, 3e-6, "spec:nvml 18 NVLink v4")
+    pix = Link(LinkKind.PCIE_SWITCH, 25e9, 1e-5, "spec:nvml PIX")
+    node = (0, 0, 0, 1, 1, 1)
+    facts = []
+    for r in range(6):
+        peers = [p for p in range(6) if p != r and node[p] == node[r]]
+        links = {str(p): (pix if {r, p} == {0, 1} else nvs).to_dict() for p in peers}
+        if r == 5:
+            links.pop("4")  # one-sided view: the other direction is used
+        facts.append({"device": "NVIDIA H100 80GB HBM3", "links": links,
+                      "ib": [["mlx5_0", 1, 50e9, "400 Gb/sec (4X NDR)", "ACTIVE", "InfiniBand"]],
+                      "netif": None})
+    t = _build(6, node, facts, "nccl", gpu=True)
+    assert t.intra == nvs and t.overrides == {(0, 1): pix}
+    assert t.inter.kind is LinkKind.INFINIBAND and t.inter.shared_by == 3
+    assert t.peak_flops == 989e12 and t.device == "NVIDIA H100 80GB HBM3"
+    intra_pair, inter_pair = _measure_pairs(node)
+    assert intra_pair == (0, 1) and inter_pair == (0, 3)
+    m = Measurement(20e9, 2e-5, "nccl-sendrecv 8MiB x5 median")
+    t2 = _apply_measurement(t, intra_pair, m)
+    assert t2.link(0, 1).source == "measured:nccl-sendrecv 8MiB x5 median"
+    assert t2.link(0, 1).kind is LinkKind.PCIE_SWITCH and t2.link(1, 2) == nvs
+    t3 = _apply_measurement(t2, inter_pair, m)
+    assert t3.inter.is_measured and t3.inter.shared_by == 3 and t3.link(2, 5) == t3.inter
+    # no GPU information at all: CPU processes share memory
+    cpu = _build(2, (0, 0), [{"device": "cpu"}, {"device": "cpu"}], "gloo", gpu=False)
+    assert cpu.intra.kind is LinkKind.SHM and cpu.peak_flops is None
+
+
+def test_module_main(capsys):
+    from streamattn.topology.__main__ import main
+
+    assert main(["--list"]) == 0
+    assert "h100x8-2node" in capsys.readouterr().out
+    assert main(["2x2", "--json"]) == 0
+    assert Topology.from_json(capsys.readouterr().out).world_size == 4
+    assert main(["2x2:intra=1Gb/s"]) == 2
+    assert "ambiguous" in capsys.readouterr().err

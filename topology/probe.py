@@ -167,8 +167,16 @@ def _local_facts(group, be: str, peers_bus: Optional[Dict[int, Tuple[int, int, i
 
             facts["device"] = torch.cuda.get_device_name(torch.cuda.current_device())
             nvml = import_nvml()
-            if nvml is not None and peers_bus:
-                facts["links"] = {str(r): lk.to_dict() for r, lk in gpu_rows(nvml, my_bus, peers_bus).items()}
+            if nvml is not None:
+                try:
+                    if peers_bus:
+                        rows = gpu_rows(nvml, my_bus, peers_bus)
+                        facts["links"] = {str(r): lk.to_dict() for r, lk in rows.items()}
+                finally:
+                    try:
+                        nvml.nvmlShutdown()
+                    except Exception:
+                        pass
     except Exception as e:  # never fail before a collective
         facts["error"] = f"gpu: {type(e).__name__}: {e}"
     try:
