@@ -47,6 +47,10 @@ elif scenario == "hosts":
     attempt("probe", resolve_topology)            # STREAMATTN_HOST_ID fakes two hosts
     os.environ["STREAMATTN_TOPOLOGY"] = "2x2:inter=1Gbit/s,inter_lat=50us"
     attempt("spec", resolve_topology)
+    del os.environ["STREAMATTN_TOPOLOGY"]
+    sub = dist.new_group([1, 2, 3])               # group ranks 0,1,2 = global 1,2,3 (hosts B,A,B)
+    if rank in (1, 2, 3):
+        attempt("sub", lambda: probe(sub, cache=False))
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -179,3 +183,10 @@ def test_probe_two_fake_hosts_interleaved_and_spec(tmp_path):
     assert s.node == (0, 0, 1, 1)  # the spec assigns consecutive ranks, whatever the hosts
     assert s.link(0, 1).kind is LinkKind.SHM and s.link(1, 2).kind is LinkKind.ETHERNET
     assert s.link(1, 2).bandwidth_Bps == 125e6 and s.link(1, 2).latency_s == 50e-6
+
+    # a sub-group: group ranks are not global ranks (send/recv and broadcast must map them)
+    assert res["sub"][0] is None
+    sub = topo_of(same_on_every_rank(res["sub"][1:]))
+    assert sub.node == (0, 1, 0)  # global 1 (B), 2 (A), 3 (B)
+    assert "ranks 0<->2" in sub.link(0, 2).source and sub.link(0, 2).kind is LinkKind.SHM
+    assert "ranks 0<->1" in sub.link(0, 1).source and sub.link(0, 1).kind is LinkKind.ETHERNET

@@ -110,6 +110,8 @@ def resolve_topology(group=None, topology: Union[Topology, str, os.PathLike, Non
     from the other ranks'.
     """
     n = comm.world(group) if comm.is_distributed(group) else None
+    if n is not None and comm.rank(group) < 0:
+        raise ValueError("this process is not a member of the process group passed to resolve_topology")
     err: Optional[str] = None
     t: Optional[Topology] = None
     try:
@@ -288,6 +290,8 @@ def probe(
         nbytes = int(os.environ.get(NBYTES_ENV, DEFAULT_NBYTES))
     n = comm.world(group)
     me = comm.rank(group)
+    if me < 0:
+        raise ValueError("this process is not a member of the process group passed to probe")
     be = comm.backend(group)
 
     my_bus = local_gpu_bus_id()
