@@ -171,10 +171,7 @@ LOOPBACK_LINK = Link(LinkKind.LOOPBACK, bandwidth_Bps=1e18, latency_s=0.0, sourc
 
 
 def _fmt_bw(bps: float) -> str:
-    gbs = bps / GB
-    if gbs >= 1:
-        return f"{gbs:.4g} GB/s"
-    return f"{bps / 1e6:.4g} MB/s"
+    return f"{bps / GB:.4g} GB/s"
 
 
 def _fmt_lat(s: float) -> str:
