@@ -377,15 +377,16 @@ def preflight(need_netem: bool = False) -> None:
         steps.append((["tc", "-n", ns, "qdisc", "add", "dev", b, "parent", "1:1", "handle", "10:",
                        "netem", "delay", "1ms"],
                       "tc netem is unavailable in this kernel, so inter_latency cannot be emulated"))
-    try:
-        for argv, what in steps:
-            try:
-                _run(argv)
-            except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
-                raise ClusterUnavailable(f"{what}: {_err(e)}") from None
-    finally:
-        if ns in _list_netns():
-            _run(["ip", "netns", "del", ns], check=False)
+    with _deferred_signals():  # a Ctrl-C now is delivered after the probe namespace is gone
+        try:
+            for argv, what in steps:
+                try:
+                    _run(argv)
+                except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
+                    raise ClusterUnavailable(f"{what}: {_err(e)}") from None
+        finally:
+            if ns in _list_netns():
+                _run(["ip", "netns", "del", ns], check=False)
     _preflight_ok[need_netem] = True
 
 
@@ -573,8 +574,10 @@ class EmulatedCluster:
     def start(self) -> "EmulatedCluster":
         if self._state != "new":
             raise RuntimeError(f"cluster is {self._state}; create a new EmulatedCluster")
-        preflight(need_netem=self.inter_latency is not None)
-        with _masked_signals():
+        # Signals arriving while the cluster is built are held back and re-delivered afterwards,
+        # by which time our tear-down handler is installed (or everything is already undone).
+        with _deferred_signals() as deferred:
+            preflight(need_netem=self.inter_latency is not None)
             try:
                 with _GlobalLock():
                     _cleanup_stale_locked(verbose=True)
@@ -589,9 +592,10 @@ class EmulatedCluster:
                 if isinstance(e, (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired)):
                     raise ClusterUnavailable(f"building the emulated cluster failed: {_err(e)}") from e
                 raise
-            # still masked: a Ctrl-C that arrived during setup is delivered to our handler
             if self.install_signal_handlers:
-                self._install_handlers()
+                for s, prev in deferred.saved.items():  # what the deferral restores on exit
+                    self._prev_handlers[s] = prev
+                    deferred.saved[s] = self._on_signal
         return self
 
     def close(self) -> None:
@@ -599,8 +603,12 @@ class EmulatedCluster:
         with self._close_lock:
             if self._state != "up":
                 return
-            with _masked_signals():
+            with _deferred_signals() as deferred:
                 self._teardown()
+                for s, prev in self._prev_handlers.items():  # put the caller's handlers back
+                    if deferred.saved.get(s) == self._on_signal:
+                        deferred.saved[s] = prev
+                self._prev_handlers.clear()
 
     def _take_owner_lock(self) -> None:
         path = _lock_path(self.pid, self.token)
@@ -707,37 +715,15 @@ class EmulatedCluster:
             atexit.unregister(self.close)
         except Exception:
             pass
-        self._restore_handlers()
         if errors:
             print("streamattn: emulated-cluster teardown incomplete (run "
                   "`python -m streamattn.bench.cluster --cleanup`):\n  " + "\n  ".join(errors),
                   file=sys.stderr)
 
     # ── signals
-    def _install_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in _SIGNALS:
-            prev = signal.getsignal(s)
-            if prev is signal.SIG_IGN:
-                continue  # the caller chose to ignore it; respect that
-            self._prev_handlers[s] = prev
-            signal.signal(s, self._on_signal)
-
-    def _restore_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s, prev in self._prev_handlers.items():
-            try:
-                if signal.getsignal(s) == self._on_signal:
-                    signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-            except (ValueError, OSError):
-                pass
-        self._prev_handlers.clear()
-
     def _on_signal(self, signum, frame) -> None:
         prev = self._prev_handlers.get(signum)
-        self.close()  # restores the previous handlers too
+        self.close()  # puts the previous handlers back too
         if callable(prev):
             prev(signum, frame)
         if signum == signal.SIGINT:
@@ -774,18 +760,35 @@ def _exited_unreaped(p: subprocess.Popen) -> bool:
     return r is not None
 
 
-class _masked_signals:
-    """Defer SIGINT/SIGTERM/SIGHUP while the cluster is being built or torn down (main thread)."""
+class _deferred_signals:
+    """Hold back SIGINT/SIGTERM/SIGHUP for the duration of a critical section (main thread only).
+
+    Python-level rather than ``pthread_sigmask``: a process-directed signal may be taken by any
+    thread (torch starts several), and Python then runs the handler in the main thread anyway.
+    On exit the handlers in ``saved`` are installed (callers may edit it) and held signals are
+    re-delivered with ``signal.raise_signal``. Ignored signals are left alone.
+    """
 
     def __enter__(self):
-        self.old = None
+        self.saved: Dict[int, object] = {}
+        self.pending: List[int] = []
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            for s in _SIGNALS:
+                prev = signal.getsignal(s)
+                if prev is signal.SIG_IGN or prev is None:
+                    continue
+                self.saved[s] = prev
+                signal.signal(s, self._hold)
         return self
 
+    def _hold(self, signum, frame) -> None:
+        self.pending.append(signum)
+
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(self.pending):
+            signal.raise_signal(s)
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
