@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -52,6 +53,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
     transport = _transport(group)
+    transport.begin_call()
     joint = None if joint_q is None else (joint_q, joint_k, joint_v)
     if err is None and q.device.type != transport.device.type:
         err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
@@ -115,14 +117,16 @@ def _transport(group):
 
 
 def _node_map(group):
-    """Node of every group rank, from STREAMATTN_TOPOLOGY when it declares one, else one node."""
+    """Node of every group rank. Declared topologies (STREAMATTN_TOPOLOGY: file, spec such as
+    "2x4", or shipped machine) are honoured; otherwise all ranks count as one node until the
+    planner probes (collective: every rank creates its transport on the same first call)."""
     size = _group_size(group)
-    try:
-        from .topology import resolve_topology  # noqa: PLC0415 (optional until the probe lands)
-    except ImportError:
+    if not os.environ.get("STREAMATTN_TOPOLOGY", "").strip():
         return [0] * size
-    topo = resolve_topology(group, probe_if_missing=False)
-    return [topo.node_of(r) for r in range(size)] if topo is not None else [0] * size
+    from .topology import resolve_topology
+
+    topo = resolve_topology(group)
+    return [topo.node_of(r) for r in range(size)]
 
 
 def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,

@@ -122,7 +122,7 @@ def bad_input(rank, world_size, *, bad_rank, kind, seq=24, heads=8, head_dim=16)
     return {"type": None, "error": None, "seconds": time.monotonic() - t0}
 
 
-def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, heads=8):
+def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, heads=12):
     """dying_rank exits abruptly inside the call; the others must raise an error naming it."""
     q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=16)
     lens = split_lengths(seq, world_size)
@@ -195,3 +195,41 @@ def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batc
     times.sort()
     res["latency_s"] = times[len(times) // 2]
     return res
+
+
+def count_metadata_exchanges(rank, world_size, *, calls=5, seq=30, heads=6):
+    """How many metadata exchanges `calls` identical calls make (must be 1)."""
+    from streamattn.transport.base import Transport
+
+    q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    real, n = Transport.all_gather_vector, [0]
+
+    def counting(self, *a, **kw):
+        n[0] += 1
+        return real(self, *a, **kw)
+
+    Transport.all_gather_vector = counting
+    try:
+        for _ in range(calls):
+            streamattn.attention(ql, kl, vl, scale=0.123)  # a fresh key for this task
+    finally:
+        Transport.all_gather_vector = real
+    return {"exchanges": n[0]}
+
+
+def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4):
+    """silent_rank never joins the call; the others must time out naming it."""
+    if rank == silent_rank:
+        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
+        return {"type": None, "error": None, "seconds": 0.0}
+    q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    t0 = time.monotonic()
+    try:
+        streamattn.attention(ql, kl, vl, algorithm="ring")
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0}
+    return {"type": None, "error": None, "seconds": time.monotonic() - t0}

@@ -17,6 +17,25 @@ from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
 
+def _peer_error(transport, peer, kind, tag, exc):
+    text = str(exc)
+    who = transport.describe_peer(peer)
+    if "Timed out" in text or "timeout" in text.lower():
+        culprit, report = transport.reported_failure()
+        cause = f"; {report}" if report else ""
+        return PeerTimeoutError(
+            f"streamattn: timed out after {transport.timeout:.0f}s waiting to {kind} (tag {tag}) "
+            f"{'to' if kind == 'send' else 'from'} {who}{cause}. A rank may have died, be stuck, "
+            "or be making a different call (STREAMATTN_TIMEOUT_S sets the limit)",
+            peer if culprit is None else culprit,
+        )
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "closed by peer" in first or "Connection reset" in first:
+        first = f"{who} closed its connection (it probably died): {first}"
+    transport.report_failure(peer, f"rank {transport.rank} saw {who} fail during {kind}")
+    return PeerError(f"streamattn: {kind} (tag {tag}) with {who} failed: {first}", peer)
+
+
 class _TorchPending(Pending):
     def __init__(self, transport, works, tag):
         self.transport = transport
@@ -32,20 +51,7 @@ class _TorchPending(Pending):
             try:
                 ok = work.wait(datetime.timedelta(seconds=remaining))
             except Exception as exc:  # gloo/NCCL report timeouts and closed pairs as RuntimeError
-                text = str(exc)
-                who = self.transport.describe_peer(peer)
-                if "Timed out" in text or "timeout" in text.lower():
-                    raise PeerTimeoutError(
-                        f"streamattn: timed out after {limit:.0f}s waiting to {kind} "
-                        f"(tag {self.tag}) {'to' if kind == 'send' else 'from'} {who}; that rank "
-                        "may have died, be stuck, or be making a different call "
-                        "(STREAMATTN_TIMEOUT_S sets the limit)",
-                        peer,
-                    ) from exc
-                raise PeerError(
-                    f"streamattn: {kind} (tag {self.tag}) with {who} failed: {text.splitlines()[0]}",
-                    peer,
-                ) from exc
+                raise _peer_error(self.transport, peer, kind, self.tag, exc) from exc
             if ok is False:
                 raise PeerTimeoutError(
                     f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
@@ -72,6 +78,41 @@ class TorchTransport(Transport):
         self.node_of = list(node_of) if node_of is not None else [0] * self.size
         self.counters = ByteCounters()
         self.timeout = timeout_s()
+        self.calls = 0  # calls made on this group; equal on every rank, so it keys failure reports
+        self._uid = "streamattn/failure/" + ",".join(map(str, self.global_ranks))
+        try:  # a private accessor; without it failures are only reported by the rank that saw them
+            self._store = dist.distributed_c10d._get_default_store()
+        except Exception:
+            self._store = None
+
+    def begin_call(self) -> None:
+        self.calls += 1
+
+    def report_failure(self, peer: int, text: str) -> None:
+        """Tell the other ranks (through the rendezvous store) which peer failed, so that ranks
+        left waiting on a healthy-but-aborted rank can name the real culprit when they time out."""
+        if self._store is None:
+            return
+        try:
+            self._store.set(f"{self._uid}/{self.calls}", f"{self.global_ranks[peer]}|{text}")
+        except Exception:
+            pass
+
+    def reported_failure(self):
+        """(group rank of the failed peer, text) reported for the current call, or (None, "")."""
+        if self._store is None:
+            return None, ""
+        key = f"{self._uid}/{self.calls}"
+        try:
+            if not self._store.check([key]):
+                return None, ""
+            raw = self._store.get(key).decode("utf-8", "replace")
+        except Exception:
+            return None, ""
+        g, _, text = raw.partition("|")
+        peer = self.global_ranks.index(int(g)) if int(g) in self.global_ranks else None
+        who = self.describe_peer(peer) if peer is not None else f"global rank {g}"
+        return peer, f"{who} failed first ({text})"
 
     def describe_peer(self, peer: int) -> str:
         g = self.global_ranks[peer]
@@ -87,10 +128,12 @@ class TorchTransport(Transport):
         works = []
         # Receives first: a sender never waits for a receiver to post in gloo, but posting receives
         # early lets data land directly in its buffer.
-        for peer, t in recvs:
-            works.append((peer, "recv", self.group.recv([t], peer, tag)))
-        for peer, t in sends:
-            works.append((peer, "send", self.group.send([t], peer, tag)))
+        for kind, items, post in (("recv", recvs, self.group.recv), ("send", sends, self.group.send)):
+            for peer, t in items:
+                try:
+                    works.append((peer, kind, post([t], peer, tag)))
+                except Exception as exc:  # the pair is already closed: that peer is gone
+                    raise _peer_error(self, peer, kind, tag, exc) from exc
         return _TorchPending(self, works, tag)
 
     def _exchange_batched(self, sends, recvs, tag):
