@@ -1,0 +1,1 @@
+"""Subcommands of the `streamattn` CLI, one module each."""
