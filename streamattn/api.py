@@ -92,7 +92,7 @@ def _run(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "usp":
-        return algorithms.usp_attention(transport, problem, q, k, v, joint, ulysses_degree=plan.ulysses_degree)
+        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan)
     raise AssertionError(f"no algorithm for {plan}")
 
 

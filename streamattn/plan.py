@@ -7,40 +7,65 @@ across); the topology-aware cost model replaces it (see issue 4).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 ALGORITHMS = ("auto", "ulysses", "ring", "usp")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """algorithm: "local" | "ulysses" | "ring" | "usp"; ulysses_degree * ring_degree == world size.
-    Rank g*u + j is member j of Ulysses group g (consecutive ranks) and member g of ring j."""
+    """How one call runs.
+
+    algorithm: "local" | "ulysses" | "ring" | "usp"; ulysses_degree * ring_degree == world size.
+    groups: the Ulysses groups as tuples of group ranks; ring j is made of member j of every group,
+    in group order. Empty means consecutive groups: rank g*u + j is member j of group g. Causal
+    calls need consecutive groups (each group's tokens must be contiguous positions).
+    predicted_s: the cost model's time for the call (None when not costed).
+    candidates: what the planner considered, for explain() (not serialised).
+    """
 
     algorithm: str
     ulysses_degree: int
     ring_degree: int
+    groups: tuple = ()
     transport: str = "torch"
+    predicted_s: Optional[float] = None
     reason: str = ""
+    candidates: tuple = field(default=(), compare=False, repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        d.pop("candidates")
+        d["groups"] = [list(g) for g in self.groups]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return cls(**json.loads(text))
+        d = json.loads(text)
+        d["groups"] = tuple(tuple(g) for g in d.get("groups", ()))
+        return cls(**d)
+
+    def ulysses_groups(self) -> tuple:
+        if self.groups:
+            return self.groups
+        u = self.ulysses_degree
+        return tuple(tuple(g * u + j for j in range(u)) for g in range(self.ring_degree))
 
     def ulysses_group(self, rank: int) -> list:
-        g = rank // self.ulysses_degree
-        return [g * self.ulysses_degree + j for j in range(self.ulysses_degree)]
+        """The Ulysses group (list of group ranks, member order) that `rank` belongs to."""
+        return next(list(g) for g in self.ulysses_groups() if rank in g)
 
     def ring_group(self, rank: int) -> list:
-        j = rank % self.ulysses_degree
-        return [i * self.ulysses_degree + j for i in range(self.ring_degree)]
+        """The ring (list of group ranks, ring order) that `rank` belongs to."""
+        groups = self.ulysses_groups()
+        j = self.ulysses_group(rank).index(rank)
+        return [g[j] for g in groups]
 
     def __str__(self) -> str:
+        extra = f", predicted {self.predicted_s * 1e3:.3g} ms" if self.predicted_s is not None else ""
         return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree} x ring={self.ring_degree}, "
-                f"transport={self.transport}{', ' + self.reason if self.reason else ''})")
+                f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 
 
 def _divisors(n: int) -> list:
