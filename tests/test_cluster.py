@@ -4,7 +4,6 @@ Needs root, iproute2 and tbf; skipped with the preflight's reason otherwise (nev
 Assertions on speed are ratios or loose lower bounds, never absolute times.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
