@@ -81,8 +81,12 @@ def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=1
         jout = jout.transpose(1, 2) if jout is not None else None
     assert out.dtype == q.dtype, f"output dtype {out.dtype} != input dtype {q.dtype}"
     assert tuple(out.shape) == tuple(_shard(q, lens, rank).shape), f"output shape {tuple(out.shape)}"
+    plan = _last_plan() if world_size > 1 else None
     result = {"err": _rel_err(out, _shard(ref, lens, rank)), "joint_err": None,
-              "plan": str(_last_plan()), "shape": list(out.shape)}
+              "plan": str(plan) if plan else "Plan(local)", "shape": list(out.shape),
+              "algorithm": plan.algorithm if plan else "local",
+              "ulysses_degree": plan.ulysses_degree if plan else 1,
+              "ring_degree": plan.ring_degree if plan else 1}
     if jref is not None:
         result["joint_err"] = _rel_err(jout, jref)
         result["joint_digest"] = float(jout.double().sum())

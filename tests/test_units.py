@@ -1,0 +1,159 @@
+"""Single-process checks of the pieces: the LSE merge, the kernel contract, plans, metadata."""
+import math
+
+import pytest
+import torch
+
+import streamattn
+from streamattn.kernels import attention_with_lse, select_backend
+from streamattn.merge import empty_accumulator, merge_all, update_out_and_lse
+from streamattn.plan import Plan, choose_plan, valid_ulysses_degrees
+from streamattn.problem import Problem
+from streamattn.reference import reference_attention
+from streamattn.validate import check_agreement, encode
+
+
+def _ref_block(q, k, v, scale, q_off=0, k_off=0, causal=False):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(q.shape[2]).unsqueeze(1) + q_off
+        j = torch.arange(k.shape[2]).unsqueeze(0) + k_off
+        s = s.masked_fill(j > i, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+@pytest.mark.parametrize("q_off,k_off", [(0, 0), (10, 0), (0, 10), (5, 12), (20, 3), (0, 40), (12, 0)])
+@pytest.mark.parametrize("hk", [4, 2, 1])
+def test_kernel_contract_causal_offsets(q_off, k_off, hk):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, hk, 13, 8), torch.randn(2, hk, 13, 8)
+    out, lse = attention_with_lse(q, k, v, scale=0.3, causal=True, q_offset=q_off, k_offset=k_off)
+    ro, rl = _ref_block(q, k, v, 0.3, q_off, k_off, causal=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rl))
+    fin = ~torch.isneginf(rl)
+    assert (out.double() - ro).abs().max() < 1e-5
+    if fin.any():
+        assert (lse.double()[fin] - rl[fin]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("hk", [6, 2, 1])
+def test_kernel_contract_gqa_noncausal(hk):
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 6, 17, 16), torch.randn(1, hk, 23, 16), torch.randn(1, hk, 23, 16)
+    out, lse = attention_with_lse(q, k, v, scale=0.25)
+    ro, rl = _ref_block(q, k, v, 0.25)
+    assert (out.double() - ro).abs().max() < 1e-5 and (lse.double() - rl).abs().max() < 1e-5
+
+
+def test_kernel_empty_blocks():
+    q = torch.randn(1, 2, 5, 8)
+    out, lse = attention_with_lse(q, q[:, :, :0], q[:, :, :0], scale=1.0)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_merge_equals_joint_softmax_and_handles_empty_rows():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    full, full_lse = _ref_block(q, k, v, 0.5)
+    out, lse = empty_accumulator(1, 2, 6, 8, torch.float32, "cpu")
+    for a, b in ((0, 7), (7, 8), (8, 20)):
+        o, l = attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], scale=0.5)
+        update_out_and_lse(out, lse, o, l)
+    assert (out.double() - full).abs().max() < 1e-6 and (lse.double() - full_lse).abs().max() < 1e-6
+    # an all-empty partial leaves the result unchanged; two empty rows stay empty, without NaN
+    before = out.clone()
+    update_out_and_lse(out, lse, torch.zeros_like(out), torch.full_like(lse, float("-inf")))
+    assert torch.equal(out, before)
+    eo, el = empty_accumulator(1, 2, 6, 8, torch.float32, "cpu")
+    update_out_and_lse(eo, el, torch.zeros_like(eo), torch.full_like(el, float("-inf")))
+    assert (eo == 0).all() and torch.isneginf(el).all()
+    # merge order does not matter beyond rounding
+    parts = [attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], scale=0.5) for a, b in ((0, 5), (5, 20))]
+    o1, _ = merge_all(parts)
+    o2, _ = merge_all(parts[::-1])
+    assert (o1 - o2).abs().max() < 1e-6
+
+
+def test_kernel_backend_selection_is_explicit(monkeypatch):
+    assert select_backend("cpu", torch.float32, False) == "cpu-flash"
+    monkeypatch.setenv("STREAMATTN_KERNEL", "nonsense")
+    select_backend.cache_clear()
+    with pytest.raises(ValueError, match="STREAMATTN_KERNEL"):
+        select_backend("cpu", torch.float32, False)
+    monkeypatch.setenv("STREAMATTN_KERNEL", "math")
+    select_backend.cache_clear()
+    q = torch.randn(1, 2, 5, 8)
+    out, lse = attention_with_lse(q, q, q, scale=0.3, causal=True, q_offset=3, k_offset=1)
+    ro, rl = _ref_block(q, q, q, 0.3, 3, 1, causal=True)
+    assert (out.double() - ro).abs().max() < 1e-5
+    monkeypatch.delenv("STREAMATTN_KERNEL")
+    select_backend.cache_clear()
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+def test_single_process_without_distributed(layout, dtype, tol):
+    """group=None without init_process_group is a group of one: the local kernel."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 33, 8, 16).to(dtype), torch.randn(2, 33, 2, 16).to(dtype), torch.randn(2, 33, 2, 16).to(dtype)
+    jq, jk, jv = torch.randn(2, 5, 8, 16).to(dtype), torch.randn(2, 5, 2, 16).to(dtype), torch.randn(2, 5, 2, 16).to(dtype)
+    ref, jref = reference_attention(q, k, v, joint_q=jq, joint_k=jk, joint_v=jv, joint_strategy="rear")
+    t = (lambda x: x.transpose(1, 2).contiguous()) if layout == "bhsd" else (lambda x: x)
+    out, jout = streamattn.attention(t(q), t(k), t(v), layout=layout, joint_q=t(jq), joint_k=t(jk),
+                                     joint_v=t(jv), joint_strategy="rear")
+    out, jout = t(out), t(jout)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+    assert (jout.double() - jref).abs().max() / jref.abs().max() < tol
+
+
+def _problem(world, heads=24, causal=False):
+    return Problem(batch=1, heads=heads, kv_heads=heads, head_dim=64, dtype=torch.float32,
+                   seq_lens=(10,) * world, scale=0.125, causal=causal)
+
+
+def test_plan_rules_and_errors():
+    assert valid_ulysses_degrees(16, 24) == [1, 2, 4, 8]
+    p = choose_plan(_problem(8), [0] * 4 + [1] * 4)
+    assert (p.algorithm, p.ulysses_degree, p.ring_degree) == ("usp", 4, 2)
+    p = choose_plan(_problem(8), [0] * 8)
+    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 8)
+    with pytest.raises(ValueError, match="valid degrees for 24 heads on 16 ranks: 1, 2, 4, 8"):
+        choose_plan(_problem(16), [0] * 16, "ulysses")
+    with pytest.raises(ValueError, match="does not divide the group size 6"):
+        choose_plan(_problem(6), [0] * 6, "usp", ulysses_degree=4)
+    with pytest.raises(ValueError, match="!= group size"):
+        choose_plan(_problem(6), [0] * 6, "usp", ulysses_degree=2, ring_degree=2)
+    p = choose_plan(_problem(6), [0] * 6, "usp", ring_degree=3)
+    assert (p.ulysses_degree, p.ring_degree) == (2, 3)
+    assert choose_plan(_problem(1), [0]).algorithm == "local"
+
+
+def test_plan_is_data():
+    p = Plan("usp", 2, 2, groups=((0, 2), (1, 3)), predicted_s=0.5, reason="test")
+    assert Plan.from_json(p.to_json()) == p
+    assert p.ring_group(0) == [0, 1] and p.ulysses_group(3) == [1, 3] and p.ring_group(3) == [2, 3]
+    q = Plan("usp", 2, 3)
+    assert q.ulysses_group(3) == [2, 3] and q.ring_group(3) == [1, 3, 5]
+    assert "ulysses=2 x ring=3" in str(q)
+
+
+def test_metadata_round_trip_and_disagreement():
+    q, k = torch.zeros(1, 5, 8, 16), torch.zeros(1, 5, 2, 16)
+    a = encode(None, q, k, "bshd", False, 0.25, 0, "front", "auto", None, None)
+    b = encode(None, torch.zeros(1, 7, 8, 16), k[:, :1].expand(1, 7, 2, 16), "bshd", False, 0.25, 0,
+               "front", "auto", None, None)
+    agreed = check_agreement([a, b])
+    assert agreed["seq_lens"] == (5, 7) and agreed["heads"] == 8 and agreed["scale"] == 0.25
+    c = encode(None, q, k, "bshd", False, 0.5, 0, "front", "auto", None, None)
+    with pytest.raises(ValueError, match=r"disagree on scale \(rank 0: 0.25, rank 1: 0.5\)"):
+        check_agreement([a, c])
+    e = encode("q must be 4-D", None, None, "bshd", False, None, 0, "front", "auto", None, None)
+    with pytest.raises(ValueError, match="invalid input on rank 1: q must be 4-D"):
+        check_agreement([a, e])
