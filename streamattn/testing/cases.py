@@ -237,3 +237,60 @@ def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4):
     except Exception as exc:
         return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0}
     return {"type": None, "error": None, "seconds": time.monotonic() - t0}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def soak(rank, world_size, *, calls=10000, seq=24, heads=4, algorithm="usp"):
+    """Many calls with the same shape (and a few shapes cycling): resident memory must stay flat.
+    Returns RSS (bytes) after warm-up and at the end."""
+    import gc
+
+    shapes = [seq, seq + world_size, seq + 2 * world_size]
+    inputs = []
+    for i, s in enumerate(shapes):
+        q, k, v, joint = make_inputs(seed=9 + i, batch=1, seq=s, heads=heads, kv_heads=heads // 2,
+                                     head_dim=8, joint_len=3)
+        lens = split_lengths(s, world_size)
+        inputs.append([_shard(t, lens, rank).contiguous() for t in (q, k, v)] + list(joint))
+    algo = algorithm if world_size % 2 == 0 or algorithm != "usp" else "ring"
+    u = 2 if algo == "usp" and world_size > 2 else None
+    warm = min(1000, calls // 10)
+    rss_warm = None
+    for i in range(calls):
+        ql, kl, vl, jq, jk, jv = inputs[i % len(inputs)]
+        streamattn.attention(ql, kl, vl, algorithm=algo if u or algo != "usp" else "auto",
+                             ulysses_degree=u, joint_q=jq, joint_k=jk, joint_v=jv)
+        if i + 1 == warm:
+            gc.collect()
+            rss_warm = _rss_bytes()
+    gc.collect()
+    return {"rss_warm": rss_warm, "rss_end": _rss_bytes(), "calls": calls}
+
+
+def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
+    """P=1 overhead: streamattn.attention (group of one) against the local kernel called directly,
+    same inputs, interleaved, median of iters. Returns both medians and their ratio."""
+    from streamattn.kernels import attention_with_lse
+
+    q, k, v, _ = make_inputs(seed=0, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=head_dim)
+    qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
+    scale = head_dim ** -0.5
+    group = dist.new_group([rank]) if dist.is_initialized() else None
+    a, b = [], []
+    for i in range(iters + 2):
+        t0 = time.perf_counter()
+        attention_with_lse(qb, kb, vb, scale=scale)
+        t1 = time.perf_counter()
+        streamattn.attention(q, k, v, group)
+        t2 = time.perf_counter()
+        if i >= 2:
+            a.append(t1 - t0)
+            b.append(t2 - t1)
+    a.sort()
+    b.sort()
+    return {"kernel_s": a[len(a) // 2], "streamattn_s": b[len(b) // 2],
+            "ratio": b[len(b) // 2] / a[len(a) // 2]}
