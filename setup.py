@@ -27,10 +27,17 @@ for p in trit[1:]:
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("STREAMATTN_BUILD_CUDA") == "1":
-    # Optional: the NVSHMEM device-side exchange (csrc/). Never required on CPU installs.
-    from csrc_build import cuda_extension  # noqa: E402  (local helper, only with CUDA)
+    # Optional: the NVSHMEM device-side exchange (csrc/) as streamattn._nvshmem_ext. Never required
+    # on CPU installs. Needs a CUDA build of torch, nvcc and the nvidia-nvshmem-cu13 wheel (or
+    # NVSHMEM_HOME); csrc/build.py is loaded by path so that csrc/ needs no package of its own.
+    import importlib.util
 
-    ext, cmd = cuda_extension()
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.util.spec_from_file_location(
+        "streamattn_csrc_build", os.path.join(_here, "csrc", "build.py"))
+    _csrc_build = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_csrc_build)
+    ext, cmd = _csrc_build.cuda_extension()
     ext_modules, cmdclass = [ext], cmd
 
 setup(
