@@ -266,3 +266,13 @@ def test_pack_into_preallocated_buffers_and_strided_input():
     torch.testing.assert_close(dst, x, rtol=0, atol=0)
     with pytest.raises(ValueError):
         tk.pack_heads(x, 3)
+
+
+def test_available_false_without_gpu_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert tk.available() is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            tk.attention_fwd(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tk.available() is True
