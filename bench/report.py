@@ -1,0 +1,153 @@
+"""Output of a sweep: a terminal table, a JSON file (environment + one record per run), a PNG plot."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import List, Optional
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _mb(x) -> str:
+    return "-" if x is None else f"{x / 1e6:.2f}"
+
+
+def format_table(records: List[dict]) -> str:
+    """One line per run, grouped by shape; ratios against the fastest configuration of the shape."""
+    cols = ["config", "plan", "median ms", "min", "max", "vs best", "pred ms", "intra MB", "inter MB",
+            "inter Mbit/s", "compute ms", "comm ms", "overlap", "max err"]
+    lines = []
+    shapes = []
+    for r in records:
+        key = json.dumps(r["shape"], sort_keys=True)
+        if key not in shapes:
+            shapes.append(key)
+    for key in shapes:
+        rows = [r for r in records if json.dumps(r["shape"], sort_keys=True) == key]
+        s = rows[0]["shape"]
+        lines.append(f"\nseq {s['seq']} + text {s.get('joint_len', 0)}, {s['heads']} heads x {s['head_dim']}, "
+                     f"batch {s['batch']}, {s.get('dtype', 'float32')}, {rows[0]['world_size']} ranks")
+        timed = [r for r in rows if r.get("latency_s")]
+        best = min((r["latency_s"]["median"] for r in timed), default=None)
+        table = []
+        for r in rows:
+            lat = r.get("latency_s") or {}
+            med = lat.get("median")
+            b = r.get("bytes") or {}
+            plan = "-"
+            if r.get("algorithm"):
+                plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
+            elif r["kind"] == "yunchang":
+                plan = f"usp {r['cfg']['ulysses_degree']}x{r['cfg']['ring_degree']}*"
+            comm = r.get("inter_only_s", r.get("comm_only_s"))
+            table.append([
+                r["config"], plan, _ms(med), _ms(lat.get("min")), _ms(lat.get("max")),
+                "-" if med is None or not best else f"{med / best:.2f}x",
+                _ms(r.get("predicted_s")),
+                _mb(b.get("intra_total")), _mb(b.get("inter_total")),
+                "-" if r.get("achieved_inter_bit_s") is None else f"{r['achieved_inter_bit_s'] / 1e6:.0f}",
+                _ms(r.get("compute_only_s")), _ms(comm),
+                "-" if r.get("overlap_efficiency") is None else f"{r['overlap_efficiency']:.2f}",
+                "-" if r.get("err") is None else f"{r['err']:.1e}",
+            ])
+        widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))))
+        lines.append("  ".join("-" * w for w in widths))
+        for row in table:
+            lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
+                                   for i, (v, w) in enumerate(zip(row, widths))))
+    notes = sorted({r["note"] for r in records if r.get("note")})
+    legend = [
+        "",
+        "median/min/max: wall time of one call, slowest rank, over the timed iterations (configurations "
+        "interleaved). vs best: median / fastest median of the shape.",
+        "intra/inter MB: payload bytes sent per call, all ranks, by link class (streamattn's transport "
+        "counters; yunchang has none). inter Mbit/s: busiest node's inter-node payload / median.",
+        "compute ms: the same plan with communication replaced by no-ops; comm ms: the same plan with "
+        "attention kernels stubbed (inter-node exchanges only when there are several nodes).",
+        "overlap = max(compute, comm) / median (1.00 = the smaller one fully hidden). pred ms: the "
+        "planner's predicted time (- when the plan is not costed). max err: max|out-ref|/max|ref| vs float64.",
+    ]
+    if any(r["kind"] == "yunchang" for r in records):
+        legend.append("* yunchang: " + " | ".join(n for n in notes if n.startswith("yunchang")))
+    return "\n".join(lines + legend)
+
+
+def environment(mode: str, *, world: int, nodes: int, ranks_per_node: int, inter_bw=None,
+                intra_bw=None, measured_inter_bit_s=None, extra: Optional[dict] = None) -> dict:
+    import torch
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    env = {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "mode": mode, "world_size": world, "topology": f"{nodes}x{ranks_per_node}",
+        "inter_bw_bit_s": inter_bw, "intra_bw_bit_s": intra_bw,
+        "measured_inter_goodput_bit_s": measured_inter_bit_s,
+        "topology_env": os.environ.get("STREAMATTN_TOPOLOGY"),
+    }
+    try:
+        import yunchang
+
+        env["yunchang"] = getattr(yunchang, "__version__", "?")
+    except Exception:
+        env["yunchang"] = None
+    env.update(extra or {})
+    return env
+
+
+def write_json(path: str, env: dict, records: List[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+    with open(path, "w") as f:
+        json.dump({"environment": env, "runs": clean}, f, indent=1, sort_keys=True, default=str)
+
+
+def write_plot(path: str, env: dict, records: List[dict]) -> Optional[str]:
+    """Latency (median, min-max bars) against sequence length, one line per configuration; one
+    panel per (heads, head_dim, text tokens). Returns None, or why no plot was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot"
+    timed = [r for r in records if r.get("latency_s")]
+    if not timed:
+        return "nothing timed: no plot"
+    groups = {}
+    for r in timed:
+        s = r["shape"]
+        groups.setdefault((s["heads"], s["head_dim"], s.get("joint_len", 0), s["batch"]), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, (g, rs) in zip(axes[0], groups.items()):
+        names = list(dict.fromkeys(r["config"] for r in rs))
+        for name in names:
+            pts = sorted((r["shape"]["seq"], r["latency_s"]) for r in rs if r["config"] == name)
+            xs = [p[0] for p in pts]
+            med = [p[1]["median"] * 1e3 for p in pts]
+            lo = [m - p[1]["min"] * 1e3 for m, p in zip(med, pts)]
+            hi = [p[1]["max"] * 1e3 - m for m, p in zip(med, pts)]
+            style = "--" if name.startswith("yunchang") else "-"
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", linestyle=style, capsize=3, label=name)
+        ax.set_xlabel("image tokens (sharded sequence)")
+        ax.set_ylabel("latency per call, ms (median; bars min..max)")
+        ax.set_title(f"{g[0]} heads x {g[1]}, text {g[2]}, batch {g[3]}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    bw = env.get("inter_bw_bit_s")
+    bwt = f", inter-node {bw / 1e6:g} Mbit/s" if bw else ""
+    fig.suptitle(f"streamattn bench: {env['mode']} {env['topology']}{bwt} (torch {env['torch']}, "
+                 f"{env['cpu_count']} cores)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

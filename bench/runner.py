@@ -1,0 +1,276 @@
+"""The sweep: configurations × shapes, run through an executor, aggregated into one record per run.
+
+An executor runs one task on every rank and returns the per-rank results:
+  * `PoolExecutor`  — a RankPool (self-spawned local ranks, or ranks inside emulated nodes);
+  * `GroupExecutor` — inside an existing torch.distributed group (torchrun): every rank runs the
+    same driver loop, results are all-gathered, rank 0 reports.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+TASK = "streamattn.bench.tasks:"
+
+
+# ─────────────────────────────────────────────────────────────────────── executors
+
+
+class PoolExecutor:
+    def __init__(self, pool, ranks_per_node: int, nodes: int):
+        self.pool = pool
+        self.world = pool.world_size
+        self.ranks_per_node, self.nodes = ranks_per_node, nodes
+        self.is_reporter = True
+
+    def run(self, fn: str, **kw) -> list:
+        return self.pool.run(TASK + fn, **kw)
+
+
+class GroupExecutor:
+    def __init__(self, ranks_per_node: int, nodes: int):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.ranks_per_node, self.nodes = ranks_per_node, nodes
+        self.is_reporter = self.rank == 0
+
+    def run(self, fn: str, **kw) -> list:
+        from . import tasks
+
+        mine = getattr(tasks, fn)(self.rank, self.world, **kw)
+        out = [None] * self.world
+        self.dist.all_gather_object(out, mine)
+        return out
+
+
+# ──────────────────────────────────────────────────────────────────────── configs
+
+
+def valid_ulysses(world: int, heads: int) -> list:
+    return [u for u in range(1, world + 1) if world % u == 0 and heads % u == 0]
+
+
+def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
+                 yunchang: bool = False, yunchang_native: bool = False,
+                 force_auto: Optional[str] = None) -> list:
+    """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all."""
+    cfgs = []
+    us = valid_ulysses(world, heads)
+    keep = (lambda u: True) if not degrees else (lambda u: (u, world // u) in degrees)
+    for a in algorithms:
+        if a == "auto":
+            cfgs.append({"name": "auto", "kind": "streamattn", "algorithm": "auto"})
+        elif a == "ulysses" and world in us and keep(world):
+            cfgs.append({"name": f"ulysses {world}", "kind": "streamattn", "algorithm": "ulysses"})
+        elif a == "ring" and keep(1):
+            cfgs.append({"name": f"ring {world}", "kind": "streamattn", "algorithm": "ring"})
+        elif a == "usp":
+            for u in us:
+                if 1 < u < world and keep(u):
+                    cfgs.append({"name": f"usp {u}x{world // u}", "kind": "streamattn",
+                                 "algorithm": "usp", "ulysses_degree": u, "ring_degree": world // u})
+    if force_auto:
+        cfgs.append({"name": f"auto(forced {force_auto})", "kind": "streamattn", "algorithm": "auto",
+                     "force_auto": force_auto})
+    if yunchang:
+        for u in us:
+            if keep(u):
+                cfgs.append({"name": f"yunchang {u}x{world // u}", "kind": "yunchang",
+                             "ulysses_degree": u, "ring_degree": world // u})
+        if yunchang_native:
+            rs = [u for u in us if world // u > 1 and keep(u)]
+            if rs:
+                u = max(rs)
+                cfgs.append({"name": f"yunchang-native {u}x{world // u}", "kind": "yunchang",
+                             "ulysses_degree": u, "ring_degree": world // u, "native": True,
+                             "check_only": True})
+    return cfgs
+
+
+# ───────────────────────────────────────────────────────────────────────── sweep
+
+
+@dataclass
+class SweepSpec:
+    shapes: List[dict]
+    algorithms: List[str]
+    degrees: Optional[List[tuple]] = None
+    iters: int = 5
+    warmup: int = 1
+    overlap: bool = True
+    overlap_iters: int = 3
+    check: bool = True
+    yunchang: bool = True
+    yunchang_native: bool = False
+    force_auto: Optional[str] = None
+    seed: int = 0
+
+
+class _Progress:
+    """tqdm when installed, else a plain line per shape."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="call", file=sys.stderr, dynamic_ncols=True,
+                                leave=False)
+            except ImportError:
+                pass
+
+    def step(self, desc: str = "") -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc[:40], refresh=False)
+            self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stats(ts: List[float]) -> dict:
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts),
+            "all": ts}
+
+
+def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress: bool = True,
+              log: Callable[[str], None] = lambda s: None) -> List[dict]:
+    """Run every configuration on every shape; return one record per (shape, configuration)."""
+    world = ex.world
+    plans = []
+    for shape in spec.shapes:
+        cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
+                            spec.yunchang_native, spec.force_auto)
+        cfgs = [c for c in cfgs if c["kind"] != "yunchang"
+                or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
+        plans.append((shape, cfgs))
+    n_overlap = lambda cfgs: sum(1 for c in cfgs if c["kind"] == "streamattn" and not c.get("force_auto"))
+    modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
+    total = sum(len(c) * spec.warmup + sum(1 for x in c if not x.get("check_only")) * spec.iters
+                + (n_overlap(c) * len(modes) * (1 + spec.overlap_iters) if spec.overlap else 0)
+                for _, c in plans)
+    bar = _Progress(total, progress and ex.is_reporter)
+    records = []
+    try:
+        for shape, cfgs in plans:
+            bar.note(f"shape: seq {shape['seq']} + text {shape.get('joint_len', 0)}, "
+                     f"{shape['heads']} heads x {shape['head_dim']}, batch {shape['batch']}: "
+                     f"{len(cfgs)} configurations")
+            recs = {c["name"]: _new_record(shape, c, world) for c in cfgs}
+            for c in cfgs:  # warm-up (the first call plans, agrees metadata and is checked)
+                for w in range(spec.warmup):
+                    res = ex.run("bench_call", shape=shape, cfg=c, mode="full",
+                                 check=spec.check and w == 0, seed=spec.seed)
+                    _absorb_first(recs[c["name"]], res)
+                    bar.step(c["name"])
+            timed = [c for c in cfgs if not c.get("check_only")]
+            for i in range(spec.iters):  # interleaved, rotating order
+                k = i % len(timed) if timed else 0
+                for c in timed[k:] + timed[:k]:
+                    res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed)
+                    _absorb_timed(recs[c["name"]], res)
+                    bar.step(c["name"])
+            if spec.overlap:
+                ocfgs = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
+                for mode in modes:
+                    for c in ocfgs:
+                        ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
+                        bar.step(f"{c['name']} {mode}")
+                    for i in range(spec.overlap_iters):
+                        k = i % len(ocfgs) if ocfgs else 0
+                        for c in ocfgs[k:] + ocfgs[:k]:
+                            res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
+                            recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
+                            bar.step(f"{c['name']} {mode}")
+            for c in cfgs:
+                records.append(_finish(recs[c["name"]], ex, inter_bw))
+    finally:
+        bar.close()
+    return records
+
+
+def _new_record(shape, cfg, world) -> dict:
+    label = cfg["name"]
+    note = ""
+    if cfg["kind"] == "yunchang":
+        note = ("yunchang LongContextAttention(ring basic); its kernel REPLACED via the attn_processor "
+                "hook by streamattn's CPU kernel that returns the true LSE")
+        if cfg.get("native"):
+            note = "yunchang with its own CPU kernel (torch_math, LSE = 0): error only, not timed"
+        if shape.get("joint_len"):
+            note += "; text tokens folded into its sequence (no joint API)"
+    return {"shape": dict(shape), "config": label, "kind": cfg["kind"], "cfg": dict(cfg),
+            "world_size": world, "note": note, "_t": []}
+
+
+def _absorb_first(rec, res) -> None:
+    errs = [r.get("err") for r in res if r.get("err") is not None]
+    if errs:
+        rec["err"] = max(errs)
+    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "predicted_s"):
+        if k in res[0]:
+            rec[k] = res[0][k]
+
+
+def _absorb_timed(rec, res) -> None:
+    rec["_t"].append(res[0]["t"])
+    if res[0].get("bytes") is not None:
+        per_rank = [r["bytes"] for r in res]
+        if "bytes_per_rank" in rec and rec["bytes_per_rank"] != per_rank:
+            rec["bytes_vary"] = True  # must not happen: the same call sends the same bytes
+        rec["bytes_per_rank"] = per_rank
+    if res[0].get("wire_tx") is not None:
+        rec.setdefault("_wire", []).append([r["wire_tx"] for r in res])
+
+
+def _finish(rec, ex, inter_bw) -> dict:
+    rpn, nodes = ex.ranks_per_node, ex.nodes
+    ts = rec.pop("_t")
+    rec["latency_s"] = _stats(ts) if ts else None
+    med = rec["latency_s"]["median"] if ts else None
+    b = rec.get("bytes_per_rank")
+    if b is not None:
+        rec["bytes"] = {"intra_total": sum(x["intra"] for x in b),
+                        "inter_total": sum(x["inter"] for x in b),
+                        "messages_total": sum(x["messages"] for x in b)}
+        # busiest uplink: the inter-node bytes the ranks of one node send
+        egress = [sum(b[r]["inter"] for r in range(n * rpn, (n + 1) * rpn)) for n in range(nodes)]
+        rec["bytes"]["inter_node_egress_max"] = max(egress) if egress else 0
+        if med and nodes > 1:
+            rec["achieved_inter_bit_s"] = max(egress) * 8 / med
+            if inter_bw:
+                rec["inter_link_utilization"] = rec["achieved_inter_bit_s"] / inter_bw
+        if med:
+            rec["achieved_intra_bit_s_per_rank"] = max(x["intra"] for x in b) * 8 / med
+    wire = rec.pop("_wire", None)
+    if wire:
+        # one reading per node (its first rank); medians over the timed calls
+        per_node = [statistics.median(w[n * rpn] for w in wire) for n in range(nodes)]
+        rec["wire_tx_per_node"] = per_node
+    for mode in ("compute", "comm", "inter"):
+        xs = rec.pop("_" + mode, None)
+        if xs:
+            rec[f"{mode}_only_s"] = statistics.median(xs)
+    comm = rec.get("inter_only_s", rec.get("comm_only_s"))
+    if med and rec.get("compute_only_s") is not None and comm is not None:
+        rec["overlap_efficiency"] = max(rec["compute_only_s"], comm) / med
+        rec["overlap_sum_ratio"] = (rec["compute_only_s"] + comm) / med
+    if rec.get("predicted_s") is not None and med:
+        rec["predicted_over_measured"] = rec["predicted_s"] / med
+    return rec

@@ -1,0 +1,366 @@
+"""Benchmark tasks that run on every rank (RankPool workers, or torchrun ranks in-process).
+
+Each task is ``fn(rank, world_size, **json_kwargs)`` and returns JSON. Inputs are generated from a
+seed identically on every rank and cached per shape, so one timed call is one task and the driver
+can interleave configurations call by call (noise on a shared CPU then hits every configuration
+alike, which is what makes ratios between them meaningful).
+
+Measurement modes of one call (``mode=``):
+
+``full``     the public ``streamattn.attention`` call, exactly as a user makes it.
+``compute``  the same algorithm on the same plan, with every exchange replaced by a no-op (receive
+             buffers are zero-filled): packing, kernels and LSE merges, no communication.
+``comm``     the same algorithm on the same plan over the real transport, with every local attention
+             kernel replaced by a stub that returns zeros of the right shape: all exchanges (and the
+             cheap packing/merging around them), no attention math.
+``inter``    like ``comm`` but only the exchanges that cross nodes are made (intra-node ones are
+             no-ops): the inter-node communication the algorithm cannot avoid.
+
+Overlap efficiency is then ``max(compute, inter) / full`` (``comm`` when the group has one node):
+1.0 means the call takes no longer than its larger component, i.e. communication fully hidden
+behind compute (or vice versa); ``(compute + inter) / full`` > 1 says that some overlap happened.
+The stubs remove work, they never add any, and each mode runs on all ranks at once, so CPU
+contention between ranks is the same as in the real call.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import pkgutil
+import time
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_state: dict = {"key": None}  # this rank's cached inputs and references for the current shape
+
+
+# ───────────────────────────────────────────────────────────────────────── inputs
+
+
+def split_lengths(total: int, world: int) -> list:
+    base, extra = divmod(total, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def _shape_key(shape: dict, seed: int) -> tuple:
+    return tuple(sorted(shape.items())) + (("seed", seed),)
+
+
+def _inputs(rank: int, world: int, shape: dict, seed: int) -> dict:
+    """Global tensors for `shape` (same on every rank) and this rank's shards, cached."""
+    key = _shape_key(shape, seed)
+    if _state["key"] == key:
+        return _state
+    B, S, H = shape["batch"], shape["seq"], shape["heads"]
+    Hk, D, T = shape.get("kv_heads") or H, shape["head_dim"], shape.get("joint_len", 0)
+    dt = DTYPES[shape.get("dtype", "float32")]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float32).to(dt)
+
+    q, k, v = rnd(B, S, H, D), rnd(B, S, Hk, D), rnd(B, S, Hk, D)
+    joint = (rnd(B, T, H, D), rnd(B, T, Hk, D), rnd(B, T, Hk, D)) if T else None
+    lens = split_lengths(S, world)
+    start = sum(lens[:rank])
+    shard = tuple(t[:, start:start + lens[rank]].contiguous() for t in (q, k, v))
+    # yunchang has no joint-token API: text tokens go in front of the image tokens in one sequence
+    # (the same math as joint_strategy="front"), split evenly over the ranks.
+    cq, ck, cv = (torch.cat([j, x], 1) for j, x in zip(joint, (q, k, v))) if joint else (q, k, v)
+    n = (S + T) // world
+    _state.clear()
+    _state.update(key=key, shape=dict(shape), seed=seed, q=q, k=k, v=v, joint=joint, shard=shard,
+                  img_start=start, img_len=lens[rank], combined=(cq, ck, cv),
+                  yc_shard=tuple(t[:, rank * n:(rank + 1) * n].contiguous() for t in (cq, ck, cv)),
+                  yc_rows=(rank * n, (rank + 1) * n), ref={}, plans={}, yc={})
+    return _state
+
+
+def _ref_rows(st: dict, lo: int, hi: int) -> torch.Tensor:
+    """float64 attention output of rows [lo, hi) of the combined [joint; image] sequence, computed
+    head by head (written here independently of the kernels under test)."""
+    key = (lo, hi)
+    if key not in st["ref"]:
+        cq, ck, cv = st["combined"]
+        D = cq.shape[-1]
+        scale = 1.0 / math.sqrt(D)
+        H, Hk = cq.shape[2], ck.shape[2]
+        out = torch.empty(cq.shape[0], hi - lo, H, D, dtype=torch.float64)
+        for h in range(H):
+            qh = cq[:, lo:hi, h].double()
+            kh, vh = ck[:, :, h * Hk // H].double(), cv[:, :, h * Hk // H].double()
+            out[:, :, h] = torch.softmax(qh @ kh.transpose(1, 2) * scale, -1) @ vh
+        st["ref"][key] = out
+    return st["ref"][key]
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# ──────────────────────────────────────────────────────── transports and kernel stubs
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+def _skip_transport(real, keep):
+    """A Transport that makes only the exchanges with peers for which keep(peer) is true (over the
+    real transport) and turns the others into no-ops (receive buffers zero-filled). keep must be
+    symmetric (if A keeps B, B keeps A) so the kept sends and receives still pair up."""
+    from streamattn.transport.base import ByteCounters, Transport
+
+    class SkipTransport(Transport):
+        def __init__(self):
+            self.rank, self.size, self.device = real.rank, real.size, real.device
+            self.node_of = real.node_of
+            self.counters = ByteCounters()
+
+        def exchange(self, sends, recvs, tag, count=True):
+            ks = [(p, t) for p, t in sends if keep(p)]
+            kr = [(p, t) for p, t in recvs if keep(p)]
+            for p, t in recvs:
+                if not keep(p):
+                    t.zero_()
+            if ks or kr:
+                return real.exchange(ks, kr, tag, count)
+            return _Done()
+
+        def describe_peer(self, peer):
+            return real.describe_peer(peer)
+
+    return SkipTransport()
+
+
+def _algorithm_modules():
+    import streamattn.algorithms as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(mod, "attention_with_lse"):
+            yield mod
+
+
+def _zero_kernel(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0):
+    from streamattn.merge import acc_dtype
+
+    B, H, Sq, _ = q.shape
+    return (torch.zeros(B, H, Sq, v.shape[-1], dtype=q.dtype, device=q.device),
+            torch.zeros(B, H, Sq, dtype=acc_dtype(q.dtype), device=q.device))
+
+
+@contextlib.contextmanager
+def _stubbed_kernels():
+    """Every algorithm module's attention_with_lse replaced by _zero_kernel (comm-only modes)."""
+    mods = list(_algorithm_modules())
+    saved = [(m, m.attention_with_lse) for m in mods]
+    try:
+        for m in mods:
+            m.attention_with_lse = _zero_kernel
+        yield
+    finally:
+        for m, f in saved:
+            m.attention_with_lse = f
+
+
+@contextlib.contextmanager
+def _forced_auto(algorithm):
+    """Negative control for the perf tests: make the planner answer "auto" with `algorithm` (a bad
+    plan), with a plan cache of its own so real "auto" plans are neither used nor disturbed."""
+    if not algorithm:
+        yield
+        return
+    from streamattn import api
+
+    real_choose, real_plans = api.choose_plan, api._plans
+    forced = _state.setdefault("forced_plans", type(real_plans)())
+
+    def choose(problem, node_of, algo="auto", u=None, r=None):
+        if algo == "auto":
+            plan = real_choose(problem, node_of, algorithm, None, None)
+            from dataclasses import replace
+
+            return replace(plan, reason=f"FORCED bad plan ({algorithm}) for a negative control")
+        return real_choose(problem, node_of, algo, u, r)
+
+    api.choose_plan, api._plans = choose, forced
+    try:
+        yield
+    finally:
+        api.choose_plan, api._plans = real_choose, real_plans
+
+
+# ──────────────────────────────────────────────────────────────────────── yunchang
+
+
+def yunchang_kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, **kwargs):
+    """yunchang's attn_processor contract (flash-attn forward): q, k, v [B, S, H, D] ->
+    (out [B, S, H, D], lse [B, H, S]); streamattn's CPU kernel, which returns the true LSE."""
+    from streamattn.kernels import attention_with_lse
+
+    if dropout_p:
+        raise ValueError("dropout is not supported by the benchmark kernel")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  scale=scale, causal=causal)
+    return out.transpose(1, 2), lse
+
+
+def _yunchang_layer(st, u, r, native):
+    """One LongContextAttention per (u, r, native), with yunchang's own process groups (Ulysses
+    over adjacent ranks, use_ulysses_low=True). Created in the same order on every rank."""
+    key = (u, r, bool(native))
+    cache = _state.setdefault("yc_layers", {})  # survives shape changes: groups are expensive
+    if key not in cache:
+        import yunchang
+        from yunchang.kernels import AttnType
+
+        yunchang.set_seq_parallel_pg(u, r, dist.get_rank(), dist.get_world_size())
+        if native:  # its CPU path: torch math SDPA with LSE = 0 (wrong as soon as r > 1)
+            layer = yunchang.LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
+        else:
+            # The kernel hook: select_flash_attn_impl() returns `attn_processor` for an attn_type
+            # that names none of its built-in kernels.
+            layer = yunchang.LongContextAttention(ring_impl_type="basic", attn_type=None,
+                                                  attn_processor=yunchang_kernel)
+        cache[key] = layer
+    return cache[key]
+
+
+def yunchang_available(rank, world_size):
+    try:
+        import yunchang  # noqa: F401
+    except Exception as exc:  # not installed, or broken by a missing optional dependency
+        return {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "version": getattr(yunchang, "__version__", "?")}
+
+
+# ──────────────────────────────────────────────────────────────────────── the call
+
+
+def _transport():
+    from streamattn import api
+
+    return api._transport(None)
+
+
+def _last_entry():
+    from streamattn import api
+
+    return next(reversed(api._plans.values())) if api._plans else (None, None)
+
+
+def _wire_tx():
+    iface = os.environ.get("STREAMATTN_BENCH_IFACE")
+    if not iface:
+        return None
+    try:
+        with open(f"/sys/class/net/{iface}/statistics/tx_bytes") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+def _run_streamattn(st, cfg, mode, check):
+    import streamattn
+    from streamattn import api
+
+    ql, kl, vl = st["shard"]
+    joint = st["joint"]
+    ckey = cfg["name"]
+    kw = dict(algorithm=cfg.get("algorithm", "auto"), ulysses_degree=cfg.get("ulysses_degree"),
+              ring_degree=cfg.get("ring_degree"))
+    if joint is not None:
+        kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy="front")
+    if mode == "full" or ckey not in st["plans"]:
+        with _forced_auto(cfg.get("force_auto")):
+            res = streamattn.attention(ql, kl, vl, **kw)
+            st["plans"][ckey] = _last_entry()
+        if mode == "full":
+            return res
+    problem, plan = st["plans"][ckey]
+    real = _transport()
+    if mode == "compute":
+        return api._run(plan, _skip_transport(real, lambda p: False), problem, ql, kl, vl, joint)
+    with _stubbed_kernels():
+        if mode == "comm":
+            return api._run(plan, real, problem, ql, kl, vl, joint)
+        if mode == "inter":
+            me = real.node_of[real.rank]
+            return api._run(plan, _skip_transport(real, lambda p: real.node_of[p] != me), problem,
+                            ql, kl, vl, joint)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0):
+    """One timed call of configuration `cfg` on `shape`, on every rank.
+
+    Returns this rank's {"t": seconds (the slowest rank's, same on all ranks), "bytes": payload
+    bytes this rank sent in the call by link class, "wire_tx": bytes its node's uplink transmitted
+    (emulated cluster only), "plan", "plan_json", "predicted_s", "err" (when check)}.
+    """
+    st = _inputs(rank, world_size, shape, seed)
+    kind = cfg.get("kind", "streamattn")
+    if kind == "yunchang":
+        layer = _yunchang_layer(st, cfg["ulysses_degree"], cfg["ring_degree"], cfg.get("native"))
+        ql, kl, vl = st["yc_shard"]
+
+        def call():
+            return layer(ql, kl, vl, softmax_scale=1.0 / math.sqrt(ql.shape[-1]))
+        counters = None
+    else:
+        counters = _transport().counters if world_size > 1 else None
+        if mode != "full" and cfg["name"] not in st["plans"]:
+            _run_streamattn(st, cfg, "full", False)  # plan first, outside the timed region
+
+        def call():
+            return _run_streamattn(st, cfg, mode, check)
+
+    dist.barrier()
+    tx0 = _wire_tx()
+    if counters is not None:
+        counters.reset()
+    t0 = time.perf_counter()
+    out = call()
+    t = time.perf_counter() - t0
+    nbytes = counters.as_dict() if counters is not None else None
+    tx = None
+    if tx0 is not None:
+        dist.barrier()  # every rank of the node is done sending (barrier bytes are counted too)
+        tx = _wire_tx() - tx0
+    tt = torch.tensor([t], dtype=torch.float64)
+    dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
+    res = {"t": float(tt), "bytes": nbytes, "wire_tx": tx}
+    if kind != "yunchang":
+        plan = st["plans"].get(cfg["name"], (None, None))[1]
+        if plan is not None:
+            res.update(plan=str(plan), algorithm=plan.algorithm, ulysses_degree=plan.ulysses_degree,
+                       ring_degree=plan.ring_degree, predicted_s=plan.predicted_s)
+    if check and mode == "full":
+        T = st["joint"][0].shape[1] if st["joint"] is not None else 0
+        if kind == "yunchang":
+            lo, hi = st["yc_rows"]
+            res["err"] = _rel_err(out, _ref_rows(st, lo, hi))
+        else:
+            o, jo = out if st["joint"] is not None else (out, None)
+            lo = T + st["img_start"]
+            err = _rel_err(o, _ref_rows(st, lo, lo + st["img_len"]))
+            if jo is not None:
+                err = max(err, _rel_err(jo, _ref_rows(st, 0, T)))
+            res["err"] = err
+    return res
+
+
+def bench_env(rank, world_size):
+    """Facts about this rank's process for the environment block."""
+    return {"rank": rank, "pid": os.getpid(), "threads": torch.get_num_threads(),
+            "topology_env": os.environ.get("STREAMATTN_TOPOLOGY"),
+            "iface": os.environ.get("STREAMATTN_BENCH_IFACE"),
+            "node": os.environ.get("STREAMATTN_EMULATED_NODE")}
