@@ -2,15 +2,98 @@
 
 `choose_plan` validates a forced choice (algorithm / degrees) or picks one for "auto". The "auto"
 rule here is the simple one (largest Ulysses degree that divides the heads and fits in a node, ring
-across); the topology-aware cost model replaces it (see issue 4).
+across). The topology-aware planner (issue 4) is `streamattn.planner.make_plan(problem, topology)`:
+it returns the same `Plan`, with `predicted_s`, `reason` and every `Candidate` it considered
+(`Plan.explain()` prints them).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 ALGORITHMS = ("auto", "ulysses", "ring", "usp")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a costed candidate: a blocking exchange, a blocking compute, or an overlapped
+    step (ring: send of the next block while computing this one, costing max(compute, comm)).
+
+    compute_s / comm_s: the slowest rank's compute and the step's communication time;
+    time_s: what the step adds to the call; bottleneck: the resource that set comm_s;
+    bytes_by_kind: the largest bytes one rank sends in this step, per link kind."""
+
+    name: str
+    time_s: float
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    overlapped: bool = False
+    bottleneck: str = ""
+    bytes_by_kind: Tuple[Tuple[str, int], ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bytes_by_kind"] = [list(kv) for kv in self.bytes_by_kind]
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "Step":
+        d = dict(d)
+        d["bytes_by_kind"] = tuple((str(k), int(v)) for k, v in d.get("bytes_by_kind", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (algorithm, ulysses_degree, ring_degree, placement) the planner considered.
+
+    groups: Ulysses groups as in `Plan.groups` (explicit); placement: "consecutive" (rank g*u + j is
+    member j of group g) or "per-node" (groups gathered from each node's ranks, for interleaved
+    rank->node maps). dropped: why it cannot run ("" when it was costed).
+    predicted_s = sum of step times; compute_s: compute on the critical path; comm_s: communication
+    time summed over steps; exposed_comm_s = predicted_s - compute_s (what overlap did not hide).
+    bytes_by_kind: bytes the busiest rank sends over the whole call, per link kind."""
+
+    algorithm: str
+    ulysses_degree: int
+    ring_degree: int
+    groups: tuple = ()
+    placement: str = "consecutive"
+    dropped: str = ""
+    predicted_s: Optional[float] = None
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    bottleneck: str = ""
+    bytes_by_kind: Tuple[Tuple[str, int], ...] = ()
+    steps: Tuple[Step, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return not self.dropped
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return 0.0 if self.predicted_s is None else max(0.0, self.predicted_s - self.compute_s)
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm} u={self.ulysses_degree} x r={self.ring_degree} [{self.placement}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["groups"] = [list(g) for g in self.groups]
+        d["bytes_by_kind"] = [list(kv) for kv in self.bytes_by_kind]
+        d["steps"] = [s.to_dict() for s in self.steps]
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "Candidate":
+        d = dict(d)
+        d["groups"] = tuple(tuple(int(x) for x in g) for g in d.get("groups", ()))
+        d["bytes_by_kind"] = tuple((str(k), int(v)) for k, v in d.get("bytes_by_kind", ()))
+        d["steps"] = tuple(Step.from_dict(s) for s in d.get("steps", ()))
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -22,7 +105,9 @@ class Plan:
     in group order. Empty means consecutive groups: rank g*u + j is member j of group g. Causal
     calls need consecutive groups (each group's tokens must be contiguous positions).
     predicted_s: the cost model's time for the call (None when not costed).
-    candidates: what the planner considered, for explain() (not serialised).
+    candidates: the `Candidate`s the planner considered, for explain() (serialised only with
+    to_json(candidates=True)).
+    context: what the plan was made for (problem, topology, compute rate), for explain().
     """
 
     algorithm: str
@@ -33,18 +118,41 @@ class Plan:
     predicted_s: Optional[float] = None
     reason: str = ""
     candidates: tuple = field(default=(), compare=False, repr=False)
+    context: str = field(default="", compare=False, repr=False)
 
-    def to_json(self) -> str:
-        d = asdict(self)
-        d.pop("candidates")
-        d["groups"] = [list(g) for g in self.groups]
-        return json.dumps(d, sort_keys=True)
+    def to_dict(self, candidates: bool = False) -> dict:
+        d = {
+            "algorithm": self.algorithm,
+            "ulysses_degree": self.ulysses_degree,
+            "ring_degree": self.ring_degree,
+            "groups": [list(g) for g in self.groups],
+            "transport": self.transport,
+            "predicted_s": self.predicted_s,
+            "reason": self.reason,
+        }
+        if candidates:
+            d["candidates"] = [c.to_dict() for c in self.candidates]
+            d["context"] = self.context
+        return d
+
+    def to_json(self, candidates: bool = False) -> str:
+        """JSON of the plan (sorted keys). candidates=True also writes every candidate and the
+        context, so `from_json` restores a plan whose explain() still works."""
+        return json.dumps(self.to_dict(candidates), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)
         d["groups"] = tuple(tuple(g) for g in d.get("groups", ()))
+        d["candidates"] = tuple(Candidate.from_dict(c) for c in d.get("candidates", ()))
         return cls(**d)
+
+    def explain(self) -> str:
+        """Every candidate with its predicted time (or why it was dropped), the winner's steps, and
+        why the winner won. Also `print(plan.explain())`."""
+        from .planner import explain_plan
+
+        return explain_plan(self)
 
     def ulysses_groups(self) -> tuple:
         if self.groups:

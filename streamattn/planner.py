@@ -1,0 +1,329 @@
+"""The planner: the machine decides the factorization.
+
+    from streamattn.planner import make_plan, plan_for
+    plan = plan_for(4096, 24, 128, joint_len=512, topology="h100x8-2node")
+    print(plan.explain())
+
+`make_plan(problem, topology)` enumerates every candidate (algorithm in ulysses / ring / usp, every
+u * r = P, rank placements), drops the invalid ones with the reason kept, costs the rest with
+`streamattn.costmodel` and returns the cheapest as a `Plan` (ties: the fixed enumeration order,
+larger Ulysses degree first, consecutive placement before per-node).
+
+Determinism: the plan is a pure function of (problem, topology, compute_rate). Only when no rate is
+known (compute_rate None and topology.peak_flops None, i.e. CPU ranks) does it time the local CPU
+kernel, and that number differs between processes. The caller must then make the rate identical
+on every rank before planning (recommended: rank 0's `measure_cpu_rate()` travels with the
+metadata all-gather and every rank passes it as compute_rate), or have rank 0 plan and broadcast
+`plan.to_json()`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Union
+
+from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
+                        resolve_memory_bandwidth, resolve_rate)
+from .plan import ALGORITHMS, Candidate, Plan, _divisors
+from .problem import Problem
+from .topology import Topology
+
+DEFAULT_TOPOLOGY = "h100x8-2node"
+_REL_TIE = 1e-9
+
+
+def _algo(u: int, world: int) -> str:
+    return "ulysses" if u == world else "ring" if u == 1 else "usp"
+
+
+def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
+    """Every (algorithm, u, r, placement), in the fixed tie-break order, not yet costed. Dropped
+    ones carry their reason."""
+    P, H = problem.world_size, problem.heads
+    out: List[Candidate] = []
+    for u in sorted(_divisors(P), reverse=True):
+        r, algo = P // u, _algo(u, P)
+        placements = [("consecutive", consecutive_groups(P, u))]
+        if 1 < u < P or (u == 1 and P > 1):
+            pn = per_node_groups(topology, u)
+            if pn != placements[0][1]:
+                placements.append(("per-node", pn))
+        for name, groups in placements:
+            reason = ""
+            if H % u:
+                reason = f"{H} heads not divisible by u={u}"
+            elif problem.causal and not groups_contiguous(groups):
+                reason = ("causal attention needs each Ulysses group to hold contiguous positions "
+                          "(consecutive groups)")
+            out.append(Candidate(algo, u, r, groups, name, dropped=reason))
+    return out
+
+
+def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: str = "auto",
+              ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
+              compute_rate: Optional[float] = None,
+              memory_bandwidth: Optional[float] = None) -> Plan:
+    """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
+    .json path, describing exactly problem.world_size ranks).
+
+    algorithm / ulysses_degree / ring_degree restrict the choice; a forced choice that cannot run
+    raises ValueError naming the reason and the valid options. compute_rate: FLOP/s per rank
+    (default topology.peak_flops, else the measured CPU rate -- see the module docstring).
+    memory_bandwidth: bytes/s of a rank's local memory for the memory-bound work (packing copies,
+    LSE merges); default from the device table in costmodel, measured on CPU topologies."""
+    topology = _topology(topology, problem.world_size)
+    P, H = problem.world_size, problem.heads
+    if topology.world_size != P:
+        raise ValueError(f"topology {topology.name!r} describes {topology.world_size} ranks but the "
+                         f"problem has {P} shards")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"streamattn: algorithm={algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    if problem.kv_heads < 1 or H % problem.kv_heads:
+        raise ValueError(f"streamattn: {H} query heads are not a multiple of {problem.kv_heads} K/V heads")
+    if P == 1:
+        return Plan("local", 1, 1, reason="group of size 1", predicted_s=None,
+                    context=_context(problem, topology, None, None))
+    u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
+
+    rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
+    mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
+    model = CostModel(topology, rate, mbw)
+    cands: List[Candidate] = []
+    for c in enumerate_candidates(problem, topology):
+        if not c.dropped:
+            c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement)
+        cands.append(c)
+
+    def allowed(c: Candidate) -> bool:
+        if u_forced is not None:
+            return c.ulysses_degree == u_forced
+        return algorithm in ("auto", "usp") or c.algorithm == algorithm
+
+    pool = [c for c in cands if allowed(c)]
+    best = None
+    for c in pool:
+        if c.valid and (best is None or c.predicted_s < best.predicted_s * (1 - _REL_TIE)):
+            best = c
+    if best is None:
+        valid_u = sorted({c.ulysses_degree for c in cands if c.valid})
+        why = "; ".join(sorted({c.dropped for c in pool})) or "no candidate"
+        what = (f"ulysses_degree={u_forced}" if u_forced is not None else f"algorithm={algorithm!r}")
+        raise ValueError(f"streamattn: {what} cannot run: {why}; valid ulysses degrees for {H} heads "
+                         f"on {P} ranks: {', '.join(map(str, valid_u)) or 'none'}")
+
+    forced = u_forced is not None or algorithm != "auto"
+    runner = None
+    for c in sorted((c for c in cands if c.valid and c is not best), key=lambda c: c.predicted_s):
+        runner = c
+        break
+    if forced:
+        reason = f"requested ({_request(algorithm, ulysses_degree, ring_degree)}): {best.label}"
+        auto_best = min((c for c in cands if c.valid), key=lambda c: c.predicted_s)
+        if auto_best is not best and auto_best.predicted_s < best.predicted_s:
+            reason += (f"; auto would pick {auto_best.label}, predicted "
+                       f"{best.predicted_s / auto_best.predicted_s:.2f}x faster")
+    else:
+        n = sum(c.valid for c in cands)
+        reason = f"auto: cheapest of {n} costed candidates"
+        if runner is not None:
+            reason += (f"; {runner.predicted_s / best.predicted_s:.3g}x faster than the runner-up "
+                       f"{runner.label}")
+    return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
+                predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
+                context=_context(problem, topology, rate, rate_src, mbw, mbw_src))
+
+
+def _request(algorithm, u, r) -> str:
+    parts = [f"algorithm={algorithm!r}"] if algorithm != "auto" else []
+    if u is not None:
+        parts.append(f"ulysses_degree={u}")
+    if r is not None:
+        parts.append(f"ring_degree={r}")
+    return ", ".join(parts)
+
+
+def _forced_u(P, H, algorithm, ulysses_degree, ring_degree) -> Optional[int]:
+    """The Ulysses degree a forced choice fixes (None: free), with choose_plan's messages."""
+    divs = _divisors(P)
+    valid = [u for u in divs if H % u == 0]
+    for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"streamattn: {name} must be an int, got {v!r}")
+    if ulysses_degree is not None and ring_degree is not None and ulysses_degree * ring_degree != P:
+        raise ValueError(f"streamattn: ulysses_degree={ulysses_degree} x ring_degree={ring_degree} "
+                         f"!= group size {P}")
+    u = ulysses_degree
+    if u is None and ring_degree is not None:
+        if ring_degree < 1 or P % ring_degree:
+            raise ValueError(f"streamattn: ring_degree={ring_degree} does not divide the group size "
+                             f"{P}; valid ring degrees: {', '.join(map(str, divs))}")
+        u = P // ring_degree
+    if algorithm == "ulysses":
+        if u not in (None, P):
+            raise ValueError(f"streamattn: algorithm='ulysses' uses ulysses_degree={P} (the group "
+                             f"size), got {u}; use algorithm='usp' for a hybrid")
+        u = P
+    elif algorithm == "ring":
+        if u not in (None, 1):
+            raise ValueError(f"streamattn: algorithm='ring' uses ulysses_degree=1, got {u}; use "
+                             "algorithm='usp' for a hybrid")
+        u = 1
+    if u is not None:
+        if u < 1 or P % u:
+            raise ValueError(f"streamattn: ulysses_degree={u} does not divide the group size {P}; "
+                             f"valid degrees for {H} heads: {', '.join(map(str, valid))}")
+        if H % u:
+            raise ValueError(f"streamattn: {H} query heads cannot be split over ulysses_degree={u} "
+                             f"({H} heads not divisible by u={u}); valid degrees for {H} heads on "
+                             f"{P} ranks: {', '.join(map(str, valid))}")
+    return u
+
+
+def _topology(topology, world_size: Optional[int] = None) -> Topology:
+    if isinstance(topology, Topology):
+        t = topology
+    elif isinstance(topology, (str, os.PathLike)):
+        from .topology import resolve_topology
+
+        t = resolve_topology(topology=os.fspath(topology))
+    else:
+        raise ValueError(f"topology must be a Topology, spec, machine name or .json path, got "
+                         f"{type(topology).__name__}")
+    if world_size is not None and world_size != t.world_size:
+        if world_size < 1 or world_size > t.world_size:
+            raise ValueError(f"world_size={world_size} but topology {t.name!r} has "
+                             f"{t.world_size} ranks")
+        t = t.subtopology(list(range(world_size)))
+    return t
+
+
+def _split(total: int, world: int) -> tuple:
+    base, extra = divmod(total, world)
+    return tuple(base + (1 if r < extra else 0) for r in range(world))
+
+
+def plan_for(seq: int, heads: int, head_dim: int, *, batch: int = 1, kv_heads: Optional[int] = None,
+             joint_len: int = 0, joint_strategy: str = "front", dtype="bfloat16", causal: bool = False,
+             topology: Union[Topology, str] = DEFAULT_TOPOLOGY, world_size: Optional[int] = None,
+             seq_lens=None, algorithm: str = "auto", ulysses_degree: Optional[int] = None,
+             ring_degree: Optional[int] = None, compute_rate: Optional[float] = None,
+             memory_bandwidth: Optional[float] = None) -> Plan:
+    """Plan a call of `seq` image tokens (split evenly over the ranks, the first ranks taking one
+    more when it does not divide; or `seq_lens` per rank), `heads` x `head_dim`, on `topology`
+    (Topology, spec such as "2x4", shipped machine name, or .json path; world_size=N plans on its
+    first N ranks)."""
+    t = _topology(topology, world_size)
+    P = t.world_size
+    if seq_lens is None:
+        if seq < 1:
+            raise ValueError(f"seq must be >= 1, got {seq}")
+        seq_lens = _split(int(seq), P)
+    else:
+        seq_lens = tuple(int(n) for n in seq_lens)
+        if len(seq_lens) != P:
+            raise ValueError(f"seq_lens has {len(seq_lens)} entries for {P} ranks")
+    for name, v in (("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    problem = Problem(batch=batch, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim,
+                      dtype=as_dtype(dtype), seq_lens=seq_lens, scale=1.0 / math.sqrt(head_dim),
+                      causal=bool(causal), joint_len=int(joint_len), joint_strategy=joint_strategy)
+    return make_plan(problem, t, algorithm=algorithm, ulysses_degree=ulysses_degree,
+                     ring_degree=ring_degree, compute_rate=compute_rate,
+                     memory_bandwidth=memory_bandwidth)
+
+
+# ------------------------------------------------------------------------------------ explain
+def _context(problem: Problem, t: Topology, rate, rate_src, mbw=None, mbw_src="") -> str:
+    lens = problem.seq_lens
+    if len(set(lens)) == 1:
+        shard = f"{len(lens)} ranks x {lens[0]}"
+    else:
+        shard = f"{len(lens)} ranks, {min(lens)}..{max(lens)} each"
+    joint = f" + {problem.joint_len} joint ({problem.joint_strategy})" if problem.joint_len else ""
+    dt = str(problem.dtype).replace("torch.", "")
+    lines = [
+        f"Problem: B={problem.batch}, S={problem.seq_total} ({shard}){joint}, H={problem.heads} "
+        f"(kv {problem.kv_heads}), D={problem.head_dim}, {dt}, "
+        f"{'causal' if problem.causal else 'non-causal'}",
+        t.summary() + (f" [{t.provenance}]" if t.provenance else ""),
+    ]
+    for lk in t.distinct_links():
+        lines.append(f"  {lk.kind.value}: {lk.describe()}")
+    if rate is not None:
+        lines.append(f"Compute: {rate / 1e12:.4g} TFLOP/s per rank ({rate_src})")
+        mem = f"{mbw / 1e9:.4g} GB/s per rank" if mbw else "not modelled"
+        lines.append(f"Memory (packing copies, LSE merges): {mem} ({mbw_src})")
+    return "\n".join(lines)
+
+
+def _ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:.4g} ms"
+
+
+def _bytes(kinds) -> str:
+    return ", ".join(f"{k} {n / 1e6:.4g} MB" for k, n in kinds) or "none"
+
+
+def explain_plan(plan: Plan) -> str:
+    lines = []
+    if plan.context:
+        lines.append(plan.context)
+    lines.append(f"Chosen: {plan}")
+    if not plan.candidates:
+        lines.append("(no candidates recorded: this plan did not come from the cost model)")
+        return "\n".join(lines)
+    lines.append("")
+    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost "
+                 "max(compute, comm)):")
+    hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
+           f"{'compute':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
+    lines.append(hdr)
+    ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+    for c in plan.candidates:
+        mark = "* " if (c.valid and c.groups == plan.groups and c.ulysses_degree == plan.ulysses_degree
+                        and c.predicted_s == plan.predicted_s) else "  "
+        if not c.valid:
+            lines.append(f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {c.ring_degree:>3} "
+                         f"{c.placement:<12} dropped: {c.dropped}")
+            continue
+        rank = ranked.index(c) + 1
+        lines.append(f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {c.ring_degree:>3} "
+                     f"{c.placement:<12} {_ms(c.predicted_s):>11} {_ms(c.compute_s):>11} "
+                     f"{_ms(c.exposed_comm_s):>12}  #{rank}; {_bytes(c.bytes_by_kind)}")
+        if c.bottleneck:
+            lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
+                         f"slowest exchange: {c.bottleneck}")
+    win = next((c for c in plan.candidates if c.valid and c.groups == plan.groups
+                and c.ulysses_degree == plan.ulysses_degree), None)
+    if win is not None:
+        lines.append("")
+        lines.append(f"Steps of the chosen plan ({win.label}):")
+        shown = 0
+        steps = list(win.steps)
+        for i, s in enumerate(steps):
+            # ring steps with identical costs are folded into one line
+            if i > 0 and shown and _same(steps[i - 1], s):
+                continue
+            same = 1
+            while i + same < len(steps) and _same(s, steps[i + same]):
+                same += 1
+            how = (f"max(compute {_ms(s.compute_s)}, comm {_ms(s.comm_s)})" if s.overlapped
+                   else f"compute {_ms(s.compute_s)} + comm {_ms(s.comm_s)}")
+            times = f" x{same}" if same > 1 else ""
+            extra = f"  [{s.bottleneck}]" if s.bottleneck else ""
+            lines.append(f"  {s.name}{times}: {_ms(s.time_s)} = {how}{extra}")
+            shown += 1
+        lines.append("")
+        lines.append(f"Why: {plan.reason}.")
+        dropped = [c for c in plan.candidates if not c.valid]
+        if dropped:
+            lines.append(f"{len(dropped)} candidate(s) dropped (reasons above).")
+    return "\n".join(lines)
+
+
+def _same(a, b) -> bool:
+    return (a.overlapped == b.overlapped and a.name.split(" ")[:2] == b.name.split(" ")[:2]
+            and "compute only" not in a.name + b.name
+            and math.isclose(a.time_s, b.time_s, rel_tol=1e-9)
+            and math.isclose(a.comm_s, b.comm_s, rel_tol=1e-9))
