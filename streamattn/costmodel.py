@@ -116,7 +116,7 @@ _CPU_RATE: Dict[tuple, float] = {}
 
 def measure_cpu_rate(dtype=torch.float32, *, refresh: bool = False) -> float:
     """FLOP/s of this process's local CPU attention kernel (`kernels.attention_with_lse`), timed
-    once per process on a small shape ([1, 4, 512, 64], best of 3 after a warm-up) and cached.
+    once per process on a small shape ([1, 4, 512, 64], best of 5 after 2 warm-ups) and cached.
     Rounded to 2 significant digits. Differs between processes: see `planner.make_plan`."""
     dt = as_dtype(dtype)
     key = (dt, torch.get_num_threads())
@@ -128,9 +128,10 @@ def measure_cpu_rate(dtype=torch.float32, *, refresh: bool = False) -> float:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(dt) for _ in range(3))
     scale = D ** -0.5
-    attention_with_lse(q, k, v, scale=scale)
+    for _ in range(2):
+        attention_with_lse(q, k, v, scale=scale)
     times = []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         attention_with_lse(q, k, v, scale=scale)
         times.append(time.perf_counter() - t0)
@@ -154,16 +155,17 @@ _CPU_MEM: Dict[int, float] = {}
 
 
 def measure_cpu_memory_bandwidth(*, refresh: bool = False) -> float:
-    """Bytes/s of a 32 MiB float32 tensor copy in this process (read + write counted), best of 3,
-    cached per process, 2 significant digits."""
+    """Bytes/s of a 32 MiB float32 tensor copy in this process (read + write counted),
+    best of 5, cached per process, 2 significant digits."""
     key = torch.get_num_threads()
     if key in _CPU_MEM and not refresh:
         return _CPU_MEM[key]
     src = torch.ones(8 << 20)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    dst.copy_(src)
     times = []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
@@ -183,7 +185,7 @@ def resolve_memory_bandwidth(topology: Topology, memory_bandwidth: Optional[floa
     for key, bw, src in DEVICE_MEMORY_BW:
         if key.upper() in dev:
             return bw, src
-    if dev in ("", "CPU") and not topology.peak_flops:
+    if dev in ("", "CPU", "EMULATED") and not topology.peak_flops:
         return measure_cpu_memory_bandwidth(), "measured:local CPU copy (streamattn.costmodel)"
     return None, "unknown device: memory-bound work not modelled"
 
@@ -237,6 +239,16 @@ def merge_bytes(dtype) -> int:
     return 32 + dtype_bytes(dtype)
 
 
+def _fitted_kv(q_range, kv_range, group_size: int) -> int:
+    """K/V heads a member holds after `ulysses.fit_kv_heads`: its own K/V heads when its query heads
+    map onto them in the standard GQA way, else one K/V head per query head (expanded)."""
+    hq, hk = q_range[1] - q_range[0], kv_range[1] - kv_range[0]
+    want = [(q_range[0] + i) // group_size - kv_range[0] for i in range(hq)]
+    if hq % hk == 0 and want == [i // (hq // hk) for i in range(hq)]:
+        return hk
+    return hq
+
+
 def _phases(problem, u: int, groups) -> List[_Phase]:
     """Every step of the call for Ulysses groups `groups` (u members each; rings = member j of
     every group, in group order), with exact message sizes, per-rank FLOPs and per-rank local
@@ -249,7 +261,8 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
     r = len(groups)
     q_ranges, kv_ranges = head_ranges(H, Hk, u)
     hq = H // u
-    hk = [b - a for a, b in kv_ranges]
+    hk = [b - a for a, b in kv_ranges]  # K/V heads member j receives in the all-to-all
+    hkf = [_fitted_kv(q_ranges[j], kv_ranges[j], H // Hk) for j in range(u)]  # ... and holds after
     phases: List[_Phase] = []
     seg_lens = [sum(seq[m] for m in g) for g in groups]
     seg_offs = [offs[g[0]] for g in groups]
@@ -267,7 +280,7 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
     if r == 1:  # pure Ulysses (or local): the group's tokens + joint, for hq heads
         L = seg_lens[0] + T
         fl = attention_flops(B, visible_pairs(0, L, 0, L, causal), hq, D)
-        mem = {m: (2 * e * B * L * (hq + 2 * hk[j]) * D if T else 0) for gi, j, m in members}
+        mem = {m: (2 * e * B * L * (hq + 2 * hkf[j]) * D if T else 0) for gi, j, m in members}
         phases.append(_Phase("attention (whole sequence, H/u heads)", [], {m: fl for m in groups[0]},
                              mem=mem))
     else:
@@ -275,7 +288,7 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
         rear = T and problem.joint_strategy != "front"
         joint_local = {m: attention_flops(B, seg_lens[gi] * T, hq, D) for gi, j, m in members} if T else {}
         joint_merge = {m: mb * B * hq * seg_lens[gi] * D for gi, j, m in members}
-        stack = {m: 2 * e * 2 * B * seg_lens[gi] * hk[j] * D for gi, j, m in members}
+        stack = {m: 2 * e * 2 * B * seg_lens[gi] * hkf[j] * D for gi, j, m in members}
         if front:
             phases.append(_Phase("attention of local queries to joint K/V", [], joint_local,
                                  mem=joint_merge))
@@ -293,7 +306,7 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
                     if t == r - 1 and not rear:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
-                        msgs.append((m, ring[(gi + 1) % r], 2 * B * seg_lens[src] * hk[j] * D * e))
+                        msgs.append((m, ring[(gi + 1) % r], 2 * B * seg_lens[src] * hkf[j] * D * e))
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(_Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
         if rear:

@@ -71,7 +71,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     (default topology.peak_flops, else the measured CPU rate -- see the module docstring).
     memory_bandwidth: bytes/s of a rank's local memory for the memory-bound work (packing copies,
     LSE merges); default from the device table in costmodel, measured on CPU topologies."""
-    topology = _topology(topology, problem.world_size)
+    topology = _topology(topology)
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
         raise ValueError(f"topology {topology.name!r} describes {topology.world_size} ranks but the "
@@ -126,7 +126,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         n = sum(c.valid for c in cands)
         reason = f"auto: cheapest of {n} costed candidates"
         if runner is not None:
-            reason += (f"; {runner.predicted_s / best.predicted_s:.3g}x faster than the runner-up "
+            reason += (f"; {runner.predicted_s / best.predicted_s:.3f}x faster than the runner-up "
                        f"{runner.label}")
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
