@@ -80,9 +80,16 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         raise ValueError(f"streamattn: algorithm={algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     if problem.kv_heads < 1 or H % problem.kv_heads:
         raise ValueError(f"streamattn: {H} query heads are not a multiple of {problem.kv_heads} K/V heads")
-    if P == 1:
-        return Plan("local", 1, 1, reason="group of size 1", predicted_s=None,
-                    context=_context(problem, topology, None, None))
+    if P == 1:  # costed only when the rate is known without measuring
+        rate = compute_rate or topology.peak_flops
+        src = "given" if compute_rate else topology.peak_flops_source
+        mbw, mbw_src = (None, "")
+        pred = None
+        if rate:
+            mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
+            pred = CostModel(topology, rate, mbw).cost(problem, "local", 1, ((0,),)).predicted_s
+        return Plan("local", 1, 1, reason="group of size 1", predicted_s=pred,
+                    context=_context(problem, topology, rate, src, mbw, mbw_src))
     u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
@@ -274,10 +281,10 @@ def explain_plan(plan: Plan) -> str:
         lines.append("(no candidates recorded: this plan did not come from the cost model)")
         return "\n".join(lines)
     lines.append("")
-    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost "
-                 "max(compute, comm)):")
+    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost max(local, comm);")
+    lines.append("  local = attention FLOPs / rate + memory-bound copies and LSE merges / memory bandwidth):")
     hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
-           f"{'compute':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
+           f"{'local':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
     lines.append(hdr)
     ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
     for c in plan.candidates:
@@ -308,8 +315,8 @@ def explain_plan(plan: Plan) -> str:
             same = 1
             while i + same < len(steps) and _same(s, steps[i + same]):
                 same += 1
-            how = (f"max(compute {_ms(s.compute_s)}, comm {_ms(s.comm_s)})" if s.overlapped
-                   else f"compute {_ms(s.compute_s)} + comm {_ms(s.comm_s)}")
+            how = (f"max(local {_ms(s.compute_s)}, comm {_ms(s.comm_s)})" if s.overlapped
+                   else f"local {_ms(s.compute_s)} + comm {_ms(s.comm_s)}")
             times = f" x{same}" if same > 1 else ""
             extra = f"  [{s.bottleneck}]" if s.bottleneck else ""
             lines.append(f"  {s.name}{times}: {_ms(s.time_s)} = {how}{extra}")
