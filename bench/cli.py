@@ -193,8 +193,9 @@ def _run_local(args, spec, preset) -> int:
 
 
 def _run_emulated(args, spec, preset) -> int:
-    from ..testing import RankError, RankPool
+    from ..testing import RankError
     from .cluster import ClusterUnavailable, EmulatedCluster, measure_throughput, parse_bandwidth
+    from .launch import emulated_pool
     from .report import environment
     from .runner import PoolExecutor
 
@@ -220,16 +221,7 @@ def _run_emulated(args, spec, preset) -> int:
             env = environment("emulated", world=world, nodes=nodes, ranks_per_node=rpn,
                               inter_bw=inter, intra_bw=intra, measured_inter_bit_s=measured)
 
-            def node_env(rank):
-                place = cluster.rank_env(rank)
-                e = dict(place.env)
-                e.update(STREAMATTN_TOPOLOGY=f"{nodes}x{rpn}", STREAMATTN_BENCH_IFACE=place.ifname)
-                return e
-
-            with RankPool(world, threads=args.threads, timeout=args.timeout,
-                          launcher=lambda r: ["ip", "netns", "exec", cluster.rank_env(r).netns],
-                          store_host=cluster.master_addr, bind_host=cluster.master_addr,
-                          node_env=node_env) as pool:
+            with emulated_pool(cluster, threads=args.threads, timeout=args.timeout) as pool:
                 ex = PoolExecutor(pool, ranks_per_node=rpn, nodes=nodes)
                 return _finish(args, ex, spec, preset, env, print)
     except ClusterUnavailable as exc:

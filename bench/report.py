@@ -18,7 +18,7 @@ def _mb(x) -> str:
 def format_table(records: List[dict]) -> str:
     """One line per run, grouped by shape; ratios against the fastest configuration of the shape."""
     cols = ["config", "plan", "median ms", "min", "max", "vs best", "pred ms", "intra MB", "inter MB",
-            "inter Mbit/s", "compute ms", "comm ms", "overlap", "max err"]
+            "wire MB", "inter Mbit/s", "compute ms", "comm ms", "overlap", "max err"]
     lines = []
     shapes = []
     for r in records:
@@ -40,6 +40,8 @@ def format_table(records: List[dict]) -> str:
             plan = "-"
             if r.get("algorithm"):
                 plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
+                if r.get("transport") not in (None, "torch"):
+                    plan += f" [{r['transport']}]"
             elif r["kind"] == "yunchang":
                 plan = f"usp {r['cfg']['ulysses_degree']}x{r['cfg']['ring_degree']}*"
             comm = r.get("inter_only_s", r.get("comm_only_s"))
@@ -48,6 +50,7 @@ def format_table(records: List[dict]) -> str:
                 "-" if med is None or not best else f"{med / best:.2f}x",
                 _ms(r.get("predicted_s")),
                 _mb(b.get("intra_total")), _mb(b.get("inter_total")),
+                _mb(sum(r["wire_tx_per_node"]) if r.get("wire_tx_per_node") else None),
                 "-" if r.get("achieved_inter_bit_s") is None else f"{r['achieved_inter_bit_s'] / 1e6:.0f}",
                 _ms(r.get("compute_only_s")), _ms(comm),
                 "-" if r.get("overlap_efficiency") is None else f"{r['overlap_efficiency']:.2f}",
@@ -65,7 +68,8 @@ def format_table(records: List[dict]) -> str:
         "median/min/max: wall time of one call, slowest rank, over the timed iterations (configurations "
         "interleaved). vs best: median / fastest median of the shape.",
         "intra/inter MB: payload bytes sent per call, all ranks, by link class (streamattn's transport "
-        "counters; yunchang has none). inter Mbit/s: busiest node's inter-node payload / median.",
+        "counters; yunchang has none). wire MB: bytes all node uplinks transmitted per call (emulated cluster: "
+        "veth tx counters, incl. headers and ACKs; covers yunchang too). inter Mbit/s: busiest node's inter-node payload / median.",
         "compute ms: the same plan with communication replaced by no-ops; comm ms: the same plan with "
         "attention kernels stubbed (inter-node exchanges only when there are several nodes).",
         "overlap = max(compute, comm) / median (1.00 = the smaller one fully hidden). pred ms: the "
@@ -151,3 +155,21 @@ def write_plot(path: str, env: dict, records: List[dict]) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def main(argv=None) -> int:
+    """`python -m streamattn.bench.report bench.json`: print the table of a saved run again."""
+    import sys
+
+    path = (argv or sys.argv[1:] or ["bench_out/bench.json"])[0]
+    with open(path) as f:
+        data = json.load(f)
+    env = data["environment"]
+    print(f"{env['mode']} {env['topology']}, inter {env.get('inter_bw_bit_s')} bit/s, "
+          f"torch {env['torch']}, {env['cpu_count']} cores")
+    print(format_table(data["runs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

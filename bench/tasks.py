@@ -245,10 +245,34 @@ def yunchang_available(rank, world_size):
 # ──────────────────────────────────────────────────────────────────────── the call
 
 
-def _transport():
+def _transport(name="torch"):
+    """The default group's transport `name` (the plan's), as streamattn.attention uses it."""
     from streamattn import api
 
-    return api._transport(None)
+    if name == "torch":
+        return api._transport(None)
+    return api._transport(None, name)
+
+
+class _Counters:
+    """Payload bytes this rank sent on the default group, over every transport streamattn made
+    for it (torch, shm, ...)."""
+
+    def __init__(self):
+        from streamattn import api
+
+        self.api = api
+
+    def reset(self):
+        if hasattr(self.api, "reset_byte_counters"):
+            self.api.reset_byte_counters(None)
+        else:
+            _transport().counters.reset()
+
+    def as_dict(self):
+        if hasattr(self.api, "byte_counters"):
+            return self.api.byte_counters(None)
+        return _transport().counters.as_dict()
 
 
 def _last_entry():
@@ -286,7 +310,7 @@ def _run_streamattn(st, cfg, mode, check):
         if mode == "full":
             return res
     problem, plan = st["plans"][ckey]
-    real = _transport()
+    real = _transport(getattr(plan, "transport", "torch"))
     if mode == "compute":
         return api._run(plan, _skip_transport(real, lambda p: False), problem, ql, kl, vl, joint)
     with _stubbed_kernels():
@@ -316,7 +340,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
             return layer(ql, kl, vl, softmax_scale=1.0 / math.sqrt(ql.shape[-1]))
         counters = None
     else:
-        counters = _transport().counters if world_size > 1 else None
+        counters = _Counters() if world_size > 1 else None
         if mode != "full" and cfg["name"] not in st["plans"]:
             _run_streamattn(st, cfg, "full", False)  # plan first, outside the timed region
 
@@ -342,7 +366,8 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         plan = st["plans"].get(cfg["name"], (None, None))[1]
         if plan is not None:
             res.update(plan=str(plan), algorithm=plan.algorithm, ulysses_degree=plan.ulysses_degree,
-                       ring_degree=plan.ring_degree, predicted_s=plan.predicted_s)
+                       ring_degree=plan.ring_degree, predicted_s=plan.predicted_s,
+                       transport=getattr(plan, "transport", "torch"))
     if check and mode == "full":
         T = st["joint"][0].shape[1] if st["joint"] is not None else 0
         if kind == "yunchang":

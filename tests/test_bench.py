@@ -1,0 +1,161 @@
+"""Tests of `streamattn bench`: local ranks end to end, the refusal to run unshaped, and that the
+emulated-cluster mode leaves no namespace, link, qdisc or process behind (also on Ctrl-C)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from streamattn.bench import cli
+from streamattn.bench.cluster import ClusterUnavailable, preflight
+from streamattn.bench.perf import expected_bytes
+from streamattn.bench.runner import make_configs
+
+TINY = ["--seq", "64,128", "--heads", "4", "--head-dim", "8", "--joint-len", "8", "--iters", "2",
+        "--overlap-iters", "1", "--no-progress"]
+
+
+def _reason():
+    try:
+        preflight()
+    except ClusterUnavailable as e:
+        return e.reason
+    return None
+
+
+needs_netns = pytest.mark.skipif(_reason() is not None, reason=f"emulated cluster unavailable: {_reason()}")
+
+
+def test_configs_cover_every_factorization():
+    names = [c["name"] for c in make_configs(8, 24, ["auto", "ulysses", "ring", "usp"], yunchang=True)]
+    assert names == ["auto", "ulysses 8", "ring 8", "usp 2x4", "usp 4x2",
+                     "yunchang 1x8", "yunchang 2x4", "yunchang 4x2", "yunchang 8x1"]
+    # 12 heads on 8 ranks: no Ulysses 8
+    assert "ulysses 8" not in [c["name"] for c in make_configs(8, 12, ["ulysses", "ring"])]
+    assert [c["name"] for c in make_configs(4, 24, ["auto"], force_auto="ulysses")] == [
+        "auto", "auto(forced ulysses)"]
+
+
+def test_expected_bytes_formulas():
+    # Ulysses 4 on 2x2: 3 peers x 4 messages' worth of S_l*H/4*D; 2 of the 3 peers are remote
+    b = expected_bytes("ulysses", 4, 1, seq=64, heads=4, head_dim=8, ranks_per_node=2)
+    per_peer = 16 * 1 * 8 * 4 * 4  # S_l * H/u * 4D * 4 bytes
+    assert b == [{"intra": per_peer, "inter": 2 * per_peer, "messages": 6}] * 4
+    ring = expected_bytes("ring", 1, 4, seq=64, heads=4, head_dim=8, ranks_per_node=2)
+    step = 2 * 16 * 4 * 8 * 4
+    assert [x["inter"] for x in ring] == [0, 3 * step, 0, 3 * step]
+
+
+def test_local_bench_end_to_end(tmp_path, capsys):
+    rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + TINY)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    env = data["environment"]
+    assert env["torch"] and env["cpu_count"] and env["topology"] == "1x2" and env["mode"] == "local"
+    runs = data["runs"]
+    assert {r["shape"]["seq"] for r in runs} == {64, 128}
+    for r in runs:
+        assert r["err"] < 1e-5, r
+        if r.get("cfg", {}).get("native"):
+            continue
+        lat = r["latency_s"]
+        assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 2
+        if r["kind"] == "streamattn":
+            assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0
+            assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0
+            assert "predicted_s" in r
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "median ms" in out and "auto" in out and "ulysses 2" in out
+
+
+def test_refuses_to_run_unshaped(monkeypatch, capsys, tmp_path):
+    """No root / no netns: say why and exit non-zero, never fall back to local ranks."""
+    import streamattn.bench.cluster as cluster
+    import streamattn.testing as testing
+
+    def no(need_netem=False):
+        raise ClusterUnavailable("emulated cluster needs root (test)")
+
+    def must_not_spawn(*a, **k):
+        raise AssertionError("spawned ranks without a cluster")
+
+    monkeypatch.setattr(cluster, "preflight", no)
+    monkeypatch.setattr(testing, "RankPool", must_not_spawn)
+    rc = cli.main(["--emulate", "2x2", "--out", str(tmp_path)] + TINY)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "needs root (test)" in err and "refusing to run unshaped" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+# ─────────────────────────────────────────────────── emulated cluster: nothing left behind
+
+
+def _leftovers(pid: int, tag: str) -> dict:
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    qd = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    procs = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if tag.encode() in f.read():
+                        procs.append(int(d))
+            except OSError:
+                pass
+    hexpid = f"{pid:06x}"
+    return {"netns": [l for l in ns.splitlines() if f"streamattn-{pid}-" in l],
+            "links": [l for l in links.splitlines() if hexpid in l],
+            "qdiscs": [l for l in qd.splitlines() if hexpid in l],
+            "procs": procs}
+
+
+def _start_cli(tmp_path, extra):
+    tag = f"STREAMATTN_BENCH_TEST_TAG={uuid.uuid4().hex}"
+    env = dict(os.environ, STREAMATTN_BENCH_TEST_TAG=tag.split("=", 1)[1])
+    p = subprocess.Popen([sys.executable, "-m", "streamattn.bench", "--emulate", "2x2",
+                          "--inter-bw", "1gbit", "--out", str(tmp_path)] + extra,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return p, tag
+
+
+@needs_netns
+def test_emulated_cli_runs_and_leaves_nothing_behind(tmp_path):
+    p, tag = _start_cli(tmp_path, TINY + ["--algorithms", "auto,ulysses,usp"])
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, out + err
+    assert "emulated 2x2" in out and "measured node0->node1" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["environment"]["topology"] == "2x2" and data["environment"]["inter_bw_bit_s"] == 1e9
+    auto = [r for r in data["runs"] if r["config"] == "auto"]
+    assert auto and all(r["algorithm"] == "usp" and r["ulysses_degree"] == 2 for r in auto)
+    assert all(r["bytes"]["inter_total"] > 0 for r in auto)
+    assert (tmp_path / "bench.png").exists()
+    assert _leftovers(p.pid, tag) == {"netns": [], "links": [], "qdiscs": [], "procs": []}
+
+
+@needs_netns
+def test_emulated_cli_ctrl_c_leaves_nothing_behind(tmp_path):
+    p, tag = _start_cli(tmp_path, ["--seq", "4096", "--heads", "4", "--head-dim", "16",
+                                   "--iters", "50", "--no-progress"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the ranks are up inside the namespaces
+        if len(_leftovers(p.pid, tag)["procs"]) >= 4 + 1 and _leftovers(p.pid, tag)["netns"]:
+            break
+        time.sleep(0.2)
+    else:
+        p.kill()
+        pytest.fail("bench did not start its ranks")
+    time.sleep(2.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert _leftovers(p.pid, tag) == {"netns": [], "links": [], "qdiscs": [], "procs": []}
