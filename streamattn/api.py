@@ -5,6 +5,7 @@ the plan's algorithm over the group's transport → output in the caller's layou
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ from . import algorithms
 from .config import validate_every_call
 from .plan import choose_plan
 from .problem import Problem
-from .transport import TorchTransport
+from .transport import TorchTransport, choose_transport, make_transport
 from .validate import DTYPES, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
@@ -74,6 +75,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     else:
         _plans.move_to_end(key)
     problem, plan = cached
+    transport = _transport(group, plan.transport)
 
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -108,12 +110,39 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _transport(group):
+def _transport(group, name="torch"):
+    """The group's transport called `name` ("torch" | "shm" | "nvshmem"), created on first use.
+    Creating a one-sided transport is collective over the node's ranks (it happens in the same
+    call on every rank, because every rank runs the same plan)."""
     entry = _transports.get(id(group))
     if entry is None or entry[0] is not group:
-        entry = (group, TorchTransport(group, node_of=_node_map(group)))
+        entry = (group, {"torch": TorchTransport(group, node_of=_node_map(group))})
         _transports[id(group)] = entry
-    return entry[1]
+    found = entry[1].get(name)
+    if found is None:
+        found = entry[1][name] = make_transport(name, entry[1]["torch"])
+    return found
+
+
+def transports(group=None) -> dict:
+    """The transports this process created for `group` so far, by name (their .counters hold the
+    bytes sent per link class)."""
+    entry = _transports.get(id(group))
+    return dict(entry[1]) if entry is not None and entry[0] is group else {}
+
+
+def byte_counters(group=None) -> dict:
+    """Bytes this rank sent on `group`, summed over its transports: {"intra", "inter", "messages"}."""
+    total = {"intra": 0, "inter": 0, "messages": 0}
+    for t in transports(group).values():
+        for k, v in t.counters.as_dict().items():
+            total[k] += v
+    return total
+
+
+def reset_byte_counters(group=None) -> None:
+    for t in transports(group).values():
+        t.counters.reset()
 
 
 def _node_map(group):
@@ -145,6 +174,7 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
                       joint_len=joint_len, joint_strategy=joint_strategy)
     plan = choose_plan(problem, transport.node_of, algorithm, ulysses_degree, ring_degree)
+    plan = dataclasses.replace(plan, transport=choose_transport(transport, problem))
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
 

@@ -148,11 +148,15 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
         local_mod.attention_with_lse = dying
     t0 = time.monotonic()
     try:
-        streamattn.attention(ql, kl, vl, algorithm=algorithm)
+        out = streamattn.attention(ql, kl, vl, algorithm=algorithm)
     except Exception as exc:
         return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0,
                 "peer": getattr(exc, "peer", None)}
-    return {"type": None, "error": None, "seconds": time.monotonic() - t0, "peer": None}
+    # One-sided puts can deliver everything a rank needs before the peer dies: then its result
+    # must be exact, never silently wrong.
+    ref = reference_attention(q, k, v)
+    return {"type": None, "error": None, "seconds": time.monotonic() - t0, "peer": None,
+            "err": _rel_err(out, _shard(ref, lens, rank))}
 
 
 def zero_lse_ring(rank, world_size, *, seq=40, heads=4):
@@ -294,3 +298,73 @@ def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
     b.sort()
     return {"kernel_s": a[len(a) // 2], "streamattn_s": b[len(b) // 2],
             "ratio": b[len(b) // 2] / a[len(a) // 2]}
+
+
+def shm_rounds(rank, world_size, *, rounds=10000, slot_bytes=4096, groups=2):
+    """Ordering and signal semantics of the one-sided protocol: `rounds` exchanges with every node
+    peer on `groups` process groups at once, sizes from 0 to several chunks; every payload encodes
+    (group, round, src, dst) and is checked. Returns counts."""
+    from streamattn.transport import TorchTransport
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    pgs = [dist.new_group(list(range(world_size))) for _ in range(groups)]
+    ts = [OneSidedTransport(TorchTransport(pg), ShmHeap, slot_bytes=slot_bytes) for pg in pgs]
+    sizes = [0, 1, 7, 1024, slot_bytes // 8, slot_bytes // 8 + 3, 3 * slot_bytes // 8 + 5]
+    checked = 0
+    for i in range(rounds):
+        pend, expect = [], []
+        for gi, t in enumerate(ts):
+            n = sizes[(i + gi) % len(sizes)]
+            sends, recvs = [], []
+            for p in range(world_size):
+                if p == rank:
+                    continue
+                val = float(((gi * 7 + i) * 16 + rank) * 16 + p)
+                sends.append((p, torch.full((n,), val, dtype=torch.float64)))
+                buf = torch.empty(n, dtype=torch.float64)
+                recvs.append((p, buf))
+                expect.append((buf, float(((gi * 7 + i) * 16 + p) * 16 + rank)))
+            pend.append(t.exchange(sends, recvs, tag=5))
+        for p in pend[::-1]:  # complete in the other order than posted
+            p.wait()
+        for buf, val in expect:
+            if buf.numel() and not bool((buf == val).all()):
+                raise AssertionError(f"round {i}: wrong payload {buf[:3].tolist()} != {val}")
+            checked += 1
+    for t in ts:
+        t.close()
+    return {"checked": checked, "chunks_sent": sum(sum(t.sent) for t in ts)}
+
+
+def shm_silent_peer(rank, world_size, *, silent_rank):
+    """A peer that never signals: the waiting ranks time out naming it."""
+    from streamattn.transport import TorchTransport
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    if rank == silent_rank:
+        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
+        return {"type": None, "error": None, "peer": None}
+    peer = silent_rank
+    t0 = time.monotonic()
+    try:
+        t.exchange([], [(peer, torch.empty(10))], tag=9).wait()
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "peer": getattr(exc, "peer", None),
+                "seconds": time.monotonic() - t0}
+    return {"type": None, "error": None, "peer": None}
+
+
+def shm_hold(rank, world_size, *, seconds=30.0):
+    """Build an shm transport, then block: the test kills a rank with SIGKILL meanwhile."""
+    from streamattn.transport import TorchTransport
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    print("shm ready", flush=True)
+    time.sleep(seconds)
+    t.close()
+    return {"ok": True}

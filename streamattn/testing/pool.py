@@ -84,6 +84,11 @@ class RankPool:
 
     def run_raw(self, fn: str, timeout=None, **kwargs) -> list:
         """Like run, but return each rank's raw reply: {"ok", "result"|"error","type"} or None."""
+        self.submit(fn, **kwargs)
+        return self.collect(timeout)
+
+    def submit(self, fn: str, **kwargs) -> None:
+        """Start fn on every rank without waiting; collect() gathers the replies."""
         line = (json.dumps({"fn": fn, "kwargs": kwargs}) + "\n").encode()
         for p in self.procs:
             if p.poll() is None:
@@ -92,6 +97,8 @@ class RankPool:
                     p.stdin.flush()
                 except BrokenPipeError:
                     pass
+
+    def collect(self, timeout=None) -> list:
         return self._collect(timeout or self.timeout)
 
     def _collect(self, timeout):

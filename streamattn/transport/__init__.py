@@ -1,5 +1,50 @@
-"""Transports: how ranks move tensors. Algorithms use only the Transport interface."""
+"""Transports: how ranks move tensors. Algorithms use only the Transport interface.
+
+    torch    two-sided torch.distributed point-to-point (gloo, NCCL): any peers
+    shm      one-sided puts into POSIX shared memory for the ranks of one node (CPU), torch for the rest
+    nvshmem  one-sided puts with NVSHMEM for the ranks of one node (GPU), torch for the rest
+"""
+import os
+
 from .base import ByteCounters, Pending, Transport
 from .torch_dist import TorchTransport
 
-__all__ = ["ByteCounters", "Pending", "Transport", "TorchTransport"]
+NAMES = ("torch", "shm", "nvshmem")
+
+
+def choose_transport(base, problem) -> str:
+    """STREAMATTN_TRANSPORT (torch | shm | nvshmem | auto, default auto). auto: shm for CPU groups
+    where some node holds more than one rank of the group, else torch."""
+    want = os.environ.get("STREAMATTN_TRANSPORT", "auto").strip().lower() or "auto"
+    if want not in NAMES + ("auto",):
+        raise ValueError(f"STREAMATTN_TRANSPORT={want!r}: expected one of {', '.join(NAMES)}, auto")
+    if want != "auto":
+        return want
+    # A global condition, so every rank of the group makes the same choice.
+    if base.device.type == "cpu" and max(base.node_of.count(n) for n in set(base.node_of)) > 1:
+        from .shm import supported
+
+        if supported()[0]:
+            return "shm"
+    return "torch"
+
+
+def make_transport(name, base):
+    """Build transport `name` over the group of `base` (collective over the node's ranks)."""
+    if name == "torch":
+        return base
+    if name == "shm":
+        from .onesided import OneSidedTransport
+        from .shm import ShmHeap
+
+        return OneSidedTransport(base, ShmHeap)
+    if name == "nvshmem":
+        from .nvshmem import NvshmemHeap
+        from .onesided import OneSidedTransport
+
+        return OneSidedTransport(base, NvshmemHeap)
+    raise ValueError(f"unknown transport {name!r}")
+
+
+__all__ = ["ByteCounters", "Pending", "Transport", "TorchTransport", "choose_transport",
+           "make_transport", "NAMES"]

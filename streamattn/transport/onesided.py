@@ -1,0 +1,202 @@
+"""The one-sided exchange protocol, shared by every symmetric-heap backend (shm, nvshmem).
+
+Algorithms call Transport.exchange(sends, recvs, tag). For peers on this node, a message is cut into
+chunks of `slot_bytes`; chunk n from s to r goes into slot (n-1) % depth of r's mailbox for s with a
+*put*, followed by a *signal* setting r's ready[s] = n. The receiver copies the chunk out and
+signals s's credit[r] = n, which frees the slot. There is no rendezvous: when the mailbox has room,
+the data is in the peer's memory before exchange() returns, so the computation that follows overlaps
+nothing but the receiver's copy-out. Peers on other nodes go through the two-sided fallback.
+
+Both sides number chunks per ordered pair in the order the algorithm posts messages, which is the
+same on every rank because all ranks run the same schedule.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import torch
+
+from ..config import timeout_s
+from ..errors import PeerError, PeerTimeoutError
+from .base import ByteCounters, Pending, Transport
+
+DEFAULT_SLOT_MB = 4.0
+DEPTH = 2
+
+
+class _Msg:
+    __slots__ = ("peer", "buf", "tag", "chunks", "next")
+
+    def __init__(self, peer, tensor, tag, slot_bytes):
+        self.peer = peer  # index among the node members
+        self.buf = tensor.reshape(-1).view(torch.uint8)
+        self.tag = tag
+        n = self.buf.numel()
+        self.chunks = [(o, min(slot_bytes, n - o)) for o in range(0, n, slot_bytes)]
+        self.next = 0
+
+    @property
+    def done(self):
+        return self.next == len(self.chunks)
+
+
+class _OneSidedPending(Pending):
+    def __init__(self, transport, msgs, remote):
+        self.t, self.msgs, self.remote = transport, msgs, remote
+        self.start = time.monotonic()
+
+    def wait(self):
+        t = self.t
+        deadline = self.start + t.timeout
+        spins, last_check, last_report = 0, time.monotonic(), time.monotonic()
+        while not all(m.done for m in self.msgs):
+            if t._progress():
+                spins = 0
+                continue
+            spins += 1
+            now = time.monotonic()
+            if now - last_check > 0.05:
+                last_check = now
+                for m in self.msgs:
+                    if not m.done and not t.heap.peer_alive(m.peer):
+                        g = t.members[m.peer]
+                        t.base.report_failure(g, f"rank {t.rank} saw it die (shm)")
+                        raise PeerError(f"streamattn: {t.describe_peer(g)} died (its process is gone) "
+                                        f"during an shm exchange (tag {m.tag})", g)
+                if now - last_report > 0.5:  # another rank may have seen the real failure
+                    last_report = now
+                    culprit, report = t.base.reported_failure()
+                    if culprit is not None:
+                        raise PeerError(f"streamattn: abandoned an shm exchange (tag {self.msgs[0].tag}): "
+                                        f"{report}", culprit)
+                if now > deadline:
+                    m = next(m for m in self.msgs if not m.done)
+                    g = t.members[m.peer]
+                    raise PeerTimeoutError(
+                        f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
+                        f"in an shm exchange (tag {m.tag}, chunk {m.next + 1}/{len(m.chunks)}); it may "
+                        "be stuck or making a different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
+            if spins > 200:
+                time.sleep(min(1e-3, 1e-6 * (spins - 200)))
+            elif spins > 50:
+                time.sleep(0)
+        if self.remote is not None:
+            self.remote.wait()
+
+
+class OneSidedTransport(Transport):
+    """exchange() over a symmetric heap among the ranks of this node; `base` (a TorchTransport on
+    the same group) carries messages to other nodes and bootstraps the heap."""
+
+    name = "onesided"
+
+    def __init__(self, base, heap_factory, slot_bytes=None):
+        self.base = base
+        self.rank, self.size, self.device = base.rank, base.size, base.device
+        self.node_of = base.node_of
+        self.counters = ByteCounters()
+        self.timeout = timeout_s()
+        mine = self.node_of[self.rank]
+        self.members = [r for r in range(self.size) if self.node_of[r] == mine]
+        self.local_index = {g: i for i, g in enumerate(self.members)}
+        n = len(self.members)
+        if slot_bytes is None:
+            slot_bytes = int(float(os.environ.get("STREAMATTN_SHM_SLOT_MB", DEFAULT_SLOT_MB)) * 2**20)
+        self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
+        self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes, 2 * n,
+                                 self._all_gather_text, self._barrier)
+        self.sent = [0] * n
+        self.recvd = [0] * n
+        self.outq = [deque() for _ in range(n)]
+        self.inq = [deque() for _ in range(n)]
+
+    # -- bootstrap over the two-sided transport (node members only) -------------------------
+    def _all_gather_text(self, text, pid):
+        data = list(text.encode()) + [0] * (96 - len(text))
+        vec = torch.tensor([pid] + data, dtype=torch.int64)
+        out = [None] * len(self.members)
+        sends, recvs = [], []
+        for i, g in enumerate(self.members):
+            if g == self.rank:
+                out[i] = vec
+            else:
+                out[i] = torch.empty_like(vec)
+                sends.append((g, vec))
+                recvs.append((g, out[i]))
+        self.base.exchange(sends, recvs, 2, count=False).wait()
+        names = [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out]
+        return names, [int(v[0]) for v in out]
+
+    def _barrier(self):
+        self._all_gather_text("barrier", 0)
+
+    def describe_peer(self, peer):
+        return self.base.describe_peer(peer)
+
+    def begin_call(self):
+        self.base.begin_call()
+
+    # -- the protocol ----------------------------------------------------------------------
+    def exchange(self, sends, recvs, tag, count=True):
+        self.timeout = timeout_s()
+        remote_s = [(p, t) for p, t in sends if p not in self.local_index]
+        remote_r = [(p, t) for p, t in recvs if p not in self.local_index]
+        if count:
+            for p, t in sends:
+                self._count(p, t)
+        msgs = []
+        for p, t in sends:
+            if p in self.local_index and t.numel():
+                m = _Msg(self.local_index[p], t.contiguous(), tag, self.slot_bytes)
+                self.outq[m.peer].append(m)
+                msgs.append(m)
+        for p, t in recvs:
+            if p in self.local_index and t.numel():
+                if not t.is_contiguous():
+                    raise ValueError("receive buffers must be contiguous")
+                m = _Msg(self.local_index[p], t, tag, self.slot_bytes)
+                self.inq[m.peer].append(m)
+                msgs.append(m)
+        remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
+        self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
+        return _OneSidedPending(self, msgs, remote)
+
+    def _progress(self) -> bool:
+        """Advance every queued message as far as credits and signals allow. True if anything moved."""
+        heap, n, me, S, D = self.heap, len(self.members), self.heap.rank, self.slot_bytes, DEPTH
+        moved = False
+        for p in range(n):
+            q = self.outq[p]
+            while q:
+                m = q[0]
+                k = self.sent[p] + 1
+                if heap.read_signal(n + p) < k - D:  # the slot still holds an unread chunk
+                    break
+                off, length = m.chunks[m.next]
+                heap.put(p, m.buf[off : off + length], (me * D + (k - 1) % D) * S)
+                heap.signal(p, me, k)
+                self.sent[p] = k
+                m.next += 1
+                moved = True
+                if m.done:
+                    q.popleft()
+            q = self.inq[p]
+            while q:
+                m = q[0]
+                k = self.recvd[p] + 1
+                if heap.read_signal(p) < k:
+                    break
+                off, length = m.chunks[m.next]
+                m.buf[off : off + length].copy_(heap.local((p * D + (k - 1) % D) * S, length))
+                heap.signal(p, n + me, k)
+                self.recvd[p] = k
+                m.next += 1
+                moved = True
+                if m.done:
+                    q.popleft()
+        return moved
+
+    def close(self):
+        self.heap.close()

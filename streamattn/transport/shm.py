@@ -1,0 +1,142 @@
+"""`shm`: a symmetric heap in POSIX shared memory for the CPU processes of one node.
+
+Each member creates a segment in /dev/shm (mode 0600, an unguessable name), the members exchange the
+names over the bootstrap transport, map each other's segments, and each creator unlinks its segment
+as soon as every member has mapped it, so nothing stays in /dev/shm even after `kill -9` of any rank
+(a rank killed inside the short create→unlink window leaves a segment whose name carries its pid;
+the next heap created on the host removes it).
+
+put is a memcpy into the peer's mapping; signal is an aligned 8-byte store into the peer's signal
+slot after it. Both are plain stores, so the ordering "data before signal" relies on the CPU's
+store ordering: x86-64 (TSO) keeps stores in program order. On weaker memory models (aarch64) this
+backend refuses to start rather than risk a torn read.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import re
+import secrets
+
+import numpy as np
+import torch
+
+from .heap import Heap
+
+PREFIX = "streamattn-"
+SHM_DIR = "/dev/shm"
+_HEADER = 64
+
+
+def supported() -> tuple:
+    """(ok, reason): whether this host can run the shm backend."""
+    if not os.path.isdir(SHM_DIR):
+        return False, f"{SHM_DIR} does not exist"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"the shm signal protocol relies on x86-64 store ordering, not {platform.machine()}"
+    return True, ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def remove_stale_segments() -> list:
+    """Unlink streamattn segments whose creating process is gone. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)-[0-9a-f]+", name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+class ShmHeap(Heap):
+    """Symmetric heap over /dev/shm for `size` members.
+
+    bootstrap(names_of_all, pids_of_all): a callable that all-gathers this member's segment name
+    and pid among the members, then acts as a barrier (the second call) — given by the transport.
+    """
+
+    def __init__(self, rank, size, data_bytes, num_signals, all_gather_text, barrier):
+        ok, reason = supported()
+        if not ok:
+            raise RuntimeError(f"streamattn shm transport unavailable: {reason}")
+        remove_stale_segments()
+        self.rank, self.size = rank, size
+        self.data_bytes, self.num_signals = data_bytes, num_signals
+        self._sig_bytes = num_signals * 8
+        self._total = _HEADER + self._sig_bytes + data_bytes
+        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(12)}"
+        path = os.path.join(SHM_DIR, self.name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self._maps = [None] * size
+        try:
+            os.ftruncate(fd, self._total)
+            self._maps[rank] = mmap.mmap(fd, self._total)
+        finally:
+            os.close(fd)
+        try:
+            names, pids = all_gather_text(self.name, os.getpid())
+            self.pids = pids
+            for peer, name in enumerate(names):
+                if peer == rank:
+                    continue
+                if not re.fullmatch(re.escape(PREFIX) + r"\d+-[0-9a-f]+", name):
+                    raise RuntimeError(f"rank {peer} sent a malformed shm segment name")
+                pfd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+                try:
+                    if os.fstat(pfd).st_size != self._total:
+                        raise RuntimeError(f"rank {peer}'s shm segment has the wrong size "
+                                           "(ranks built different heaps)")
+                    self._maps[peer] = mmap.mmap(pfd, self._total)
+                finally:
+                    os.close(pfd)
+            barrier()  # every member has mapped every segment
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._sig = [np.frombuffer(m, dtype=np.int64, count=num_signals, offset=_HEADER) for m in self._maps]
+        self._data = [torch.frombuffer(m, dtype=torch.uint8, count=data_bytes,
+                                       offset=_HEADER + self._sig_bytes) for m in self._maps]
+
+    def put(self, peer, src, dst_offset):
+        n = src.numel() * src.element_size()
+        self._data[peer][dst_offset : dst_offset + n].copy_(src.reshape(-1).view(torch.uint8))
+
+    def signal(self, peer, slot, value):
+        self._sig[peer][slot] = value
+
+    def read_signal(self, slot):
+        return int(self._sig[self.rank][slot])
+
+    def local(self, offset, nbytes):
+        return self._data[self.rank][offset : offset + nbytes]
+
+    def peer_alive(self, peer):
+        return _pid_alive(self.pids[peer])
+
+    def close(self):
+        self._sig, self._data = [], []
+        for m in self._maps:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:  # a tensor view is still alive; the mapping goes with it
+                    pass
+        self._maps = []

@@ -1,0 +1,83 @@
+"""The one-sided shm transport: protocol semantics, failures, cleanup, permissions."""
+import os
+import signal
+import stat
+import time
+
+import pytest
+import torch
+
+from streamattn.testing import RankPool
+from streamattn.transport import shm as shm_mod
+from streamattn.transport.shm import ShmHeap, remove_stale_segments
+
+pytestmark = pytest.mark.skipif(not shm_mod.supported()[0], reason=shm_mod.supported()[1])
+
+
+def _segments():
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(shm_mod.PREFIX))
+
+
+@pytest.mark.parametrize("P", [3])
+def test_ordering_and_signals_10000_rounds_two_groups(rank_pool, P):
+    res = rank_pool(P).run("streamattn.testing.cases:shm_rounds", rounds=10000, timeout=600)
+    for r in res:
+        assert r["checked"] == 10000 * 2 * (P - 1)
+        assert r["chunks_sent"] > 10000 * 2 * (P - 1)  # multi-chunk messages were exercised
+    assert _segments() == []
+
+
+def test_silent_peer_times_out_naming_it():
+    with RankPool(2, env={"STREAMATTN_TIMEOUT_S": "2"}) as pool:
+        res = pool.run("streamattn.testing.cases:shm_silent_peer", silent_rank=1, timeout=60)
+    assert res[0]["type"] == "PeerTimeoutError" and res[0]["peer"] == 1, res[0]
+    assert "rank 1" in res[0]["error"] and 1.5 < res[0]["seconds"] < 10
+
+
+def test_kill_9_leaves_no_segment_and_peers_notice():
+    before = _segments()
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "20"})
+    try:
+        pool.submit("streamattn.testing.cases:shm_hold", seconds=6)
+        time.sleep(3)
+        assert _segments() == before  # unlinked as soon as every rank had mapped them
+        os.kill(pool.procs[1].pid, signal.SIGKILL)
+        pool.collect(timeout=30)
+    finally:
+        pool.close()
+    assert _segments() == before
+
+
+def test_segment_mode_0600_and_unlinked():
+    seen = {}
+
+    def gather(name, pid):
+        st = os.stat(os.path.join("/dev/shm", name))
+        seen["mode"] = stat.S_IMODE(st.st_mode)
+        seen["name"] = name
+        return [name], [pid]
+
+    heap = ShmHeap(0, 1, 4096, 2, gather, lambda: None)
+    try:
+        assert seen["mode"] == 0o600
+        assert len(seen["name"]) > 30  # unguessable: 96 random bits
+        assert not os.path.exists(os.path.join("/dev/shm", seen["name"]))
+        heap.put(0, torch.arange(4, dtype=torch.int32), 8)
+        heap.signal(0, 1, 42)
+        assert heap.read_signal(1) == 42
+        assert heap.local(8, 16).view(torch.int32).tolist() == [0, 1, 2, 3]
+    finally:
+        heap.close()
+
+
+def test_stale_segments_of_dead_creators_are_removed():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    name = f"{shm_mod.PREFIX}{p.pid}-deadbeef"
+    fd = os.open(os.path.join("/dev/shm", name), os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    assert name in remove_stale_segments()
+    assert name not in _segments()
