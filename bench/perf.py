@@ -65,38 +65,40 @@ def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int =
     raise ValueError(algorithm)
 
 
-def _median(records, name) -> float:
-    rec = next(r for r in records if r["config"] == name)
-    return rec["latency_s"]["median"]
+def _t(rec, stat) -> float:
+    return rec["latency_s"][stat]
 
 
 def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.10,
-                  min_speedup: float = 1.3) -> List[str]:
+                  min_speedup: float = 1.3, stat: str = "min") -> List[str]:
     """The perf-regression assertions, as a list of failures (empty = pass).
 
     records: one shape's sweep with an "auto" configuration (named `auto`), the fixed plans
     ("ulysses P", "ring P", "usp uxr") and nothing else timed that counts as fixed.
     1. auto within `within`x of the best fixed plan;
     2. auto at least `min_speedup`x faster than Ulysses over all P ranks (across nodes).
+    stat: "min" (default) or "median" of the interleaved timed calls. On a shared CPU other
+    processes only ever add time to a call, so the minimum is the robust estimate of what a
+    configuration costs (timeit's rule); the median is reported alongside.
     """
     fails = []
     fixed = [r for r in records if r["kind"] == "streamattn" and r.get("latency_s")
              and r["cfg"].get("algorithm") in ("ulysses", "ring", "usp")]
     if not fixed:
         return ["no fixed plan was measured"]
-    best = min(fixed, key=lambda r: r["latency_s"]["median"])
-    t_auto = _median(records, auto)
-    ratio = t_auto / best["latency_s"]["median"]
+    best = min(fixed, key=lambda r: _t(r, stat))
+    t_auto = _t(next(r for r in records if r["config"] == auto), stat)
+    ratio = t_auto / _t(best, stat)
     if ratio > within:
         fails.append(f"{auto} ({t_auto * 1e3:.0f} ms) is {ratio:.2f}x the best fixed plan "
-                     f"{best['config']} ({best['latency_s']['median'] * 1e3:.0f} ms), limit {within}x")
+                     f"{best['config']} ({_t(best, stat) * 1e3:.0f} ms), limit {within}x ({stat} of the calls)")
     uly = next((r for r in fixed if r["cfg"].get("algorithm") == "ulysses"), None)
     if uly is None:
         fails.append("Ulysses over all ranks was not measured")
     else:
-        speedup = uly["latency_s"]["median"] / t_auto
+        speedup = _t(uly, stat) / t_auto
         if speedup < min_speedup:
             fails.append(f"{auto} is only {speedup:.2f}x faster than {uly['config']} across nodes "
-                         f"({t_auto * 1e3:.0f} vs {uly['latency_s']['median'] * 1e3:.0f} ms), "
-                         f"need {min_speedup}x")
+                         f"({t_auto * 1e3:.0f} vs {_t(uly, stat) * 1e3:.0f} ms), "
+                         f"need {min_speedup}x ({stat} of the calls)")
     return fails
