@@ -16,14 +16,14 @@ import torch.distributed as dist
 
 from . import algorithms
 from .config import validate_every_call
-from .plan import choose_plan
+from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
 from .validate import DTYPES, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
 
-TAG_META = 1
+TAG_META, TAG_RATE = 1, 3
 _CACHE_SIZE = 64
 _transports: dict = {}   # id(group) -> (group, transport)
 _plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
@@ -90,9 +90,11 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
 
 def _run(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ulysses":
-        return algorithms.ulysses_attention(transport, problem, q, k, v, joint)
+        return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
+                                            members=plan.ulysses_group(transport.rank))
     if plan.algorithm == "ring":
-        return algorithms.ring_attention(transport, problem, q, k, v, joint)
+        return algorithms.ring_attention(transport, problem, q, k, v, joint,
+                                         members=plan.ring_group(transport.rank))
     if plan.algorithm == "usp":
         return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan)
     raise AssertionError(f"no algorithm for {plan}")
@@ -116,7 +118,7 @@ def _transport(group, name="torch"):
     call on every rank, because every rank runs the same plan)."""
     entry = _transports.get(id(group))
     if entry is None or entry[0] is not group:
-        entry = (group, {"torch": TorchTransport(group, node_of=_node_map(group))})
+        entry = (group, {"torch": TorchTransport(group)})
         _transports[id(group)] = entry
     found = entry[1].get(name)
     if found is None:
@@ -145,17 +147,13 @@ def reset_byte_counters(group=None) -> None:
         t.counters.reset()
 
 
-def _node_map(group):
-    """Node of every group rank. Declared topologies (STREAMATTN_TOPOLOGY: file, spec such as
-    "2x4", or shipped machine) are honoured; otherwise all ranks count as one node until the
-    planner probes (collective: every rank creates its transport on the same first call)."""
-    size = _group_size(group)
-    if not os.environ.get("STREAMATTN_TOPOLOGY", "").strip():
-        return [0] * size
+def _topology(group):
+    """The group's Topology: declared (STREAMATTN_TOPOLOGY: .json file, spec such as "2x4", or a
+    shipped machine) or probed once and cached on disk. Collective: every rank creates its
+    transport, and so resolves the topology, in the same first call."""
     from .topology import resolve_topology
 
-    topo = resolve_topology(group)
-    return [topo.node_of(r) for r in range(size)]
+    return resolve_topology(group)
 
 
 def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
@@ -169,14 +167,33 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
     vec = encode(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
                  ulysses_degree, ring_degree)
     agreed = check_agreement(transport.all_gather_vector(vec, TAG_META))
+    if transport.topology is None:
+        # After the metadata exchange: every rank is known to be present and consistent, so the
+        # collective topology resolution (maybe a short probe) cannot wait on a missing peer.
+        transport.topology = _topology(transport.group)
+        transport.node_of = [transport.topology.node_of(r) for r in range(transport.size)]
     problem = Problem(batch=agreed["batch"], heads=agreed["heads"], kv_heads=agreed["kv_heads"],
                       head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
                       joint_len=joint_len, joint_strategy=joint_strategy)
-    plan = choose_plan(problem, transport.node_of, algorithm, ulysses_degree, ring_degree)
+    plan = make_plan(problem, transport.topology, algorithm=algorithm, ulysses_degree=ulysses_degree,
+                     ring_degree=ring_degree, **_agreed_rates(transport, problem))
     plan = dataclasses.replace(plan, transport=choose_transport(transport, problem))
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
+
+
+def _agreed_rates(transport, problem) -> dict:
+    """Compute rate and memory bandwidth for the cost model, identical on every rank. Declared
+    topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE)."""
+    if transport.topology.peak_flops is not None:
+        return {}
+    from .costmodel import measure_cpu_memory_bandwidth, measure_cpu_rate
+
+    mine = torch.tensor([measure_cpu_rate(problem.dtype), measure_cpu_memory_bandwidth()],
+                        dtype=torch.float64)
+    rate, mbw = (float(x) for x in transport.all_gather_vector(mine, TAG_RATE)[0])
+    return {"compute_rate": rate, "memory_bandwidth": mbw}
 
 
 def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):

@@ -32,13 +32,13 @@ def test_heads_not_divisible_names_valid_degrees(rank_pool, P):
     assert all(not r["ok"] and "does not divide the group size 4" in r["error"] for r in res), res
     # auto finds a valid plan instead of failing
     res = rank_pool(P).run("streamattn.testing.cases:check_attention", seq=20, heads=6)
-    assert "ulysses=2 x ring=2" in res[0]["plan"] and max(r["err"] for r in res) < 1e-5
+    assert res[0]["ulysses_degree"] in (1, 2) and max(r["err"] for r in res) < 1e-5, res[0]
 
 
 @pytest.mark.parametrize("P", [3])
 def test_second_call_does_no_metadata_exchange(rank_pool, P):
     res = rank_pool(P).run("streamattn.testing.cases:count_metadata_exchanges", calls=5)
-    assert [r["exchanges"] for r in res] == [1] * P, res
+    assert all(r["first"] >= 1 and r["later"] == 0 for r in res), res
 
 
 def _no_leftover(pool_pids):

@@ -17,11 +17,12 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 def default_timeout() -> float:
-    """Seconds for every wait: ``$STREAMATTN_PROBE_TIMEOUT`` or 60."""
+    """Seconds for every wait: ``$STREAMATTN_PROBE_TIMEOUT``, else ``$STREAMATTN_TIMEOUT_S``, else 60."""
+    raw = os.environ.get(TIMEOUT_ENV) or os.environ.get("STREAMATTN_TIMEOUT_S") or DEFAULT_TIMEOUT_S
     try:
-        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        return float(raw)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds") from None
+        raise ValueError(f"{TIMEOUT_ENV} / STREAMATTN_TIMEOUT_S must be a number of seconds") from None
 
 
 def is_distributed(group=None) -> bool:

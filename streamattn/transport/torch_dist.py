@@ -76,6 +76,7 @@ class TorchTransport(Transport):
         else:
             self.device = torch.device("cpu")
         self.node_of = list(node_of) if node_of is not None else [0] * self.size
+        self.topology = None  # set by the api on the first call (streamattn.topology.Topology)
         self.counters = ByteCounters()
         self.timeout = timeout_s()
         self.calls = 0  # calls made on this group; equal on every rank, so it keys failure reports
