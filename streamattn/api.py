@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from . import algorithms
 from .config import validate_every_call
+from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
@@ -95,6 +96,8 @@ def _run(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank))
+    if plan.algorithm == "torus":
+        return algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
     if plan.algorithm == "usp":
         return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan)
     raise AssertionError(f"no algorithm for {plan}")
@@ -176,11 +179,21 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
                       head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
                       joint_len=joint_len, joint_strategy=joint_strategy)
-    plan = make_plan(problem, transport.topology, algorithm=algorithm, ulysses_degree=ulysses_degree,
-                     ring_degree=ring_degree, **_agreed_rates(transport, problem))
+    if algorithm == "torus" and "torus" not in _planner_algorithms():
+        plan = torus_plan(problem, transport.topology, ulysses_degree, ring_degree)
+    else:
+        plan = make_plan(problem, transport.topology, algorithm=algorithm,
+                         ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                         **_agreed_rates(transport, problem))
     plan = dataclasses.replace(plan, transport=choose_transport(transport, problem))
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
+
+
+def _planner_algorithms():
+    from . import planner
+
+    return getattr(planner, "COSTED_ALGORITHMS", ("ulysses", "ring", "usp"))
 
 
 def _agreed_rates(transport, problem) -> dict:

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
-ALGORITHMS = ("auto", "ulysses", "ring", "usp")
+ALGORITHMS = ("auto", "ulysses", "ring", "usp", "torus")
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,10 @@ class Candidate:
 class Plan:
     """How one call runs.
 
-    algorithm: "local" | "ulysses" | "ring" | "usp"; ulysses_degree * ring_degree == world size.
+    algorithm: "local" | "ulysses" | "ring" | "usp" | "torus";
+    ulysses_degree * torus_degree * ring_degree == world size (torus_degree is 1 except for torus:
+    Ulysses inside groups of u ranks, the torus all-to-all across torus_degree groups, and a ring
+    factor across the ring_degree teams of torus_degree groups).
     groups: the Ulysses groups as tuples of group ranks; ring j is made of member j of every group,
     in group order. Empty means consecutive groups: rank g*u + j is member j of group g. Causal
     calls need consecutive groups (each group's tokens must be contiguous positions).
@@ -119,12 +122,14 @@ class Plan:
     reason: str = ""
     candidates: tuple = field(default=(), compare=False, repr=False)
     context: str = field(default="", compare=False, repr=False)
+    torus_degree: int = 1
 
     def to_dict(self, candidates: bool = False) -> dict:
         d = {
             "algorithm": self.algorithm,
             "ulysses_degree": self.ulysses_degree,
             "ring_degree": self.ring_degree,
+            "torus_degree": self.torus_degree,
             "groups": [list(g) for g in self.groups],
             "transport": self.transport,
             "predicted_s": self.predicted_s,
@@ -158,7 +163,8 @@ class Plan:
         if self.groups:
             return self.groups
         u = self.ulysses_degree
-        return tuple(tuple(g * u + j for j in range(u)) for g in range(self.ring_degree))
+        return tuple(tuple(g * u + j for j in range(u))
+                     for g in range(self.ring_degree * self.torus_degree))
 
     def ulysses_group(self, rank: int) -> list:
         """The Ulysses group (list of group ranks, member order) that `rank` belongs to."""
@@ -172,8 +178,31 @@ class Plan:
 
     def __str__(self) -> str:
         extra = f", predicted {self.predicted_s * 1e3:.3g} ms" if self.predicted_s is not None else ""
-        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree} x ring={self.ring_degree}, "
+        torus = f" x torus={self.torus_degree}" if self.torus_degree > 1 else ""
+        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
+
+
+def torus_plan(problem, topology, ulysses_degree=None, ring_degree=None) -> Plan:
+    """A forced Torus plan: Ulysses over u ranks (default: the ranks of a node), the torus across
+    t groups, a ring factor r (default 1) across teams of t groups; u * t * r == world size and
+    u * t must divide the heads. Raises ValueError naming what would be valid."""
+    P, H = problem.world_size, problem.heads
+    u = ulysses_degree or (topology.ranks_per_node if topology is not None else None)
+    if not u or P % u:
+        raise ValueError(f"streamattn: torus needs ulysses_degree (the ranks of a node) dividing the "
+                         f"group size {P}; got {u}")
+    r = ring_degree or 1
+    if P % (u * r):
+        raise ValueError(f"streamattn: torus: ulysses_degree={u} x ring_degree={r} does not divide "
+                         f"the group size {P}")
+    t = P // (u * r)
+    if H % (u * t):
+        valid = [rr for rr in _divisors(P // u) if H % (P // rr) == 0]
+        raise ValueError(f"streamattn: torus: {H} heads are not divisible by ulysses_degree x "
+                         f"torus_degree = {u} x {t}; valid ring degrees for this split: "
+                         f"{', '.join(map(str, valid)) or 'none'}")
+    return Plan("torus", u, r, torus_degree=t, reason="requested")
 
 
 def _divisors(n: int) -> list:

@@ -14,7 +14,7 @@ import torch
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("bshd", "bhsd")
 STRATEGIES = ("front", "rear")
-ALGORITHMS = ("auto", "ulysses", "ring", "usp")
+ALGORITHMS = ("auto", "ulysses", "ring", "usp", "torus")
 MAGIC, VERSION = 0x5354524D, 1
 MSG_BYTES = 240
 

@@ -17,13 +17,16 @@ def _close():
 
 @pytest.fixture(scope="session")
 def rank_pool():
-    """rank_pool(P) -> a live RankPool of P ranks (shared; do not close it)."""
+    """rank_pool(P, env=None) -> a live RankPool of P ranks with extra environment `env` (shared
+    across tests with the same P and env; do not close it)."""
 
-    def get(world_size: int) -> RankPool:
+    def get(world_size: int, env=None) -> RankPool:
+        key = (world_size, tuple(sorted((env or {}).items())))
         pool = _state["pool"]
-        if pool is None or pool.world_size != world_size or not pool.alive():
+        if pool is None or _state.get("key") != key or not pool.alive():
             _close()
-            _state["pool"] = RankPool(world_size)
+            _state["pool"] = RankPool(world_size, env=env)
+            _state["key"] = key
         return _state["pool"]
 
     yield get
@@ -34,8 +37,10 @@ def pytest_collection_modifyitems(session, config, items):
     def key(item):
         cs = getattr(item, "callspec", None)
         p = cs.params.get("P") if cs is not None else None
-        # Tests without a P keep their place relative to each other and run first.
-        return (0, 0) if p is None else (1, p)
+        spec = str(cs.params.get("spec", "")) if cs is not None else ""
+        # Tests without a P keep their place relative to each other and run first; tests sharing
+        # (P, topology spec) run together so each pool spawns once.
+        return (0, 0, "") if p is None else (1, p, spec)
 
     items.sort(key=key)
 

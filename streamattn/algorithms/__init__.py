@@ -5,7 +5,8 @@ k, v: [B, S_local, Hk, D] (bshd) and returns (out [B, S_local, H, D], joint_out 
 """
 from .local import attend
 from .ring import ring_attention
+from .torus import torus_attention
 from .ulysses import ulysses_attention
 from .usp import usp_attention
 
-__all__ = ["attend", "ring_attention", "ulysses_attention", "usp_attention"]
+__all__ = ["attend", "ring_attention", "torus_attention", "ulysses_attention", "usp_attention"]

@@ -370,3 +370,21 @@ def shm_hold(rank, world_size, *, seconds=30.0):
     time.sleep(seconds)
     t.close()
     return {"ok": True}
+
+
+def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree=None,
+                   ring_degree=None, batch=1, dtype="float32"):
+    """Bytes this rank sends in one call (after a warm-up call), per link class."""
+    from streamattn import api
+
+    q, k, v, _ = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,
+                             head_dim=head_dim, dtype=dtype)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    kw = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    streamattn.attention(ql, kl, vl, **kw)
+    api.reset_byte_counters()
+    streamattn.attention(ql, kl, vl, **kw)
+    out = api.byte_counters()
+    out["plan"] = str(_last_plan())
+    return out
