@@ -1,0 +1,107 @@
+"""Multi-rank tasks for RankPool (tests and the examples): tiny diffusers transformers, single-rank
+vs sequence-parallel, exact vs stale K/V. Each is fn(rank, world_size, **json_kwargs) -> JSON."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def _build(model, seed, height, width, text_len, batch, heads, head_dim):
+    from .models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+
+    if model == "flux":
+        m = tiny_flux(seed, heads=heads, head_dim=head_dim)
+        x, kw = flux_inputs(m, seed + 1, height=height, width=width, text_len=text_len, batch=batch)
+    elif model == "sd3":
+        m = tiny_sd3(seed, heads=heads, head_dim=head_dim)
+        x, kw = sd3_inputs(m, seed + 1, height=height, width=width, text_len=text_len, batch=batch)
+    else:
+        raise ValueError(f"model must be 'flux' or 'sd3', not {model!r}")
+    return m, x, kw
+
+
+def check_model(rank, world_size, *, model="flux", height=16, width=16, text_len=32, batch=1,
+                heads=4, head_dim=16, steps=2, seed=0, algorithm="auto", ulysses_degree=None,
+                ring_degree=None):
+    """The parallelized transformer's Euler loop vs the plain one on this rank: max relative error
+    of the transformer output and the latents at every step."""
+    from ..integrations.diffusers import parallelize, unparallelize
+    from .models import euler_loop
+
+    m, x, kw = _build(model, seed, height, width, text_len, batch, heads, head_dim)
+    ref_v, ref_x = [], []
+    euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: (ref_v.append(v), ref_x.append(xx)))
+    akw = {"algorithm": algorithm}
+    if ulysses_degree is not None:
+        akw["ulysses_degree"] = ulysses_degree
+    if ring_degree is not None:
+        akw["ring_degree"] = ring_degree
+    parallelize(m, **akw)
+    errs_v, errs_x = [], []
+    try:
+        euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: (
+            errs_v.append(_rel(v, ref_v[i])), errs_x.append(_rel(xx, ref_x[i]))))
+    finally:
+        unparallelize(m)
+    return {"err_v": errs_v, "err_x": errs_x, "shape": list(ref_v[0].shape)}
+
+
+def denoise_compare(rank, world_size, *, model="flux", height=32, width=32, text_len=64, batch=1,
+                    heads=8, head_dim=32, steps=6, seed=0, warmup_steps=1, joint_mode="exact",
+                    repeats=2, algorithm="auto"):
+    """The example's measurement, one run: single rank (rank 0 alone, the others wait), then the
+    group exact, then the group with stale K/V. Returns per-step errors (rank 0) and timings."""
+    from ..integrations.diffusers import parallelize, reset_stale_kv, stale_state, unparallelize
+    from .models import euler_loop
+
+    m, x, kw = _build(model, seed, height, width, text_len, batch, heads, head_dim)
+    t_one = None
+    single_v, single_x = [], []
+    if rank == 0:
+        times = []
+        for r in range(repeats):
+            vs, xs, st = [], [], []
+            euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: (vs.append(v), xs.append(xx), st.append(dt)))
+            times.append(st)
+        single_v, single_x = vs, xs
+        t_one = [min(ts[i] for ts in times) for i in range(steps)]
+    dist.barrier()
+
+    def run_parallel(**pkw):
+        parallelize(m, algorithm=algorithm, **pkw)
+        try:
+            with torch.no_grad():  # first call: plan + rate measurement, kept out of the timings
+                m(hidden_states=x, timestep=torch.ones(x.shape[0]), return_dict=False, **kw)
+            times, vs, xs, stats = [], [], [], None
+            for r in range(repeats):
+                reset_stale_kv(m)
+                vs, xs, st = [], [], []
+                dist.barrier()
+                euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: (vs.append(v), xs.append(xx), st.append(dt)))
+                times.append(st)
+                state = stale_state(m)
+                if state is not None:
+                    state.finish()
+                    stats = dict(state.stats)
+            return vs, xs, [min(ts[i] for ts in times) for i in range(steps)], stats
+        finally:
+            unparallelize(m)
+
+    ex_v, ex_x, t_ex, _ = run_parallel()
+    st_v, st_x, t_st, stats = run_parallel(stale_kv=True, warmup_steps=warmup_steps, joint_mode=joint_mode)
+    res = {"t_exact": t_ex, "t_stale": t_st, "stale_stats": stats}
+    if rank == 0:
+        res.update(
+            t_single=t_one,
+            exact_vs_single_v=[_rel(a, b) for a, b in zip(ex_v, single_v)],
+            exact_vs_single_x=[_rel(a, b) for a, b in zip(ex_x, single_x)],
+            stale_vs_exact_v=[_rel(a, b) for a, b in zip(st_v, ex_v)],
+            stale_vs_exact_x=[_rel(a, b) for a, b in zip(st_x, ex_x)],
+        )
+    return res
