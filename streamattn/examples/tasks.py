@@ -105,3 +105,78 @@ def denoise_compare(rank, world_size, *, model="flux", height=32, width=32, text
             stale_vs_exact_x=[_rel(a, b) for a, b in zip(st_x, ex_x)],
         )
     return res
+
+
+# ───────────────────────────────────────────────────────────── yunchang shim
+
+_yc_layers: dict = {}
+
+
+def _yunchang_kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, **kwargs):
+    """yunchang's attn_processor contract (flash-attn forward): q, k, v [B, S, H, D] ->
+    (out [B, S, H, D], lse [B, H, S]), with streamattn's CPU kernel (true LSE)."""
+    from streamattn.kernels import attention_with_lse
+
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  scale=scale, causal=causal)
+    return out.transpose(1, 2), lse
+
+
+def _yunchang_layer(u, r):
+    """yunchang's own LongContextAttention for (u, r), created once (its groups are collective)."""
+    if (u, r) not in _yc_layers:
+        import yunchang
+
+        yunchang.set_seq_parallel_pg(u, r, dist.get_rank(), dist.get_world_size())
+        _yc_layers[(u, r)] = yunchang.LongContextAttention(ring_impl_type="basic", attn_type=None,
+                                                           attn_processor=_yunchang_kernel)
+    return _yc_layers[(u, r)]
+
+
+def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64, heads=8,
+                        kv_heads=None, head_dim=16, batch=1, joint_len=0, joint_strategy="front",
+                        causal=False, seed=0, lens=None, softmax_scale=None, compare_yunchang=True):
+    """The shim vs streamattn.attention on the same inputs (must be bit-identical), and, when
+    yunchang is importable and the case is one it supports (equal shards, no joint tokens), vs
+    yunchang's own USP with a true-LSE kernel."""
+    from streamattn.compat import yunchang as shim
+    from streamattn.testing.cases import make_inputs, split_lengths
+
+    import streamattn
+
+    kv_heads = kv_heads or heads
+    lens = lens or split_lengths(seq, world_size)
+    q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, joint_len=joint_len)
+    start = sum(lens[:rank])
+    ql, kl, vl = (t[:, start:start + lens[rank]].contiguous() for t in (q, k, v))
+    shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
+    layer = shim.LongContextAttention()
+    jkw, akw = {}, {}
+    if joint is not None:
+        jkw = dict(joint_tensor_query=joint[0], joint_tensor_key=joint[1],
+                   joint_tensor_value=joint[2], joint_strategy=joint_strategy)
+        akw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy=joint_strategy)
+    out = layer(ql, kl, vl, softmax_scale=softmax_scale, causal=causal, **jkw)
+    xo = shim.xFuserLongContextAttention()(None, ql, kl, vl, softmax_scale=softmax_scale,
+                                           causal=causal, **jkw)
+    u, r = ulysses_degree, ring_degree
+    alg = ({} if u * r == 1 else {"algorithm": "ulysses"} if r == 1 else {"algorithm": "ring"}
+           if u == 1 else {"algorithm": "usp", "ulysses_degree": u, "ring_degree": r})
+    ref = streamattn.attention(ql, kl, vl, causal=causal, scale=softmax_scale, **akw, **alg)
+    if joint is not None:
+        ref = torch.cat([ref[1], ref[0]] if joint_strategy == "front" else list(ref), dim=1)
+    res = {"identical": bool(torch.equal(out, ref)), "xfuser_identical": bool(torch.equal(xo, ref)),
+           "shape": list(out.shape), "yunchang_err": None, "yunchang": None}
+    equal = len(set(lens)) == 1
+    if compare_yunchang and joint is None and equal and heads == kv_heads:
+        try:
+            import yunchang  # noqa: F401
+        except Exception as exc:  # not installed (optional)
+            res["yunchang"] = f"unavailable: {type(exc).__name__}: {exc}"
+        else:
+            yo = _yunchang_layer(u, r)(ql, kl, vl, softmax_scale=softmax_scale, causal=causal)
+            res["yunchang"] = getattr(yunchang, "__version__", "?")
+            res["yunchang_err"] = _rel(out, yo)
+    return res
