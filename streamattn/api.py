@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms
-from .config import validate_every_call
+from .config import ulysses_chunks, validate_every_call
 from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
@@ -92,7 +92,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
 def _run(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
-                                            members=plan.ulysses_group(transport.rank))
+                                            members=plan.ulysses_group(transport.rank),
+                                            chunks=ulysses_chunks())
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank))

@@ -22,3 +22,15 @@ def validate_every_call() -> bool:
     """STREAMATTN_VALIDATE=every: gather and compare metadata on every call, not only the first
     call of a shape (costs one small exchange per call; catches ranks that change shape alone)."""
     return os.environ.get("STREAMATTN_VALIDATE", "first").strip().lower() == "every"
+
+
+def ulysses_chunks() -> int:
+    """STREAMATTN_ULYSSES_CHUNKS: head groups Ulysses pipelines over (default 1: one all-to-all)."""
+    raw = os.environ.get("STREAMATTN_ULYSSES_CHUNKS", "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"STREAMATTN_ULYSSES_CHUNKS={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"STREAMATTN_ULYSSES_CHUNKS={raw!r} must be >= 1")
+    return value

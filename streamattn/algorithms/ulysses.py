@@ -34,13 +34,21 @@ def fit_kv_heads(k, q_range, kv_range, group_size, dim=2):
     return k.index_select(dim, torch.tensor(want, device=k.device))
 
 
-def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads):
+def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER):
     """Sequence shards -> head shards within one Ulysses group.
 
     members: group ranks of the Ulysses group in order; me: my index in it; lens[j]: tokens of member
     j. q: [B, S_me, H, D], k, v: [B, S_me, Hk, D]. Returns q, k, v: [B, sum(lens), h, D] with my
     query heads and the K/V heads they use (already fitted to the standard GQA map).
     """
+    pending, assemble = post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag)
+    pending.wait()
+    return assemble()
+
+
+def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER):
+    """scatter_heads without the wait: returns (pending, assemble) — call assemble() after
+    pending.wait() to get (q, k, v)."""
     u = len(members)
     B, _, _, D = q.shape
     q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
@@ -60,20 +68,23 @@ def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads):
         sends.append((members[j], pack(j)))
         bufs[j] = torch.empty(B * lens[j] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
         recvs.append((members[j], bufs[j]))
-    transport.exchange(sends, recvs, TAG_SCATTER).wait()
+    pending = transport.exchange(sends, recvs, tag)
 
-    qs, ks, vs = [], [], []
-    for j in range(u):
-        n_q, n_kv = B * lens[j] * hq * D, B * lens[j] * hk * D
-        buf = bufs[j]
-        qs.append(buf[:n_q].view(B, lens[j], hq, D))
-        ks.append(buf[n_q : n_q + n_kv].view(B, lens[j], hk, D))
-        vs.append(buf[n_q + n_kv :].view(B, lens[j], hk, D))
-    g = heads // kv_heads
-    qo = torch.cat(qs, 1)
-    ko = fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g)
-    vo = fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g)
-    return qo, ko, vo
+    def assemble():
+        qs, ks, vs = [], [], []
+        for j in range(u):
+            n_q, n_kv = B * lens[j] * hq * D, B * lens[j] * hk * D
+            buf = bufs[j]
+            qs.append(buf[:n_q].view(B, lens[j], hq, D))
+            ks.append(buf[n_q : n_q + n_kv].view(B, lens[j], hk, D))
+            vs.append(buf[n_q + n_kv :].view(B, lens[j], hk, D))
+        g = heads // kv_heads
+        qo = torch.cat(qs, 1)
+        ko = fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g)
+        vo = fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g)
+        return qo, ko, vo
+
+    return pending, assemble
 
 
 def slice_joint(joint, heads, kv_heads, u, me):
@@ -90,9 +101,16 @@ def slice_joint(joint, heads, kv_heads, u, me):
     )
 
 
-def gather_heads(transport, members, me, out, lens, heads):
+def gather_heads(transport, members, me, out, lens, heads, tag=TAG_GATHER):
     """Head shards -> sequence shards: the inverse of scatter_heads for the output.
     out: [B, sum(lens), h, D] -> [B, lens[me], H, D]."""
+    pending, assemble = post_gather(transport, members, me, out, lens, heads, tag)
+    pending.wait()
+    return assemble()
+
+
+def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
+    """gather_heads without the wait: (pending, assemble)."""
     u = len(members)
     B, _, _, D = out.shape
     q_ranges, _ = head_ranges(heads, heads, u)
@@ -108,8 +126,7 @@ def gather_heads(transport, members, me, out, lens, heads):
         h = q_ranges[j][1] - q_ranges[j][0]
         parts[j] = torch.empty(B, lens[me], h, D, dtype=out.dtype, device=out.device)
         recvs.append((members[j], parts[j]))
-    transport.exchange(sends, recvs, TAG_GATHER).wait()
-    return torch.cat(parts, 2)
+    return transport.exchange(sends, recvs, tag), lambda: torch.cat(parts, 2)
 
 
 def allgather_heads(transport, members, me, x):
@@ -129,18 +146,65 @@ def allgather_heads(transport, members, me, x):
     return torch.cat(parts, 2)
 
 
-def ulysses_attention(transport, problem, q, k, v, joint=None, members=None):
+def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chunks=1):
     """Ulysses over `members` (default: the whole group). q: [B, S_local, H, D], k, v:
-    [B, S_local, Hk, D]; joint as in local.attend. Returns (out [B, S_local, H, D], joint_out)."""
+    [B, S_local, Hk, D]; joint as in local.attend. Returns (out [B, S_local, H, D], joint_out).
+
+    chunks > 1 pipelines over head groups: the heads are split into `chunks` sub-problems whose
+    all-to-alls are all posted at once; attention on a head group starts as soon as its data has
+    arrived and its outputs are sent back while the next group computes. Needs whole K/V groups
+    per chunk ((H / u / chunks) % (H / Hk) == 0); otherwise it runs unchunked."""
     members = list(range(transport.size)) if members is None else members
     me = members.index(transport.rank)
     lens = [problem.seq_lens[m] for m in members]
-    H, Hk = problem.heads, problem.kv_heads
+    H, Hk, u = problem.heads, problem.kv_heads, len(members)
+    g = H // Hk
+    if chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0:
+        return _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks)
     qh, kh, vh = scatter_heads(transport, members, me, q, k, v, lens, H, Hk)
-    jh = slice_joint(joint, H, Hk, len(members), me) if joint is not None else None
+    jh = slice_joint(joint, H, Hk, u, me) if joint is not None else None
     out, jout = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
                        joint_strategy=problem.joint_strategy)
     out = gather_heads(transport, members, me, out, lens, H)
     if jout is not None:
         jout = allgather_heads(transport, members, me, jout)
+    return out, jout
+
+
+def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):
+    """Ulysses as `chunks` independent head groups: chunk c holds, of every member's head slice,
+    its c-th part, so each chunk is itself a Ulysses problem on H / chunks heads."""
+    H, Hk, u = problem.heads, problem.kv_heads, len(members)
+    g, hq = H // Hk, H // u
+    per = hq // chunks
+    idx = [torch.tensor([j * hq + c * per + i for j in range(u) for i in range(per)], device=q.device)
+           for c in range(chunks)]
+    kv_idx = [i[::g] // g for i in idx]
+    posted = []
+    for c in range(chunks):
+        qc, kc, vc = q.index_select(2, idx[c]), k.index_select(2, kv_idx[c]), v.index_select(2, kv_idx[c])
+        posted.append(post_scatter(transport, members, me, qc, kc, vc, lens, H // chunks,
+                                   Hk // chunks, tag=1000 + 2 * c))
+    gathers, jouts = [], []
+    for c, (pending, assemble) in enumerate(posted):
+        pending.wait()
+        qh, kh, vh = assemble()
+        jh = None
+        if joint is not None:
+            jq, jk, jv = joint
+            jh = slice_joint((jq.index_select(2, idx[c]), jk.index_select(2, kv_idx[c]),
+                              jv.index_select(2, kv_idx[c])), H // chunks, Hk // chunks, u, me)
+        o, jo = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
+                       joint_strategy=problem.joint_strategy)
+        gathers.append(post_gather(transport, members, me, o, lens, H // chunks, tag=1001 + 2 * c))
+        jouts.append(jo)
+    out = torch.empty_like(q)
+    for c, (pending, assemble) in enumerate(gathers):
+        pending.wait()
+        out.index_copy_(2, idx[c], assemble())
+    if joint is None:
+        return out, None
+    jout = torch.empty_like(joint[0])
+    for c in range(chunks):
+        jout.index_copy_(2, idx[c], allgather_heads(transport, members, me, jouts[c]))
     return out, jout
