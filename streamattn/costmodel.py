@@ -340,15 +340,242 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
     return phases
 
 
-def messages(problem, u: int, groups) -> List[Tuple[str, List[Msg]]]:
-    """(step name, [(src, dst, nbytes)]) for every communication step, in order."""
+# ---------------------------------------------------------------------------------- torus
+@dataclass
+class _TorusParts:
+    """Everything one Torus call does, mirroring streamattn/algorithms/torus.py message for message.
+
+    pre / post: blocking phases before the torus exchange (intra Ulysses scatter) and after it
+    (intra gather, joint output). steps[k-1]: the messages of exchange k (k = 1..t-1), all posted
+    at once right after the intra all-to-all. block[rank][i]: (FLOPs, memory bytes) of the i-th
+    block a rank attends (i = 0 is its local block, i = k the block of exchange k); with r == 1 the
+    last block's work is split into last_a (earlier query blocks against the new K/V, finalised and
+    their outputs sent home one by one) and last_b (the new queries against every K/V; then its
+    output goes home). home_early / home_last: those output messages. ring: the ring-of-teams steps
+    (r > 1, each posted then waited before its compute, i.e. blocking), followed by home_all (every
+    output goes home after the ring)."""
+
+    t: int
+    r: int
+    pre: List[_Phase]
+    post_ring: List[_Phase]
+    post: List[_Phase]
+    steps: List[List[Msg]]
+    block: Dict[int, List[Tuple[float, float]]]
+    last_a: Dict[int, Tuple[float, float]]
+    home_early: List[Msg]
+    home_last: List[Msg]
+
+
+def _torus_parts(problem, u: int, t: int, groups) -> _TorusParts:
+    B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
+    T, causal, strat = problem.joint_len, problem.causal, problem.joint_strategy
+    e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
+    mb = merge_bytes(problem.dtype)
+    seq, offs = problem.seq_lens, problem.offsets
+    n_groups = len(groups)
+    r = n_groups // t
+    q_u, kv_u = head_ranges(H, Hk, u)
+    hq_u = H // u
+    hk_raw = [b - a for a, b in kv_u]                                       # scatter: raw K/V heads
+    hkf = [_fitted_kv(q_u[g], kv_u[g], H // Hk) for g in range(u)]          # held after the scatter
+    hq = hq_u // t                                                          # heads of one sub-slice
+    glen = [sum(seq[x] for x in g) for g in groups]
+    goff = [offs[g[0]] for g in groups]
+    members = [(gi, g, x) for gi, grp in enumerate(groups) for g, x in enumerate(grp)]
+
+    def sub_ranges(g):  # torus.py: head_ranges(qn heads, kn heads, t) of member g's holdings
+        return head_ranges(hq_u, hkf[g], t)
+
+    def pairs(qo, sq, ko, sk, c=causal):
+        return visible_pairs(qo, sq, ko, sk, c)
+
+    def fl(p):
+        return attention_flops(B, p, hq, D)
+
+    pre, post_ring, post = [], [], []
+    # 1. intra-node all-to-all (scatter_heads over the group), exactly Ulysses' scatter
+    if u > 1:
+        msgs = [(grp[j], grp[i], B * seq[grp[j]] * (hq_u + 2 * hk_raw[i]) * D * e)
+                for grp in groups for j in range(u) for i in range(u) if i != j]
+        mem = {x: 2 * e * B * D * (seq[x] * sum(hq_u + 2 * hk_raw[i] for i in range(u))
+                                   + glen[gi] * (hq_u + 2 * hk_raw[g]))
+               for gi, g, x in members}
+        pre.append(_Phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", msgs, {}, mem=mem))
+    # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
+    #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
+    steps: List[List[Msg]] = []
+    pack = defaultdict(float)
+    for k in range(1, t):
+        msgs = []
+        for gi, g, x in members:
+            team, m = divmod(gi, t)
+            q_rng, kv_rng = sub_ranges(g)
+            dst = (m + k) % t
+            n = B * glen[gi] * (hq + 2 * (kv_rng[dst][1] - kv_rng[dst][0])) * D * e
+            msgs.append((x, groups[team * t + dst][g], n))
+            pack[x] += 2 * n  # torch.cat of the three sub-slices (read + write)
+        steps.append(msgs)
+    # 3. block attention in arrival order: local block first, then the block of exchange k from
+    #    member (m-k) % t; each (query block, K/V block) pair once; every attend merges by LSE
+    block: Dict[int, List[Tuple[float, float]]] = {}
+    last_a: Dict[int, Tuple[float, float]] = {}
+    home_early: List[Msg] = []
+    home_last: List[Msg] = []
+    fin = (ea + e) * B * hq * D  # cast of a final accumulator per token (sent home / kept)
+    for gi, g, x in members:
+        team, m = divmod(gi, t)
+        tg = lambda j: team * t + j  # noqa: E731  (global group index of team member j)
+        order = [(m - k) % t for k in range(t)]
+        seen: List[int] = []
+        work = []
+        for idx, j in enumerate(order):
+            J = tg(j)
+            f = mem = 0.0
+            mem += pack[x] if idx == 0 else 0.0  # the posts happen before the local block
+            if T and strat == "front":
+                f += fl(pairs(0, glen[J], 0, T, False))
+                mem += mb * B * hq * glen[J] * D
+            last = idx == t - 1 and r == 1
+            fa = ma = 0.0
+            for i in seen:  # earlier query blocks against the new K/V (final when last)
+                I = tg(i)
+                p = pairs(goff[I], glen[I], goff[J], glen[J])
+                fa += fl(p)
+                ma += mb * B * hq * glen[I] * D if p or not causal else 0.0
+                if last:
+                    if T and strat != "front":
+                        fa += fl(pairs(0, glen[I], 0, T, False))
+                        ma += mb * B * hq * glen[I] * D
+                    if i != m:
+                        ma += fin * glen[I]
+                        home_early.append((x, groups[I][g], B * glen[I] * hq * D * e))
+            for i in seen + [j]:  # the new query block against earlier K/V and its own
+                I = tg(i)
+                p = pairs(goff[J], glen[J], goff[I], glen[I])
+                f += fl(p)
+                mem += mb * B * hq * glen[J] * D if p or not causal else 0.0
+            if T:  # joint queries against this group's tokens
+                f += fl(pairs(0, T, 0, glen[J], False))
+                mem += mb * B * hq * T * D
+            if last:
+                if T and strat != "front":
+                    f += fl(pairs(0, glen[J], 0, T, False))
+                    mem += mb * B * hq * glen[J] * D
+                if j != m:
+                    mem += fin * glen[J]
+                    home_last.append((x, groups[J][g], B * glen[J] * hq * D * e))
+                last_a[x] = (fa, ma)
+            else:
+                f, mem = f + fa, mem + ma
+            work.append((f, mem))
+            seen.append(j)
+        block[x] = work
+    # 4. ring factor: the team's K/V (every block, fitted, stacked) rotates around the r teams;
+    #    each step is posted and waited before its compute (blocking), then every output goes home
+    if r > 1:
+        team_len = [sum(glen[x * t:(x + 1) * t]) for x in range(r)]
+        team_off = [goff[x * t] for x in range(r)]
+        hk2 = {}
+        for gi, g, x in members:
+            q_rng, kv_rng = sub_ranges(g)
+            m = gi % t
+            hk2[x] = _fitted_kv(q_rng[m], kv_rng[m], hq_u // hkf[g])
+        stack = {x: 2 * e * 2 * B * team_len[gi // t] * hk2[x] * D for gi, g, x in members}
+        post_ring.append(_Phase("ring of teams: stack the team's K,V", [], {}, mem=stack))
+        for s in range(1, r):
+            msgs, comp, mem = [], {}, {}
+            for gi, g, x in members:
+                team, m = divmod(gi, t)
+                cur = (team - s + 1) % r  # whose K/V this rank holds (and forwards) now
+                src = (team - s) % r
+                nxt = groups[((team + 1) % r) * t + m][g]
+                msgs.append((x, nxt, 2 * B * team_len[cur] * hk2[x] * D * e))
+                f = m_ = 0.0
+                for i in range(t):
+                    I = team * t + i
+                    p = pairs(goff[I], glen[I], team_off[src], team_len[src])
+                    f += fl(p)
+                    m_ += mb * B * hq * glen[I] * D if p or not causal else 0.0
+                comp[x], mem[x] = f, m_
+            post_ring.append(_Phase(f"ring of teams step {s}/{r - 1} (posted, waited, then attended)",
+                                    msgs, comp, mem=mem))
+        msgs, comp, mem = [], {}, {}
+        for gi, g, x in members:
+            team, m = divmod(gi, t)
+            f = m_ = 0.0
+            for i in range(t):
+                I = team * t + i
+                if T and strat != "front":
+                    f += fl(pairs(0, glen[I], 0, T, False))
+                    m_ += mb * B * hq * glen[I] * D
+                if i != m:
+                    m_ += fin * glen[I]
+                    msgs.append((x, groups[I][g], B * glen[I] * hq * D * e))
+            comp[x], mem[x] = f, m_
+        post_ring.append(_Phase("torus outputs sent home (after the ring)", msgs, comp, mem=mem))
+    # 5. my group's tokens back: the kept block's cast, then the intra gather (Ulysses' gather)
+    keep = {x: fin * glen[gi] + 2 * e * B * glen[gi] * hq_u * D for gi, g, x in members}
+    if u > 1:
+        msgs = [(grp[i], grp[j], B * seq[grp[j]] * hq_u * D * e)
+                for grp in groups for j in range(u) for i in range(u) if i != j]
+        mem = {x: keep[x] + 2 * e * B * D * (hq_u * (glen[gi] - seq[x]) + H * seq[x])
+               for gi, g, x in members}
+        post.append(_Phase(f"Ulysses all-to-all output inside groups (u={u})", msgs, {}, mem=mem))
+    else:
+        post.append(_Phase("torus: concatenate the outputs of the sub-slices", [], {}, mem=keep))
+    # 6. joint output: team 0 adds the joint K/V; ring factor: (out, lse) partials across the r
+    #    teams; then the head slices are all-gathered over the team's u*t ranks
+    if T:
+        comp = {x: fl(T * T) if gi < t else 0.0 for gi, g, x in members}
+        mem = {x: (2 if gi < t else 1) * mb * B * hq * T * D for gi, g, x in members}
+        post.append(_Phase("joint queries: merge the partials", [], comp, mem=mem))
+        if r > 1:
+            n = (B * hq * T * D + B * hq * T) * ea
+            msgs = []
+            for gi, g, x in members:
+                m = gi % t
+                for y in range(r):
+                    if y != gi // t:
+                        msgs.append((x, groups[y * t + m][g], n))
+            mem = {x: (r - 1) * mb * B * hq * T * D for gi, g, x in members}
+            post.append(_Phase(f"ring all-gather of joint (out, lse) (r={r})", msgs, {}, mem=mem))
+        msgs = []
+        for gi, g, x in members:
+            team = gi // t
+            team_ranks = [y for grp in groups[team * t:(team + 1) * t] for y in grp]
+            msgs += [(x, y, B * T * hq * D * e) for y in team_ranks if y != x]
+        mem = {x: 2 * e * B * T * hq_u * t * D for gi, g, x in members}
+        post.append(_Phase(f"all-gather of joint output over the team (u x t = {u * t})", msgs, {},
+                           mem=mem))
+    return _TorusParts(t, r, pre, post_ring, post, steps, block, last_a, home_early, home_last)
+
+
+def _torus_messages(parts: _TorusParts) -> List[Tuple[str, List[Msg]]]:
+    out = [(p.name, list(p.msgs)) for p in parts.pre if p.msgs]
+    for k, msgs in enumerate(parts.steps, 1):
+        out.append((f"torus exchange {k}/{parts.t - 1} q,k,v", list(msgs)))
+    if parts.home_early:
+        out.append(("torus outputs sent home as final (early blocks)", list(parts.home_early)))
+    if parts.home_last:
+        out.append(("torus outputs sent home as final (last block)", list(parts.home_last)))
+    out += [(p.name, list(p.msgs)) for p in parts.post_ring + parts.post if p.msgs]
+    return out
+
+
+def messages(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[Tuple[str, List[Msg]]]:
+    """(step name, [(src, dst, nbytes)]) for every communication step, in order.
+    torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
+    groups x*t .. x*t+t-1; ring factor r = len(groups) / t)."""
+    if torus_degree is not None:
+        return _torus_messages(_torus_parts(problem, u, torus_degree, groups))
     return [(p.name, list(p.msgs)) for p in _phases(problem, u, groups) if p.msgs]
 
 
-def bytes_sent(problem, u: int, groups) -> List[int]:
+def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[int]:
     """Exact payload bytes every rank sends in one forward call."""
     out = [0] * problem.world_size
-    for _, msgs in messages(problem, u, groups):
+    for _, msgs in messages(problem, u, groups, torus_degree):
         for a, _, n in msgs:
             out[a] += n
     return out
@@ -451,39 +678,128 @@ class CostModel:
             per_kind[k] = max(per_kind.get(k, 0), n)
         return best[0], best[1], per_kind
 
-    def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive") -> Candidate:
-        """A costed `Candidate` for Ulysses groups `groups` of u members."""
-        steps: List[Step] = []
-        total = compute = comm = 0.0
+    def _local(self, flops: float, mem: float) -> float:
+        return flops / self.rate + (mem / self.mem_bw if self.mem_bw else 0.0)
+
+    def _comm(self, msgs, cache) -> tuple:
+        key = tuple(msgs)
+        if key not in cache:
+            cache[key] = self.comm_time(msgs)
+        return cache[key]
+
+    def _blocking(self, ph: _Phase, cache) -> Tuple[Step, float, float, str]:
+        """(Step, compute, comm, bottleneck) of one phase: blocking adds, overlapped costs max."""
+        ranks = set(ph.compute) | set(ph.mem)
+        c = max((self._local(ph.compute.get(x, 0.0), ph.mem.get(x, 0.0)) for x in ranks), default=0.0)
+        m, bott, per_kind = self._comm(ph.msgs, cache)
+        st = max(c, m) if ph.overlapped else c + m
+        return Step(ph.name, st, c, m, ph.overlapped, bott, tuple(sorted(per_kind.items()))), c, m, bott
+
+    def _candidate(self, problem, algorithm, u, r, groups, placement, steps, bott_steps,
+                   all_msgs) -> Candidate:
         busiest: Dict[int, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        worst = (0.0, "")
-        comm_cache: Dict[tuple, tuple] = {}
-        for ph in _phases(problem, u, groups):
-            ranks = set(ph.compute) | set(ph.mem)
-            c = max((ph.compute.get(x, 0.0) / self.rate
-                     + (ph.mem.get(x, 0.0) / self.mem_bw if self.mem_bw else 0.0) for x in ranks),
-                    default=0.0)
-            key = tuple(ph.msgs)
-            if key not in comm_cache:
-                comm_cache[key] = self.comm_time(ph.msgs)
-            m, bott, per_kind = comm_cache[key]
-            for a, b, n in ph.msgs:
-                busiest[a][self.topology.link(a, b).kind.value] += n
-            st = max(c, m) if ph.overlapped else c + m
-            if m > worst[0]:
-                worst = (m, f"{ph.name}: {bott}")
-            steps.append(Step(ph.name, st, c, m, ph.overlapped, bott,
-                              tuple(sorted(per_kind.items()))))
-            total += st
-            compute += c
-            comm += m
+        for a, b, n in all_msgs:
+            busiest[a][self.topology.link(a, b).kind.value] += n
         kinds = defaultdict(int)
         for per in busiest.values():
             for k, n in per.items():
                 kinds[k] = max(kinds[k], n)
-        return Candidate(algorithm, u, problem.world_size // u, tuple(tuple(g) for g in groups),
-                         placement, "", total, compute, comm, worst[1],
+        worst = max(bott_steps, key=lambda x: x[0], default=(0.0, ""))
+        return Candidate(algorithm, u, r, tuple(tuple(g) for g in groups), placement, "",
+                         sum(s.time_s for s in steps), sum(s.compute_s for s in steps),
+                         sum(s.comm_s for s in steps), worst[1] if worst[0] > 0 else "",
                          tuple(sorted(kinds.items())), tuple(steps))
+
+    def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
+             torus_degree: Optional[int] = None) -> Candidate:
+        """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
+        Torus algorithm, see cost_torus)."""
+        if algorithm == "torus":
+            return self.cost_torus(problem, u, torus_degree, groups, placement)
+        steps: List[Step] = []
+        botts, all_msgs, cache = [], [], {}
+        for ph in _phases(problem, u, groups):
+            st, c, m, bott = self._blocking(ph, cache)
+            steps.append(st)
+            botts.append((m, f"{ph.name}: {bott}"))
+            all_msgs += ph.msgs
+        return self._candidate(problem, algorithm, u, problem.world_size // u, groups, placement,
+                               steps, botts, all_msgs)
+
+    def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
+        """Torus over `groups` (P/u Ulysses groups in team order, teams of t groups, r = P/(u*t)).
+
+        Time: the intra all-to-all blocks. The t-1 torus exchanges are all posted at once and are
+        delivered in posting order on whatever resource they share: exchange k has arrived by
+        A_k = comm_time(messages of exchanges 1..k), its increment over A_(k-1) being what step k
+        adds to the links. Every rank attends its local block first, then block k as soon as it has
+        arrived and the previous block is done: start_k = max(end_(k-1), A_k) -- the first exchange
+        hides behind the local block, the k-th behind everything computed before it arrives. With
+        r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
+        work (after their last merge), the last block's when it is done; the call waits for them
+        (done = max(last early post + their transfer, end of compute) + the last block's
+        transfer). With a ring factor the ring-of-teams steps are blocking (torus.py posts each
+        step and waits for it before attending it), then every output goes home, then the intra
+        gather and the joint output, all blocking. The steps are those of the slowest rank.
+        """
+        parts = _torus_parts(problem, u, t, groups)
+        r = parts.r
+        cache: Dict[tuple, tuple] = {}
+        steps: List[Step] = []
+        botts, all_msgs = [], []
+        for ph in parts.pre:
+            st, c, m, bott = self._blocking(ph, cache)
+            steps.append(st)
+            botts.append((m, f"{ph.name}: {bott}"))
+            all_msgs += ph.msgs
+        # arrival of the exchanges, in posting order
+        arrive, prefix, step_info = [0.0], [], []
+        for k, msgs in enumerate(parts.steps, 1):
+            prefix += msgs
+            arrive.append(self.comm_time(prefix)[0])
+            _, bott, per_kind = self._comm(msgs, cache)
+            step_info.append((bott, tuple(sorted(per_kind.items()))))
+            botts.append((arrive[k] - arrive[k - 1], f"torus exchange {k}/{t - 1}: {bott}"))
+            all_msgs += msgs
+        # every rank's pipeline
+        runs = {}
+        for x, work in parts.block.items():
+            c = [self._local(f, m) for f, m in work]
+            ca = self._local(*parts.last_a[x]) if x in parts.last_a else 0.0
+            end, waits, post_early = c[0], [0.0], 0.0
+            for k in range(1, t):
+                start = max(end, arrive[k])
+                waits.append(start - end)
+                if k == t - 1 and r == 1:
+                    post_early = start + ca
+                    c[k] += ca
+                end = start + c[k]
+            runs[x] = (end, post_early, c, waits)
+        slow = max(runs, key=lambda x: (runs[x][0], -x))
+        end, _, c, waits = runs[slow]
+        steps.append(Step(f"torus: post the {t - 1} exchange(s), attend the local block", c[0], c[0]))
+        for k in range(1, t):
+            bott, per_kind = step_info[k - 1]
+            steps.append(Step(f"torus exchange {k}/{t - 1} q,k,v arrives, attend its block",
+                              waits[k] + c[k], c[k], arrive[k] - arrive[k - 1], True, bott, per_kind))
+        if r == 1 and (parts.home_early or parts.home_last):
+            h_early, b_early, k_early = self._comm(parts.home_early, cache)
+            h_last, b_last, k_last = self._comm(parts.home_last, cache)
+            done = max(max(v[1] for v in runs.values()) + h_early, max(v[0] for v in runs.values())) + h_last
+            kinds = defaultdict(int)
+            for kk, n in list(k_early.items()) + list(k_last.items()):
+                kinds[kk] += n
+            bott = b_last if h_last >= h_early else b_early
+            steps.append(Step("torus outputs sent home as final (the last block's after its compute)",
+                              done - end, 0.0, h_early + h_last, True, bott, tuple(sorted(kinds.items()))))
+            botts.append((h_early + h_last, f"torus outputs home: {bott}"))
+            all_msgs += parts.home_early + parts.home_last
+        for ph in parts.post_ring + parts.post:
+            st, cc, m, bott = self._blocking(ph, cache)
+            steps.append(st)
+            botts.append((m, f"{ph.name}: {bott}"))
+            all_msgs += ph.msgs
+        return self._candidate(problem, "torus", u, r, groups, placement, steps, botts, all_msgs)
 
 
 def _mb(n: float) -> str:

@@ -17,6 +17,12 @@ Backends, chosen in one place (`select_backend`):
     triton      streamattn.triton_kernels.attention_fwd (only when forced: STREAMATTN_KERNEL=triton)
     math        explicit matmuls in the accumulation dtype (fallback, float64 on CUDA)
 A backend that cannot return a true LSE is never used: ring and torus steps depend on it.
+
+Besides attention, the LSE merge (merge.update_out_and_lse) and the Ulysses all-to-all packing run
+the Triton kernels of streamattn.triton_kernels where `use_triton` says so — on CUDA tensors
+(one fused pass instead of several torch element-wise ops and copies) and wherever
+STREAMATTN_TRITON=1 forces them (CPU tensors under TRITON_INTERPRET=1: how CI runs them
+inside the real algorithms). Elsewhere their torch references (same signatures) run.
 """
 from __future__ import annotations
 
@@ -70,6 +76,22 @@ def select_backend(device_type: str, dtype: torch.dtype, masked: bool) -> str:
         choice = "math"
     log.debug("kernel for %s/%s masked=%s: %s", device_type, dtype, masked, choice)
     return choice
+
+
+def use_triton(tensor) -> bool:
+    """The one rule for the merge and packing kernels: Triton on CUDA when it can launch there,
+    or when STREAMATTN_TRITON=1 forces it (needs TRITON_INTERPRET=1 for CPU tensors); else torch.
+    STREAMATTN_TRITON=0 turns Triton off everywhere."""
+    flag = os.environ.get("STREAMATTN_TRITON", "").strip()
+    if flag == "0":
+        return False
+    if flag != "1" and tensor.device.type != "cuda":
+        return False
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return False
+    return triton_kernels.available()
 
 
 def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0):

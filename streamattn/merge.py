@@ -24,6 +24,13 @@ def update_out_and_lse(
     block_out: [B, H, S, D] any float dtype, block_lse: [B, H, S] (cast to lse's dtype).
     """
     block_lse = block_lse.to(lse.dtype)
+    from .kernels import use_triton  # kernels imports this module; resolve at call time
+
+    if out.dtype == torch.float32 and use_triton(out):
+        from .triton_kernels import merge_
+
+        merge_(out, lse, block_out, block_lse)
+        return
     new_lse = torch.logaddexp(lse, block_lse)
     # Where both sides are -inf the row stays empty; shifting by 0 there keeps exp() at 0, not NaN.
     shift = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)

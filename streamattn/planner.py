@@ -5,9 +5,11 @@
     print(plan.explain())
 
 `make_plan(problem, topology)` enumerates every candidate (algorithm in ulysses / ring / usp, every
-u * r = P, rank placements), drops the invalid ones with the reason kept, costs the rest with
+u * r = P, rank placements; torus, every u * t * r = P with t >= 2 and consecutive Ulysses groups
+that stay inside a node), drops the invalid ones with the reason kept, costs the rest with
 `streamattn.costmodel` and returns the cheapest as a `Plan` (ties: the fixed enumeration order,
-larger Ulysses degree first, consecutive placement before per-node).
+larger Ulysses degree first, consecutive placement before per-node, ulysses/ring/usp before torus:
+Torus wins only when it is strictly cheaper).
 
 Determinism: the plan is a pure function of (problem, topology, compute_rate). Only when no rate is
 known (compute_rate None and topology.peak_flops None, i.e. CPU ranks) does it time the local CPU
@@ -30,6 +32,9 @@ from .topology import Topology
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
+# The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
+# listed here).
+COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
 
 
 def _algo(u: int, world: int) -> str:
@@ -56,6 +61,43 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
                 reason = ("causal attention needs each Ulysses group to hold contiguous positions "
                           "(consecutive groups)")
             out.append(Candidate(algo, u, r, groups, name, dropped=reason))
+    out += torus_candidates(problem, topology)
+    return out
+
+
+def torus_degree(c: Candidate) -> int:
+    """t of a torus candidate (its groups are all P/u Ulysses groups, r teams of t); 1 otherwise."""
+    return len(c.groups) // c.ring_degree if c.algorithm == "torus" else 1
+
+
+def label(c: Candidate) -> str:
+    if c.algorithm == "torus":
+        return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
+                f"[{c.placement}]")
+    return c.label
+
+
+def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
+    """Every Torus (u, t, r) with u * t * r = P and t >= 2, consecutive Ulysses groups (team x =
+    groups x*t .. x*t+t-1), larger u first, then larger t. Dropped: u * t not dividing the heads,
+    or a Ulysses group that would cross nodes (the intra all-to-all is the blocking part: it must
+    stay on the fast links)."""
+    P, H = problem.world_size, problem.heads
+    out: List[Candidate] = []
+    for u in sorted(_divisors(P), reverse=True):
+        groups = consecutive_groups(P, u)
+        crosses = any(len({topology.node[m] for m in g}) > 1 for g in groups)
+        for t in sorted(_divisors(P // u), reverse=True):
+            if t < 2:
+                continue
+            r = P // (u * t)
+            reason = ""
+            if H % (u * t):
+                reason = f"{H} heads not divisible by u x t = {u} x {t}"
+            elif crosses:
+                reason = (f"consecutive Ulysses groups of u={u} cross nodes (torus keeps its blocking "
+                          "all-to-all inside a node)")
+            out.append(Candidate("torus", u, r, groups, "consecutive", dropped=reason))
     return out
 
 
@@ -90,7 +132,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
             pred = CostModel(topology, rate, mbw).cost(problem, "local", 1, ((0,),)).predicted_s
         return Plan("local", 1, 1, reason="group of size 1", predicted_s=pred,
                     context=_context(problem, topology, rate, src, mbw, mbw_src))
-    u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
+    torus = algorithm == "torus"
+    if torus:
+        for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"streamattn: {name} must be a positive int, got {v!r}")
+        u_forced = None
+    else:
+        u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
@@ -98,10 +147,16 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         if not c.dropped:
-            c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement)
+            c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
+                           torus_degree=torus_degree(c))
         cands.append(c)
 
     def allowed(c: Candidate) -> bool:
+        if torus:
+            return (c.algorithm == "torus" and ulysses_degree in (None, c.ulysses_degree)
+                    and ring_degree in (None, c.ring_degree))
+        if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
+            return algorithm == "auto" and u_forced is None
         if u_forced is not None:
             return c.ulysses_degree == u_forced
         return algorithm in ("auto", "usp") or c.algorithm == algorithm
@@ -111,6 +166,13 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     for c in pool:
         if c.valid and (best is None or c.predicted_s < best.predicted_s * (1 - _REL_TIE)):
             best = c
+    if best is None and torus:
+        why = "; ".join(sorted({c.dropped for c in pool})) or "no torus split matches"
+        ok = [f"{c.ulysses_degree}x{torus_degree(c)}x{c.ring_degree}" for c in cands
+              if c.algorithm == "torus" and c.valid]
+        raise ValueError(f"streamattn: algorithm='torus' ({_request(algorithm, ulysses_degree, ring_degree)}) "
+                         f"cannot run: {why}; valid torus splits u x t x r for {H} heads on {P} ranks: "
+                         f"{', '.join(ok) or 'none'}")
     if best is None:
         valid_u = sorted({c.ulysses_degree for c in cands if c.valid})
         why = "; ".join(sorted({c.dropped for c in pool})) or "no candidate"
@@ -124,20 +186,21 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         runner = c
         break
     if forced:
-        reason = f"requested ({_request(algorithm, ulysses_degree, ring_degree)}): {best.label}"
+        reason = f"requested ({_request(algorithm, ulysses_degree, ring_degree)}): {label(best)}"
         auto_best = min((c for c in cands if c.valid), key=lambda c: c.predicted_s)
         if auto_best is not best and auto_best.predicted_s < best.predicted_s:
-            reason += (f"; auto would pick {auto_best.label}, predicted "
+            reason += (f"; auto would pick {label(auto_best)}, predicted "
                        f"{best.predicted_s / auto_best.predicted_s:.2f}x faster")
     else:
         n = sum(c.valid for c in cands)
         reason = f"auto: cheapest of {n} costed candidates"
         if runner is not None:
             reason += (f"; {runner.predicted_s / best.predicted_s:.3f}x faster than the runner-up "
-                       f"{runner.label}")
+                       f"{label(runner)}")
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
-                context=_context(problem, topology, rate, rate_src, mbw, mbw_src))
+                context=_context(problem, topology, rate, rate_src, mbw, mbw_src),
+                torus_degree=torus_degree(best))
 
 
 def _request(algorithm, u, r) -> str:
@@ -281,31 +344,36 @@ def explain_plan(plan: Plan) -> str:
         lines.append("(no candidates recorded: this plan did not come from the cost model)")
         return "\n".join(lines)
     lines.append("")
-    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost max(local, comm);")
+    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost max(local, comm),")
+    lines.append("  torus blocks wait for their exchange only if it is still in flight;")
     lines.append("  local = attention FLOPs / rate + memory-bound copies and LSE merges / memory bandwidth):")
-    hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
+    hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'t':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
            f"{'local':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
     lines.append(hdr)
     ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+
+    def chosen(c):
+        return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
+                and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
+                and c.predicted_s == plan.predicted_s)
+
     for c in plan.candidates:
-        mark = "* " if (c.valid and c.groups == plan.groups and c.ulysses_degree == plan.ulysses_degree
-                        and c.predicted_s == plan.predicted_s) else "  "
+        mark = "* " if chosen(c) else "  "
+        head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
+                f"{c.ring_degree:>3} {c.placement:<12}")
         if not c.valid:
-            lines.append(f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {c.ring_degree:>3} "
-                         f"{c.placement:<12} dropped: {c.dropped}")
+            lines.append(f"{head} dropped: {c.dropped}")
             continue
         rank = ranked.index(c) + 1
-        lines.append(f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {c.ring_degree:>3} "
-                     f"{c.placement:<12} {_ms(c.predicted_s):>11} {_ms(c.compute_s):>11} "
+        lines.append(f"{head} {_ms(c.predicted_s):>11} {_ms(c.compute_s):>11} "
                      f"{_ms(c.exposed_comm_s):>12}  #{rank}; {_bytes(c.bytes_by_kind)}")
         if c.bottleneck:
-            lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
+            lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
                          f"slowest exchange: {c.bottleneck}")
-    win = next((c for c in plan.candidates if c.valid and c.groups == plan.groups
-                and c.ulysses_degree == plan.ulysses_degree), None)
+    win = next((c for c in plan.candidates if chosen(c)), None)
     if win is not None:
         lines.append("")
-        lines.append(f"Steps of the chosen plan ({win.label}):")
+        lines.append(f"Steps of the chosen plan ({label(win)}):")
         shown = 0
         steps = list(win.steps)
         for i, s in enumerate(steps):
@@ -315,8 +383,13 @@ def explain_plan(plan: Plan) -> str:
             same = 1
             while i + same < len(steps) and _same(s, steps[i + same]):
                 same += 1
-            how = (f"max(local {_ms(s.compute_s)}, comm {_ms(s.comm_s)})" if s.overlapped
-                   else f"local {_ms(s.compute_s)} + comm {_ms(s.comm_s)}")
+            if s.overlapped and s.name.startswith("torus"):
+                how = (f"local {_ms(s.compute_s)} + wait {_ms(s.time_s - s.compute_s)} "
+                       f"(transfer {_ms(s.comm_s)}, overlapped)")
+            elif s.overlapped:
+                how = f"max(local {_ms(s.compute_s)}, comm {_ms(s.comm_s)})"
+            else:
+                how = f"local {_ms(s.compute_s)} + comm {_ms(s.comm_s)}"
             times = f" x{same}" if same > 1 else ""
             extra = f"  [{s.bottleneck}]" if s.bottleneck else ""
             lines.append(f"  {s.name}{times}: {_ms(s.time_s)} = {how}{extra}")

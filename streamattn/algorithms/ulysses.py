@@ -112,21 +112,34 @@ def gather_heads(transport, members, me, out, lens, heads, tag=TAG_GATHER):
 def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
     """gather_heads without the wait: (pending, assemble)."""
     u = len(members)
-    B, _, _, D = out.shape
-    q_ranges, _ = head_ranges(heads, heads, u)
-    offsets = [sum(lens[:j]) for j in range(u)]
-    parts = [None] * u
-    sends, recvs = [], []
-    for j in range(u):
-        piece = out[:, offsets[j] : offsets[j] + lens[j]]
-        if j == me:
-            parts[j] = piece
-            continue
-        sends.append((members[j], piece.contiguous()))
-        h = q_ranges[j][1] - q_ranges[j][0]
-        parts[j] = torch.empty(B, lens[me], h, D, dtype=out.dtype, device=out.device)
-        recvs.append((members[j], parts[j]))
-    return transport.exchange(sends, recvs, tag), lambda: torch.cat(parts, 2)
+    B, _, h, D = out.shape
+    tk = _packing(out)
+    # One flat buffer whose chunk j is member j's tokens, [B, lens[j], h, D] contiguous.
+    flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
+                                                       for j in range(u)])
+    chunk = [B * n * h * D for n in lens]
+    start = [sum(chunk[:j]) for j in range(u)]
+    # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
+    back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
+    back[me].copy_(flat[start[me] : start[me] + chunk[me]].view(B, lens[me], h, D))
+    sends = [(members[j], flat[start[j] : start[j] + chunk[j]]) for j in range(u) if j != me]
+    recvs = [(members[j], back[j]) for j in range(u) if j != me]
+
+    def assemble():
+        return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
+
+    return transport.exchange(sends, recvs, tag), assemble
+
+
+def _packing(x):
+    """streamattn.triton_kernels when kernels.use_triton(x) says so, else None (torch ops)."""
+    from ..kernels import use_triton
+
+    if use_triton(x):
+        from .. import triton_kernels
+
+        return triton_kernels
+    return None
 
 
 def allgather_heads(transport, members, me, x):

@@ -180,3 +180,103 @@ def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64
             res["yunchang"] = getattr(yunchang, "__version__", "?")
             res["yunchang_err"] = _rel(out, yo)
     return res
+
+
+# ───────────────────────────────────────────────────────────── stale K/V
+
+
+def _ref64(q, k, v, scale):
+    """float64 attention, bshd, GQA-expanded."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def check_stale(rank, world_size, *, seq=40, heads=4, kv_heads=None, head_dim=8, batch=1,
+                joint_len=6, joint_mode="exact", steps=4, warmup_steps=1, layout="bshd",
+                lens=None, static=False, layers=2, seed=0, joint_strategy="front"):
+    """StaleKV over `steps` steps of `layers` layers against a float64 reference that uses exactly
+    what stale K/V promises: this step's local and joint K/V, the other ranks' of the previous
+    step (the whole sequence fresh on warm-up steps, and for the joint queries in "exact" mode).
+    Returns per-step max errors and a checksum of the joint output (equal on every rank)."""
+    import hashlib
+    import math
+
+    from streamattn.stale import StaleKV
+    from streamattn.testing.cases import make_inputs, split_lengths
+
+    kv_heads = kv_heads or heads
+    lens = lens or split_lengths(seq, world_size)
+    start, stop = sum(lens[:rank]), sum(lens[: rank + 1])
+    scale = 1.0 / math.sqrt(head_dim)
+    state = StaleKV(warmup_steps=warmup_steps, joint_mode=joint_mode)
+    prev = {}
+    errs, jerrs, sums = [], [], []
+    for s in range(steps):
+        e_step, j_step = 0.0, 0.0
+        for layer in range(layers):
+            q, k, v, joint = make_inputs(seed=seed + 1000 * layer + (0 if static else s), batch=batch,
+                                         seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                         joint_len=joint_len)
+            ql, kl, vl = (t[:, start:stop] for t in (q, k, v))
+            args = [ql, kl, vl]
+            jkw = {}
+            if joint is not None:
+                jkw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy=joint_strategy)
+            if layout == "bhsd":
+                args = [t.transpose(1, 2).contiguous() for t in args]
+                jkw = {n: (t.transpose(1, 2).contiguous() if torch.is_tensor(t) else t) for n, t in jkw.items()}
+            res = state.attention(("layer", layer), *args, layout=layout, **jkw)
+            out, jout = res if joint is not None else (res, None)
+            if layout == "bhsd":
+                out = out.transpose(1, 2)
+                jout = None if jout is None else jout.transpose(1, 2)
+            stale = s >= max(warmup_steps, 1)
+            if stale:
+                pk, pv = prev[layer]
+                ku = torch.cat([pk[:, :start], k[:, start:stop], pk[:, stop:]], 1)
+                vu = torch.cat([pv[:, :start], v[:, start:stop], pv[:, stop:]], 1)
+            else:
+                ku, vu = k, v
+            if joint is not None:
+                ref = _ref64(ql, torch.cat([joint[1], ku], 1), torch.cat([joint[2], vu], 1), scale)
+                jk_img, jv_img = (pk, pv) if stale and joint_mode == "stale" else (k, v)
+                jref = _ref64(joint[0], torch.cat([joint[1], jk_img], 1), torch.cat([joint[2], jv_img], 1), scale)
+                j_step = max(j_step, _rel(jout, jref))
+                sums.append(hashlib.sha256(jout.contiguous().numpy().tobytes()).hexdigest()[:16])
+            else:
+                ref = _ref64(ql, ku, vu, scale)
+            e_step = max(e_step, _rel(out, ref))
+            prev[layer] = (k, v)
+        errs.append(e_step)
+        jerrs.append(j_step)
+    stats = dict(state.stats)
+    state.reset()
+    return {"err": errs, "joint_err": jerrs, "joint_sums": sums, "stats": stats}
+
+
+def check_stale_model(rank, world_size, *, model="flux", height=12, width=12, text_len=16,
+                      steps=4, heads=4, head_dim=16, warmup_steps=1, joint_mode="exact", batch=1):
+    """A parallelized tiny model with stale_kv: warm-up steps equal the exact parallel run; later
+    steps differ a little; every rank returns the same output."""
+    import hashlib
+
+    from ..integrations.diffusers import parallelize, unparallelize
+    from .models import euler_loop
+
+    m, x, kw = _build(model, 0, height, width, text_len, batch, heads, head_dim)
+    parallelize(m)
+    ex = []
+    euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: ex.append(v))
+    unparallelize(m)
+    parallelize(m, stale_kv=True, warmup_steps=warmup_steps, joint_mode=joint_mode)
+    errs, sums = [], []
+    for rep in range(2):  # a second generation: the timestep going up resets the state
+        st = []
+        euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: st.append(v))
+        errs.append([_rel(a, b) for a, b in zip(st, ex)])
+        sums.append(hashlib.sha256(st[-1].contiguous().numpy().tobytes()).hexdigest()[:16])
+    unparallelize(m)
+    return {"err": errs, "sums": sums}

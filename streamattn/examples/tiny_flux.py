@@ -14,6 +14,7 @@ contention.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -40,6 +41,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="loops per variant; min time per step")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    ap.add_argument("--nodes", type=int, default=0,
+                    help="run on an emulated cluster of this many nodes (network namespaces, needs "
+                         "root; nproc must be a multiple), each node's uplink shaped to --inter-bw")
+    ap.add_argument("--inter-bw", default="1gbit", help="emulated node uplink rate (default 1gbit)")
     args = ap.parse_args(argv)
 
     try:
@@ -50,7 +55,18 @@ def main(argv=None):
     from streamattn.testing import RankPool
 
     t0 = time.perf_counter()
-    with RankPool(args.nproc, threads=args.threads, timeout=1800) as pool:
+    with contextlib.ExitStack() as stack:
+        if args.nodes:
+            from streamattn.bench.cluster import EmulatedCluster
+            from streamattn.bench.launch import emulated_pool
+
+            if args.nproc % args.nodes:
+                ap.error("--nproc must be a multiple of --nodes")
+            cluster = stack.enter_context(EmulatedCluster(args.nodes, args.nproc // args.nodes,
+                                                          inter_bw=args.inter_bw))
+            pool = stack.enter_context(emulated_pool(cluster, threads=args.threads, timeout=1800))
+        else:
+            pool = stack.enter_context(RankPool(args.nproc, threads=args.threads, timeout=1800))
         res = pool.run("streamattn.examples.tasks:denoise_compare", model=args.model,
                        height=args.size, width=args.size, text_len=args.text_len, heads=args.heads,
                        head_dim=args.head_dim, steps=args.steps, warmup_steps=args.warmup_steps,
@@ -62,10 +78,11 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"args": vars(args), "ranks": res, "t_exact_max": t_ex, "t_stale_max": t_st}))
         return 0
+    where = (f", emulated {args.nodes} nodes, {args.inter_bw} uplinks" if args.nodes else ", local")
     tokens = args.size * args.size if args.model == "flux" else (args.size // 2) ** 2
     print(f"tiny {args.model}: {tokens} image + {args.text_len} text tokens, {args.heads} heads x "
           f"{args.head_dim}, fp32, {args.steps} Euler steps; {args.nproc} ranks x {args.threads} "
-          f"thread(s); stale K/V after {args.warmup_steps} exact step(s), joint {args.joint_mode}")
+          f"thread(s){where}; stale K/V after {args.warmup_steps} exact step(s), joint {args.joint_mode}")
     print("step  1-rank ms  exact ms  stale ms   exact vs 1-rank   stale vs exact (model out / latents)")
     for i in range(args.steps):
         print(f"{i:4d}  {_fmt_ms(r0['t_single'][i])}  {_fmt_ms(t_ex[i])}  {_fmt_ms(t_st[i])}   "

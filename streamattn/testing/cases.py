@@ -388,3 +388,29 @@ def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses
     out = api.byte_counters()
     out["plan"] = str(_last_plan())
     return out
+
+
+def triton_usage(rank, world_size, **kw):
+    """check_attention with every Triton entry point counted (STREAMATTN_TRITON=1 and
+    TRITON_INTERPRET=1 in the environment): proves the library, not only the tests, calls them."""
+    from streamattn import triton_kernels as tk
+
+    names = ("attention_fwd", "merge_", "pack_seq", "unpack_heads")
+    calls = {n: 0 for n in names}
+    real = {n: getattr(tk, n) for n in names}
+
+    def counted(name):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return real[name](*a, **k)
+        return wrapper
+
+    for n in names:
+        setattr(tk, n, counted(n))
+    try:
+        res = check_attention(rank, world_size, **kw)
+    finally:
+        for n in names:
+            setattr(tk, n, real[n])
+    res["calls"] = calls
+    return res
