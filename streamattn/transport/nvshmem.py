@@ -1,0 +1,372 @@
+"""`nvshmem`: the symmetric heap of the one-sided protocol on GPUs, over nvshmem4py (`nvshmem.core`).
+
+Written against nvshmem4py-cu13 == 0.4.1 (NVSHMEM 3.8.0 via nvidia-nvshmem-cu13, the same NVSHMEM
+csrc/ compiles against). Every nvshmem.core name used here was read from that wheel's source
+(nvshmem/core/{init_fini,memory,rma,collective,direct,interop/torch,nvshmem_types}.py):
+
+    get_unique_id(empty=False) -> UniqueID      (128-byte struct; bytes via uid._data.view(uint8))
+    init(device=cuda.core.Device, uid=, rank=, nranks=, initializer_method="uid")
+    my_pe(), n_pes(), team_n_pes(Teams.TEAM_NODE), init_status()
+    tensor(shape, dtype=torch.uint8, except_on_del=False)   symmetric torch tensor (nvshmem_malloc,
+                                                            COLLECTIVE over every PE, same order)
+    free_tensor(t)                                          collective nvshmem_free
+    put_signal(dst, src, signal_var, signal_val, SignalOp.SIGNAL_SET, remote_pe, stream)
+                                                            nvshmemx_putmem_signal_on_stream
+    put(dst, src, remote_pe, stream)                        nvshmemx_putmem_on_stream
+    signal_op(signal_var, value, SignalOp.SIGNAL_SET, remote_pe, stream)
+    signal_wait(signal_var, value, ComparisonType.CMP_GE, stream)  nvshmemx_signal_wait_until_on_stream
+    signal_fetch(signal_var) -> int                         host nvshmem_signal_fetch (a D2H copy)
+    quiet(stream)                                           nvshmemx_quiet_on_stream
+The RMA calls take cuda.core `Buffer`s (or nvshmem4py-allocated tensors whose data_ptr is the
+START of an allocation — slices are rejected by `tensor_get_buffer`), so puts at an offset use
+non-owning `cuda.core.Buffer.from_handle(ptr, size)` views; `stream` is a torch.cuda.Stream (it
+implements `__cuda_stream__`).
+
+How the Heap calls map (see heap.py and onesided.py for the protocol):
+    put(peer, src, off)   deferred; the next signal() to that peer issues ONE on-stream put_signal
+                          (data + signal, NVSHMEM orders the signal after the data). Blocking
+                          on-stream variant (not _nbi): when the stream op completes, src may be
+                          reused, so the caller may overwrite it in stream order. A second put to
+                          the same peer before a signal flushes the first with put + quiet.
+                          Why put_signal and not a peer-pointer copy (get_peer_tensor / nvshmem_ptr):
+                          one op carries both the data and the release-ordered signal, and it also
+                          works where nvshmem_ptr returns NULL (no P2P mapping); a peer-pointer
+                          copy_ would need a separate system-scope fence before the signal store.
+    signal(peer, s, v)    put_signal (if a put is pending) or on-stream signal_op SIGNAL_SET: both
+                          ordered after earlier work on the current stream (e.g. the receiver's
+                          copy-out before its credit).
+    read_signal(s)        host signal_fetch of the local slot. When the value advanced, an
+                          on-stream signal_wait(>= value) is queued too, so the work queued after
+                          it (the copy-out of the chunk) has NVSHMEM acquire semantics on the GPU.
+                          signal_fetch is a synchronous D2H copy: it also waits for work queued on
+                          the legacy default stream (correct, but it costs overlap; the
+                          device-initiated csrc/ kernels are the fast path).
+    local(off, n)         uint8 view of this PE's symmetric data.
+    quiet()               flush deferred puts, nvshmemx_quiet_on_stream.
+    peer_alive(peer)      True: NVSHMEM has no liveness query; waits end by STREAMATTN_TIMEOUT_S.
+
+Bootstrap: NVSHMEM is initialised once per process, over the node members of the FIRST heap
+created (member index == PE). Member 0 creates the unique id; it travels hex-encoded (no pickle)
+through `all_gather_text`, i.e. the two-sided torch transport of the group. Later heaps must have
+exactly the same members (nvshmem_malloc is collective over every PE of the NVSHMEM world), else
+RuntimeError. One NVSHMEM world per node: heaps never span nodes (onesided.py sends inter-node
+messages through the two-sided transport).
+
+csrc/ (device-initiated put-with-signal all-to-all and ring steps): `NvshmemHeap.extension()`
+loads it (`streamattn._nvshmem_ext` if built with STREAMATTN_BUILD_CUDA=1, else a JIT build via
+csrc/build.py `load_extension()`) and initialises ITS device state with the same unique id
+(`ext.init_with_uniqueid`; the host library is already initialised, NVSHMEM 3.x reference-counts
+init). Its kernels take the symmetric tensors `heap.data_tensor` / `heap.signal_tensor` and world
+PEs; csrc/README.md has the call sequence. onesided.py does not use it yet.
+
+Importing this module never needs nvshmem4py or CUDA; constructing a heap raises RuntimeError
+naming what is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from .heap import Heap
+
+NVSHMEM4PY_PIN = "nvshmem4py-cu13==0.4.1"  # the version this file was written and checked against
+UID_BYTES = 128
+_ALIGN = 256
+_TEXT_LEN = 2 + 7 + 7 + 2 * UID_BYTES  # "I:" / "U:" + "%06d:" pe + "%06d:" npes + uid hex
+
+# Process-wide NVSHMEM state (NVSHMEM is initialised once per process).
+_state: dict = {"initialised": False, "uid_hex": None, "pe": None, "npes": None, "ext": None}
+
+
+def _core():
+    """nvshmem.core, or RuntimeError saying how to install it."""
+    try:
+        return importlib.import_module("nvshmem.core")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"streamattn nvshmem transport unavailable: nvshmem4py not installed "
+            f"(pip install {NVSHMEM4PY_PIN}, or streamattn[gpu]): {exc}") from exc
+
+
+def available() -> tuple:
+    """(ok, reason) without initialising anything."""
+    if importlib.util.find_spec("nvshmem") is None:
+        return False, f"nvshmem4py not installed (pip install {NVSHMEM4PY_PIN})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False)"
+    return True, ""
+
+
+def _buffer_cls():
+    from cuda.core import Buffer  # cuda.core >= 0.4 (a dependency of nvshmem4py 0.4.1)
+
+    return Buffer
+
+
+def _device_cls():
+    from cuda.core import Device
+
+    return Device
+
+
+def _proc_state() -> dict:
+    """The process-wide NVSHMEM state (a hook: the threaded fake-PE tests give each thread its own)."""
+    return _state
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _synchronize(device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def _current_stream(device):
+    """The stream every heap operation is queued on: torch's current stream (implements
+    __cuda_stream__, which nvshmem.core reads)."""
+    return torch.cuda.current_stream(device)
+
+
+def _encode(status, pe, npes, uid_hex):
+    text = f"{status}:{pe:06d}:{npes:06d}:{uid_hex}"
+    assert len(text) == _TEXT_LEN, len(text)
+    return text
+
+
+def _decode(text, member):
+    try:
+        status, pe, npes, uid_hex = text.split(":")
+        if status not in ("I", "U") or len(uid_hex) != 2 * UID_BYTES:
+            raise ValueError
+        bytes.fromhex(uid_hex)
+        return status, int(pe), int(npes), uid_hex
+    except ValueError:
+        raise RuntimeError(f"member {member} of the nvshmem heap sent a malformed bootstrap "
+                           f"message ({text[:40]!r}...); ranks run different streamattn versions?") from None
+
+
+def _uid_to_hex(uid) -> str:
+    import numpy as np
+
+    return bytes(uid._data.view(np.uint8).reshape(-1)).hex()
+
+
+def _uid_from_hex(core, uid_hex):
+    import numpy as np
+
+    uid = core.get_unique_id(empty=True)
+    view = uid._data.view(np.uint8).reshape(-1)
+    raw = np.frombuffer(bytes.fromhex(uid_hex), dtype=np.uint8)
+    if view.size != raw.size:
+        raise RuntimeError(f"NVSHMEM unique id is {view.size} bytes here, {raw.size} from member 0")
+    view[:] = raw
+    return uid
+
+
+def _bootstrap(core, rank, size, all_gather_text):
+    """Initialise NVSHMEM over the heap's members (once per process); return each member's PE."""
+    st = _proc_state()
+    if st["initialised"]:
+        mine = _encode("I", st["pe"], st["npes"], st["uid_hex"])
+    elif rank == 0:
+        mine = _encode("U", 0, size, _uid_to_hex(core.get_unique_id()))
+    else:
+        mine = _encode("U", 0, size, "0" * (2 * UID_BYTES))
+    try:
+        texts, _ = all_gather_text(mine, os.getpid())
+    except Exception as exc:
+        raise RuntimeError(f"nvshmem bootstrap: all-gathering the unique id over the two-sided "
+                           f"transport failed ({type(exc).__name__}: {exc})") from exc
+    msgs = [_decode(t, i) for i, t in enumerate(texts)]
+    kinds = {m[0] for m in msgs}
+    if kinds == {"U"}:
+        uid_hex = msgs[0][3]
+        uid = _uid_from_hex(core, uid_hex)
+        dev = _device_cls()(_current_device().index)
+        dev.set_current()
+        core.init(device=dev, uid=uid, rank=rank, nranks=size, initializer_method="uid")
+        if core.my_pe() != rank or core.n_pes() != size:
+            raise RuntimeError(f"NVSHMEM initialised as PE {core.my_pe()} of {core.n_pes()}, "
+                               f"expected {rank} of {size}")
+        st.update(initialised=True, uid_hex=uid_hex, pe=rank, npes=size)
+        return list(range(size))
+    if kinds == {"I"} and len({m[3] for m in msgs}) == 1 and msgs[0][2] == size \
+            and sorted(m[1] for m in msgs) == list(range(size)):
+        return [m[1] for m in msgs]
+    raise RuntimeError(
+        "streamattn nvshmem transport: NVSHMEM is initialised once per process, over the node "
+        "members of the first group that used it; this group's node members "
+        f"({size} ranks, states {[m[0] + str(m[1]) + '/' + str(m[2]) for m in msgs]}) are not "
+        "exactly that NVSHMEM world. Use the nvshmem transport on one group per node "
+        "(e.g. the default group), or STREAMATTN_TRANSPORT=torch for the others.")
+
+
+class NvshmemHeap(Heap):
+    """Symmetric heap on the NVSHMEM symmetric heap of this node's GPUs (see the module docstring).
+
+    Constructor signature as ShmHeap: collective over the `size` members (ranks of one node, each
+    on its own CUDA device, set current before the call)."""
+
+    def __init__(self, rank, size, data_bytes, num_signals, all_gather_text, barrier):
+        core = _core()
+        if not _cuda_available():
+            raise RuntimeError("streamattn nvshmem transport unavailable: no CUDA device "
+                               "(torch.cuda.is_available() is False)")
+        self._core = core
+        self.rank, self.size = rank, size
+        self.data_bytes, self.num_signals = data_bytes, num_signals
+        self.pes = _bootstrap(core, rank, size, all_gather_text)
+        self.device = _current_device()
+        self._sig_bytes = num_signals * 8
+        self._data_off = -(-self._sig_bytes // _ALIGN) * _ALIGN
+        total = self._data_off + data_bytes
+        # Collective nvshmem_malloc: every PE of the world allocates, in the same order.
+        self._mem = core.tensor((total,), dtype=torch.uint8, except_on_del=False)
+        self.signal_tensor = self._mem[: self._sig_bytes].view(torch.int64)
+        self.data_tensor = self._mem[self._data_off : self._data_off + data_bytes]
+        self.signal_tensor.zero_()
+        _synchronize(self.device)
+        barrier()  # every member's signals are zero before anyone signals
+        Buffer = _buffer_cls()
+        self._Buffer = Buffer
+        base = self._mem.data_ptr()
+        self._sig_bufs = [Buffer.from_handle(base + 8 * s, 8) for s in range(num_signals)]
+        self._data_ptr = base + self._data_off
+        self._seen = [0] * num_signals
+        self._pending = [None] * size  # deferred put per peer: (src tensor, dst_offset, nbytes)
+        self.acquire_on_stream = True
+        self._closed = False
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _stream(self):
+        return _current_stream(self.device)
+
+    def _dst(self, offset, nbytes):
+        if offset < 0 or offset + nbytes > self.data_bytes:
+            raise ValueError(f"nvshmem heap: [{offset}, {offset + nbytes}) outside the "
+                             f"{self.data_bytes}-byte data area")
+        return self._Buffer.from_handle(self._data_ptr + offset, nbytes)
+
+    def _src(self, src):
+        return self._Buffer.from_handle(src.data_ptr(), src.numel() * src.element_size())
+
+    def _flush(self, peer, stream):
+        """Issue a deferred put without a signal (put + quiet: ordered before what follows)."""
+        pend = self._pending[peer]
+        if pend is None:
+            return
+        self._pending[peer] = None
+        src, off, n = pend
+        self._core.put(self._dst(off, n), self._src(src), remote_pe=self.pes[peer], stream=stream)
+        self._core.quiet(stream=stream)
+
+    # -- Heap --------------------------------------------------------------------------------
+    def put(self, peer, src, dst_offset):
+        if src.device.type != self.device.type or not src.is_contiguous():
+            raise ValueError(f"nvshmem heap: put needs a contiguous tensor on {self.device.type}, "
+                             f"got {src.device} contiguous={src.is_contiguous()}")
+        n = src.numel() * src.element_size()
+        if n == 0:
+            return
+        stream = self._stream()
+        self._flush(peer, stream)
+        self._dst(dst_offset, n)  # bounds check now, not at signal time
+        self._pending[peer] = (src, dst_offset, n)
+
+    def signal(self, peer, slot, value):
+        stream = self._stream()
+        core, pe = self._core, self.pes[peer]
+        pend = self._pending[peer]
+        if pend is not None:
+            self._pending[peer] = None
+            src, off, n = pend
+            core.put_signal(self._dst(off, n), self._src(src), self._sig_bufs[slot], int(value),
+                            core.SignalOp.SIGNAL_SET, remote_pe=pe, stream=stream)
+        else:
+            core.signal_op(self._sig_bufs[slot], int(value), core.SignalOp.SIGNAL_SET,
+                           remote_pe=pe, stream=stream)
+
+    def read_signal(self, slot):
+        core = self._core
+        value = int(core.signal_fetch(self._sig_bufs[slot]))
+        if value > self._seen[slot]:
+            self._seen[slot] = value
+            if self.acquire_on_stream:
+                core.signal_wait(self._sig_bufs[slot], value, core.ComparisonType.CMP_GE,
+                                 stream=self._stream())
+        return value
+
+    def local(self, offset, nbytes):
+        return self.data_tensor[offset : offset + nbytes]
+
+    def peer_alive(self, peer):
+        return True  # NVSHMEM has no liveness query; the protocol's timeout names the peer
+
+    def quiet(self):
+        stream = self._stream()
+        for p in range(self.size):
+            self._flush(p, stream)
+        self._core.quiet(stream=stream)
+
+    def close(self):
+        """Collective (nvshmem_free): every member closes its heaps in the same order."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.quiet()
+            _synchronize(self.device)
+        finally:
+            self.signal_tensor = self.data_tensor = None
+            self._sig_bufs = []
+            mem, self._mem = self._mem, None
+            if mem is not None:
+                self._core.free_tensor(mem)
+
+    # -- csrc/ device-initiated kernels (optional) ------------------------------------------------
+    def extension(self, verbose=False):
+        """The csrc/ extension with its NVSHMEM device state initialised (GPU boxes only)."""
+        st = _proc_state()
+        if st["ext"] is not None:
+            return st["ext"]
+        try:
+            ext = importlib.import_module("streamattn._nvshmem_ext")
+        except ImportError:
+            here = os.path.dirname(os.path.abspath(__file__))
+            path = os.path.join(here, "..", "..", "csrc", "build.py")
+            if not os.path.isfile(path):
+                raise RuntimeError("csrc/ extension not built (STREAMATTN_BUILD_CUDA=1 pip install .) "
+                                   "and csrc/build.py not found (not an editable install)") from None
+            spec = importlib.util.spec_from_file_location("streamattn_csrc_build", path)
+            build = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(build)
+            ext = build.load_extension(verbose=verbose)
+        uid = torch.frombuffer(bytearray(bytes.fromhex(st["uid_hex"])), dtype=torch.uint8)
+        status = ext.init_with_uniqueid(uid, st["pe"], st["npes"])
+        if status != 0:
+            raise RuntimeError(f"csrc extension: nvshmemx_init_attr returned {status}")
+        st["ext"] = ext
+        return ext
+
+
+def finalize():
+    """Finalise NVSHMEM in this process (collective; call after closing every heap, before exit)."""
+    st = _proc_state()
+    if st["initialised"]:
+        _core().finalize()
+        st.update(initialised=False, uid_hex=None, pe=None, npes=None, ext=None)
+
+
+def uid_digest() -> str:
+    """Short digest of the unique id this process was initialised with ('' if none): logs/tests."""
+    st = _proc_state()
+    return hashlib.sha256(bytes.fromhex(st["uid_hex"])).hexdigest()[:12] if st["uid_hex"] else ""
