@@ -4,10 +4,11 @@
 """
 from .api import attention
 from .errors import PeerError, PeerTimeoutError, StreamAttnError
-from .plan import Plan, choose_plan
+from .plan import Plan
+from .planner import make_plan, plan_for
 from .problem import Problem
 from .reference import reference_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "Plan", "Problem", "choose_plan", "reference_attention", "PeerError",
+__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "PeerError",
            "PeerTimeoutError", "StreamAttnError", "__version__"]

@@ -1,10 +1,8 @@
 """Plans: which algorithm and degrees run a call. A plan is data: print it, compare it, save it.
 
-`choose_plan` validates a forced choice (algorithm / degrees) or picks one for "auto". The "auto"
-rule here is the simple one (largest Ulysses degree that divides the heads and fits in a node, ring
-across). The topology-aware planner (issue 4) is `streamattn.planner.make_plan(problem, topology)`:
-it returns the same `Plan`, with `predicted_s`, `reason` and every `Candidate` it considered
-(`Plan.explain()` prints them).
+The planner, `streamattn.planner.make_plan(problem, topology)`, validates a forced choice or costs
+every candidate on the topology for "auto"; it returns a `Plan` with `predicted_s`, `reason` and
+every `Candidate` it considered (`Plan.explain()` prints them).
 """
 from __future__ import annotations
 
@@ -212,65 +210,3 @@ def _divisors(n: int) -> list:
 def valid_ulysses_degrees(world: int, heads: int) -> list:
     """Ulysses degrees u with u | world (rings of equal size) and u | heads."""
     return [u for u in _divisors(world) if heads % u == 0]
-
-
-def _make(u: int, world: int, reason: str) -> Plan:
-    r = world // u
-    if world == 1:
-        return Plan("local", 1, 1, reason=reason)
-    algo = "ulysses" if r == 1 else "ring" if u == 1 else "usp"
-    return Plan(algo, u, r, reason=reason)
-
-
-def choose_plan(problem, node_of, algorithm="auto", ulysses_degree=None, ring_degree=None) -> Plan:
-    """Validate a forced plan or pick one. Raises ValueError naming what would be valid.
-
-    node_of[r]: node of group rank r (for "auto": keep Ulysses inside a node)."""
-    world, H = problem.world_size, problem.heads
-    valid = valid_ulysses_degrees(world, H)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"streamattn: algorithm={algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-    if world == 1:
-        return Plan("local", 1, 1, reason="group of size 1")
-    if ulysses_degree is not None and ring_degree is not None and ulysses_degree * ring_degree != world:
-        raise ValueError(f"streamattn: ulysses_degree={ulysses_degree} x ring_degree={ring_degree} "
-                         f"!= group size {world}")
-    u = ulysses_degree
-    if u is None and ring_degree is not None:
-        if ring_degree < 1 or world % ring_degree:
-            raise ValueError(f"streamattn: ring_degree={ring_degree} does not divide the group size "
-                             f"{world}; valid ring degrees: {', '.join(map(str, _divisors(world)))}")
-        u = world // ring_degree
-    if algorithm == "ulysses":
-        if u not in (None, world):
-            raise ValueError(f"streamattn: algorithm='ulysses' uses ulysses_degree={world} (the group "
-                             f"size), got {u}; use algorithm='usp' for a hybrid")
-        u = world
-    elif algorithm == "ring":
-        if u not in (None, 1):
-            raise ValueError(f"streamattn: algorithm='ring' uses ulysses_degree=1, got {u}; use "
-                             "algorithm='usp' for a hybrid")
-        u = 1
-    elif algorithm == "usp" and u is None:
-        algorithm = "auto"  # usp without degrees: let the rule pick the factorization
-    if u is not None:
-        if u < 1 or world % u:
-            raise ValueError(f"streamattn: ulysses_degree={u} does not divide the group size {world}; "
-                             f"valid degrees for {H} heads: {', '.join(map(str, valid))}")
-        if H % u:
-            raise ValueError(f"streamattn: {H} query heads cannot be split over ulysses_degree={u}; "
-                             f"valid degrees for {H} heads on {world} ranks: "
-                             f"{', '.join(map(str, valid))}")
-        return _make(u, world, reason="requested")
-    return auto_plan(problem, node_of)
-
-
-def auto_plan(problem, node_of) -> Plan:
-    """Simple rule: the largest valid Ulysses degree whose groups stay inside one node."""
-    world = problem.world_size
-    best = 1
-    for u in valid_ulysses_degrees(world, problem.heads):
-        groups_intra = all(len({node_of[g * u + j] for j in range(u)}) == 1 for g in range(world // u))
-        if groups_intra:
-            best = max(best, u)
-    return _make(best, world, reason="auto: largest Ulysses degree inside a node that divides the heads")

@@ -7,7 +7,9 @@ import torch
 import streamattn
 from streamattn.kernels import attention_with_lse, select_backend
 from streamattn.merge import empty_accumulator, merge_all, update_out_and_lse
-from streamattn.plan import Plan, choose_plan, valid_ulysses_degrees
+from streamattn.plan import Plan, torus_plan, valid_ulysses_degrees
+from streamattn.planner import make_plan
+from streamattn.topology import parse_spec
 from streamattn.problem import Problem
 from streamattn.reference import reference_attention
 from streamattn.validate import check_agreement, encode
@@ -115,24 +117,28 @@ def test_single_process_without_distributed(layout, dtype, tol):
 
 def _problem(world, heads=24, causal=False):
     return Problem(batch=1, heads=heads, kv_heads=heads, head_dim=64, dtype=torch.float32,
-                   seq_lens=(10,) * world, scale=0.125, causal=causal)
+                   seq_lens=(4096,) * world, scale=0.125, causal=causal)
 
 
 def test_plan_rules_and_errors():
+    topo8 = parse_spec("2x4")
     assert valid_ulysses_degrees(16, 24) == [1, 2, 4, 8]
-    p = choose_plan(_problem(8), [0] * 4 + [1] * 4)
-    assert (p.algorithm, p.ulysses_degree, p.ring_degree) == ("usp", 4, 2)
-    p = choose_plan(_problem(8), [0] * 8)
-    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 8)
     with pytest.raises(ValueError, match="valid degrees for 24 heads on 16 ranks: 1, 2, 4, 8"):
-        choose_plan(_problem(16), [0] * 16, "ulysses")
+        make_plan(_problem(16), parse_spec("2x8"), algorithm="ulysses", compute_rate=1e12)
     with pytest.raises(ValueError, match="does not divide the group size 6"):
-        choose_plan(_problem(6), [0] * 6, "usp", ulysses_degree=4)
+        make_plan(_problem(6), parse_spec("1x6"), algorithm="usp", ulysses_degree=4, compute_rate=1e12)
     with pytest.raises(ValueError, match="!= group size"):
-        choose_plan(_problem(6), [0] * 6, "usp", ulysses_degree=2, ring_degree=2)
-    p = choose_plan(_problem(6), [0] * 6, "usp", ring_degree=3)
+        make_plan(_problem(6), parse_spec("1x6"), algorithm="usp", ulysses_degree=2, ring_degree=2,
+                  compute_rate=1e12)
+    p = make_plan(_problem(6), parse_spec("1x6"), algorithm="usp", ring_degree=3, compute_rate=1e12)
     assert (p.ulysses_degree, p.ring_degree) == (2, 3)
-    assert choose_plan(_problem(1), [0]).algorithm == "local"
+    p = make_plan(_problem(8), topo8, compute_rate=1e12)
+    assert p.algorithm in ("ulysses", "ring", "usp", "torus") and p.predicted_s > 0
+    assert 24 % p.ulysses_degree == 0
+    t = torus_plan(_problem(8), topo8)
+    assert (t.algorithm, t.ulysses_degree, t.torus_degree, t.ring_degree) == ("torus", 4, 2, 1)
+    with pytest.raises(ValueError, match="not divisible by ulysses_degree x torus_degree"):
+        torus_plan(_problem(8, heads=12), topo8)
 
 
 def test_plan_is_data():

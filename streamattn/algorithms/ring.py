@@ -71,22 +71,16 @@ def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
     if me == 0:
         own = attention_with_lse(jq, jk, jv, scale=scale)
         parts = [own] + parts if joint_strategy == "front" else parts + [own]
-    o, l = merge_all(parts)
-    B, h, T, D = o.shape
-    flat = torch.cat([o.reshape(-1), l.reshape(-1)]).contiguous()
-    r = len(members)
-    bufs = [None] * r
-    sends, recvs = [], []
-    for j in range(r):
-        if j == me:
-            bufs[j] = flat
-            continue
-        sends.append((members[j], flat))
-        bufs[j] = torch.empty_like(flat)
-        recvs.append((members[j], bufs[j]))
-    transport.exchange(sends, recvs, TAG_JOINT).wait()
+    return merge_across(transport, members, *merge_all(parts), TAG_JOINT)[0]
+
+
+def merge_across(transport, members, out, lse, tag):
+    """Merge every member's partial (out [B, h, T, D], lse [B, h, T]) over disjoint keys, in member
+    order, so that all members end with bit-identical (out, lse)."""
+    B, h, T, D = out.shape
     n = B * h * T * D
-    return merge_all([(b[:n].view(B, h, T, D), b[n:].view(B, h, T)) for b in bufs])[0]
+    flats = transport.all_gather(torch.cat([out.reshape(-1), lse.reshape(-1)]), members, tag)
+    return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
 def ring_attention(transport, problem, q, k, v, joint=None, members=None):

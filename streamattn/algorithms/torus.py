@@ -23,6 +23,7 @@ import torch
 
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, update_out_and_lse
+from .ring import merge_across
 from .ulysses import allgather_heads, fit_kv_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
 TAG_QKV, TAG_OUT, TAG_RING, TAG_JOINT = 200, 300, 400, 14
@@ -203,19 +204,7 @@ def _joint_output(st, jblk, joint_kv):
     o, l = merge_all(parts)
     if st.r > 1:
         ring = [st.groups[x * st.t + st.m][st.g] for x in range(st.r)]
-        B, h, T, D = o.shape
-        flat = torch.cat([o.reshape(-1), l.reshape(-1)])
-        bufs, sends, recvs = [None] * st.r, [], []
-        for x in range(st.r):
-            if x == st.team:
-                bufs[x] = flat
-                continue
-            sends.append((ring[x], flat))
-            bufs[x] = torch.empty_like(flat)
-            recvs.append((ring[x], bufs[x]))
-        st.tr.exchange(sends, recvs, TAG_JOINT).wait()
-        n = B * h * T * D
-        o, _ = merge_all([(b[:n].view(B, h, T, D), b[n:].view(B, h, T)) for b in bufs])
+        o, _ = merge_across(st.tr, ring, o, l, TAG_JOINT)
     team_groups = st.groups[st.team * st.t : (st.team + 1) * st.t]
     members = [team_groups[mm][gg] for gg in range(len(team_groups[0])) for mm in range(st.t)]
     return allgather_heads(st.tr, members, members.index(st.tr.rank), o.transpose(1, 2).to(st.dtype))

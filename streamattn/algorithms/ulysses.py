@@ -144,19 +144,7 @@ def _packing(x):
 
 def allgather_heads(transport, members, me, x):
     """x: [B, T, h, D] (my heads of a replicated block) -> [B, T, u*h, D], identical on all members."""
-    u = len(members)
-    parts = [None] * u
-    sends, recvs = [], []
-    mine = x.contiguous()
-    for j in range(u):
-        if j == me:
-            parts[j] = mine
-            continue
-        sends.append((members[j], mine))
-        parts[j] = torch.empty_like(mine)
-        recvs.append((members[j], parts[j]))
-    transport.exchange(sends, recvs, TAG_JOINT).wait()
-    return torch.cat(parts, 2)
+    return torch.cat(transport.all_gather(x, members, TAG_JOINT), 2)
 
 
 def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chunks=1):

@@ -28,7 +28,9 @@ def add_arguments(p) -> None:
                         f"(default: $STREAMATTN_TOPOLOGY, else {DEFAULT_TOPOLOGY})")
     p.add_argument("--world-size", type=int, default=None, help="plan on the first N ranks of the topology")
     p.add_argument("--seq-lens", default=None, help="comma-separated tokens per rank (uneven shards)")
-    p.add_argument("--algorithm", default="auto", choices=("auto", "ulysses", "ring", "usp"))
+    p.add_argument("--algorithm", default="auto", choices=("auto", "ulysses", "ring", "usp", "torus"),
+                   help="restrict the plan (torus: --ulysses-degree u and --ring-degree r, t = P/(u*r), "
+                        "both optional)")
     p.add_argument("--ulysses-degree", type=int, default=None)
     p.add_argument("--ring-degree", type=int, default=None)
     p.add_argument("--compute-rate", type=float, default=None, help="TFLOP/s per rank (default: the topology's)")

@@ -48,6 +48,7 @@ COMPAT = {
     "unsupported": "dropout_p>0, window_size!=(-1,-1), softcap!=0, alibi_slopes, autograd",
 }
 
+_GROUPS: dict = {}
 _STATE = {"group": None, "ulysses_degree": None, "ring_degree": None, "set": False,
           "sp_ranks": None}
 
@@ -64,11 +65,12 @@ def set_seq_parallel_pg(sp_ulysses_degree, sp_ring_degree, rank, world_size, use
     group = None
     ranks = list(range(world_size))
     if dp > 1:
-        for d in range(dp):
-            members = list(range(d * sp, (d + 1) * sp))
-            g = dist.new_group(members)
-            if rank in members:
-                group, ranks = g, members
+        # One group per replica, created once per (sp, world_size) (new_group is collective).
+        groups = _GROUPS.get((sp, world_size))
+        if groups is None:
+            groups = _GROUPS[(sp, world_size)] = [
+                dist.new_group(list(range(d * sp, (d + 1) * sp))) for d in range(dp)]
+        group, ranks = groups[rank // sp], list(range(rank // sp * sp, (rank // sp + 1) * sp))
     elif dist.is_available() and dist.is_initialized() and dist.get_world_size() != world_size:
         raise ValueError(f"world_size={world_size} but torch.distributed has {dist.get_world_size()} ranks")
     _STATE.update(group=group, ulysses_degree=int(sp_ulysses_degree), ring_degree=int(sp_ring_degree),

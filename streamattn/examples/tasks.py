@@ -146,11 +146,13 @@ def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64
     import streamattn
 
     kv_heads = kv_heads or heads
-    lens = lens or split_lengths(seq, world_size)
-    q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
-                                 head_dim=head_dim, joint_len=joint_len)
-    start = sum(lens[:rank])
-    ql, kl, vl = (t[:, start:start + lens[rank]].contiguous() for t in (q, k, v))
+    sp = ulysses_degree * ring_degree           # < world_size: data-parallel replicas of SP groups
+    sp_rank, replica = rank % sp, rank // sp
+    lens = lens or split_lengths(seq, sp)
+    q, k, v, joint = make_inputs(seed=seed + replica, batch=batch, seq=seq, heads=heads,
+                                 kv_heads=kv_heads, head_dim=head_dim, joint_len=joint_len)
+    start = sum(lens[:sp_rank])
+    ql, kl, vl = (t[:, start:start + lens[sp_rank]].contiguous() for t in (q, k, v))
     shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
     layer = shim.LongContextAttention()
     jkw, akw = {}, {}
@@ -164,7 +166,8 @@ def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64
     u, r = ulysses_degree, ring_degree
     alg = ({} if u * r == 1 else {"algorithm": "ulysses"} if r == 1 else {"algorithm": "ring"}
            if u == 1 else {"algorithm": "usp", "ulysses_degree": u, "ring_degree": r})
-    ref = streamattn.attention(ql, kl, vl, causal=causal, scale=softmax_scale, **akw, **alg)
+    ref = streamattn.attention(ql, kl, vl, shim.get_sp_group(), causal=causal, scale=softmax_scale,
+                               **akw, **alg)
     if joint is not None:
         ref = torch.cat([ref[1], ref[0]] if joint_strategy == "front" else list(ref), dim=1)
     res = {"identical": bool(torch.equal(out, ref)), "xfuser_identical": bool(torch.equal(xo, ref)),

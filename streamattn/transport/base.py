@@ -68,16 +68,21 @@ class Transport(ABC):
             self.counters.inter += nbytes
         self.counters.messages += 1
 
+    def all_gather(self, tensor: torch.Tensor, members, tag: int, count: bool = True) -> list:
+        """Every member's `tensor` (same shape and dtype on each), in member order; this rank must
+        be one of `members` (group ranks)."""
+        tensor = tensor.contiguous()
+        out, sends, recvs = [], [], []
+        for p in members:
+            if p == self.rank:
+                out.append(tensor)
+                continue
+            out.append(torch.empty_like(tensor))
+            sends.append((p, tensor))
+            recvs.append((p, out[-1]))
+        self.exchange(sends, recvs, tag, count=count).wait()
+        return out
+
     def all_gather_vector(self, vec: torch.Tensor, tag: int) -> list:
-        """Every rank's copy of a small 1-D tensor (same shape and dtype on every rank)."""
-        vec = vec.to(self.device).contiguous()
-        out = [None] * self.size
-        out[self.rank] = vec
-        recvs = []
-        for p in range(self.size):
-            if p != self.rank:
-                out[p] = torch.empty_like(vec)
-                recvs.append((p, out[p]))
-        sends = [(p, vec) for p in range(self.size) if p != self.rank]
-        self.exchange(sends, recvs, tag, count=False).wait()
-        return [t.cpu() for t in out]
+        """Every rank's copy of a small 1-D tensor (metadata: not counted as payload), on the CPU."""
+        return [t.cpu() for t in self.all_gather(vec.to(self.device), range(self.size), tag, count=False)]

@@ -116,16 +116,7 @@ class OneSidedTransport(Transport):
     def _all_gather_text(self, text, pid):
         data = list(text.encode()) + [0] * (96 - len(text))
         vec = torch.tensor([pid] + data, dtype=torch.int64)
-        out = [None] * len(self.members)
-        sends, recvs = [], []
-        for i, g in enumerate(self.members):
-            if g == self.rank:
-                out[i] = vec
-            else:
-                out[i] = torch.empty_like(vec)
-                sends.append((g, vec))
-                recvs.append((g, out[i]))
-        self.base.exchange(sends, recvs, 2, count=False).wait()
+        out = self.base.all_gather(vec, self.members, 2, count=False)
         names = [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out]
         return names, [int(v[0]) for v in out]
 
