@@ -11,7 +11,25 @@ def test_plan_explain_runs(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "Candidates" in out and "dropped: 24 heads not divisible by u=16" in out
-    assert "Steps of the chosen plan" in out and "Why: auto: cheapest of 4 costed candidates" in out
+    assert "Steps of the chosen plan" in out and "Why: auto: cheapest of 10 costed candidates" in out
+    # 4 ulysses/ring/usp + 6 torus splits costed; torus rows show u, t and r
+    assert "dropped: 24 heads not divisible by u x t = 8 x 2" in out
+
+
+def test_plan_torus_forced(capsys):
+    assert main(["plan", "--seq", "4096", "--heads", "32", "--head-dim", "128", "--joint-len", "256",
+                 "--topology", "h100x8-2node", "--algorithm", "torus", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "Chosen: Plan(torus, ulysses=8 x torus=2 x ring=1" in out
+    assert "torus exchange 1/1 q,k,v arrives, attend its block" in out
+    assert main(["plan", "--seq", "4096", "--heads", "24", "--head-dim", "128", "--topology",
+                 "h100x8-2node", "--algorithm", "torus", "--ulysses-degree", "4", "--ring-degree", "2",
+                 "--json"]) == 0
+    plan = Plan.from_json(capsys.readouterr().out)
+    assert (plan.algorithm, plan.ulysses_degree, plan.torus_degree, plan.ring_degree) == ("torus", 4, 2, 2)
+    assert main(["plan", "--seq", "4096", "--heads", "24", "--head-dim", "128", "--topology",
+                 "h100x8-2node", "--algorithm", "torus", "--ulysses-degree", "8"]) == 2
+    assert "valid torus splits u x t x r" in capsys.readouterr().err
 
 
 def test_plan_json_and_plain(capsys):

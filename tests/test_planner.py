@@ -12,7 +12,8 @@ from streamattn import algorithms
 from streamattn.costmodel import (CostModel, bytes_sent, call_flops, messages, visible_pairs,
                                   consecutive_groups)
 from streamattn.plan import Plan
-from streamattn.planner import enumerate_candidates, make_plan, plan_for
+from streamattn.planner import (COSTED_ALGORITHMS, enumerate_candidates, make_plan, plan_for,
+                                torus_degree)
 from streamattn.problem import Problem
 from streamattn.topology import Link, LinkKind, Topology, load_machine
 from streamattn.transport.base import ByteCounters, Pending, Transport
@@ -22,7 +23,14 @@ HUNYUAN = dict(seq=118800, heads=24, head_dim=128, joint_len=256)      # Hunyuan
 
 
 def _cands(plan):
-    return {(c.ulysses_degree, c.placement): c for c in plan.candidates}
+    """Ulysses / ring / USP candidates by (u, placement)."""
+    return {(c.ulysses_degree, c.placement): c for c in plan.candidates if c.algorithm != "torus"}
+
+
+def _torus(plan):
+    """Torus candidates by (u, t, r)."""
+    return {(c.ulysses_degree, torus_degree(c), c.ring_degree): c for c in plan.candidates
+            if c.algorithm == "torus"}
 
 
 def _groups_inside_nodes(topo, groups):
@@ -75,15 +83,88 @@ def test_h100_two_nodes_no_blocking_all_to_all_over_the_network(heads, seq):
     assert _cands(p)[(16, "consecutive")].valid
 
 
+@pytest.mark.parametrize("heads", [32, 48])
+@pytest.mark.parametrize("seq", [1024, 4096, 16384])
+def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
+    """Recorded model finding, not a published fact. At these sizes the model picks Ulysses 16
+    (a blocking all-to-all over InfiniBand). Torus 8x2 (the same inter-node bytes at M = 2) is
+    predicted 1.1-1.25x slower, not faster: with t = 2 only the local block -- a quarter of the
+    block pairs -- runs while the exchange is in flight, the last block is a foreign one so its
+    output goes home after all compute (exposed), the joint output is all-gathered over the same
+    16 ranks as Ulysses', and the block decomposition adds memory-bound LSE merges (unfused torch
+    ops, as merge.py is written) that roughly double the local time on an H100 at these sizes."""
+    p = plan_for(seq, heads, 128, joint_len=256, topology="h100x8-2node")
+    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 16), p.explain()
+    tor = _torus(p)[(8, 2, 1)]
+    assert tor.valid and 1.05 < tor.predicted_s / p.predicted_s < 1.3
+    assert tor.compute_s > 1.3 * _cands(p)[(16, "consecutive")].compute_s
+
+
+@pytest.mark.parametrize("seq,heads,topology,split", [
+    (16384, 32, "h100x8-4node", (8, 4, 1)),               # M = 4: 3 exchanges hide behind 3 blocks
+    (32768, 32, "h100x8-4node", (8, 4, 1)),
+    (65536, 32, "l40x8-pcie-100gbe-2node", (4, 4, 1)),   # PCIe node: t spans both nodes
+    (118800, 48, "l40x8-pcie-100gbe-2node", (4, 4, 1)),
+])
+def test_where_torus_wins(seq, heads, topology, split):
+    """Recorded model finding: Torus is the cheapest plan only where several exchanges can hide
+    behind several blocks (t = 4) and the all-to-all it overlaps is large."""
+    p = plan_for(seq, heads, 128, joint_len=256, topology=topology)
+    assert (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree) == ("torus",) + split, \
+        p.explain()
+    assert p.groups == consecutive_groups(p.ulysses_degree * p.torus_degree * p.ring_degree,
+                                          p.ulysses_degree)
+    assert "runner-up" in p.reason
+
+
+def test_forced_torus_plans():
+    assert "torus" in COSTED_ALGORITHMS  # streamattn.api then plans forced torus with make_plan
+    p = plan_for(**FLUX, topology="h100x8-2node", algorithm="torus")  # cheapest valid torus
+    assert (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree) == ("torus", 4, 2, 2)
+    assert p.reason.startswith("requested (algorithm='torus'): torus u=4 x t=2 x r=2")
+    assert "auto would pick usp u=8 x r=2" in p.reason
+    p = plan_for(**FLUX, topology="h100x8-2node", algorithm="torus", ulysses_degree=2)
+    assert (p.ulysses_degree, p.torus_degree, p.ring_degree) == (2, 4, 2)
+    p = plan_for(**FLUX, topology="h100x8-2node", algorithm="torus", ulysses_degree=1, ring_degree=4)
+    assert (p.ulysses_degree, p.torus_degree, p.ring_degree) == (1, 4, 4)
+    p = plan_for(4096, 32, 128, topology="h100x8-2node", algorithm="torus")
+    assert (p.ulysses_degree, p.torus_degree, p.ring_degree) == (8, 2, 1)
+    assert Plan.from_json(p.to_json()) == p and Plan.from_json(p.to_json()).torus_degree == 2
+    text = p.explain()
+    assert "Steps of the chosen plan (torus u=8 x t=2 x r=1 [consecutive])" in text
+    assert "torus exchange 1/1 q,k,v arrives, attend its block" in text and "wait" in text
+    assert "torus outputs sent home" in text
+    # a forced usp / ulysses / ring request never returns a torus plan
+    for kw in (dict(algorithm="usp"), dict(ulysses_degree=8), dict(algorithm="ring")):
+        assert plan_for(4096, 32, 128, topology="h100x8-4node", **kw).algorithm != "torus"
+
+
+def test_torus_interleaved_map_drops_crossing_groups():
+    """Torus uses consecutive groups only: on an interleaved rank->node map every group of u > 1
+    crosses nodes and is dropped with the reason; u = 1 stays valid."""
+    p = plan_for(65536, 32, 128, topology=_interleaved_h100())
+    for (u, t, r), c in _torus(p).items():
+        if u > 1 and 32 % (u * t) == 0:
+            assert not c.valid and "cross nodes" in c.dropped
+        elif 32 % (u * t) == 0:
+            assert c.valid
+
+
 def test_24_heads_on_16_ranks_never_uses_a_degree_that_does_not_divide_24():
     p = plan_for(**FLUX, topology="h100x8-2node")
     assert 24 % p.ulysses_degree == 0
     for c in p.candidates:
-        if 24 % c.ulysses_degree:
+        if c.algorithm == "torus":
+            u, t = c.ulysses_degree, torus_degree(c)
+            if 24 % (u * t):
+                assert not c.valid and c.dropped == f"24 heads not divisible by u x t = {u} x {t}"
+            else:
+                assert c.valid and c.predicted_s > 0
+        elif 24 % c.ulysses_degree:
             assert not c.valid and c.dropped == f"24 heads not divisible by u={c.ulysses_degree}"
         else:
             assert c.valid and c.predicted_s > 0
-    assert {c.ulysses_degree for c in p.candidates if not c.valid} == {16}
+    assert {c.ulysses_degree for c in p.candidates if not c.valid and c.algorithm != "torus"} == {16}
 
 
 # ------------------------------------------------------------------------ forced plans
@@ -110,7 +191,12 @@ def test_forced_degrees_are_honoured():
     (dict(ulysses_degree=4, ring_degree=2), r"4 x ring_degree=2 != group size 16"),
     (dict(algorithm="ring", ulysses_degree=2), r"algorithm='ring' uses ulysses_degree=1"),
     (dict(algorithm="ulysses", ulysses_degree=8), r"algorithm='ulysses' uses ulysses_degree=16"),
-    (dict(algorithm="torus"), r"expected one of auto, ulysses, ring, usp"),
+    (dict(algorithm="torus", ulysses_degree=8, ring_degree=1),
+     r"algorithm='torus' .*24 heads not divisible by u x t = 8 x 2; valid torus splits u x t x r "
+     r"for 24 heads on 16 ranks: 4x2x2, 2x4x2, 2x2x4, 1x8x2, 1x4x4, 1x2x8"),
+    (dict(algorithm="torus", ulysses_degree=16), r"no torus split matches"),
+    (dict(algorithm="torus", ulysses_degree=0), r"ulysses_degree must be a positive int"),
+    (dict(algorithm="bogus"), r"expected one of auto, ulysses, ring, usp, torus"),
 ])
 def test_forced_plans_rejected_with_reason(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -156,8 +242,15 @@ def test_interleaved_causal_drops_per_node_groups():
 def test_candidate_order_and_labels():
     cands = enumerate_candidates(Problem(1, 24, 24, 128, torch.bfloat16, (256,) * 16, 0.1),
                                  load_machine("h100x8-2node"))
-    assert [c.ulysses_degree for c in cands] == [16, 8, 4, 2, 1]
-    assert [c.algorithm for c in cands] == ["ulysses", "usp", "usp", "usp", "ring"]
+    assert [c.ulysses_degree for c in cands[:5]] == [16, 8, 4, 2, 1]
+    assert [c.algorithm for c in cands[:5]] == ["ulysses", "usp", "usp", "usp", "ring"]
+    # then every torus u x t x r (t >= 2), larger u first, then larger t; u = 16 crosses nodes
+    torus = [(c.ulysses_degree, torus_degree(c), c.ring_degree, c.valid) for c in cands[5:]]
+    assert torus == [(16, 1, 1, False)][:0] + [
+        (8, 2, 1, False), (4, 4, 1, False), (4, 2, 2, True), (2, 8, 1, False), (2, 4, 2, True),
+        (2, 2, 4, True), (1, 16, 1, False), (1, 8, 2, True), (1, 4, 4, True), (1, 2, 8, True)]
+    assert all(c.algorithm == "torus" and c.groups == consecutive_groups(16, c.ulysses_degree)
+               for c in cands[5:])
 
 
 # ------------------------------------------------------------------------ JSON, determinism
@@ -250,8 +343,52 @@ def test_overlap_costs_max_and_blocking_adds():
         for s in c.steps:
             want = max(s.compute_s, s.comm_s) if s.overlapped else s.compute_s + s.comm_s
             assert math.isclose(s.time_s, want, rel_tol=1e-12)
+        if c.algorithm == "torus":
+            continue
         if c.ring_degree > 1:
             assert sum(s.overlapped for s in c.steps) == c.ring_degree - 1
+
+
+@pytest.mark.parametrize("heads,topology", [(24, "h100x8-2node"), (32, "h100x8-2node"),
+                                            (32, "h100x8-4node"), (48, "l40x8-pcie-100gbe-2node")])
+def test_torus_steps_overlap_rules(heads, topology):
+    """Torus: blocking steps add; an exchange step costs its block's compute plus the wait for the
+    exchange, which is at most the exchange's own transfer (it was in flight during the earlier
+    blocks); outputs going home cost at most their transfer."""
+    p = plan_for(16384, heads, 128, joint_len=256, topology=topology)
+    tor = [c for c in p.candidates if c.algorithm == "torus" and c.valid]
+    assert tor
+    for c in tor:
+        assert math.isclose(c.predicted_s, sum(s.time_s for s in c.steps), rel_tol=1e-12)
+        t = torus_degree(c)
+        ex = [s for s in c.steps if s.name.startswith("torus exchange")]
+        assert len(ex) == t - 1
+        for s in c.steps:
+            if s.overlapped:
+                assert s.compute_s * (1 - 1e-12) <= s.time_s <= (s.compute_s + s.comm_s) * (1 + 1e-12)
+            else:
+                assert math.isclose(s.time_s, s.compute_s + s.comm_s, rel_tol=1e-12)
+        if c.ring_degree > 1:  # ring of teams: posted and waited before the compute (blocking)
+            ring = [s for s in c.steps if s.name.startswith("ring of teams step")]
+            assert len(ring) == c.ring_degree - 1 and not any(s.overlapped for s in ring)
+
+
+def test_torus_first_exchange_hides_behind_the_local_block():
+    """t = 2 on a 2x4 CPU spec: the only exchange is in flight while the local block computes, so
+    its step costs the block's compute plus max(0, transfer - local block); at a slow link the
+    outputs going home (the last block's, sent after its compute) are fully exposed."""
+    for inter, rate in (("10Gbit/s", 1e9), ("100Mbit/s", 5e10)):
+        p = plan_for(8192, 8, 64, topology=f"2x4:inter={inter}", algorithm="torus", ulysses_degree=4,
+                     ring_degree=1, compute_rate=rate, memory_bandwidth=1e10)
+        assert (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree) == ("torus", 4, 2, 1)
+        c = next(c for c in p.candidates if c.algorithm == "torus" and c.valid
+                 and c.ulysses_degree == 4)
+        local, ex, home = (next(s for s in c.steps if s.name.startswith(n))
+                           for n in ("torus: post", "torus exchange 1/1", "torus outputs"))
+        assert math.isclose(ex.time_s, ex.compute_s + max(0.0, ex.comm_s - local.compute_s),
+                            rel_tol=1e-9)
+        assert math.isclose(home.time_s, home.comm_s, rel_tol=1e-9)
+        assert dict(ex.bytes_by_kind)["ethernet"] == 3 * 1 * 4096 * 1 * 64 * 2  # q,k,v of 1 head
 
 
 # ------------------------------------------------------------------------ exact bytes vs the algorithms
@@ -313,6 +450,8 @@ def _run_threads(problem, plan, dtype):
                 algorithms.ulysses_attention(*args)
             elif plan.algorithm == "ring":
                 algorithms.ring_attention(*args)
+            elif plan.algorithm == "torus":
+                algorithms.torus_attention(*args, plan=plan)
             else:
                 algorithms.usp_attention(*args, plan=plan)
         except BaseException as e:  # pragma: no cover - reported below
@@ -349,3 +488,31 @@ def test_cost_model_bytes_equal_what_the_algorithms_send(P, u, heads, kv_heads, 
     assert dict(predicted) == sent
     per_rank = bytes_sent(problem, u, groups)
     assert per_rank == [sum(n for (a, _), n in sent.items() if a == r) for r in range(P)]
+
+
+@pytest.mark.parametrize("P,u,t,heads,kv_heads,lens,joint,strategy,causal", [
+    (4, 2, 2, 8, 8, (7, 5, 6, 6), 0, "front", False),
+    (4, 2, 2, 8, 2, (7, 5, 6, 6), 3, "front", False),     # GQA: raw K/V head range, fitted after receipt
+    (6, 2, 3, 6, 3, (5, 7, 6, 4, 3, 6), 2, "rear", False),  # t = 3: early outputs home
+    (8, 2, 2, 4, 4, (3,) * 8, 2, "front", False),           # ring factor r = 2
+    (8, 1, 4, 8, 1, (4, 5, 3, 6, 2, 5, 4, 4), 3, "rear", False),  # u = 1, MQA, r = 2
+    (8, 2, 4, 8, 2, (5, 3, 4, 6, 5, 4, 4, 5), 0, "front", True),  # causal, t = 4
+    (8, 4, 2, 24, 6, (2, 3, 4, 5, 6, 7, 8, 9), 0, "front", True),
+    (6, 3, 2, 12, 4, (4, 5, 3, 6, 2, 5), 0, "front", False),      # u = 3 x t = 2
+])
+def test_cost_model_torus_bytes_equal_what_torus_sends(P, u, t, heads, kv_heads, lens, joint, strategy,
+                                                       causal):
+    dtype = torch.bfloat16
+    problem = Problem(1, heads, kv_heads, 8, dtype, lens, 8 ** -0.5, causal=causal, joint_len=joint,
+                      joint_strategy=strategy)
+    groups = consecutive_groups(P, u)
+    r = P // (u * t)
+    plan = Plan("torus", u, r, groups=groups, torus_degree=t)
+    sent = _run_threads(problem, plan, dtype)
+    predicted = defaultdict(int)
+    for _, msgs in messages(problem, u, groups, torus_degree=t):
+        for a, b, n in msgs:
+            predicted[(a, b)] += n
+    assert dict(predicted) == sent
+    assert bytes_sent(problem, u, groups, torus_degree=t) == [
+        sum(n for (a, _), n in sent.items() if a == x) for x in range(P)]
