@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from .presets import PRESETS
 
-ALL_ALGOS = ["auto", "ulysses", "ring", "usp", "yunchang"]
+ALL_ALGOS = ["auto", "ulysses", "ring", "usp", "torus", "yunchang"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--algorithms", default=",".join(ALL_ALGOS),
                       help=f"comma separated subset of {','.join(ALL_ALGOS)} (default all)")
     what.add_argument("--degrees", default=None,
-                      help="keep only these ulysses x ring factorizations, e.g. 2x2,4x1")
+                      help="keep only these ulysses x ring factorizations, e.g. 2x2,4x1 (a torus "
+                           "u x t x r is kept when u x r is listed)")
     what.add_argument("--iters", type=int, default=5, help="timed calls per configuration (default 5)")
     what.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1, min 1)")
     what.add_argument("--no-overlap", action="store_true", help="skip the compute-/comm-only runs")

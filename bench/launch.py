@@ -5,11 +5,15 @@ from __future__ import annotations
 def emulated_pool(cluster, *, threads: int = 1, timeout: float = 600.0, env=None):
     """A RankPool of cluster.world_size ranks, rank r inside the namespace of its node (node-major
     placement), gloo on the node's veth (GLOO_SOCKET_IFNAME), the TCPStore on the bridge address,
-    and STREAMATTN_TOPOLOGY="NxR" so streamattn counts bytes as intra/inter-node. The cluster's
-    teardown kills anything left in the namespaces; close the pool first."""
+    and STREAMATTN_TOPOLOGY="NxR:inter=<the shaped rate>" so streamattn counts bytes as
+    intra/inter-node and its planner costs the link at the rate it is shaped to (a bare "NxR" spec
+    declares 1 Gbit/s, whatever --inter-bw says). The cluster's teardown kills anything left in the
+    namespaces; close the pool first."""
     from ..testing import RankPool
 
     spec = f"{cluster.nodes}x{cluster.ranks_per_node}"
+    if getattr(cluster, "inter_bw", None):
+        spec += f":inter={cluster.inter_bw / 1e6:g}Mbit/s"
 
     def node_env(rank):
         place = cluster.rank_env(rank)

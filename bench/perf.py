@@ -11,6 +11,13 @@ no joint tokens; "peer" ranks of a Ulysses group / ring are group ranks:
   next member. Pure ring: S_seg = S_l, h = H → 2(P−1)·E/P per rank.
 * USP u × r: Ulysses inside the group (as above, u peers), then a ring over the r groups whose
   blocks are the group's u·S_l tokens for H/u heads: (r−1) · 2 · u·S_l · H/u · D = 2(r−1)·E/P.
+* Torus u × t × r (consecutive groups of u, teams of t groups, r teams): Ulysses inside the group
+  (as above), then to each of the t−1 other members of the team (same position in its group) one
+  message with q, k, v of the group's u·S_l tokens for that member's H/(u·t) heads
+  (3 · u·S_l · H/(u·t) · D) and, when final, one message with the output of that member's group's
+  tokens for my heads (u·S_l · H/(u·t) · D); with u = G and t = M that is 4(M−1)/M · E/P across
+  nodes, ALGORITHMS.md's Torus row. Ring factor r > 1: r−1 messages of the team's K and V
+  (2 · t·u·S_l · H/(u·t) · D = 2·E/P each) to the same member of the next team.
 A message counts as inter-node when its peer is on another node (node = rank // G).
 """
 from __future__ import annotations
@@ -20,9 +27,13 @@ from typing import Dict, List, Optional
 
 def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head_dim: int,
                    ranks_per_node: int, batch: int = 1, elem: int = 4,
-                   groups: Optional[List[List[int]]] = None) -> List[Dict[str, int]]:
+                   groups: Optional[List[List[int]]] = None, t: int = 1) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call (non-causal, no joint tokens,
-    S divisible by P). groups: the plan's Ulysses groups (default consecutive ranks)."""
+    S divisible by P). groups: the plan's Ulysses groups (default consecutive ranks).
+    t: the torus degree (algorithm "torus" only)."""
+    if algorithm == "torus":
+        return _torus_bytes(u, t, r, seq=seq, heads=heads, head_dim=head_dim,
+                            ranks_per_node=ranks_per_node, batch=batch, elem=elem)
     P = u * r
     if seq % P:
         raise ValueError("expected_bytes assumes equal shards")
@@ -54,12 +65,45 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
     return out
 
 
+def _torus_bytes(u, t, r, *, seq, heads, head_dim, ranks_per_node, batch, elem):
+    P = u * t * r
+    if seq % P or heads % (u * t):
+        raise ValueError("expected_bytes assumes equal shards and u*t dividing the heads")
+    S_l, H, D, B = seq // P, heads, head_dim, batch
+    h = H // (u * t)
+    node = lambda x: x // ranks_per_node  # noqa: E731
+    out = []
+    for rank in range(P):
+        acc = {"intra": 0, "inter": 0, "messages": 0}
+
+        def send(peer, elements):
+            acc["inter" if node(peer) != node(rank) else "intra"] += elements * elem
+            acc["messages"] += 1
+
+        gi, g = divmod(rank, u)
+        team, m = divmod(gi, t)
+        for peer in range(gi * u, (gi + 1) * u):  # Ulysses scatter and gather inside the group
+            if peer != rank:
+                send(peer, B * S_l * (H // u) * 3 * D)
+                send(peer, B * S_l * (H // u) * D)
+        for k in range(1, t):  # q, k, v out to every other team member, outputs home to it
+            peer = (team * t + (m + k) % t) * u + g
+            send(peer, 3 * B * u * S_l * h * D)
+            send(peer, B * u * S_l * h * D)
+        for _ in range(r - 1):  # the team's K, V around the ring of teams
+            send((((team + 1) % r) * t + m) * u + g, 2 * B * t * u * S_l * h * D)
+        out.append(acc)
+    return out
+
+
 def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int = 1) -> float:
     """ALGORITHMS.md's inter-node volume per rank (elements), for cross-checking expected_bytes."""
     if algorithm == "ulysses":
         return 4 * (M - 1) / M * E / P
     if algorithm == "usp":
         return 2 * (r - 1) * E / P
+    if algorithm == "torus":  # u = ranks per node, t = M, no ring factor
+        return 4 * (M - 1) / M * E / P
     if algorithm == "ring":
         return 2 * (P - 1) * E / P  # of which only node-crossing hops are inter (see the table)
     raise ValueError(algorithm)
@@ -74,7 +118,7 @@ def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.
     """The perf-regression assertions, as a list of failures (empty = pass).
 
     records: one shape's sweep with an "auto" configuration (named `auto`), the fixed plans
-    ("ulysses P", "ring P", "usp uxr") and nothing else timed that counts as fixed.
+    ("ulysses P", "ring P", "usp uxr", "torus uxtxr") and nothing else timed that counts as fixed.
     1. auto within `within`x of the best fixed plan;
     2. auto at least `min_speedup`x faster than Ulysses over all P ranks (across nodes).
     stat: "min" (default) or "median" of the interleaved timed calls. On a shared CPU other
@@ -83,7 +127,7 @@ def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.
     """
     fails = []
     fixed = [r for r in records if r["kind"] == "streamattn" and r.get("latency_s")
-             and r["cfg"].get("algorithm") in ("ulysses", "ring", "usp")]
+             and r["cfg"].get("algorithm") in ("ulysses", "ring", "usp", "torus")]
     if not fixed:
         return ["no fixed plan was measured"]
     best = min(fixed, key=lambda r: _t(r, stat))

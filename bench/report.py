@@ -40,6 +40,8 @@ def format_table(records: List[dict]) -> str:
             plan = "-"
             if r.get("algorithm"):
                 plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
+                if r.get("torus_degree", 1) > 1:
+                    plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['torus_degree']}x{r['ring_degree']}"
                 if r.get("transport") not in (None, "torch"):
                     plan += f" [{r['transport']}]"
             elif r["kind"] == "yunchang":

@@ -55,10 +55,24 @@ def valid_ulysses(world: int, heads: int) -> list:
     return [u for u in range(1, world + 1) if world % u == 0 and heads % u == 0]
 
 
+def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
+    """(u, t, r) of the Torus configurations the bench runs: Ulysses over a whole node
+    (u = ranks per node, the design's intra-node all-to-all; on a single node the largest proper
+    divisor of the ranks), every t >= 2 with u * t * r = world and heads divisible by u * t."""
+    u = ranks_per_node or world
+    if u >= world and world > 1:  # one node: split it in two or more groups (smallest factor)
+        u = world // next(f for f in range(2, world + 1) if world % f == 0)
+    if world % u:
+        return []
+    return [(u, world // (u * r), r) for r in range(1, world // u + 1)
+            if (world // u) % r == 0 and world // (u * r) >= 2 and heads % (world // r) == 0]
+
+
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
-                 force_auto: Optional[str] = None) -> list:
-    """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all."""
+                 force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None) -> list:
+    """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
+    (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
     cfgs = []
     us = valid_ulysses(world, heads)
     keep = (lambda u: True) if not degrees else (lambda u: (u, world // u) in degrees)
@@ -74,6 +88,11 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
                 if 1 < u < world and keep(u):
                     cfgs.append({"name": f"usp {u}x{world // u}", "kind": "streamattn",
                                  "algorithm": "usp", "ulysses_degree": u, "ring_degree": world // u})
+        elif a == "torus":
+            for u, t, r in torus_splits(world, heads, ranks_per_node):
+                if not degrees or (u, r) in degrees:
+                    cfgs.append({"name": f"torus {u}x{t}x{r}", "kind": "streamattn", "algorithm": "torus",
+                                 "ulysses_degree": u, "ring_degree": r, "torus_degree": t})
     if force_auto:
         cfgs.append({"name": f"auto(forced {force_auto})", "kind": "streamattn", "algorithm": "auto",
                      "force_auto": force_auto})
@@ -156,7 +175,8 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     plans = []
     for shape in spec.shapes:
         cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
-                            spec.yunchang_native, spec.force_auto)
+                            spec.yunchang_native, spec.force_auto,
+                            ranks_per_node=getattr(ex, "ranks_per_node", None))
         cfgs = [c for c in cfgs if c["kind"] != "yunchang"
                 or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
         plans.append((shape, cfgs))
@@ -223,7 +243,8 @@ def _absorb_first(rec, res) -> None:
     errs = [r.get("err") for r in res if r.get("err") is not None]
     if errs:
         rec["err"] = max(errs)
-    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "predicted_s", "transport"):
+    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "predicted_s",
+              "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
 

@@ -379,7 +379,8 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         plan = st["plans"].get(cfg["name"], (None, None))[1]
         if plan is not None:
             res.update(plan=str(plan), algorithm=plan.algorithm, ulysses_degree=plan.ulysses_degree,
-                       ring_degree=plan.ring_degree, predicted_s=plan.predicted_s,
+                       ring_degree=plan.ring_degree, torus_degree=getattr(plan, "torus_degree", 1),
+                       predicted_s=plan.predicted_s,
                        transport=getattr(plan, "transport", "torch"))
     if check and mode == "full":
         T = st["joint"][0].shape[1] if st["joint"] is not None else 0

@@ -42,6 +42,19 @@ def test_configs_cover_every_factorization():
         "auto", "auto(forced ulysses)"]
 
 
+def test_torus_configs():
+    """Torus runs with Ulysses over a whole node (u = ranks per node), every valid t x r."""
+    cfgs = make_configs(4, 24, ["auto", "usp", "torus"], ranks_per_node=2)
+    assert [c["name"] for c in cfgs] == ["auto", "usp 2x2", "torus 2x2x1"]
+    assert cfgs[-1] == {"name": "torus 2x2x1", "kind": "streamattn", "algorithm": "torus",
+                        "ulysses_degree": 2, "ring_degree": 1, "torus_degree": 2}
+    assert [c["name"] for c in make_configs(8, 24, ["torus"], ranks_per_node=4)] == ["torus 4x2x1"]
+    # 12 heads on 4x2: only the ring factor makes torus valid
+    assert [c["name"] for c in make_configs(8, 12, ["torus"], ranks_per_node=2)] == ["torus 2x2x2"]
+    assert make_configs(8, 24, ["torus"], degrees=[(2, 4)], ranks_per_node=4) == []
+    assert [c["name"] for c in make_configs(2, 4, ["torus"])] == ["torus 1x2x1"]  # one node
+
+
 def test_expected_bytes_formulas():
     # Ulysses 4 on 2x2: 3 peers x 4 messages' worth of S_l*H/4*D; 2 of the 3 peers are remote
     b = expected_bytes("ulysses", 4, 1, seq=64, heads=4, head_dim=8, ranks_per_node=2)
@@ -50,6 +63,30 @@ def test_expected_bytes_formulas():
     ring = expected_bytes("ring", 1, 4, seq=64, heads=4, head_dim=8, ranks_per_node=2)
     step = 2 * 16 * 4 * 8 * 4
     assert [x["inter"] for x in ring] == [0, 3 * step, 0, 3 * step]
+
+
+@pytest.mark.parametrize("u,t,r,rpn,heads", [(2, 2, 1, 2, 24), (4, 2, 1, 4, 24), (1, 4, 1, 2, 24),
+                                             (2, 2, 2, 2, 12), (2, 3, 1, 2, 24), (1, 2, 4, 4, 8)])
+def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):
+    """bench.perf's torus formula (written from ALGORITHMS.md) and the cost model's message list
+    (written from torus.py, checked against it in test_planner) agree per rank and link class."""
+    import torch
+
+    from streamattn.costmodel import consecutive_groups, messages
+    from streamattn.problem import Problem
+
+    P, seq, D = u * t * r, 96, 8
+    b = expected_bytes("torus", u, r, t=t, seq=seq, heads=heads, head_dim=D, ranks_per_node=rpn)
+    prob = Problem(1, heads, heads, D, torch.float32, (seq // P,) * P, D ** -0.5)
+    want = [{"intra": 0, "inter": 0, "messages": 0} for _ in range(P)]
+    for _, msgs in messages(prob, u, consecutive_groups(P, u), torus_degree=t):
+        for a, dst, n in msgs:
+            want[a]["inter" if a // rpn != dst // rpn else "intra"] += n
+            want[a]["messages"] += 1
+    assert b == want
+    if u == rpn and r == 1:  # ALGORITHMS.md's Torus row: 4 (M-1)/M E/P across nodes
+        E = seq * heads * D * 4
+        assert all(x["inter"] == 4 * (t - 1) * E // (t * P) for x in b)
 
 
 def test_local_bench_end_to_end(tmp_path, capsys):
@@ -136,7 +173,7 @@ def test_emulated_cli_runs_and_leaves_nothing_behind(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["environment"]["topology"] == "2x2" and data["environment"]["inter_bw_bit_s"] == 1e9
     auto = [r for r in data["runs"] if r["config"] == "auto"]
-    assert auto and all(r["algorithm"] in ("usp", "ring", "ulysses") for r in auto)
+    assert auto and all(r["algorithm"] in ("usp", "ring", "ulysses", "torus") for r in auto)
     assert all(r["bytes"]["inter_total"] > 0 for r in auto)
     assert (tmp_path / "bench.png").exists()
     assert _leftovers(p.pid, tag) == {"netns": [], "links": [], "qdiscs": [], "procs": []}
