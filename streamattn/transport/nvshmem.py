@@ -53,8 +53,8 @@ RuntimeError. One NVSHMEM world per node: heaps never span nodes (onesided.py se
 messages through the two-sided transport).
 
 csrc/ (device-initiated put-with-signal all-to-all and ring steps): `NvshmemHeap.extension()`
-loads it (`streamattn._nvshmem_ext` if built with STREAMATTN_BUILD_CUDA=1, else a JIT build via
-csrc/build.py `load_extension()`) and initialises ITS device state with the same unique id
+loads it through `streamattn.csrc.build.load_extension()` (csrc/build.py by path in a source tree):
+`streamattn._nvshmem_ext` if built with STREAMATTN_BUILD_CUDA=1, else a cached JIT build, and initialises ITS device state with the same unique id
 (`ext.init_with_uniqueid`; the host library is already initialised, NVSHMEM 3.x reference-counts
 init). Its kernels take the symmetric tensors `heap.data_tensor` / `heap.signal_tensor` and world
 PEs; csrc/README.md has the call sequence. onesided.py does not use it yet.
@@ -339,17 +339,17 @@ class NvshmemHeap(Heap):
         if st["ext"] is not None:
             return st["ext"]
         try:
-            ext = importlib.import_module("streamattn._nvshmem_ext")
+            build = importlib.import_module("streamattn.csrc.build")  # setup.py installs csrc/
         except ImportError:
             here = os.path.dirname(os.path.abspath(__file__))
             path = os.path.join(here, "..", "..", "csrc", "build.py")
             if not os.path.isfile(path):
-                raise RuntimeError("csrc/ extension not built (STREAMATTN_BUILD_CUDA=1 pip install .) "
-                                   "and csrc/build.py not found (not an editable install)") from None
+                raise RuntimeError("csrc/ not installed (streamattn.csrc) and csrc/build.py not "
+                                   "found next to the package") from None
             spec = importlib.util.spec_from_file_location("streamattn_csrc_build", path)
             build = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(build)
-            ext = build.load_extension(verbose=verbose)
+        ext = build.load_extension(verbose=verbose)  # prebuilt _nvshmem_ext first, else JIT build
         uid = torch.frombuffer(bytearray(bytes.fromhex(st["uid_hex"])), dtype=torch.uint8)
         status = ext.init_with_uniqueid(uid, st["pe"], st["npes"])
         if status != 0:
