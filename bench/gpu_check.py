@@ -1,0 +1,521 @@
+#!/usr/bin/env python
+"""The one script to run on the first GPU box: is streamattn correct (and how fast) on real GPUs?
+
+    python bench/gpu_check.py                                  # one GPU: kernels
+    torchrun --nproc-per-node 8 bench/gpu_check.py             # + every algorithm on NCCL and NVSHMEM
+
+Single GPU (rank 0 only):
+  * every local kernel backend of streamattn.kernels that can run here (flash-attn if installed,
+    torch-flash, torch-efficient, triton, math; cpu-flash is CPU-only) forced through
+    STREAMATTN_KERNEL, fp16 / bf16 / fp32 where the backend takes that dtype, against a float64
+    reference of the LSE contract: natural-log LSE in float32, GQA, causal masks with global
+    offsets, including rows that see no key (out exactly 0, lse exactly -inf);
+  * the Triton merge and pack/unpack kernels against their torch references.
+Multi-GPU (torchrun, WORLD_SIZE > 1):
+  * every algorithm (ulysses, ring, usp, torus, auto) on NCCL (STREAMATTN_TRANSPORT=torch) and on
+    NVSHMEM (=nvshmem) against the float64 reference of the whole sequence (uneven shards, GQA,
+    joint text tokens, causal), errors max|out - ref| / max|ref| over every rank;
+  * a short bench: median latency (max over ranks per call) of every algorithm on each transport.
+Prints a PASS / FAIL / N/A table and exits 1 if anything failed (N/A: the library refused the
+configuration with a ValueError, e.g. heads not divisible; shown with its reason, not a failure).
+With no GPU visible it prints a message and exits 0: it never runs in CPU CI.
+
+--cpu-selftest runs the same code paths on CPU (cpu-flash / math kernels, gloo, torch / shm
+transports) so the script itself is tested without a GPU; it proves nothing about GPUs.
+Options: --transports torch,nvshmem  --algorithms ...  --no-bench  --bench-seq 4096 ...  --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ALGORITHMS = ("ulysses", "ring", "usp", "torus", "auto")
+GPU_BACKENDS = ("flash-attn", "torch-flash", "torch-efficient", "triton", "math")
+CPU_BACKENDS = ("cpu-flash", "math")
+HALF_ONLY = ("flash-attn", "torch-flash")
+# (out relative error, lse absolute error) by dtype name
+KERNEL_TOL = {"float32": (2e-3, 1e-3), "float16": (5e-3, 1e-2), "bfloat16": (3e-2, 5e-2)}
+DIST_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+# (name, B, Hq, Hk, Sq, Sk, D, causal, q_offset, k_offset)
+KERNEL_CASES = (
+    ("full", 2, 8, 8, 257, 257, 64, False, 0, 0),
+    ("gqa-rect", 1, 8, 2, 200, 333, 128, False, 0, 0),
+    ("causal", 1, 8, 8, 256, 256, 64, True, 0, 0),
+    ("gqa-causal-offset", 1, 8, 2, 128, 160, 128, True, 512, 384),
+    ("causal-dead-rows", 1, 4, 4, 96, 64, 64, True, 100, 130),
+    ("causal-all-dead", 1, 4, 4, 64, 64, 64, True, 0, 200),
+)
+
+
+class Results:
+    def __init__(self):
+        self.rows = []  # dicts: section, check, status, detail
+
+    def add(self, section, check, status, detail=""):
+        self.rows.append({"section": section, "check": check, "status": status, "detail": detail})
+
+    @property
+    def failed(self):
+        return [r for r in self.rows if r["status"] in ("FAIL", "ERROR")]
+
+    def table(self):
+        w = max([len(r["check"]) for r in self.rows] + [5])
+        lines = [f"{'section':<8} {'check':<{w}} {'status':<6} detail"]
+        for r in self.rows:
+            lines.append(f"{r['section']:<8} {r['check']:<{w}} {r['status']:<6} {r['detail']}")
+        return "\n".join(lines)
+
+
+def _short(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# ------------------------------------------------------------------------------ kernels
+def reference_lse(q, k, v, scale, causal, q_offset, k_offset):
+    """float64 (out, lse) of the LSE contract, written independently of streamattn.kernels."""
+    import torch
+
+    g = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(q.shape[2], device=q.device).unsqueeze(1) + q_offset
+        j = torch.arange(k.shape[2], device=q.device).unsqueeze(0) + k_offset
+        s = s.masked_fill(j > i, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.matmul(p, vd)
+    out = torch.where(dead.unsqueeze(-1), torch.zeros_like(out), out)
+    return out, lse, dead
+
+
+def _backend_usable(backend, device):
+    import torch
+
+    from streamattn import kernels
+
+    if device.type == "cpu":
+        return backend in CPU_BACKENDS, "CPU self-test"
+    if backend == "cpu-flash":
+        return False, "CPU only"
+    if backend == "flash-attn" and kernels._flash_attn_func() is None:
+        return False, "flash-attn not installed (or built for another torch)"
+    if backend == "triton":
+        from streamattn import triton_kernels
+
+        if not triton_kernels.available():
+            return False, "triton not importable"
+    return True, ""
+
+
+def check_kernels(res, device, dtypes, backends):
+    import torch
+
+    from streamattn import kernels
+
+    saved = os.environ.get("STREAMATTN_KERNEL")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        for backend in backends:
+            ok, why = _backend_usable(backend, device)
+            if not ok:
+                res.add("kernel", backend, "N/A", why)
+                continue
+            os.environ["STREAMATTN_KERNEL"] = backend
+            kernels.select_backend.cache_clear()
+            for dname in dtypes:
+                dt = getattr(torch, dname)
+                if backend in HALF_ONLY and dname == "float32":
+                    res.add("kernel", f"{backend} {dname}", "N/A", "fp16/bf16 only")
+                    continue
+                tol_out, tol_lse = KERNEL_TOL[dname]
+                for name, B, Hq, Hk, Sq, Sk, D, causal, qo, ko in KERNEL_CASES:
+                    check = f"{backend} {dname} {name}"
+                    try:
+                        q = torch.randn(B, Hq, Sq, D, generator=gen).to(device, dt)
+                        k = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
+                        v = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
+                        scale = D ** -0.5
+                        out, lse = kernels.attention_with_lse(q, k, v, scale=scale, causal=causal,
+                                                              q_offset=qo, k_offset=ko)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        ro, rl, dead = reference_lse(q, k, v, scale, causal, qo, ko)
+                        problems = []
+                        if tuple(out.shape) != tuple(q.shape) or out.dtype != dt:
+                            problems.append(f"out {tuple(out.shape)} {out.dtype}")
+                        if tuple(lse.shape) != (B, Hq, Sq) or lse.dtype != torch.float32:
+                            problems.append(f"lse {tuple(lse.shape)} {lse.dtype} (want float32)")
+                        live = ~dead
+                        e_out = e_lse = 0.0
+                        if bool(live.any()):
+                            ref_live = ro[live]
+                            e_out = float((out.double()[live] - ref_live).abs().max()
+                                          / ref_live.abs().max().clamp_min(1e-30))
+                            e_lse = float((lse.double()[live] - rl[live]).abs().max())
+                        if bool(dead.any()):
+                            if not bool(torch.isneginf(lse[dead]).all()):
+                                problems.append("dead rows: lse not -inf")
+                            if not bool((out[dead] == 0).all()):
+                                problems.append("dead rows: out not 0")
+                        if not math.isfinite(e_out) or e_out > tol_out:
+                            problems.append(f"out err {e_out:.2e} > {tol_out:.0e}")
+                        if not math.isfinite(e_lse) or e_lse > tol_lse:
+                            problems.append(f"lse err {e_lse:.2e} > {tol_lse:.0e}")
+                        detail = f"out {e_out:.1e} lse {e_lse:.1e} dead rows {int(dead.sum())}"
+                        res.add("kernel", check, "FAIL" if problems else "PASS",
+                                "; ".join(problems) + (" | " if problems else "") + detail)
+                    except Exception as exc:  # noqa: BLE001 - reported in the table
+                        res.add("kernel", check, "ERROR", _short(exc))
+    finally:
+        if saved is None:
+            os.environ.pop("STREAMATTN_KERNEL", None)
+        else:
+            os.environ["STREAMATTN_KERNEL"] = saved
+        kernels.select_backend.cache_clear()
+
+
+def check_triton_helpers(res, device):
+    import torch
+
+    from streamattn import triton_kernels as tk
+
+    if device.type != "cuda" or not tk.available():
+        res.add("triton", "merge/pack", "N/A", "needs a GPU and triton")
+        return
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def rnd(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device, dt)
+
+    def run(name, fn):
+        try:
+            msg = fn()
+            torch.cuda.synchronize(device)
+            res.add("triton", name, "FAIL" if msg else "PASS", msg or "")
+        except Exception as exc:  # noqa: BLE001
+            res.add("triton", name, "ERROR", _short(exc))
+
+    def merge():
+        B, H, S, D = 2, 8, 300, 128
+        out, lse = rnd(B, H, S, D), rnd(B, H, S)
+        lse[:, :, :7] = float("-inf")
+        out[:, :, :7] = 0
+        for bdt in (torch.float32, torch.bfloat16, torch.float16):
+            bo, bl = rnd(B, H, S, D, dt=bdt), rnd(B, H, S)
+            bl[:, :, 3:11] = float("-inf")
+            a_out, a_lse = tk.merge_(out.clone(), lse.clone(), bo, bl)
+            r_out, r_lse = tk.merge_reference(out.clone(), lse.clone(), bo, bl)
+            e = float((a_out - r_out).abs().max())
+            same_inf = bool((torch.isneginf(a_lse) == torch.isneginf(r_lse)).all())
+            fin = ~torch.isneginf(r_lse)
+            el = float((a_lse[fin] - r_lse[fin]).abs().max())
+            if e > 1e-5 or el > 1e-5 or not same_inf:
+                return f"block {bdt}: out err {e:.1e}, lse err {el:.1e}, -inf rows equal {same_inf}"
+        return ""
+
+    def pack():
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            P, B, S, H, D = 4, 2, 77, 16, 64
+            x = rnd(B, S, H, D, dt=dt)
+            if not torch.equal(tk.pack_heads(x, P), tk.pack_heads_reference(x, P)):
+                return f"pack_heads {dt}"
+            y = rnd(P, B, S, H // P, D, dt=dt)
+            if not torch.equal(tk.unpack_heads(y), tk.unpack_heads_reference(y)):
+                return f"unpack_heads {dt}"
+            lengths = [20, 19, 19, 19]
+            xs = rnd(B, 5 + sum(lengths), H // P, D, dt=dt)
+            if not torch.equal(tk.pack_seq(xs, lengths, seq_start=5),
+                               tk.pack_seq_reference(xs, lengths, seq_start=5)):
+                return f"pack_seq {dt}"
+            buf = rnd(B * sum(lengths) * (H // P) * D, dt=dt)
+            joint = rnd(B, 9, H // P, D, dt=dt)
+            for front in (True, False):
+                a = tk.unpack_seq(buf, lengths, B, H // P, D, joint=joint, joint_front=front)
+                r = tk.unpack_seq_reference(buf, lengths, B, H // P, D, joint=joint, joint_front=front)
+                if not torch.equal(a, r):
+                    return f"unpack_seq {dt} joint_front={front}"
+        return ""
+
+    def attention_blocks():
+        # Block-edge masks with forced block sizes (the interpreter tests do the same on CPU).
+        q, k, v = rnd(1, 4, 129, 64, dt=torch.float16), rnd(1, 2, 130, 64, dt=torch.float16), \
+            rnd(1, 2, 130, 64, dt=torch.float16)
+        for bm, bn in ((16, 16), (64, 32), (128, 64)):
+            o, l = tk.attention_fwd(q, k, v, causal=True, q_offset=40, k_offset=50, block_m=bm, block_n=bn)
+            ro, rl, dead = reference_lse(q, k, v, 64 ** -0.5, True, 40, 50)
+            live = ~dead
+            e = float((o.double()[live] - ro[live]).abs().max() / ro[live].abs().max())
+            if e > 5e-3 or not bool(torch.isneginf(l[dead]).all()):
+                return f"blocks {bm}x{bn}: err {e:.1e}"
+        return ""
+
+    run("merge_ vs merge_reference (fp32/bf16/fp16 blocks, -inf rows)", merge)
+    run("pack/unpack heads+seq vs references (bit-exact)", pack)
+    run("attention_fwd block-edge causal masks", attention_blocks)
+
+
+# ------------------------------------------------------------------------------ distributed
+def _dist_cases(world, dtype):
+    heads = 2 * world if world <= 12 else world
+    return (
+        # (name, kwargs for one call)
+        ("gqa-joint-uneven", dict(seq=256 * world + 3, heads=heads, kv_heads=max(1, heads // 2),
+                                  head_dim=64, joint_len=77, causal=False, dtype=dtype)),
+        ("causal", dict(seq=128 * world + 1, heads=heads, kv_heads=heads, head_dim=128, joint_len=0,
+                        causal=True, dtype=dtype)),
+    )
+
+
+def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_dim, joint_len,
+                   causal, dtype, seed=0):
+    """This rank's error vs the float64 reference (streamattn.testing.cases helpers, on `device`)."""
+    import torch
+
+    import streamattn
+    from streamattn.reference import reference_attention
+    from streamattn.testing.cases import _rel_err, _shard, make_inputs, split_lengths
+
+    lens = split_lengths(seq, world)
+    q, k, v, joint = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, joint_len=joint_len, dtype=dtype)
+    kw = {}
+    if joint is not None:
+        kw = dict(joint_q=joint[0].to(device), joint_k=joint[1].to(device), joint_v=joint[2].to(device))
+        ref, jref = reference_attention(q, k, v, causal=causal, joint_q=joint[0], joint_k=joint[1],
+                                        joint_v=joint[2])
+    else:
+        ref, jref = reference_attention(q, k, v, causal=causal), None
+    ql, kl, vl = (_shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
+    res = streamattn.attention(ql, kl, vl, causal=causal, algorithm=algorithm, **kw)
+    out, jout = res if joint is not None else (res, None)
+    err = _rel_err(out.cpu(), _shard(ref, lens, rank))
+    if jref is not None:
+        err = max(err, _rel_err(jout.cpu(), jref))
+    from streamattn.testing.cases import _last_plan
+
+    plan = _last_plan()
+    return err, (plan.transport if plan is not None else "?")
+
+
+def _gather(obj, group):
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo):
+    from streamattn import api
+
+    saved = os.environ.get("STREAMATTN_TRANSPORT")
+    try:
+        for transport in transports:
+            os.environ["STREAMATTN_TRANSPORT"] = transport
+            api._plans.clear()  # the plan records the transport chosen at its first call
+            errors_in_a_row = 0
+            for algorithm in algorithms:
+                for name, kw in _dist_cases(world, dtype):
+                    check = f"{transport:<7} {algorithm:<7} {name}"
+                    if errors_in_a_row >= 3:
+                        res.add("dist", check, "ERROR", "skipped: this transport failed 3 times in a row")
+                        continue
+                    t0 = time.monotonic()
+                    try:
+                        mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
+                    except ValueError as exc:
+                        mine = ("na", _short(exc))
+                    except Exception as exc:  # noqa: BLE001
+                        mine = ("error", _short(exc))
+                        if os.environ.get("STREAMATTN_GPU_CHECK_TRACE"):
+                            traceback.print_exc()
+                    allr = _gather(mine, gloo)
+                    secs = time.monotonic() - t0
+                    if all(k == "ok" for k, _ in allr):
+                        err = max(v[0] for _, v in allr)
+                        used = sorted({v[1] for _, v in allr})
+                        tol = DIST_TOL[dtype]
+                        ok = math.isfinite(err) and err <= tol and used == [transport]
+                        res.add("dist", check, "PASS" if ok else "FAIL",
+                                f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
+                                + ("" if used == [transport] else f"; plan used transport {used}"))
+                        errors_in_a_row = 0
+                    elif all(k == "na" for k, _ in allr):
+                        res.add("dist", check, "N/A", allr[0][1])
+                    else:
+                        bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
+                        res.add("dist", check, "ERROR", f"rank {bad[0][0]}: {bad[0][1]}")
+                        errors_in_a_row += 1
+    finally:
+        if saved is None:
+            os.environ.pop("STREAMATTN_TRANSPORT", None)
+        else:
+            os.environ["STREAMATTN_TRANSPORT"] = saved
+        api._plans.clear()
+
+
+def bench(res, rank, world, device, transports, algorithms, args, gloo):
+    """Median latency per algorithm and transport (each call timed as the slowest rank's)."""
+    import torch
+    import torch.distributed as dist
+
+    import streamattn
+    from streamattn import api
+    from streamattn.testing.cases import _shard, make_inputs, split_lengths
+
+    dt = args.bench_dtype
+    q, k, v, joint = make_inputs(seed=7, batch=1, seq=args.bench_seq, heads=args.bench_heads,
+                                 kv_heads=args.bench_heads, head_dim=args.bench_dim,
+                                 joint_len=args.bench_joint, dtype=dt)
+    lens = split_lengths(args.bench_seq, world)
+    ql, kl, vl = (_shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
+    kw = {}
+    if joint is not None:
+        kw = dict(joint_q=joint[0].to(device), joint_k=joint[1].to(device), joint_v=joint[2].to(device))
+    shape = (f"seq {args.bench_seq} + joint {args.bench_joint}, {args.bench_heads} heads x "
+             f"{args.bench_dim}, {dt}, {world} ranks")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    saved = os.environ.get("STREAMATTN_TRANSPORT")
+    try:
+        for transport in transports:
+            os.environ["STREAMATTN_TRANSPORT"] = transport
+            api._plans.clear()
+            for algorithm in algorithms:
+                check = f"{transport:<7} {algorithm:<7} latency"
+                times, status = [], "ok"
+                try:
+                    for i in range(args.bench_warmup + args.bench_iters):
+                        dist.barrier(group=gloo)
+                        sync()
+                        t0 = time.perf_counter()
+                        streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
+                        sync()
+                        if i >= args.bench_warmup:
+                            times.append(time.perf_counter() - t0)
+                except ValueError as exc:
+                    status = "na:" + _short(exc)
+                except Exception as exc:  # noqa: BLE001
+                    status = "error:" + _short(exc)
+                allr = _gather((status, times), gloo)
+                bad = [s for s, _ in allr if s != "ok"]
+                if bad:
+                    kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
+                    res.add("bench", check, kind, bad[0].split(":", 1)[1])
+                    continue
+                per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
+                plan = str(next(reversed(api._plans.values()))[1]) if api._plans else ""
+                res.add("bench", check, "PASS",
+                        f"median {1e3 * statistics.median(per_call):.2f} ms "
+                        f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
+    finally:
+        if saved is None:
+            os.environ.pop("STREAMATTN_TRANSPORT", None)
+        else:
+            os.environ["STREAMATTN_TRANSPORT"] = saved
+        api._plans.clear()
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cpu-selftest", action="store_true",
+                   help="run the script's code paths on CPU (tests the script, not GPUs)")
+    p.add_argument("--transports", default=None, help="default: torch,nvshmem (selftest: torch,shm)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--dtypes", default=None, help="kernel dtypes (default float16,bfloat16,float32)")
+    p.add_argument("--dist-dtype", default=None, help="default bfloat16 (selftest float32)")
+    p.add_argument("--backends", default=None, help="kernel backends (default: all that apply)")
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--bench-seq", type=int, default=4096)
+    p.add_argument("--bench-joint", type=int, default=512)
+    p.add_argument("--bench-heads", type=int, default=24)
+    p.add_argument("--bench-dim", type=int, default=128)
+    p.add_argument("--bench-dtype", default="bfloat16")
+    p.add_argument("--bench-iters", type=int, default=10)
+    p.add_argument("--bench-warmup", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the rows as JSON (rank 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    selftest = args.cpu_selftest
+    if not selftest and not torch.cuda.is_available():
+        print("gpu_check: SKIP - no CUDA GPU visible (torch.cuda.is_available() is False); "
+              "nothing checked. Run it on a GPU box (torchrun --nproc-per-node N for multi-GPU).")
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if selftest:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    os.environ.setdefault("STREAMATTN_TIMEOUT_S", "120")
+    res = Results()
+    if rank == 0:
+        import streamattn
+
+        print(f"gpu_check: streamattn {getattr(streamattn, '__version__', '?')}, torch {torch.__version__}, "
+              f"{'CPU self-test' if selftest else torch.cuda.get_device_name(device)}, "
+              f"{world} rank(s)", flush=True)
+        if not args.no_kernels:
+            dtypes = (args.dtypes or ("float32" if selftest else "float16,bfloat16,float32")).split(",")
+            backends = (args.backends or ",".join(CPU_BACKENDS if selftest else GPU_BACKENDS)).split(",")
+            check_kernels(res, device, dtypes, backends)
+            if not selftest:
+                check_triton_helpers(res, device)
+    code = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo" if selftest else "nccl",
+                                timeout=datetime.timedelta(seconds=600))
+        gloo = dist.new_group(backend="gloo") if not selftest else dist.group.WORLD
+        transports = (args.transports or ("torch,shm" if selftest else "torch,nvshmem")).split(",")
+        algorithms = args.algorithms.split(",")
+        dtype = args.dist_dtype or ("float32" if selftest else "bfloat16")
+        check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo)
+        if not args.no_bench:
+            bench(res, rank, world, device, transports, algorithms, args, gloo)
+        failed = _gather(len(res.failed), gloo)
+        code = 1 if any(failed) else 0
+        dist.barrier(group=gloo)
+        dist.destroy_process_group()
+    else:
+        code = 1 if res.failed else 0
+        if not args.no_bench and rank == 0:
+            res.add("bench", "multi-GPU bench", "N/A", "single process: run under torchrun for it")
+    if rank == 0:
+        print(res.table())
+        n = len(res.rows)
+        counts = {s: sum(r["status"] == s for r in res.rows) for s in ("PASS", "FAIL", "ERROR", "N/A")}
+        print(f"gpu_check: {'FAIL' if code else 'PASS'} - {n} checks: "
+              + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"code": code, "rows": res.rows}, f, indent=1)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
