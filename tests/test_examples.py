@@ -1,23 +1,29 @@
-"""The CPU example a new user runs: `python -m streamattn.examples.tiny_flux` (tiny arguments;
-the printed table is the same data as --json)."""
+"""The CPU example a new user runs: `python -m streamattn.examples.tiny_flux` (tiny arguments).
+The test lends main() the session's rank pool instead of spawning one (same task, same output)."""
 from __future__ import annotations
 
-import json
+import contextlib
 
 import pytest
 
 pytest.importorskip("diffusers")
 
 
-def test_tiny_flux_example_runs(capsys):
+@pytest.mark.parametrize("P", [2])
+def test_tiny_flux_example_runs(rank_pool, monkeypatch, capsys, P):
+    import streamattn.testing
     from streamattn.examples import tiny_flux
 
-    rc = tiny_flux.main(["--nproc", "2", "--size", "8", "--text-len", "8", "--heads", "4",
-                         "--head-dim", "16", "--steps", "3", "--repeats", "1", "--json"])
-    assert rc == 0
-    res = json.loads(capsys.readouterr().out)
-    r0 = res["ranks"][0]
-    assert len(r0["t_single"]) == len(res["t_exact_max"]) == len(res["t_stale_max"]) == 3
-    assert max(r0["exact_vs_single_x"]) < 1e-4 and max(r0["exact_vs_single_v"]) < 1e-4
-    assert r0["stale_vs_exact_x"][0] == 0.0                  # the warm-up step is exact
-    assert 0 < max(r0["stale_vs_exact_v"][1:]) < 5e-2        # then approximate, close
+    pool = rank_pool(P)
+    monkeypatch.setattr(streamattn.testing, "RankPool",
+                        lambda n, **kw: contextlib.nullcontext(pool) if n == P else None)
+    rc = tiny_flux.main(["--nproc", str(P), "--size", "8", "--text-len", "8", "--heads", "4",
+                         "--head-dim", "16", "--steps", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [l.split() for l in out.splitlines() if l[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    exact_vs_1, stale_v = [float(r[4]) for r in rows], [float(r[5]) for r in rows]
+    assert max(exact_vs_1) < 1e-4, out
+    assert stale_v[0] == 0.0 and 0 < max(stale_v[1:]) < 5e-2, out   # warm-up exact, then close
+    assert "after warm-up" in out
