@@ -14,6 +14,19 @@ What each algorithm sends (forward, mirroring streamattn/algorithms/ message for
   after it for "rear"); then every member attends the joint queries to its own block and all-gathers
   the partial (out, lse) in the accumulation dtype: (B*h*T*D + B*h*T) elements to every other member.
 - USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather, joint all-gather.
+- Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
+  t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
+  q, k, v of the group's tokens for that member's H/(u*t) heads, K/V as the raw head range of the
+  sub-slice of the K/V member g holds after the scatter (GQA: fitted after receipt, so fewer bytes
+  than fitted heads); t-1 output messages home (B*S_group*H/(u*t)*D each); ring factor: r-1 steps
+  of the team's fitted K/V stacked; Ulysses gather; joint: (out, lse) partials across the r teams,
+  then an all-gather of the joint output over the team's u*t ranks.
+
+One-sided (shm, nvshmem) and two-sided (torch) transports are costed alike: both put every posted
+message in flight at once (gloo's send/recv threads progress inter-node messages during compute;
+the one-sided puts land at post time). One difference is not modelled: an shm mailbox holds
+DEPTH x slot bytes per peer (2 x 4 MiB), and larger intra-node messages progress only inside
+exchange()/wait() calls, not during compute.
 
 Time model:
 - compute: FLOPs / rate, FLOPs = 4*B*(visible query-key pairs)*h*D per attention block (causal
@@ -31,7 +44,10 @@ Time model:
       it (modelled as ``shared_by = ranks of the socket`` when the topology leaves it at 1).
     Both directions are checked (sends at the sender, receives at the receiver).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
-  max(compute, comm).
+  max(compute, comm). Torus: see CostModel.cost_torus (each block waits only for its own
+  exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
+  early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
+  two agree).
 
 Not modelled: kernel launch overheads, compute efficiency below the declared rate, the backward
 pass, NCCL protocol effects, and contention between different link kinds inside one GPU.

@@ -109,7 +109,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     .json path, describing exactly problem.world_size ranks).
 
     algorithm / ulysses_degree / ring_degree restrict the choice; a forced choice that cannot run
-    raises ValueError naming the reason and the valid options. compute_rate: FLOP/s per rank
+    raises ValueError naming the reason and the valid options. algorithm="torus": ulysses_degree
+    (default: the ranks of a node when a valid split has it, else the cheapest) and ring_degree
+    (default: the cheapest valid) give u and r, t = P / (u * r). compute_rate: FLOP/s per rank
     (default topology.peak_flops, else the measured CPU rate -- see the module docstring).
     memory_bandwidth: bytes/s of a rank's local memory for the memory-bound work (packing copies,
     LSE merges); default from the device table in costmodel, measured on CPU topologies."""
@@ -151,9 +153,17 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                            torus_degree=torus_degree(c))
         cands.append(c)
 
+    # algorithm="torus" without ulysses_degree: Ulysses over the ranks of a node (the design, and
+    # what streamattn.plan.torus_plan defaulted to) when such a split is valid, else any u
+    torus_u = ulysses_degree
+    if torus and torus_u is None and any(
+            c.algorithm == "torus" and c.valid and c.ulysses_degree == topology.ranks_per_node
+            and ring_degree in (None, c.ring_degree) for c in cands):
+        torus_u = topology.ranks_per_node
+
     def allowed(c: Candidate) -> bool:
         if torus:
-            return (c.algorithm == "torus" and ulysses_degree in (None, c.ulysses_degree)
+            return (c.algorithm == "torus" and torus_u in (None, c.ulysses_degree)
                     and ring_degree in (None, c.ring_degree))
         if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
             return algorithm == "auto" and u_forced is None
