@@ -56,10 +56,11 @@ setup(
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
         # triton: the interpreter tests were written against 3.9 (its bf16 tl.dot is broken there).
-        "test": ["pytest>=7", "pytest-timeout", "triton==3.9.0; platform_machine=='x86_64'"],
-        "gpu": ["flash-attn", "nvshmem4py-cu13", "nvidia-ml-py"],
+        "test": ["pytest>=7", "pytest-timeout", "triton==3.9.0; platform_machine=='x86_64'",
+                 "diffusers>=0.42"],
+        "gpu": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
         "bench": ["matplotlib", "rich", "tqdm"],
-        "diffusers": ["diffusers", "transformers", "accelerate"],
+        "diffusers": ["diffusers>=0.42"],
     },
     entry_points={"console_scripts": ["streamattn=streamattn.cli:main"]},
     ext_modules=ext_modules,

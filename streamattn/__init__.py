@@ -8,7 +8,8 @@ from .plan import Plan
 from .planner import make_plan, plan_for
 from .problem import Problem
 from .reference import reference_attention
+from .stale import StaleKV
 
 __version__ = "0.1.0"
-__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "PeerError",
+__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "PeerError",
            "PeerTimeoutError", "StreamAttnError", "__version__"]

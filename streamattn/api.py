@@ -32,7 +32,7 @@ _plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
-              ulysses_degree=None, ring_degree=None):
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None):
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
@@ -44,8 +44,19 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     causal: mask by global position (rank order). scale: default 1/sqrt(D).
     algorithm: "auto" | "ulysses" | "ring" | "usp"; ulysses_degree / ring_degree force a split.
     group=None: the default group, or a group of one if torch.distributed is not initialised.
+    stale_kv: opt-in, approximate: a streamattn.stale.StaleKV (per-layer state; `layer` names the
+    layer) that, after its warm-up steps, attends the other ranks' K/V of the previous diffusion
+    step while this step's K/V travel in the background.
     Returns out in q's layout, shape and dtype.
     """
+    if stale_kv is not None:
+        if layer is None:
+            raise ValueError("streamattn.attention: stale_kv needs layer= (a key naming the layer)")
+        if causal or algorithm != "auto" or ulysses_degree or ring_degree:
+            raise ValueError("streamattn.attention: stale_kv runs its own exchange; it takes no "
+                             "causal, algorithm or degrees")
+        return stale_kv.attention(layer, q, k, v, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
+                                  joint_strategy=joint_strategy, scale=scale, layout=layout)
     err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
                       algorithm, ulysses_degree, ring_degree)
     size = _group_size(group)

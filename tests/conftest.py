@@ -2,6 +2,14 @@
 across tests; tests that take a `P` parameter are reordered by P so each size spawns once."""
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported, and diffusers (imported while collecting
+# the integration tests) imports triton: set it before anything, so the kernels run in the
+# interpreter on this GPU-less machine whatever the collection order.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from streamattn.testing import RankPool

@@ -41,3 +41,24 @@ def test_arguments():
         StaleKV(joint_mode="maybe")
     with pytest.raises(ValueError):
         StaleKV(causal=True)
+
+
+def test_public_op_routes_to_stale_kv_and_checks_arguments():
+    import torch
+
+    import streamattn
+
+    calls = []
+
+    class Fake:
+        def attention(self, layer, q, k, v, **kw):
+            calls.append((layer, kw["joint_strategy"], kw["layout"]))
+            return q
+
+    q = torch.zeros(1, 4, 2, 8)
+    assert streamattn.attention(q, q, q, stale_kv=Fake(), layer="blocks.0") is q
+    assert calls == [("blocks.0", "front", "bshd")]
+    with pytest.raises(ValueError, match="layer="):
+        streamattn.attention(q, q, q, stale_kv=Fake())
+    with pytest.raises(ValueError, match="no causal"):
+        streamattn.attention(q, q, q, stale_kv=Fake(), layer=0, causal=True)

@@ -114,9 +114,10 @@ class OneSidedTransport(Transport):
 
     # -- bootstrap over the two-sided transport (node members only) -------------------------
     def _all_gather_text(self, text, pid):
-        data = list(text.encode()) + [0] * (96 - len(text))
-        vec = torch.tensor([pid] + data, dtype=torch.int64)
-        out = self.base.all_gather(vec, self.members, 2, count=False)
+        data = list(text.encode())
+        data += [0] * (max(96, len(data)) - len(data))  # members send equal lengths
+        vec = torch.tensor([pid] + data, dtype=torch.int64, device=self.base.device)  # NCCL: GPU
+        out = [v.cpu() for v in self.base.all_gather(vec, self.members, 2, count=False)]
         names = [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out]
         return names, [int(v[0]) for v in out]
 
