@@ -89,3 +89,34 @@ def test_bytes_match_formulas(rank_pool, P, spec, algorithm):
     for rank, got in enumerate(res):
         want = expected_bytes(algorithm, M, G, rank)
         assert (got["intra"], got["inter"]) == (want["intra"], want["inter"]), (rank, got, want)
+
+
+@pytest.fixture(scope="module")
+def interleaved_topology(tmp_path_factory):
+    """2 nodes x 2 ranks with ranks 0, 2 on node 0 and 1, 3 on node 1 (an interleaved map)."""
+    from streamattn.topology import parse_spec
+
+    topo = parse_spec("2x2:inter=100Mbit/s").replace(node=(0, 1, 0, 1), local_index=(0, 0, 1, 1),
+                                                    name="interleaved-2x2")
+    path = tmp_path_factory.mktemp("topo") / "interleaved.json"
+    path.write_text(topo.to_json())
+    return str(path)
+
+
+@pytest.mark.parametrize("P", [4])
+@pytest.mark.parametrize("algorithm,u", [("usp", 2), ("auto", None), ("ring", None)])
+def test_interleaved_node_map_keeps_ulysses_in_a_node_and_is_exact(rank_pool, P, interleaved_topology,
+                                                                   algorithm, u):
+    pool = rank_pool(P, {"STREAMATTN_TOPOLOGY": interleaved_topology})
+    res = pool.run(CASES, seq=37, heads=8, kv_heads=2, head_dim=16, joint_len=3, algorithm=algorithm,
+                   ulysses_degree=u)
+    assert max(r["err"] for r in res) <= 1e-5 and max(r["joint_err"] for r in res) <= 1e-5
+    assert len({r["joint_digest"] for r in res}) == 1
+    if algorithm == "usp":
+        assert "[per-node]" in res[0]["plan"], res[0]["plan"]  # groups (0, 2), (1, 3)
+
+
+@pytest.mark.parametrize("P", [8])
+def test_identical_plan_on_every_rank(rank_pool, P):
+    res = rank_pool(P, env("2x4")).run(CASES, seq=8 * 300, heads=24, head_dim=16, joint_len=16)
+    assert len({r["plan"] for r in res}) == 1, {r["plan"] for r in res}
