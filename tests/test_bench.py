@@ -65,6 +65,25 @@ def test_expected_bytes_formulas():
     assert [x["inter"] for x in ring] == [0, 3 * step, 0, 3 * step]
 
 
+def test_perf_failures_pool_only_identical_plans():
+    """Calls of records that ran the same plan are pooled (auto == usp 2x2 here); a different plan
+    never is, so a planner forced to Ulysses still fails both checks."""
+    from streamattn.bench.perf import perf_failures
+
+    def rec(name, algo, u, r, ts, t=1):
+        return {"config": name, "kind": "streamattn", "cfg": {"algorithm": algo}, "algorithm": algo,
+                "ulysses_degree": u, "ring_degree": r, "torus_degree": t,
+                "latency_s": {"min": min(ts), "median": sorted(ts)[len(ts) // 2], "all": ts}}
+
+    fixed = [rec("ulysses 4", "ulysses", 4, 1, [1.65, 1.9]), rec("usp 2x2", "usp", 2, 2, [1.0, 1.4]),
+             rec("torus 2x2x1", "torus", 2, 1, [1.19, 1.5], t=2)]
+    auto = rec("auto", "usp", 2, 2, [1.15, 1.4])
+    assert perf_failures(fixed + [auto]) == []
+    assert "1.15x the best fixed" in perf_failures(fixed + [auto], pool=False)[0]
+    forced = perf_failures(fixed + [rec("auto", "ulysses", 4, 1, [1.49, 1.8])])
+    assert any("best fixed" in f for f in forced) and any("faster than" in f for f in forced)
+
+
 @pytest.mark.parametrize("u,t,r,rpn,heads", [(2, 2, 1, 2, 24), (4, 2, 1, 4, 24), (1, 4, 1, 2, 24),
                                              (2, 2, 2, 2, 12), (2, 3, 1, 2, 24), (1, 2, 4, 4, 8)])
 def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):

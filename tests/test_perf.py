@@ -13,6 +13,23 @@ So the "communication-bound size" is one where the inter-node transfer is about 
 (measured in the same run as `inter_only_s` / `compute_only_s` and printed). Because compute time
 depends on how loaded the shared CPU is, the length is calibrated at the start of the run (see
 _calibrated_shape); 24 heads x 32, 300 Mbit/s per uplink.
+
+Torus 2x2x1 runs in the same sweep (a fixed plan like the others, exact bytes checked). At M = 2 it
+moves the same inter-node bytes as Ulysses and USP but hides less: only the local block (a quarter
+of the block pairs) runs while its single exchange is in flight, and the last block's output goes
+home after all compute; the planner does not pick it at this size (measured 1.1-1.2x slower than
+USP 2x2 here) and the ratio bars are unchanged by it.
+
+Calibration is measured twice: before the sweep (probe) and in the sweep itself (USP 2x2's minimum
+inter-comm-only / compute-only). When the load of the shared CPU moved in between and the sweep's
+C/X is outside 0.3-0.8 -- the precondition of the 1.3x bar, not its outcome -- the sweep is sized
+again from its own C/X and run once more (seen here: a probe under load measured C/X = 0.49, the
+sweep then 1.1, and the speedup fell to 1.17x).
+
+Noise: records that ran the same plan (auto and the fixed configuration it chose) are timed over
+their calls pooled (bench.perf._timer). Without pooling, one run under other sessions' load
+measured auto = USP 2x2 at 1.15x the fixed "usp 2x2" -- the same code -- and failed the 1.10x check;
+a different plan is never pooled, so the forced-bad-plan control still fails both checks.
 """
 from __future__ import annotations
 
@@ -57,32 +74,54 @@ def sweep():
             ex = PoolExecutor(pool, ranks_per_node=RPN, nodes=NODES)
             shape = _calibrated_shape(ex, cluster.inter_bw)
             records = _sweep(ex, shape, cluster.inter_bw)
+            ok, cx = _in_regime(records)
+            if not ok and "STREAMATTN_PERF_SEQ" not in os.environ:
+                # The load of the shared CPU moved between calibration and sweep: the precondition
+                # (not the result) failed, so size again from the sweep's own C/X and run once more.
+                seq = _seq_for(shape["seq"], cx, 1.0)
+                print(f"\nsweep at seq {shape['seq']} had C/X = {cx:.2f} (outside 0.3-0.8): "
+                      f"re-run at seq {seq}")
+                shape = dict(shape, seq=seq)
+                records = _sweep(ex, shape, cluster.inter_bw)
     return _show(records, shape)
+
+
+def _seq_for(seq0, c, x):
+    """C grows like S and X like S^2: the S where C/X = 1/2, from C/X measured at seq0, rounded to
+    256 tokens, within [1024, 6144]."""
+    return min(6144, max(1024, int(round(seq0 * 2 * c / x / 256)) * 256))
 
 
 def _calibrated_shape(ex, inter_bw):
     """The size where USP 2x2's inter-node transfer C is about half its compute X on this machine
-    now (C grows like S, X like S^2, and X depends on how loaded the shared CPU is): measure both
-    at S0 = 2048 once, then S = S0 * 2C/X, rounded to 256 tokens, within [1024, 6144]."""
+    now (X depends on how loaded the shared CPU is): measure both at S0 = 2048 (minimum of 3
+    compute-only / inter-comm-only calls each: other load only adds time), then _seq_for."""
     from streamattn.bench.runner import SweepSpec, run_sweep
 
     if "STREAMATTN_PERF_SEQ" in os.environ:
         return dict(SHAPE, seq=int(os.environ["STREAMATTN_PERF_SEQ"]))
     probe = SweepSpec(shapes=[SHAPE], algorithms=["usp"], degrees=[(2, 2)], iters=1, warmup=1,
-                      overlap=True, overlap_iters=2, check=False, yunchang=False)
+                      overlap=True, overlap_iters=3, check=False, yunchang=False)
     r = run_sweep(ex, probe, inter_bw=inter_bw, progress=False)[0]
-    c, x = r["inter_only_s"], r["compute_only_s"]
-    seq = int(round(SHAPE["seq"] * 2 * c / x / 256)) * 256
-    seq = min(6144, max(1024, seq))
+    c, x = r["inter_only_min_s"], r["compute_only_min_s"]
+    seq = _seq_for(SHAPE["seq"], c, x)
     print(f"\ncalibration at seq {SHAPE['seq']}: inter-comm {c * 1e3:.0f} ms, compute {x * 1e3:.0f} ms"
           f" -> seq {seq}")
     return dict(SHAPE, seq=seq)
 
 
+def _in_regime(records):
+    """(ok, C/X) of USP 2x2 in the sweep itself: the size is communication-bound in the sense of
+    the module docstring when its inter-node transfer is 0.3-0.8 of its compute."""
+    r = next(x for x in records if x["config"] == "usp 2x2")
+    cx = r["inter_only_min_s"] / r["compute_only_min_s"]
+    return 0.3 <= cx <= 0.8, cx
+
+
 def _sweep(ex, shape, inter_bw):
     from streamattn.bench.runner import SweepSpec, run_sweep
 
-    spec = SweepSpec(shapes=[shape], algorithms=["auto", "ulysses", "ring", "usp"],
+    spec = SweepSpec(shapes=[shape], algorithms=["auto", "ulysses", "ring", "usp", "torus"],
                      iters=ITERS, warmup=1, overlap=True, overlap_iters=2, check=True,
                      yunchang=False, force_auto="ulysses")
     return run_sweep(ex, spec, inter_bw=inter_bw, progress=False)
@@ -110,10 +149,12 @@ def test_results_exact_and_plans_as_expected(sweep):
     for name, r in sweep.items():
         if not name.startswith("_"):
             assert r["err"] < 1e-5, (name, r["err"])
-    # the cost-model planner may pick USP 2x2 (Ulysses inside a node) or the ring when they cost
-    # the same; never Ulysses across nodes at this size
+    # the cost-model planner may pick USP 2x2 (Ulysses inside a node), the ring, or a Torus (intra
+    # Ulysses 2 x torus 2, or torus 4 over single ranks) when they cost about the same; never
+    # Ulysses across nodes at this size
     a = sweep["auto"]
-    assert (a["algorithm"], a["ulysses_degree"], a["ring_degree"]) in (("usp", 2, 2), ("ring", 1, 4)), a["plan"]
+    assert (a["algorithm"], a["ulysses_degree"], a.get("torus_degree", 1), a["ring_degree"]) in (
+        ("usp", 2, 1, 2), ("ring", 1, 1, 4), ("torus", 2, 2, 1), ("torus", 1, 4, 1)), a["plan"]
     forced = sweep["auto(forced ulysses)"]
     assert forced["algorithm"] == "ulysses" and "FORCED" in forced["plan"], forced["plan"]
 
@@ -127,6 +168,8 @@ def test_topology_aware_plan_faster_than_ulysses_across_nodes(sweep):
     r = sweep["auto"]
     # the size is in the regime the docstring describes (inter-node transfer ~ compute / 2)
     assert r.get("inter_only_s") and r.get("compute_only_s")
+    ok, cx = _in_regime([sweep["usp 2x2"]])
+    print(f"\nUSP 2x2 inter-comm / compute at the tested size: {cx:.2f}")
     fails = perf_failures(_records(sweep, "auto"), min_speedup=MIN_SPEEDUP)
     assert not [f for f in fails if "faster than" in f], fails
 
@@ -140,16 +183,16 @@ def test_checks_fail_when_planner_forced_to_a_bad_plan(sweep):
     assert any("best fixed" in f for f in fails), fails
 
 
-@pytest.mark.parametrize("name,algorithm,u,r", [
-    ("ulysses 4", "ulysses", 4, 1), ("ring 4", "ring", 1, 4), ("usp 2x2", "usp", 2, 2),
-    ("auto", None, None, None)])
-def test_exact_bytes_per_rank(sweep, name, algorithm, u, r):
+@pytest.mark.parametrize("name,algorithm,u,r,t", [
+    ("ulysses 4", "ulysses", 4, 1, 1), ("ring 4", "ring", 1, 4, 1), ("usp 2x2", "usp", 2, 2, 1),
+    ("torus 2x2x1", "torus", 2, 1, 2), ("auto", None, None, None, None)])
+def test_exact_bytes_per_rank(sweep, name, algorithm, u, r, t):
     if name == "auto":  # whatever plan auto chose
         a = sweep["auto"]
-        algorithm, u, r = a["algorithm"], a["ulysses_degree"], a["ring_degree"]
+        algorithm, u, r, t = a["algorithm"], a["ulysses_degree"], a["ring_degree"], a.get("torus_degree", 1)
     got = sweep[name]["bytes_per_rank"]
     seq = sweep["_shape"]["seq"]
-    want = expected_bytes(algorithm, u, r, seq=seq, heads=SHAPE["heads"],
+    want = expected_bytes(algorithm, u, r, t=t, seq=seq, heads=SHAPE["heads"],
                           head_dim=SHAPE["head_dim"], ranks_per_node=RPN)
     assert got == want, (name, got, want)
     assert not sweep[name].get("bytes_vary")
@@ -160,6 +203,9 @@ def test_exact_bytes_per_rank(sweep, name, algorithm, u, r):
         assert inter_elems == [doc_inter_elements_per_rank("ulysses", NODES, P, E)] * P
     elif algorithm == "usp":
         assert inter_elems == [doc_inter_elements_per_rank("usp", NODES, P, E, r=r)] * P
+    elif algorithm == "torus":
+        if u == RPN:  # ALGORITHMS.md's Torus row (intra Ulysses over the node, t = M)
+            assert inter_elems == [doc_inter_elements_per_rank("torus", NODES, P, E)] * P
     else:  # ring: 2(P-1)E/P per rank in all, sent only by the ranks whose next hop crosses nodes
         total = [(x["inter"] + x["intra"]) / 4 for x in got]
         assert total == [doc_inter_elements_per_rank("ring", NODES, P, E)] * P
@@ -169,7 +215,7 @@ def test_exact_bytes_per_rank(sweep, name, algorithm, u, r):
 def test_wire_bytes_match_counters(sweep):
     """The veth tx counters of each node's uplink agree with streamattn's payload counters
     (headers, ACKs and barrier bytes add a few percent at most)."""
-    for name in ("ulysses 4", "usp 2x2", "ring 4"):
+    for name in ("ulysses 4", "usp 2x2", "ring 4", "torus 2x2x1"):
         r = sweep[name]
         payload = [sum(x["inter"] for x in r["bytes_per_rank"][n * RPN:(n + 1) * RPN])
                    for n in range(NODES)]
