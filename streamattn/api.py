@@ -42,7 +42,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     front of ("front") or behind ("rear") the image sequence; then the call returns
     (out, joint_out) with joint_out identical on every rank.
     causal: mask by global position (rank order). scale: default 1/sqrt(D).
-    algorithm: "auto" | "ulysses" | "ring" | "usp"; ulysses_degree / ring_degree force a split.
+    algorithm: "auto" | "ulysses" | "ring" | "usp" | "torus"; ulysses_degree / ring_degree force a
+    split (for "torus": ulysses_degree = ranks per node, ring_degree = the ring factor).
     group=None: the default group, or a group of one if torch.distributed is not initialised.
     stale_kv: opt-in, approximate: a streamattn.stale.StaleKV (per-layer state; `layer` names the
     layer) that, after its warm-up steps, attends the other ranks' K/V of the previous diffusion
