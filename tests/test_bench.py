@@ -66,8 +66,8 @@ def test_expected_bytes_formulas():
 
 
 def test_perf_failures_pool_only_identical_plans():
-    """Calls of records that ran the same plan are pooled (auto == usp 2x2 here); a different plan
-    never is, so a planner forced to Ulysses still fails both checks."""
+    """Paired per-round ratios (default), and for min/median the calls of records that ran the same
+    plan pooled (auto == usp 2x2 here); a planner forced to Ulysses still fails both checks."""
     from streamattn.bench.perf import perf_failures
 
     def rec(name, algo, u, r, ts, t=1):
@@ -78,10 +78,12 @@ def test_perf_failures_pool_only_identical_plans():
     fixed = [rec("ulysses 4", "ulysses", 4, 1, [1.65, 1.9]), rec("usp 2x2", "usp", 2, 2, [1.0, 1.4]),
              rec("torus 2x2x1", "torus", 2, 1, [1.19, 1.5], t=2)]
     auto = rec("auto", "usp", 2, 2, [1.15, 1.4])
-    assert perf_failures(fixed + [auto]) == []
-    assert "1.15x the best fixed" in perf_failures(fixed + [auto], pool=False)[0]
-    forced = perf_failures(fixed + [rec("auto", "ulysses", 4, 1, [1.49, 1.8])])
-    assert any("best fixed" in f for f in forced) and any("faster than" in f for f in forced)
+    forced_recs = fixed + [rec("auto", "ulysses", 4, 1, [1.49, 1.8])]
+    for stat in ("paired", "min"):  # paired: per-round ratios 1.15 and 1.0 -> 1.075
+        assert perf_failures(fixed + [auto], stat=stat) == []
+        forced = perf_failures(forced_recs, stat=stat)
+        assert any("best fixed" in f for f in forced) and any("faster than" in f for f in forced)
+    assert "1.15x the best fixed" in perf_failures(fixed + [auto], stat="min", pool=False)[0]
 
 
 @pytest.mark.parametrize("u,t,r,rpn,heads", [(2, 2, 1, 2, 24), (4, 2, 1, 4, 24), (1, 4, 1, 2, 24),

@@ -26,10 +26,12 @@ C/X is outside 0.3-0.8 -- the precondition of the 1.3x bar, not its outcome -- t
 again from its own C/X and run once more (seen here: a probe under load measured C/X = 0.49, the
 sweep then 1.1, and the speedup fell to 1.17x).
 
-Noise: records that ran the same plan (auto and the fixed configuration it chose) are timed over
-their calls pooled (bench.perf._timer). Without pooling, one run under other sessions' load
-measured auto = USP 2x2 at 1.15x the fixed "usp 2x2" -- the same code -- and failed the 1.10x check;
-a different plan is never pooled, so the forced-bad-plan control still fails both checks.
+Noise: ratios are medians of per-round ratios (bench.perf.perf_failures, stat="paired"): calls of
+all configurations are interleaved round by round, so load that lasts longer than a round cancels.
+The earlier min-of-calls ratios measured, over six runs today under other sessions' load, 1.17x,
+1.24x, 1.29x, 1.39x, 1.43x and 1.48x for the same test (one lucky quiet call of the slow plan is
+enough to move them), and auto = USP 2x2 at 1.15x the fixed "usp 2x2" -- the same code -- in
+one run; the bars (1.10x, 1.3x) are unchanged.
 """
 from __future__ import annotations
 
@@ -86,15 +88,21 @@ def sweep():
     return _show(records, shape)
 
 
+# C/X the calibration aims at. The bar's regime is C ~ X/2 (ideal USP gain 1.5x there, 1.33x at
+# C/X = 0.33 or 1.0). Measured in the sweeps after calibrating: aimed at 0.5 -> 0.61, 0.63, 0.66;
+# aimed at 0.4 -> 0.56, 0.33 (the shared CPU's load moves X between probe and sweep), so 0.45.
+TARGET_CX = 0.45
+
+
 def _seq_for(seq0, c, x):
-    """C grows like S and X like S^2: the S where C/X = 1/2, from C/X measured at seq0, rounded to
-    256 tokens, within [1024, 6144]."""
-    return min(6144, max(1024, int(round(seq0 * 2 * c / x / 256)) * 256))
+    """C grows like S and X like S^2: the S where C/X = TARGET_CX, from C/X measured at seq0,
+    rounded to 256 tokens, within [1024, 6144]."""
+    return min(6144, max(1024, int(round(seq0 * c / x / TARGET_CX / 256)) * 256))
 
 
 def _calibrated_shape(ex, inter_bw):
     """The size where USP 2x2's inter-node transfer C is about half its compute X on this machine
-    now (X depends on how loaded the shared CPU is): measure both at S0 = 2048 (minimum of 3
+    now (X depends on how loaded the shared CPU is; see TARGET_CX): measure both at S0 = 2048 (minimum of 3
     compute-only / inter-comm-only calls each: other load only adds time), then _seq_for."""
     from streamattn.bench.runner import SweepSpec, run_sweep
 
@@ -169,7 +177,8 @@ def test_topology_aware_plan_faster_than_ulysses_across_nodes(sweep):
     # the size is in the regime the docstring describes (inter-node transfer ~ compute / 2)
     assert r.get("inter_only_s") and r.get("compute_only_s")
     ok, cx = _in_regime([sweep["usp 2x2"]])
-    print(f"\nUSP 2x2 inter-comm / compute at the tested size: {cx:.2f}")
+    ideal = (1 + cx) / (max(cx, 0.5) + 0.5)  # t_ulysses / t_usp = (X + C) / (max(C, X/2) + X/2)
+    print(f"\nUSP 2x2 inter-comm / compute at the tested size: {cx:.2f} (ideal speedup {ideal:.2f}x)")
     fails = perf_failures(_records(sweep, "auto"), min_speedup=MIN_SPEEDUP)
     assert not [f for f in fails if "faster than" in f], fails
 
