@@ -55,7 +55,7 @@ def _no_leftover(pool_pids):
 @pytest.mark.parametrize("transport", ["torch", "shm"])
 @pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
 def test_rank_dies_mid_call(algorithm, transport):
-    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "20", "STREAMATTN_TRANSPORT": transport})
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "8", "STREAMATTN_TRANSPORT": transport})
     pids = [p.pid for p in pool.procs]
     try:
         t0 = time.monotonic()
