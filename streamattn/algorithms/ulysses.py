@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..transport.base import Pending
 from .local import attend
 
 TAG_SCATTER, TAG_GATHER, TAG_JOINT = 10, 11, 12
+TAG_Q = 20000  # offset of the separate Q message of the Triton packing path
 
 
 def head_ranges(heads: int, kv_heads: int, u: int):
@@ -55,9 +57,17 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
     hq = q_ranges[me][1] - q_ranges[me][0]
     hk = kv_ranges[me][1] - kv_ranges[me][0]
 
+    tk = _packing(q)
+    # Default: one message per peer, [q | k | v] of its heads. With the Triton kernels Q travels on
+    # its own: pack_heads lays out every peer's chunk contiguously and the chunks land in one buffer
+    # that unpack_seq turns into [B, S, hq, D] without a torch.cat. Same bytes either way.
+    q_in = tk is not None
+    q_len = 0 if q_in else hq
+
     def pack(j):
         (a, b), (c, d) = q_ranges[j], kv_ranges[j]
-        return torch.cat([q[:, :, a:b].reshape(-1), k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
+        parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
+        return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
 
     bufs = [None] * u
     sends, recvs = [], []
@@ -66,25 +76,38 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
             bufs[j] = pack(j)
             continue
         sends.append((members[j], pack(j)))
-        bufs[j] = torch.empty(B * lens[j] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
+        bufs[j] = torch.empty(B * lens[j] * (q_len + 2 * hk) * D, dtype=q.dtype, device=q.device)
         recvs.append((members[j], bufs[j]))
-    pending = transport.exchange(sends, recvs, tag)
+    pendings = [transport.exchange(sends, recvs, tag)]
+    if q_in:
+        packed = tk.pack_heads(q, u)  # [u, B, S_me, hq, D]
+        start = [B * hq * D * sum(lens[:j]) for j in range(u + 1)]
+        q_buf = torch.empty(start[u], dtype=q.dtype, device=q.device)
+        q_buf[start[me] : start[me + 1]].copy_(packed[me].reshape(-1))
+        pendings.append(transport.exchange(
+            [(members[j], packed[j]) for j in range(u) if j != me],
+            [(members[j], q_buf[start[j] : start[j + 1]]) for j in range(u) if j != me], tag + TAG_Q))
+
+    class _Both(Pending):
+        def wait(self):
+            for p in pendings:
+                p.wait()
 
     def assemble():
         qs, ks, vs = [], [], []
         for j in range(u):
-            n_q, n_kv = B * lens[j] * hq * D, B * lens[j] * hk * D
+            n_q, n_kv = B * lens[j] * q_len * D, B * lens[j] * hk * D
             buf = bufs[j]
-            qs.append(buf[:n_q].view(B, lens[j], hq, D))
+            qs.append(buf[:n_q].view(B, lens[j], q_len, D))
             ks.append(buf[n_q : n_q + n_kv].view(B, lens[j], hk, D))
             vs.append(buf[n_q + n_kv :].view(B, lens[j], hk, D))
         g = heads // kv_heads
-        qo = torch.cat(qs, 1)
+        qo = tk.unpack_seq(q_buf, lens, B, hq, D) if q_in else torch.cat(qs, 1)
         ko = fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g)
         vo = fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g)
         return qo, ko, vo
 
-    return pending, assemble
+    return _Both(), assemble
 
 
 def slice_joint(joint, heads, kv_heads, u, me):

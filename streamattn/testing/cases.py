@@ -395,7 +395,7 @@ def triton_usage(rank, world_size, **kw):
     TRITON_INTERPRET=1 in the environment): proves the library, not only the tests, calls them."""
     from streamattn import triton_kernels as tk
 
-    names = ("attention_fwd", "merge_", "pack_seq", "unpack_heads")
+    names = ("attention_fwd", "merge_", "pack_seq", "unpack_heads", "pack_heads", "unpack_seq")
     calls = {n: 0 for n in names}
     real = {n: getattr(tk, n) for n in names}
 
