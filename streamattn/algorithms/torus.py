@@ -143,18 +143,18 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         if joint_kv is not None and problem.joint_strategy == "front":
             st.merge_into(blk, st.attend(blk.q, joint_kv[0], joint_kv[1], 0, 0))
         last = idx == t - 1 and r == 1
-        for i in arrived:  # earlier query blocks against the new K/V: final if it is the last
-            st.merge_into(blocks[i], st.attend(blocks[i].q, blk.k, blk.v, blocks[i].offset, blk.offset))
-            if last:
-                st.finalise(blocks[i], joint_kv)
         for i in arrived:  # the new query block against the earlier K/V
             st.merge_into(blk, st.attend(blk.q, blocks[i].k, blocks[i].v, blk.offset, blocks[i].offset))
         st.merge_into(blk, st.attend(blk.q, blk.k, blk.v, blk.offset, blk.offset))
+        if last:  # the new (remote) block is final first: its output travels during the rest
+            st.finalise(blk, joint_kv)
+        for i in sorted(arrived, key=lambda i: i == m):  # earlier query blocks, the local one last
+            st.merge_into(blocks[i], st.attend(blocks[i].q, blk.k, blk.v, blocks[i].offset, blk.offset))
+            if last:
+                st.finalise(blocks[i], joint_kv)
         if jblk is not None:  # joint queries against this group's tokens
             st.merge_into(jblk, st.attend(jblk.q, blk.k, blk.v, 0, 0))
         arrived.append(j)
-        if last:
-            st.finalise(blk, joint_kv)
 
     # 4. ring factor: rotate the whole team's K/V around the ring of teams, then finalise
     if r > 1:
