@@ -248,6 +248,19 @@ class _Phase:
     mem: Dict[int, float] = dataclasses.field(default_factory=dict)  # rank -> local memory bytes
 
 
+def _scatter_phase(name, groups, seq, B, D, e, hq, hk, group_lens) -> "_Phase":
+    """Ulysses' scatter of q, k, v inside every group (streamattn.algorithms.ulysses.post_scatter):
+    member j sends each member i its tokens for i's hq query heads and hk[i] K/V heads; locally it
+    packs every peer's slice (read + write) and concatenates what arrived (read + write)."""
+    u = len(groups[0])
+    msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * e)
+            for g in groups for j in range(u) for i in range(u) if i != j]
+    mem = {m: 2 * e * B * D * (seq[m] * sum(hq + 2 * hk[i] for i in range(u))
+                               + group_lens[gi] * (hq + 2 * hk[j]))
+           for gi, g in enumerate(groups) for j, m in enumerate(g)}
+    return _Phase(name, msgs, {}, mem=mem)
+
+
 def merge_bytes(dtype) -> int:
     """Memory traffic per output element of one `merge.update_out_and_lse` as written (unfused
     torch ops on the float32 accumulator): out.mul_ (r+w 4+4), block_out.to(acc) (r e, w 4),
@@ -285,13 +298,8 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
     members = [(gi, j, m) for gi, g in enumerate(groups) for j, m in enumerate(g)]
 
     if u > 1:
-        msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * e)
-                for g in groups for j in range(u) for i in range(u) if i != j]
-        # pack every peer's slice (read + write), then concatenate what arrived (read + write)
-        mem = {m: 2 * e * B * D * (seq[m] * sum(hq + 2 * hk[i] for i in range(u))
-                                   + seg_lens[gi] * (hq + 2 * hk[j]))
-               for gi, j, m in members}
-        phases.append(_Phase(f"Ulysses all-to-all q,k,v (u={u})", msgs, {}, mem=mem))
+        phases.append(_scatter_phase(f"Ulysses all-to-all q,k,v (u={u})", groups, seq, B, D, e, hq,
+                                     hk, seg_lens))
 
     if r == 1:  # pure Ulysses (or local): the group's tokens + joint, for hq heads
         L = seg_lens[0] + T
@@ -412,12 +420,8 @@ def _torus_parts(problem, u: int, t: int, groups) -> _TorusParts:
     pre, post_ring, post = [], [], []
     # 1. intra-node all-to-all (scatter_heads over the group), exactly Ulysses' scatter
     if u > 1:
-        msgs = [(grp[j], grp[i], B * seq[grp[j]] * (hq_u + 2 * hk_raw[i]) * D * e)
-                for grp in groups for j in range(u) for i in range(u) if i != j]
-        mem = {x: 2 * e * B * D * (seq[x] * sum(hq_u + 2 * hk_raw[i] for i in range(u))
-                                   + glen[gi] * (hq_u + 2 * hk_raw[g]))
-               for gi, g, x in members}
-        pre.append(_Phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", msgs, {}, mem=mem))
+        pre.append(_scatter_phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", groups, seq, B,
+                                  D, e, hq_u, hk_raw, glen))
     # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
     #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
     steps: List[List[Msg]] = []

@@ -72,24 +72,20 @@ def wait(work, timeout_s: float, what: str, dev: Optional[torch.device] = None) 
 
 def all_gather_int64(values: Sequence[int], group=None, timeout_s: Optional[float] = None) -> List[List[int]]:
     """Every rank's ``values`` (same length on every rank), indexed by group rank."""
-    n = world(group)
-    if n == 1:
-        return [list(int(v) for v in values)]
-    t = timeout_s or default_timeout()
-    dev = device(group)
-    mine = torch.tensor([int(v) for v in values], dtype=torch.int64, device=dev)
-    out = [torch.empty_like(mine) for _ in range(n)]
-    wait(dist.all_gather(out, mine, group=group, async_op=True), t, "all_gather", dev)
-    return [o.cpu().tolist() for o in out]
+    return _all_gather([int(v) for v in values], torch.int64, group, timeout_s)
 
 
 def all_gather_float64(values: Sequence[float], group=None, timeout_s: Optional[float] = None) -> List[List[float]]:
+    return _all_gather([float(v) for v in values], torch.float64, group, timeout_s)
+
+
+def _all_gather(values: list, dtype, group, timeout_s):
     n = world(group)
     if n == 1:
-        return [list(float(v) for v in values)]
+        return [list(values)]
     t = timeout_s or default_timeout()
     dev = device(group)
-    mine = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    mine = torch.tensor(values, dtype=dtype, device=dev)
     out = [torch.empty_like(mine) for _ in range(n)]
     wait(dist.all_gather(out, mine, group=group, async_op=True), t, "all_gather", dev)
     return [o.cpu().tolist() for o in out]
