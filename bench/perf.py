@@ -203,7 +203,10 @@ def _paired_failures(records, auto, within, min_speedup) -> List[str]:
     if not fixed:
         return ["no fixed plan was measured"]
     a = next(r for r in records if r["config"] == auto)
-    worst = max(fixed, key=lambda f: _paired(a, f))
+    # A fixed configuration that ran auto's very plan is auto itself: their ratio is only noise
+    # (up to 1.15x on this loaded 2-core machine), so auto is held against the other plans.
+    others = [f for f in fixed if plan_key(f) != plan_key(a)] or fixed
+    worst = max(others, key=lambda f: _paired(a, f))
     ratio = _paired(a, worst)
     if ratio > within:
         fails.append(f"{auto} is {ratio:.2f}x the best fixed plan {worst['config']} (median of the "
