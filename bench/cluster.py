@@ -348,6 +348,15 @@ def cleanup_stale(verbose: bool = False) -> List[str]:
 _preflight_ok: Dict[bool, bool] = {}
 
 
+def unavailable_reason(need_netem: bool = False) -> Optional[str]:
+    """Why an emulated cluster cannot be built here (preflight's reason), or None if it can."""
+    try:
+        preflight(need_netem)
+    except ClusterUnavailable as e:
+        return e.reason
+    return None
+
+
 def preflight(need_netem: bool = False) -> None:
     """Raise ``ClusterUnavailable`` unless namespaces, veths, a bridge and tbf all work here.
 

@@ -118,6 +118,14 @@ def _backend_usable(backend, device):
     return True, ""
 
 
+def _restore_env(name, saved):
+    """Put environment variable `name` back to `saved` (None: it was unset)."""
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved
+
+
 def check_kernels(res, device, dtypes, backends):
     import torch
 
@@ -178,10 +186,7 @@ def check_kernels(res, device, dtypes, backends):
                     except Exception as exc:  # noqa: BLE001 - reported in the table
                         res.add("kernel", check, "ERROR", _short(exc))
     finally:
-        if saved is None:
-            os.environ.pop("STREAMATTN_KERNEL", None)
-        else:
-            os.environ["STREAMATTN_KERNEL"] = saved
+        _restore_env("STREAMATTN_KERNEL", saved)
         kernels.select_backend.cache_clear()
 
 
@@ -358,10 +363,7 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
                         res.add("dist", check, "ERROR", f"rank {bad[0][0]}: {bad[0][1]}")
                         errors_in_a_row += 1
     finally:
-        if saved is None:
-            os.environ.pop("STREAMATTN_TRANSPORT", None)
-        else:
-            os.environ["STREAMATTN_TRANSPORT"] = saved
+        _restore_env("STREAMATTN_TRANSPORT", saved)
         api._plans.clear()
 
 
@@ -423,10 +425,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo):
                         f"median {1e3 * statistics.median(per_call):.2f} ms "
                         f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
     finally:
-        if saved is None:
-            os.environ.pop("STREAMATTN_TRANSPORT", None)
-        else:
-            os.environ["STREAMATTN_TRANSPORT"] = saved
+        _restore_env("STREAMATTN_TRANSPORT", saved)
         api._plans.clear()
 
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from streamattn.bench import cli
-from streamattn.bench.cluster import ClusterUnavailable, preflight
+from streamattn.bench.cluster import ClusterUnavailable, unavailable_reason
 from streamattn.bench.perf import expected_bytes
 from streamattn.bench.runner import make_configs
 
@@ -22,11 +22,7 @@ TINY = ["--seq", "64,128", "--heads", "4", "--head-dim", "8", "--joint-len", "8"
 
 
 def _reason():
-    try:
-        preflight()
-    except ClusterUnavailable as e:
-        return e.reason
-    return None
+    return unavailable_reason()
 
 
 needs_netns = pytest.mark.skipif(_reason() is not None, reason=f"emulated cluster unavailable: {_reason()}")

@@ -22,20 +22,13 @@ from streamattn.bench.cluster import (
     parse_duration,
     preflight,
     tbf_burst_bytes,
+    unavailable_reason,
 )
 
 PY = sys.executable
 
 
-def _preflight_reason():
-    try:
-        preflight()
-    except ClusterUnavailable as e:
-        return e.reason
-    return None
-
-
-_REASON = _preflight_reason()
+_REASON = unavailable_reason()
 needs_netns = pytest.mark.skipif(_REASON is not None,
                                  reason=f"emulated cluster unavailable: {_REASON}")
 
