@@ -14,16 +14,14 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
+from .. import config
 from .model import FORMAT, Topology
 
 CACHE_ENV = "STREAMATTN_CACHE_DIR"
 
 
 def cache_dir() -> str:
-    d = os.environ.get(CACHE_ENV)
-    if d:
-        return os.path.abspath(os.path.expanduser(d))
-    return os.path.join(os.path.expanduser("~"), ".cache", "streamattn")
+    return config.cache_dir()
 
 
 def cache_key(hosts: Sequence[int], world_size: int, backend: str, device_kind: str) -> str:

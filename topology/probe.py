@@ -31,6 +31,7 @@ import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Tuple, Union
 
+from .. import config
 from . import cache as _cache
 from . import comm
 from .gpulinks import gpu_rows, import_nvml, local_gpu_bus_id, peak_flops_for
@@ -88,7 +89,7 @@ def _resolve_local(topology, n: Optional[int]) -> Optional[Topology]:
                 f"{type(topology).__name__}"
             )
     else:
-        env = os.environ.get(TOPOLOGY_ENV, "").strip()
+        env = config.topology()
         if not env:
             return None
         what = TOPOLOGY_ENV
@@ -287,7 +288,7 @@ def probe(
     """
     t_out = timeout_s or comm.default_timeout()
     if nbytes is None:
-        nbytes = int(os.environ.get(NBYTES_ENV, DEFAULT_NBYTES))
+        nbytes = config.probe_bytes()
     n = comm.world(group)
     me = comm.rank(group)
     if me < 0:
