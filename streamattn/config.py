@@ -149,6 +149,15 @@ def timeout_s() -> float:
     return float(get("STREAMATTN_TIMEOUT_S"))
 
 
+def wait_timeout_s() -> float:
+    """What the transports wait: timeout_s(), or its default while the value is invalid (the call
+    reports the invalid value on every rank through the agreement, streamattn.agreement)."""
+    try:
+        return timeout_s()
+    except ValueError:
+        return float(SETTINGS["STREAMATTN_TIMEOUT_S"].default)
+
+
 def validate_every_call() -> bool:
     """STREAMATTN_VALIDATE=every: the full metadata exchange on every call (the per-call signature
     already catches a rank that changes its shape or options alone)."""

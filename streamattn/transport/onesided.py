@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from ..config import shm_slot_bytes, timeout_s
+from ..config import shm_slot_bytes, wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
@@ -96,7 +96,7 @@ class OneSidedTransport(Transport):
         self.rank, self.size, self.device = base.rank, base.size, base.device
         self.node_of = base.node_of
         self.counters = ByteCounters()
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         mine = self.node_of[self.rank]
         self.members = [r for r in range(self.size) if self.node_of[r] == mine]
         self.local_index = {g: i for i, g in enumerate(self.members)}
@@ -131,7 +131,7 @@ class OneSidedTransport(Transport):
 
     # -- the protocol ----------------------------------------------------------------------
     def exchange(self, sends, recvs, tag, count=True):
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         remote_s = [(p, t) for p, t in sends if p not in self.local_index]
         remote_r = [(p, t) for p, t in recvs if p not in self.local_index]
         if count:

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import timeout_s
+from ..config import wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
@@ -78,7 +78,7 @@ class TorchTransport(Transport):
         self.node_of = list(node_of) if node_of is not None else [0] * self.size
         self.topology = None  # set by the api on the first call (streamattn.topology.Topology)
         self.counters = ByteCounters()
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         self.calls = 0  # calls made on this group; equal on every rank, so it keys failure reports
         self._uid = "streamattn/failure/" + ",".join(map(str, self.global_ranks))
         try:  # a private accessor; without it failures are only reported by the rank that saw them
@@ -120,7 +120,7 @@ class TorchTransport(Transport):
         return f"rank {peer}" if g == peer else f"rank {peer} (global rank {g})"
 
     def exchange(self, sends, recvs, tag: int, count: bool = True) -> Pending:
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         if count:
             for peer, t in sends:
                 self._count(peer, t)

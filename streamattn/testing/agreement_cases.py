@@ -1,0 +1,81 @@
+"""RankPool tasks for the per-call agreement (streamattn.agreement): shape sequences whose local
+shapes repeat on some ranks only, settings that differ between ranks, invalid settings."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch.distributed as dist
+
+import streamattn
+
+from .cases import _rel_err, _shard, make_inputs, split_lengths
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Set (value str) or unset (value None) environment variables for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _call(rank, world_size, seq, *, heads=4, kv_heads=None, head_dim=8, seed=0, group=None,
+          lens=None, **kw):
+    """One checked call on `group`; returns the relative error against float64."""
+    from streamattn.reference import reference_attention
+
+    kv_heads = kv_heads or heads
+    lens = lens or split_lengths(seq, world_size)
+    q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
+                             head_dim=head_dim)
+    ref = reference_attention(q, k, v, causal=kw.get("causal", False))
+    out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), group, **kw)
+    return _rel_err(out, _shard(ref, lens, rank))
+
+
+def shape_sequence(rank, world_size, *, seqs, algorithm="auto", timeout_s=10):
+    """Calls with these total lengths in order (e.g. 64 then 67 on 4 ranks: 16/16/16/16 then
+    17/17/17/16, so rank 3 sees a local shape it has seen before and the others do not).
+    Returns every call's error; a hang shows as a PeerTimeoutError after timeout_s."""
+    errs = []
+    with env(STREAMATTN_TIMEOUT_S=timeout_s):
+        for i, s in enumerate(seqs):
+            errs.append(_call(rank, world_size, s, seed=100 + i, algorithm=algorithm))
+    return {"errs": errs}
+
+
+def settings_mismatch(rank, world_size, *, name, value, on_rank, transport=None, fresh_group=False,
+                      algorithm="ulysses", seq=40, heads=8, timeout_s=10):
+    """`name`=`value` on rank `on_rank` only; the call must raise the same ValueError on every
+    rank (returned), quickly; then a call with equal settings must work on the same group."""
+    group = dist.new_group(list(range(world_size))) if fresh_group else None
+    common = {"STREAMATTN_TIMEOUT_S": timeout_s, "STREAMATTN_TRANSPORT": transport}
+    if name == "STREAMATTN_TIMEOUT_S":
+        common.pop(name)
+    t0 = time.monotonic()
+    result = {"type": None, "error": None}
+    with env(**common):
+        with env(**({name: value} if rank == on_rank else {})):
+            try:
+                _call(rank, world_size, seq, heads=heads, group=group, algorithm=algorithm)
+            except Exception as exc:
+                result = {"type": type(exc).__name__, "error": str(exc)}
+        result["seconds"] = time.monotonic() - t0
+        result["after_err"] = _call(rank, world_size, seq, heads=heads, group=group,
+                                    algorithm=algorithm, seed=7)
+    if group is not None:
+        dist.destroy_process_group(group)
+    return result
