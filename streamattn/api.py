@@ -78,7 +78,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     cache, token = _plans, transport.plan_token
     row = agreement.signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
                               ulysses_degree, ring_degree, settings, cache.generation(token))
-    key, full = agreement.exchange(transport, row, cache, token)
+    key, full = agreement.exchange(_fastest(group, transport), row, cache, token)
     cached = None if full else cache.lookup(token, key)
     if cached is None:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
@@ -176,6 +176,12 @@ def last_plan(group=None):
         if tok == token:
             return value
     return None, None
+
+
+def _fastest(group, base):
+    """The signature's transport: the group's shm transport once a call has created it (on every
+    rank in the same call, so the choice is the same everywhere), else the two-sided one."""
+    return _transports[id(group)][1].get("shm", base)
 
 
 def transports(group=None) -> dict:

@@ -31,7 +31,7 @@ import logging
 
 import torch
 
-from . import config
+from . import config, nonfinite
 from .merge import acc_dtype
 
 log = logging.getLogger("streamattn.kernels")
@@ -105,6 +105,17 @@ def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, q_offset:
     Sk = k.shape[2]
     if Sq == 0 or Sk == 0:
         return _empty(q, Sq)
+    out, lse = _attention_with_lse(q, k, v, scale, causal, q_offset, k_offset)
+    if nonfinite.suspicious(out, lse) and not nonfinite.all_finite(q, k, v):
+        # NaN/Inf inputs: the reference's semantics, not the kernel's (see nonfinite.py)
+        return nonfinite.attention_with_lse(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                            k_offset=k_offset)
+    return out, lse
+
+
+def _attention_with_lse(q, k, v, scale, causal, q_offset, k_offset):
+    Sk = k.shape[2]
+    Sq = q.shape[2]
     if not causal:
         return _dispatch(q, k, v, scale, diag=None)
     d = q_offset - k_offset  # row i sees key j iff j <= i + d

@@ -79,3 +79,55 @@ def settings_mismatch(rank, world_size, *, name, value, on_rank, transport=None,
     if group is not None:
         dist.destroy_process_group(group)
     return result
+
+
+def agreement_overhead(rank, world_size, *, seq=1024, heads=24, head_dim=32, joint_len=256,
+                       iters=20):
+    """Per-call cost of the agreement (settings read, signature, its exchange, cache lookup)
+    against whole calls of the same shape (flux-1024-cpu: 24 heads x 32, 256 text tokens),
+    interleaved in one run. Returns both medians (s) and their ratio."""
+    import torch
+
+    from streamattn import agreement, api
+
+    q, k, v, joint = make_inputs(seed=0, batch=1, seq=seq, heads=heads, kv_heads=heads,
+                                 head_dim=head_dim, joint_len=joint_len)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+    streamattn.attention(ql, kl, vl, **kw)
+    transport = api._transport(None)
+    fast = api._fastest(None, transport)
+    problem, plan = api.last_plan()
+    real = agreement.exchange
+    memo = {}
+
+    def local_only(transport, row, cache, token):  # the old path: a local key, no message
+        key = tuple(row.tolist())
+        if key not in memo:
+            memo[key] = real(transport, row, cache, token)
+        return memo[key]
+
+    local_only(fast, *_row(agreement, api, transport, ql, kl, joint_len))
+    with_sig, without = [], []
+    for i in range(2 * iters):
+        patched = i % 2 == 1
+        agreement.exchange = local_only if patched else real
+        try:
+            dist.barrier()
+            t0 = time.perf_counter()
+            streamattn.attention(ql, kl, vl, **kw)
+            dt = time.perf_counter() - t0
+        finally:
+            agreement.exchange = real
+        (without if patched else with_sig).append(dt)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    diffs = [a - b for a, b in zip(with_sig, without)]
+    return {"with_signature_s": med(with_sig), "local_key_s": med(without),
+            "paired_diff_s": med(diffs), "overhead": med(diffs) / med(without), "plan": str(plan)}
+
+
+def _row(agreement, api, transport, ql, kl, joint_len):
+    row = agreement.signature(None, ql, kl, "bshd", False, None, joint_len, "front", "auto", None,
+                              None, agreement.Settings(), api._plans.generation(transport.plan_token))
+    return row, api._plans, transport.plan_token

@@ -1,0 +1,187 @@
+"""RankPool tasks for issue 11: non-finite inputs, group release cycles, randomized soak."""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+import streamattn
+
+from .cases import _rel_err, _shard, make_inputs, split_lengths
+
+
+def _masked_reference(q, k, v, causal):
+    """Float64 attention where a row only ever touches the keys it sees (so a non-finite value of a
+    masked key's V stays out of it); q, k, v [B, S, H|Hk, D], default scale."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if not causal:
+        return (torch.softmax(s, -1) @ v).transpose(1, 2)
+    rows = [torch.softmax(s[:, :, i, : i + 1], -1).unsqueeze(2) @ v[:, :, : i + 1]
+            for i in range(q.shape[2])]
+    return torch.cat(rows, 2).transpose(1, 2)
+
+
+def nonfinite_attention(rank, world_size, *, algorithm, where, value, pos, seq=24, heads=4,
+                        causal=False, dtype="float32", seed=0):
+    """One non-finite `value` ("nan", "inf", "-inf") in q, k or v (`where`) at global token `pos`;
+    the output must have NaN exactly where the float64 reference has, and match it elsewhere."""
+    q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8,
+                             dtype=dtype)
+    {"q": q, "k": k, "v": v}[where][0, pos, 1, 3] = float(value)
+    lens = split_lengths(seq, world_size)
+    out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), algorithm=algorithm,
+                               causal=causal)
+    ref = _shard(_masked_reference(q, k, v, causal), lens, rank)
+    got_nan, ref_nan = out.double().isnan(), ref.isnan()
+    fin = ~ref_nan
+    err = _rel_err(out[fin], ref[fin]) if bool(fin.any()) else 0.0
+    return {"nan_rows": int(got_nan.any(-1).sum()), "ref_nan_rows": int(ref_nan.any(-1).sum()),
+            "same_nan": bool(torch.equal(got_nan, ref_nan)), "err": err,
+            "plan": str(streamattn.api.last_plan()[1])}
+
+
+# -- group release ------------------------------------------------------------------------------
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _maps_shm() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/" in line)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=False, seq=12,
+                 heads=4):
+    """`cycles` x (new_group -> one checked call -> destroy_process_group). Returns RSS, open
+    fds, shm mappings and streamattn's live transports after a warm-up and at the end."""
+    import gc
+
+    from streamattn import api
+
+    q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ref = _shard(streamattn.reference_attention(q, k, v), lens, rank)
+    old = os.environ.get("STREAMATTN_TRANSPORT")
+    os.environ["STREAMATTN_TRANSPORT"] = transport
+    marks, worst = {}, 0.0
+    try:
+        warm = max(1, min(50, cycles // 10))
+        for i in range(cycles):
+            g = dist.new_group(list(range(world_size)))
+            out = streamattn.attention(ql, kl, vl, g, algorithm="ring")
+            worst = max(worst, _rel_err(out, ref))
+            if explicit_release:
+                streamattn.release(g)
+            dist.destroy_process_group(g)
+            del g
+            if i + 1 == warm:
+                gc.collect()
+                marks["warm"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
+                                 "transports": len(api._transports)}
+        gc.collect()
+        marks["end"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
+                        "transports": len(api._transports)}
+    finally:
+        if old is None:
+            os.environ.pop("STREAMATTN_TRANSPORT", None)
+        else:
+            os.environ["STREAMATTN_TRANSPORT"] = old
+    marks["err"] = worst
+    marks["cycles"] = cycles
+    return marks
+
+
+# -- randomized soak ----------------------------------------------------------------------------
+
+def random_soak(rank, world_size, *, calls, seed=0, check_every=5, max_seq=4097, timeout_s=60):
+    """`calls` calls with random shapes and options, drawn from one seed (identical on every rank):
+    S in 1..max_seq split unevenly at random, joint tokens on/off, causal on/off, GQA, dtype,
+    layout, algorithm. Every `check_every`-th call (and every small one) is checked against
+    float64. Returns counts and the worst error per dtype."""
+    rng = random.Random(seed)
+    algos = ["auto", "ring", "ulysses", "usp"]
+    worst, checked, done = {}, 0, 0
+    t_start = time.monotonic()
+    saved = os.environ.get("STREAMATTN_TIMEOUT_S")
+    os.environ["STREAMATTN_TIMEOUT_S"] = str(timeout_s)
+    try:
+        for i in range(calls):
+            S = rng.randint(1, max_seq) if rng.random() < 0.5 else rng.randint(1, 64)
+            cuts = sorted(rng.randint(0, S) for _ in range(world_size - 1))
+            lens = [b - a for a, b in zip([0] + cuts, cuts + [S])]
+            hk = rng.choice([1, 2, 4])
+            heads = hk * rng.choice([1, 2, 3])
+            if rng.random() < 0.5:
+                heads = max(heads, world_size) // hk * hk or hk
+            causal = rng.random() < 0.3
+            joint_len = 0 if causal or rng.random() < 0.5 else rng.randint(1, 9)
+            dtype = rng.choice(["float32", "float32", "float64", "bfloat16"])
+            layout = rng.choice(["bshd", "bhsd"])
+            algorithm = rng.choice(algos)
+            if algorithm in ("ulysses", "usp") and heads % world_size:
+                algorithm = "ring" if algorithm == "ulysses" else "auto"
+            kw = dict(ulysses_degree=2, ring_degree=world_size // 2) if (
+                algorithm == "usp" and world_size % 2 == 0 and heads % 2 == 0) else {}
+            if algorithm == "usp" and not kw:
+                algorithm = "auto"
+            check = i % check_every == 0 or S <= 64
+            res = _soak_call(rank, world_size, seed + i, S, lens, heads, hk, causal, joint_len,
+                             dtype, layout, algorithm, kw, check)
+            done += 1
+            if res is not None:
+                checked += 1
+                worst[dtype] = max(worst.get(dtype, 0.0), res)
+    finally:
+        if saved is None:
+            os.environ.pop("STREAMATTN_TIMEOUT_S", None)
+        else:
+            os.environ["STREAMATTN_TIMEOUT_S"] = saved
+    return {"calls": done, "checked": checked, "worst": worst,
+            "seconds": time.monotonic() - t_start}
+
+
+def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dtype, layout,
+               algorithm, kw, check):
+    q, k, v, joint = make_inputs(seed=seed, batch=1, seq=S, heads=heads, kv_heads=hk, head_dim=8,
+                                 joint_len=joint_len, dtype=dtype)
+    jkw = {}
+    if joint is not None:
+        jkw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    call_jkw = jkw
+    if layout == "bhsd":
+        ql, kl, vl = (t.transpose(1, 2) for t in (ql, kl, vl))
+        call_jkw = {n: t.transpose(1, 2) for n, t in jkw.items()}
+    res = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, algorithm=algorithm,
+                               **kw, **call_jkw)
+    out, jout = res if joint is not None else (res, None)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+        jout = jout.transpose(1, 2) if jout is not None else None
+    if tuple(out.shape) != (1, lens[rank], heads, 8):
+        raise AssertionError(f"output shape {tuple(out.shape)}")
+    if not check:
+        return None
+    ref = streamattn.reference_attention(q, k, v, causal=causal, **jkw)
+    ref, jref = ref if joint is not None else (ref, None)
+    err = _rel_err(out, _shard(ref, lens, rank)) if out.numel() else 0.0
+    if jref is not None:
+        err = max(err, _rel_err(jout, jref))
+    tol = 1e-5 if dtype in ("float32", "float64") else 2e-2
+    if not err < tol:
+        raise AssertionError(f"call seed {seed}: S={S} lens={lens} heads={heads}/{hk} causal={causal} "
+                             f"joint={joint_len} {dtype} {layout} {algorithm} {kw}: error {err:.3g}")
+    return err
