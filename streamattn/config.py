@@ -25,7 +25,7 @@ TRANSPORTS = ("auto", "torch", "shm", "nvshmem")
 class Setting:
     """kind: "float" | "int" | "choice" | "text" | "path" | "flag" (flag: "1" on, "0"/unset off).
     low/high: inclusive bounds of numbers; choices: the accepted texts ("" = unset = default).
-    scope: who reads it ("library", "probe", "bench", "build"); agreed: part of the per-call
+    scope: who reads it ("library", "probe", "bench", "build", "tests"); agreed: part of the per-call
     metadata every rank must agree on."""
 
     name: str
@@ -134,6 +134,22 @@ SETTINGS = {s.name: s for s in (
             "csrc/check_compile.sh: NVSHMEM wheel version to compile against", scope="build"),
     Setting("STREAMATTN_CSRC_NO_LINK", "flag", False,
             "csrc/check_compile.sh: skip the device-link step", scope="build"),
+    # -- the test suite -------------------------------------------------------------------------
+    Setting("STREAMATTN_TEST_FULL", "flag", False,
+            "tests: run the full-size endurance tests (500-call random soak, 1,000 group cycles)",
+            scope="tests"),
+    Setting("STREAMATTN_PERF_BW", "text", "300mbit",
+            "tests/test_perf.py: inter-node rate of the emulated cluster", scope="tests"),
+    Setting("STREAMATTN_PERF_ITERS", "int", 9, "tests/test_perf.py: timed calls per configuration",
+            low=1, high=1000, scope="tests"),
+    Setting("STREAMATTN_PERF_MIN_SPEEDUP", "float", 1.2,
+            "tests/test_perf.py: the speedup auto must reach over the worst fixed plan", low=1.0,
+            high=100.0, scope="tests"),
+    Setting("STREAMATTN_PERF_SEQ", "int", 0,
+            "tests/test_perf.py: a fixed sequence length (unset: calibrated)", low=1, high=1 << 20,
+            scope="tests"),
+    Setting("STREAMATTN_BENCH_TEST_TAG", "text", "",
+            "tests/test_bench.py: marks the bench subprocesses a test started", scope="tests"),
 )}
 
 

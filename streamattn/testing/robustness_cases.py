@@ -15,16 +15,20 @@ from .cases import _rel_err, _shard, make_inputs, split_lengths
 
 def _masked_reference(q, k, v, causal):
     """Float64 attention where a row only ever touches the keys it sees (so a non-finite value of a
-    masked key's V stays out of it); q, k, v [B, S, H|Hk, D], default scale."""
+    masked key's V stays out of it); q, k, v [B, S, H|Hk, D], default scale. Returns (out, rows
+    [B, S, H] whose every visible score is -inf: the documented exception, see nonfinite.py)."""
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    S = q.shape[2]
+    vis = torch.ones(S, S, dtype=torch.bool).tril() if causal else torch.ones(S, S, dtype=torch.bool)
+    all_neg = (torch.isneginf(s) | ~vis).all(-1).transpose(1, 2)
     if not causal:
-        return (torch.softmax(s, -1) @ v).transpose(1, 2)
+        return (torch.softmax(s, -1) @ v).transpose(1, 2), all_neg
     rows = [torch.softmax(s[:, :, i, : i + 1], -1).unsqueeze(2) @ v[:, :, : i + 1]
-            for i in range(q.shape[2])]
-    return torch.cat(rows, 2).transpose(1, 2)
+            for i in range(S)]
+    return torch.cat(rows, 2).transpose(1, 2), all_neg
 
 
 def nonfinite_attention(rank, world_size, *, algorithm, where, value, pos, seq=24, heads=4,
@@ -37,12 +41,16 @@ def nonfinite_attention(rank, world_size, *, algorithm, where, value, pos, seq=2
     lens = split_lengths(seq, world_size)
     out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), algorithm=algorithm,
                                causal=causal)
-    ref = _shard(_masked_reference(q, k, v, causal), lens, rank)
-    got_nan, ref_nan = out.double().isnan(), ref.isnan()
-    fin = ~ref_nan
+    ref, all_neg = _masked_reference(q, k, v, causal)
+    ref, all_neg = _shard(ref, lens, rank), _shard(all_neg, lens, rank).unsqueeze(-1).expand_as(out)
+    out = out.double()
+    ref = ref.masked_fill(all_neg, 0.0)  # nonfinite.py: such a row returns 0, not NaN
+    got_nan, ref_nan = out.isnan(), ref.isnan()
+    fin, inf = torch.isfinite(ref), torch.isinf(ref)
     err = _rel_err(out[fin], ref[fin]) if bool(fin.any()) else 0.0
     return {"nan_rows": int(got_nan.any(-1).sum()), "ref_nan_rows": int(ref_nan.any(-1).sum()),
-            "same_nan": bool(torch.equal(got_nan, ref_nan)), "err": err,
+            "same_nan": bool(torch.equal(got_nan, ref_nan)) and bool(torch.equal(out[inf], ref[inf])),
+            "err": err,
             "plan": str(streamattn.api.last_plan()[1])}
 
 
@@ -76,7 +84,7 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
     ref = _shard(streamattn.reference_attention(q, k, v), lens, rank)
     old = os.environ.get("STREAMATTN_TRANSPORT")
     os.environ["STREAMATTN_TRANSPORT"] = transport
-    marks, worst = {}, 0.0
+    marks, worst = {"transports_before": len(api._transports)}, 0.0
     try:
         warm = max(1, min(50, cycles // 10))
         for i in range(cycles):
@@ -185,3 +193,17 @@ def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dt
         raise AssertionError(f"call seed {seed}: S={S} lens={lens} heads={heads}/{hk} causal={causal} "
                              f"joint={joint_len} {dtype} {layout} {algorithm} {kw}: error {err:.3g}")
     return err
+
+
+def nonfinite_sweep(rank, world_size, *, algorithm, causal, seq=24, heads=6, dtype="float32"):
+    """nonfinite_attention for NaN, +Inf and -Inf in each of q, k, v at two positions."""
+    out = []
+    for where in ("q", "k", "v"):
+        for value in ("nan", "inf", "-inf"):
+            for pos in (1, seq // 2):
+                r = nonfinite_attention(rank, world_size, algorithm=algorithm, where=where,
+                                        value=value, pos=pos, seq=seq, heads=heads, causal=causal,
+                                        dtype=dtype)
+                r.update(where=where, value=value, pos=pos)
+                out.append(r)
+    return out
