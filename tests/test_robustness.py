@@ -83,3 +83,53 @@ def test_random_soak_short(rank_pool, P):
 def test_random_soak_500_calls(rank_pool, P):
     res = rank_pool(P).run(R + "random_soak", calls=500, seed=2024, timeout=3600)
     assert all(r["calls"] == 500 for r in res), res
+
+
+def _die_runs(P, transport, runs, tmp_path, silent=False):
+    """`runs` fresh groups of P ranks; in each one rank dies inside a warm call and every other
+    rank exits right after its error. Every survivor must name the rank that died (or, one-sided,
+    have finished with the exact result), and print no C++ stack trace."""
+    import json
+    import time
+
+    from streamattn.testing import RankPool
+
+    env = {"STREAMATTN_TIMEOUT_S": "3" if silent else "20", "STREAMATTN_TRANSPORT": transport}
+    for i in range(runs):
+        dying = [P - 1, 1, 0][i % 3]
+        out_dir = tmp_path / f"{transport}-{P}-{i}"
+        out_dir.mkdir()
+        pool = RankPool(P, env=env)
+        try:
+            pool.submit(R + "die_and_exit", dying_rank=dying, out_dir=str(out_dir),
+                        algorithm=["ring", "ulysses"][i % 2], silent=silent)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(p.poll() is None for p in pool.procs):
+                time.sleep(0.1)
+            codes = [p.poll() for p in pool.procs]
+            assert codes[dying] == 17, (i, codes)
+            logs = {r: pool.stderr_tail(r, 20000) for r in range(P)}
+        finally:
+            pool.close()
+        for r in range(P):
+            if r == dying:
+                continue
+            got = json.loads((out_dir / f"rank{r}.json").read_text())
+            if got["type"] is None:  # one-sided: everything it needed had landed: exact
+                assert transport == "shm" and got["err"] < 1e-5, (i, dying, got)
+                continue
+            assert got["peer"] == dying and f"rank {dying}" in got["error"], (i, dying, got)
+            assert "TCPStore" not in logs[r] and "Exception raised from" not in logs[r], logs[r]
+
+
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+@pytest.mark.parametrize("P", [3, 4])
+def test_every_survivor_names_the_dead_rank(P, transport, tmp_path):
+    _die_runs(P, transport, 10 if FULL else 2, tmp_path)
+
+
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+def test_every_survivor_names_the_silent_rank(transport, tmp_path):
+    # rank 2 stops answering inside a warm ring call: rank 0 times out naming it and exits; rank 1,
+    # waiting on rank 0, must name rank 2 too (it used to name rank 0).
+    _die_runs(3, transport, 1, tmp_path, silent=True)

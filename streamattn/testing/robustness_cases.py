@@ -207,3 +207,41 @@ def nonfinite_sweep(rank, world_size, *, algorithm, causal, seq=24, heads=6, dty
                 r.update(where=where, value=value, pos=pos)
                 out.append(r)
     return out
+
+
+# -- failure attribution ------------------------------------------------------------------------
+
+def die_and_exit(rank, world_size, *, dying_rank, out_dir, algorithm="ring", seq=48, heads=12,
+                 silent=False):
+    """dying_rank exits abruptly inside a warm call (silent=True: stops answering for longer than
+    STREAMATTN_TIMEOUT_S, then exits); every other rank records what it raised (JSON in out_dir,
+    written atomically) and exits at once, as a real program would, so ranks still waiting see
+    their healthy-but-exited peers close. Never returns."""
+    import json
+
+    from streamattn import kernels
+    from streamattn.algorithms import local, ring
+
+    q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    streamattn.attention(ql, kl, vl, algorithm=algorithm)  # warm: plan cached
+    if rank == dying_rank:
+        def dying(*a, **kw):
+            if silent:
+                time.sleep(float(os.environ["STREAMATTN_TIMEOUT_S"]) * 3 + 2)
+            os._exit(17)
+
+        kernels.attention_with_lse = ring.attention_with_lse = local.attention_with_lse = dying
+    result = {"rank": rank}
+    try:
+        out = streamattn.attention(ql, kl, vl, algorithm=algorithm)
+        result.update(type=None, err=_rel_err(out, _shard(streamattn.reference_attention(q, k, v),
+                                                            lens, rank)))
+    except Exception as exc:
+        result.update(type=type(exc).__name__, error=str(exc), peer=getattr(exc, "peer", None))
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    os._exit(0)

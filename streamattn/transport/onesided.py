@@ -61,6 +61,10 @@ class _OneSidedPending(Pending):
                 for m in self.msgs:
                     if not m.done and not t.heap.peer_alive(m.peer):
                         g = t.members[m.peer]
+                        culprit, report = _reported_within(t.base, 0.25)
+                        if culprit is not None and culprit != g:  # g exited after seeing culprit fail
+                            raise PeerError(f"streamattn: abandoned an shm exchange (tag {m.tag}): "
+                                            f"{report}", culprit)
                         t.base.report_failure(g, f"rank {t.rank} saw it die (shm)")
                         raise PeerError(f"streamattn: {t.describe_peer(g)} died (its process is gone) "
                                         f"during an shm exchange (tag {m.tag})", g)
@@ -83,6 +87,16 @@ class _OneSidedPending(Pending):
                 time.sleep(0)
         if self.remote is not None:
             self.remote.wait()
+
+
+def _reported_within(base, seconds):
+    """A failure report from another rank, waiting up to `seconds` for one still in flight."""
+    deadline = time.monotonic() + seconds
+    while True:
+        culprit, report = base.reported_failure()
+        if culprit is not None or time.monotonic() > deadline:
+            return culprit, report
+        time.sleep(0.01)
 
 
 class OneSidedTransport(Transport):
