@@ -309,10 +309,15 @@ def probe(
     if cache and n > 1:
         payload = None
         if me == 0:
-            hit = _cache.load(key, hosts)
-            if hit is not None:
-                hit = hit.replace(provenance=f"probe:cache {_cache.cache_path(key)}")
-                payload = hit.to_json().encode()
+            try:  # anything wrong with the cache is a miss, never an error on one rank only
+                hit = _cache.load(key, hosts)
+                # the node map must be the one the host identities gathered now give
+                if hit is not None and tuple(hit.node) == tuple(node) and hit.world_size == n:
+                    hit = hit.replace(provenance=f"probe:cache {_cache.cache_path(key)}")
+                    payload = hit.to_json().encode()
+            except Exception as e:
+                warnings.warn(f"streamattn: ignoring the topology cache: {type(e).__name__}: {e}")
+                payload = None
         data = comm.broadcast_bytes(payload, src=0, group=group, timeout_s=t_out)
         if data:
             return Topology.from_json(data)
