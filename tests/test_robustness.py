@@ -133,3 +133,35 @@ def test_every_survivor_names_the_silent_rank(transport, tmp_path):
     # rank 2 stops answering inside a warm ring call: rank 0 times out naming it and exits; rank 1,
     # waiting on rank 0, must name rank 2 too (it used to name rank 0).
     _die_runs(3, transport, 1, tmp_path, silent=True)
+
+
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+def test_store_host_exits_survivors_quiet_and_right(transport):
+    # As under torchrun: rank 0 hosts the store. Rank 2 dies, rank 0 names it and exits; rank 1
+    # must name rank 2 too, and nobody may print C++ traces (e.g. "TCPStore recvValue failed").
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, STREAMATTN_TIMEOUT_S="20", STREAMATTN_TRANSPORT=transport,
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "streamattn.testing.rank0_store", str(r),
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for r in range(3)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            outs.append((p.returncode, out.decode(), err.decode()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert outs[2][0] == 17
+    for code, out, err in outs[:2]:
+        assert code == 0 and err == "", (out, err)
+        kind, peer, _ = out.split("RESULT ", 1)[1].split(" ", 2)
+        assert kind == "ok" or (kind == "PeerError" and peer == "2"), out
