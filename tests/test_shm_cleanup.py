@@ -22,7 +22,7 @@ def segments():
         pid = name_pid or _dead_pid()
         path = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{pid}-{os.urandom(6).hex()}")
         with open(path, "wb") as f:
-            f.write(shm._header(header_pid) if header_pid is not None else b"\0" * 64)
+            f.write(shm.segment_header(header_pid) if header_pid is not None else b"\0" * 64)
             f.write(b"\0" * 4096)
         if owner is not None:
             os.chown(path, owner, owner)

@@ -29,7 +29,7 @@ from .heap import Heap
 
 PREFIX = "streamattn-"
 SHM_DIR = "/dev/shm"
-_HEADER = 64  # bytes at the start of a segment: _header(creator pid)
+_HEADER = 64  # bytes at the start of a segment: segment_header(creator pid)
 MAGIC = b"streamattn-shm\0\0"
 
 
@@ -50,7 +50,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _header(pid: int) -> bytes:
+def segment_header(pid: int) -> bytes:
     """What a creator writes at the start of its segment: magic, version, pid, uid."""
     return struct.pack("<16sIQQ", MAGIC, 1, pid, os.geteuid()).ljust(_HEADER, b"\0")
 
@@ -65,7 +65,7 @@ def _is_ours(path: str, pid: int) -> bool:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size < _HEADER:
             return False
-        return os.pread(fd, _HEADER, 0) == _header(pid)
+        return os.pread(fd, _HEADER, 0) == segment_header(pid)
     except OSError:
         return False
     finally:
@@ -117,7 +117,7 @@ class ShmHeap(Heap):
         self._maps = [None] * size
         try:
             os.ftruncate(fd, self._total)
-            os.pwrite(fd, _header(os.getpid()), 0)  # lets a later cleanup recognise it as ours
+            os.pwrite(fd, segment_header(os.getpid()), 0)  # lets a later cleanup recognise it as ours
             self._maps[rank] = mmap.mmap(fd, self._total)
         finally:
             os.close(fd)
