@@ -2,7 +2,8 @@
 
     out = streamattn.attention(q, k, v, group)   # each rank: its [B, S_local, H, D] shard in, same out
 """
-from .api import attention
+from . import lifecycle as _lifecycle
+from .api import attention, release
 from .errors import PeerError, PeerTimeoutError, StreamAttnError
 from .plan import Plan
 from .planner import make_plan, plan_for
@@ -10,6 +11,8 @@ from .problem import Problem
 from .reference import reference_attention
 from .stale import StaleKV
 
+_lifecycle.install()
+
 __version__ = "0.1.0"
-__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "PeerError",
+__all__ = ["attention", "release", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "PeerError",
            "PeerTimeoutError", "StreamAttnError", "__version__"]

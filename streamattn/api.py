@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import itertools
 import math
-import os
-from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 
-from . import algorithms
-from .config import ulysses_chunks, validate_every_call
+from . import agreement, algorithms
+from .config import ulysses_chunks
 from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
@@ -25,9 +24,9 @@ from .validate import DTYPES, check_agreement, check_local, encode
 log = logging.getLogger("streamattn")
 
 TAG_META, TAG_RATE = 1, 3
-_CACHE_SIZE = 64
-_transports: dict = {}   # id(group) -> (group, transport)
-_plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
+_transports: dict = {}   # id(group) -> (group, {name: transport}); see release()
+_plans = agreement.PlanCache()  # (group token, agreed call key) -> (Problem, Plan)
+_tokens = itertools.count(1)
 
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
@@ -72,21 +71,19 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     if err is None and q.device.type != transport.device.type:
         err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
                f"communicates on {transport.device.type}")
-    if err:
-        key = None
-    else:
-        key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, bool(causal),
-               scale, None if joint is None else (tuple(joint_q.shape), tuple(joint_k.shape)),
-               joint_strategy, algorithm, ulysses_degree, ring_degree)
-    cached = _plans.get(key) if key is not None and not validate_every_call() else None
+    # Every rank takes the same path: the decision comes from the gathered signatures.
+    settings = agreement.Settings()
+    err = err or settings.error
+    joint_len = 0 if err or joint is None else joint_q.shape[1 if layout == "bshd" else 2]
+    cache, token = _plans, transport.plan_token
+    row = agreement.signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
+                              ulysses_degree, ring_degree, settings, cache.generation(token))
+    key, full = agreement.exchange(_fastest(group, transport), row, cache, token)
+    cached = None if full else cache.lookup(token, key)
     if cached is None:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
                         ulysses_degree, ring_degree)
-        _plans[key] = cached
-        if len(_plans) > _CACHE_SIZE:
-            _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
+        cache.put(token, key, cached)
     problem, plan = cached
     transport = _transport(group, plan.transport)
 
@@ -94,18 +91,19 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if joint is not None:
             joint = tuple(t.transpose(1, 2) for t in joint)
-    out, jout = _run(plan, transport, problem, q, k, v, joint)
+    out, jout = _run(plan, transport, problem, q, k, v, joint, chunks=settings.ulysses_chunks)
     out = _to_layout(out, layout)
     if joint is None:
         return out
     return out, _to_layout(jout, layout)
 
 
-def _run(plan, transport, problem, q, k, v, joint):
+def _run(plan, transport, problem, q, k, v, joint, chunks=None):
+    """chunks: the call's agreed STREAMATTN_ULYSSES_CHUNKS (None: read it now)."""
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(transport.rank),
-                                            chunks=ulysses_chunks())
+                                            chunks=ulysses_chunks() if chunks is None else chunks)
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank))
@@ -134,12 +132,56 @@ def _transport(group, name="torch"):
     call on every rank, because every rank runs the same plan)."""
     entry = _transports.get(id(group))
     if entry is None or entry[0] is not group:
-        entry = (group, {"torch": TorchTransport(group)})
+        if entry is not None:  # a dead group's id was reused
+            release(entry[0])
+        base = TorchTransport(group)
+        base.plan_token = next(_tokens)  # keys this group's plans (ids of dead groups are reused)
+        entry = (group, {"torch": base})
         _transports[id(group)] = entry
     found = entry[1].get(name)
     if found is None:
         found = entry[1][name] = make_transport(name, entry[1]["torch"])
     return found
+
+
+def release(group=None) -> None:
+    """Forget `group`: close its transports (shm heaps are unmapped), drop its cached plans, and
+    let the group be freed. Local (no communication); the next call on the group starts afresh.
+    Called automatically by torch.distributed.destroy_process_group (streamattn.lifecycle);
+    release(None) releases the default group."""
+    entry = _transports.get(id(group))
+    if entry is None or entry[0] is not group:
+        return
+    del _transports[id(group)]
+    _plans.drop(entry[1]["torch"].plan_token)
+    for t in entry[1].values():
+        close = getattr(t, "close", None)
+        if close is not None:
+            close()
+
+
+def release_all() -> None:
+    """release() every group this process has used (e.g. after destroy_process_group())."""
+    for group, _ in list(_transports.values()):
+        release(group)
+
+
+def last_plan(group=None):
+    """The (Problem, Plan) of the most recent call that planned on `group`, or (None, None)."""
+    entry = _transports.get(id(group))
+    if entry is None or entry[0] is not group:
+        return None, None
+    token = entry[1]["torch"].plan_token
+    for (tok, _), value in reversed(_plans.items()):
+        if tok == token:
+            return value
+    return None, None
+
+
+def _fastest(group, base):
+    """The signature's transport: the group's shm transport once a call has created it (on every
+    rank in the same call, so the choice is the same everywhere), else the two-sided one."""
+    return _transports[id(group)][1].get("shm", base)
 
 
 def transports(group=None) -> dict:

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 
+from . import config, nonfinite
 from .merge import acc_dtype
 
 log = logging.getLogger("streamattn.kernels")
@@ -50,14 +50,16 @@ def _flash_attn_func():
         return None
 
 
-@functools.lru_cache(maxsize=None)
 def select_backend(device_type: str, dtype: torch.dtype, masked: bool) -> str:
     """The one kernel-selection rule. `masked`: the call needs a mask that is neither none nor
-    top-left causal (partial ring/torus blocks)."""
-    forced = os.environ.get("STREAMATTN_KERNEL", "").strip()
+    top-left causal (partial ring/torus blocks). STREAMATTN_KERNEL is read (and validated) on
+    every call; the rule itself is cached."""
+    return _select_backend(device_type, dtype, masked, config.kernel())
+
+
+@functools.lru_cache(maxsize=None)
+def _select_backend(device_type: str, dtype: torch.dtype, masked: bool, forced: str) -> str:
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"STREAMATTN_KERNEL={forced!r}: expected one of {', '.join(BACKENDS)}")
         choice = forced
     elif device_type == "cpu":
         choice = "cpu-flash"
@@ -78,11 +80,14 @@ def select_backend(device_type: str, dtype: torch.dtype, masked: bool) -> str:
     return choice
 
 
+select_backend.cache_clear = _select_backend.cache_clear  # kept for callers that reset it
+
+
 def use_triton(tensor) -> bool:
     """The one rule for the merge and packing kernels: Triton on CUDA when it can launch there,
     or when STREAMATTN_TRITON=1 forces it (needs TRITON_INTERPRET=1 for CPU tensors); else torch.
     STREAMATTN_TRITON=0 turns Triton off everywhere."""
-    flag = os.environ.get("STREAMATTN_TRITON", "").strip()
+    flag = config.triton()
     if flag == "0":
         return False
     if flag != "1" and tensor.device.type != "cuda":
@@ -100,6 +105,17 @@ def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, q_offset:
     Sk = k.shape[2]
     if Sq == 0 or Sk == 0:
         return _empty(q, Sq)
+    out, lse = _attention_with_lse(q, k, v, scale, causal, q_offset, k_offset)
+    if nonfinite.suspicious(out, lse) and not nonfinite.all_finite(q, k, v):
+        # NaN/Inf inputs: the reference's semantics, not the kernel's (see nonfinite.py)
+        return nonfinite.attention_with_lse(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                            k_offset=k_offset)
+    return out, lse
+
+
+def _attention_with_lse(q, k, v, scale, causal, q_offset, k_offset):
+    Sk = k.shape[2]
+    Sq = q.shape[2]
     if not causal:
         return _dispatch(q, k, v, scale, diag=None)
     d = q_offset - k_offset  # row i sees key j iff j <= i + d

@@ -101,20 +101,24 @@ def _scale_bits(scale: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
 
+def field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r) -> list:
+    """This rank's FIELDS as ints (all 0 but the error flag when its input was malformed)."""
+    if error:
+        return [1] + [0] * (len(FIELDS) - 1)
+    b, s, h, d = _bshd_shape(q, layout)
+    hk = _bshd_shape(k, layout)[2]
+    dev = q.device.type if q.device.type in _DEVICE_TYPES else "other"
+    return [0, b, s, h, hk, d, DTYPES.index(q.dtype), LAYOUTS.index(layout),
+            _DEVICE_TYPES.index(dev), int(bool(causal)), joint_len,
+            STRATEGIES.index(joint_strategy) if joint_strategy in STRATEGIES else 0,
+            ALGORITHMS.index(algorithm), u or 0, r or 0, _scale_bits(scale)]
+
+
 def encode(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r) -> torch.Tensor:
     """This rank's metadata as int64: [MAGIC, VERSION, *FIELDS, *message bytes]."""
     msg = (error or "").encode("utf-8")[:MSG_BYTES]
     msg_vec = list(msg) + [0] * (MSG_BYTES - len(msg))
-    if error:
-        vals = [1] + [0] * (len(FIELDS) - 1)
-    else:
-        b, s, h, d = _bshd_shape(q, layout)
-        hk = _bshd_shape(k, layout)[2]
-        dev = q.device.type if q.device.type in _DEVICE_TYPES else "other"
-        vals = [0, b, s, h, hk, d, DTYPES.index(q.dtype), LAYOUTS.index(layout),
-                _DEVICE_TYPES.index(dev), int(bool(causal)), joint_len,
-                STRATEGIES.index(joint_strategy) if joint_strategy in STRATEGIES else 0,
-                ALGORITHMS.index(algorithm), u or 0, r or 0, _scale_bits(scale)]
+    vals = field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r)
     return torch.tensor([MAGIC, VERSION] + vals + msg_vec, dtype=torch.int64)
 
 

@@ -78,6 +78,7 @@ def test_stale_segments_of_dead_creators_are_removed():
     p.wait()
     name = f"{shm_mod.PREFIX}{p.pid}-deadbeef"
     fd = os.open(os.path.join("/dev/shm", name), os.O_CREAT | os.O_RDWR, 0o600)
+    os.write(fd, shm_mod.segment_header(p.pid))  # what its creator writes (tests/test_shm_cleanup.py)
     os.close(fd)
     assert name in remove_stale_segments()
     assert name not in _segments()

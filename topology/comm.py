@@ -12,17 +12,15 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import config
+
 TIMEOUT_ENV = "STREAMATTN_PROBE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
 
 
 def default_timeout() -> float:
     """Seconds for every wait: ``$STREAMATTN_PROBE_TIMEOUT``, else ``$STREAMATTN_TIMEOUT_S``, else 60."""
-    raw = os.environ.get(TIMEOUT_ENV) or os.environ.get("STREAMATTN_TIMEOUT_S") or DEFAULT_TIMEOUT_S
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} / STREAMATTN_TIMEOUT_S must be a number of seconds") from None
+    return config.probe_timeout_s()
 
 
 def is_distributed(group=None) -> bool:

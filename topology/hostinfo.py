@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .. import config
 from .model import Link, LinkKind
 from .spec import DEFAULT_INTER
 
@@ -25,7 +26,7 @@ HOST_ID_ENV = "STREAMATTN_HOST_ID"
 def host_identity() -> str:
     """A string naming this host: ``$STREAMATTN_HOST_ID`` if set, else hostname + machine-id
     (``/etc/machine-id``, ``/var/lib/dbus/machine-id``) or, failing those, the boot id."""
-    override = os.environ.get(HOST_ID_ENV)
+    override = config.host_id()
     if override:
         return "env:" + override
     ident = ""

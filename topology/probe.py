@@ -31,6 +31,7 @@ import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Tuple, Union
 
+from .. import config
 from . import cache as _cache
 from . import comm
 from .gpulinks import gpu_rows, import_nvml, local_gpu_bus_id, peak_flops_for
@@ -88,7 +89,7 @@ def _resolve_local(topology, n: Optional[int]) -> Optional[Topology]:
                 f"{type(topology).__name__}"
             )
     else:
-        env = os.environ.get(TOPOLOGY_ENV, "").strip()
+        env = config.topology()
         if not env:
             return None
         what = TOPOLOGY_ENV
@@ -287,7 +288,7 @@ def probe(
     """
     t_out = timeout_s or comm.default_timeout()
     if nbytes is None:
-        nbytes = int(os.environ.get(NBYTES_ENV, DEFAULT_NBYTES))
+        nbytes = config.probe_bytes()
     n = comm.world(group)
     me = comm.rank(group)
     if me < 0:
@@ -308,10 +309,15 @@ def probe(
     if cache and n > 1:
         payload = None
         if me == 0:
-            hit = _cache.load(key, hosts)
-            if hit is not None:
-                hit = hit.replace(provenance=f"probe:cache {_cache.cache_path(key)}")
-                payload = hit.to_json().encode()
+            try:  # anything wrong with the cache is a miss, never an error on one rank only
+                hit = _cache.load(key, hosts)
+                # the node map must be the one the host identities gathered now give
+                if hit is not None and tuple(hit.node) == tuple(node) and hit.world_size == n:
+                    hit = hit.replace(provenance=f"probe:cache {_cache.cache_path(key)}")
+                    payload = hit.to_json().encode()
+            except Exception as e:
+                warnings.warn(f"streamattn: ignoring the topology cache: {type(e).__name__}: {e}")
+                payload = None
         data = comm.broadcast_bytes(payload, src=0, group=group, timeout_s=t_out)
         if data:
             return Topology.from_json(data)

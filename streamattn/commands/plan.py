@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
+from .. import config
 from ..planner import DEFAULT_TOPOLOGY, plan_for
 
 DTYPE_CHOICES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32", "fp64", "float64")
@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    topology = args.topology or os.environ.get("STREAMATTN_TOPOLOGY", "").strip() or DEFAULT_TOPOLOGY
+    topology = args.topology or config.topology() or DEFAULT_TOPOLOGY
     try:
         seq_lens = None
         if args.seq_lens:

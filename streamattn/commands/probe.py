@@ -12,6 +12,8 @@ import os
 import platform
 import sys
 
+from .. import config
+
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -73,7 +75,7 @@ def run(args) -> int:
                 raise ValueError("--topology and --nproc exclude each other")
             topo = _spawned(args.nproc, measure, args.timeout)
             how = f"probe by {args.nproc} spawned gloo ranks"
-        elif args.topology or os.environ.get("STREAMATTN_TOPOLOGY", "").strip():
+        elif args.topology or config.topology():
             topo = resolve_topology(topology=args.topology)
             how = "declared (--topology / $STREAMATTN_TOPOLOGY)"
         else:

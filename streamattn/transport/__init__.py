@@ -4,8 +4,7 @@
     shm      one-sided puts into POSIX shared memory for the ranks of one node (CPU), torch for the rest
     nvshmem  one-sided puts with NVSHMEM for the ranks of one node (GPU), torch for the rest
 """
-import os
-
+from .. import config
 from .base import ByteCounters, Pending, Transport
 from .torch_dist import TorchTransport
 
@@ -15,9 +14,7 @@ NAMES = ("torch", "shm", "nvshmem")
 def choose_transport(base, problem) -> str:
     """STREAMATTN_TRANSPORT (torch | shm | nvshmem | auto, default auto). auto: shm for CPU groups
     where some node holds more than one rank of the group, else torch."""
-    want = os.environ.get("STREAMATTN_TRANSPORT", "auto").strip().lower() or "auto"
-    if want not in NAMES + ("auto",):
-        raise ValueError(f"STREAMATTN_TRANSPORT={want!r}: expected one of {', '.join(NAMES)}, auto")
+    want = config.transport()
     if want != "auto":
         return want
     # A global condition, so every rank of the group makes the same choice.

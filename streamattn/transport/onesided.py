@@ -12,18 +12,18 @@ same on every rank because all ranks run the same schedule.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 import torch
 
-from ..config import timeout_s
+from ..config import shm_slot_bytes, wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
 DEFAULT_SLOT_MB = 4.0
 DEPTH = 2
+TINY_YIELD_S = 0.005
 
 
 class _Msg:
@@ -46,6 +46,9 @@ class _OneSidedPending(Pending):
     def __init__(self, transport, msgs, remote):
         self.t, self.msgs, self.remote = transport, msgs, remote
         self.start = time.monotonic()
+        # Metadata-sized exchanges (the per-call signature) yield instead of sleeping for their
+        # first TINY_YIELD_S: a backoff sleep would add up to 1 ms to every call.
+        self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
 
     def wait(self):
         t = self.t
@@ -62,6 +65,10 @@ class _OneSidedPending(Pending):
                 for m in self.msgs:
                     if not m.done and not t.heap.peer_alive(m.peer):
                         g = t.members[m.peer]
+                        culprit, report = _reported_within(t.base, 0.25)
+                        if culprit is not None and culprit != g:  # g exited after seeing culprit fail
+                            raise PeerError(f"streamattn: abandoned an shm exchange (tag {m.tag}): "
+                                            f"{report}", culprit)
                         t.base.report_failure(g, f"rank {t.rank} saw it die (shm)")
                         raise PeerError(f"streamattn: {t.describe_peer(g)} died (its process is gone) "
                                         f"during an shm exchange (tag {m.tag})", g)
@@ -78,12 +85,22 @@ class _OneSidedPending(Pending):
                         f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
                         f"in an shm exchange (tag {m.tag}, chunk {m.next + 1}/{len(m.chunks)}); it may "
                         "be stuck or making a different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
-            if spins > 200:
+            if spins > 200 and not (self.tiny and now - self.start < TINY_YIELD_S):
                 time.sleep(min(1e-3, 1e-6 * (spins - 200)))
             elif spins > 50:
                 time.sleep(0)
         if self.remote is not None:
             self.remote.wait()
+
+
+def _reported_within(base, seconds):
+    """A failure report from another rank, waiting up to `seconds` for one still in flight."""
+    deadline = time.monotonic() + seconds
+    while True:
+        culprit, report = base.reported_failure()
+        if culprit is not None or time.monotonic() > deadline:
+            return culprit, report
+        time.sleep(0.01)
 
 
 class OneSidedTransport(Transport):
@@ -97,13 +114,13 @@ class OneSidedTransport(Transport):
         self.rank, self.size, self.device = base.rank, base.size, base.device
         self.node_of = base.node_of
         self.counters = ByteCounters()
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         mine = self.node_of[self.rank]
         self.members = [r for r in range(self.size) if self.node_of[r] == mine]
         self.local_index = {g: i for i, g in enumerate(self.members)}
         n = len(self.members)
         if slot_bytes is None:
-            slot_bytes = int(float(os.environ.get("STREAMATTN_SHM_SLOT_MB", DEFAULT_SLOT_MB)) * 2**20)
+            slot_bytes = shm_slot_bytes()
         self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
         self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes, 2 * n,
                                  self._all_gather_text, self._barrier)
@@ -132,7 +149,7 @@ class OneSidedTransport(Transport):
 
     # -- the protocol ----------------------------------------------------------------------
     def exchange(self, sends, recvs, tag, count=True):
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         remote_s = [(p, t) for p, t in sends if p not in self.local_index]
         remote_r = [(p, t) for p, t in recvs if p not in self.local_index]
         if count:

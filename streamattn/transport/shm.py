@@ -4,7 +4,8 @@ Each member creates a segment in /dev/shm (mode 0600, an unguessable name), the 
 names over the bootstrap transport, map each other's segments, and each creator unlinks its segment
 as soon as every member has mapped it, so nothing stays in /dev/shm even after `kill -9` of any rank
 (a rank killed inside the short create→unlink window leaves a segment whose name carries its pid;
-the next heap created on the host removes it).
+the next heap created on the host removes it, if the file is the current user's and carries the
+header its creator wrote: magic, pid, uid).
 
 put is a memcpy into the peer's mapping; signal is an aligned 8-byte store into the peer's signal
 slot after it. Both are plain stores, so the ordering "data before signal" relies on the CPU's
@@ -18,6 +19,8 @@ import os
 import platform
 import re
 import secrets
+import stat
+import struct
 
 import numpy as np
 import torch
@@ -26,7 +29,8 @@ from .heap import Heap
 
 PREFIX = "streamattn-"
 SHM_DIR = "/dev/shm"
-_HEADER = 64
+_HEADER = 64  # bytes at the start of a segment: segment_header(creator pid)
+MAGIC = b"streamattn-shm\0\0"
 
 
 def supported() -> tuple:
@@ -46,8 +50,32 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def segment_header(pid: int) -> bytes:
+    """What a creator writes at the start of its segment: magic, version, pid, uid."""
+    return struct.pack("<16sIQQ", MAGIC, 1, pid, os.geteuid()).ljust(_HEADER, b"\0")
+
+
+def _is_ours(path: str, pid: int) -> bool:
+    """A regular file owned by this user whose header says streamattn process `pid` made it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size < _HEADER:
+            return False
+        return os.pread(fd, _HEADER, 0) == segment_header(pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_segments() -> list:
-    """Unlink streamattn segments whose creating process is gone. Returns the names removed."""
+    """Unlink streamattn segments whose creating process is gone: only files owned by the current
+    user that carry the header their creator wrote (a file that merely matches the name pattern is
+    left alone). Returns the names removed."""
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -55,9 +83,12 @@ def remove_stale_segments() -> list:
         return removed
     for name in names:
         m = re.fullmatch(re.escape(PREFIX) + r"(\d+)-[0-9a-f]+", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        if _is_ours(path, int(m.group(1))):
             try:
-                os.unlink(os.path.join(SHM_DIR, name))
+                os.unlink(path)
                 removed.append(name)
             except OSError:
                 pass
@@ -86,6 +117,7 @@ class ShmHeap(Heap):
         self._maps = [None] * size
         try:
             os.ftruncate(fd, self._total)
+            os.pwrite(fd, segment_header(os.getpid()), 0)  # lets a later cleanup recognise it as ours
             self._maps[rank] = mmap.mmap(fd, self._total)
         finally:
             os.close(fd)

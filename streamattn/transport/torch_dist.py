@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import timeout_s
+from ..config import wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
@@ -30,6 +30,10 @@ def _peer_error(transport, peer, kind, tag, exc):
             peer if culprit is None else culprit,
         )
     first = text.splitlines()[0] if text else type(exc).__name__
+    culprit, report = transport.reported_failure()
+    if culprit is not None and culprit != peer:
+        # `peer` closed its connection because it gave up on the rank that failed first.
+        return PeerError(f"streamattn: {kind} (tag {tag}) with {who} failed: {report}", culprit)
     if "closed by peer" in first or "Connection reset" in first:
         first = f"{who} closed its connection (it probably died): {first}"
     transport.report_failure(peer, f"rank {transport.rank} saw {who} fail during {kind}")
@@ -60,6 +64,68 @@ class _TorchPending(Pending):
                 )
 
 
+class FailureMailbox:
+    """Failure reports between the ranks of a group, over the group itself (no rendezvous store:
+    the store's host may be the rank that exits first, and reading a dead store prints C++
+    traces). Each rank keeps one receive posted per peer on TAG_FAIL; a rank that sees peer X
+    fail sends [MAGIC, X's group rank] to every other peer before raising and lets the sends
+    drain (at most DRAIN_S). A report travels on the same connection as the data, ahead of the
+    sender's close, so a rank that then sees the reporter close reads the report first."""
+
+    TAG_FAIL, MAGIC, DRAIN_S = 4999, 0x4641494C, 0.5
+
+    def __init__(self, transport):
+        self.t = transport
+        self.works, self.bufs, self.sent = {}, {}, False
+
+    def open(self) -> None:
+        """Post the receives (once per group; two-sided CPU backends only)."""
+        if self.works or self.t.backend != "gloo":
+            return
+        for p in range(self.t.size):
+            if p != self.t.rank:
+                self.bufs[p] = torch.zeros(2, dtype=torch.int64)
+                try:
+                    self.works[p] = self.t.group.recv([self.bufs[p]], p, self.TAG_FAIL)
+                except Exception:  # that pair is already closed
+                    pass
+
+    def send(self, culprit: int, text: str) -> None:
+        if self.sent or self.t.backend != "gloo":
+            return
+        self.sent = True
+        msg = torch.tensor([self.MAGIC, culprit], dtype=torch.int64)
+        works = []
+        for p in range(self.t.size):
+            if p not in (self.t.rank, culprit):
+                try:
+                    works.append(self.t.group.send([msg], p, self.TAG_FAIL))
+                except Exception:
+                    pass
+        deadline = time.monotonic() + self.DRAIN_S
+        for w in works:
+            try:
+                w.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            except Exception:
+                pass
+
+    def read(self):
+        # gloo marks a receive complete only inside wait(), so the buffer itself is looked at:
+        # the report is 16 bytes written at once; it counts once two reads agree.
+        for p, buf in self.bufs.items():
+            first = buf.tolist()
+            if first[0] != self.MAGIC or buf.tolist() != first:
+                continue
+            culprit = first[1]
+            if 0 <= culprit < self.t.size:
+                return culprit, (f"{self.t.describe_peer(culprit)} failed first (reported by "
+                                 f"{self.t.describe_peer(p)})")
+        return None, ""
+
+    def close(self) -> None:
+        self.works, self.bufs = {}, {}
+
+
 class TorchTransport(Transport):
     """Transport over a torch.distributed ProcessGroup (group-local ranks)."""
 
@@ -78,49 +144,32 @@ class TorchTransport(Transport):
         self.node_of = list(node_of) if node_of is not None else [0] * self.size
         self.topology = None  # set by the api on the first call (streamattn.topology.Topology)
         self.counters = ByteCounters()
-        self.timeout = timeout_s()
-        self.calls = 0  # calls made on this group; equal on every rank, so it keys failure reports
-        self._uid = "streamattn/failure/" + ",".join(map(str, self.global_ranks))
-        try:  # a private accessor; without it failures are only reported by the rank that saw them
-            self._store = dist.distributed_c10d._get_default_store()
-        except Exception:
-            self._store = None
+        self.timeout = wait_timeout_s()
+        self.calls = 0  # calls made on this group
+        self.mailbox = FailureMailbox(self)
 
     def begin_call(self) -> None:
         self.calls += 1
+        self.mailbox.open()
 
     def report_failure(self, peer: int, text: str) -> None:
-        """Tell the other ranks (through the rendezvous store) which peer failed, so that ranks
-        left waiting on a healthy-but-aborted rank can name the real culprit when they time out."""
-        if self._store is None:
-            return
-        try:
-            self._store.set(f"{self._uid}/{self.calls}", f"{self.global_ranks[peer]}|{text}")
-        except Exception:
-            pass
+        """Tell the other ranks which peer failed (FailureMailbox), before this rank raises, so
+        that ranks left waiting on it name the real culprit even after this process exits."""
+        self.mailbox.send(peer, text)
 
     def reported_failure(self):
-        """(group rank of the failed peer, text) reported for the current call, or (None, "")."""
-        if self._store is None:
-            return None, ""
-        key = f"{self._uid}/{self.calls}"
-        try:
-            if not self._store.check([key]):
-                return None, ""
-            raw = self._store.get(key).decode("utf-8", "replace")
-        except Exception:
-            return None, ""
-        g, _, text = raw.partition("|")
-        peer = self.global_ranks.index(int(g)) if int(g) in self.global_ranks else None
-        who = self.describe_peer(peer) if peer is not None else f"global rank {g}"
-        return peer, f"{who} failed first ({text})"
+        """(group rank of the peer another rank saw fail, text), or (None, "")."""
+        return self.mailbox.read()
+
+    def close(self) -> None:
+        self.mailbox.close()
 
     def describe_peer(self, peer: int) -> str:
         g = self.global_ranks[peer]
         return f"rank {peer}" if g == peer else f"rank {peer} (global rank {g})"
 
     def exchange(self, sends, recvs, tag: int, count: bool = True) -> Pending:
-        self.timeout = timeout_s()
+        self.timeout = wait_timeout_s()
         if count:
             for peer, t in sends:
                 self._count(peer, t)

@@ -1,0 +1,270 @@
+"""RankPool tasks for issue 11: non-finite inputs, group release cycles, randomized soak."""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+import streamattn
+
+from .cases import _last_plan, _rel_err, _shard, make_inputs, split_lengths
+
+
+def _masked_reference(q, k, v, causal):
+    """Float64 attention where a row only ever touches the keys it sees (so a non-finite value of a
+    masked key's V stays out of it); q, k, v [B, S, H|Hk, D], default scale. Returns (out, rows
+    [B, S, H] whose every visible score is -inf: the documented exception, see nonfinite.py)."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    S = q.shape[2]
+    vis = torch.ones(S, S, dtype=torch.bool).tril() if causal else torch.ones(S, S, dtype=torch.bool)
+    all_neg = (torch.isneginf(s) | ~vis).all(-1).transpose(1, 2)
+    if not causal:
+        return (torch.softmax(s, -1) @ v).transpose(1, 2), all_neg
+    rows = [torch.softmax(s[:, :, i, : i + 1], -1).unsqueeze(2) @ v[:, :, : i + 1]
+            for i in range(S)]
+    return torch.cat(rows, 2).transpose(1, 2), all_neg
+
+
+def nonfinite_attention(rank, world_size, *, algorithm, where, value, pos, seq=24, heads=4,
+                        causal=False, dtype="float32", seed=0):
+    """One non-finite `value` ("nan", "inf", "-inf") in q, k or v (`where`) at global token `pos`;
+    the output must have NaN exactly where the float64 reference has, and match it elsewhere."""
+    q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8,
+                             dtype=dtype)
+    {"q": q, "k": k, "v": v}[where][0, pos, 1, 3] = float(value)
+    lens = split_lengths(seq, world_size)
+    out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), algorithm=algorithm,
+                               causal=causal)
+    ref, all_neg = _masked_reference(q, k, v, causal)
+    ref, all_neg = _shard(ref, lens, rank), _shard(all_neg, lens, rank).unsqueeze(-1).expand_as(out)
+    out = out.double()
+    ref = ref.masked_fill(all_neg, 0.0)  # nonfinite.py: such a row returns 0, not NaN
+    got_nan, ref_nan = out.isnan(), ref.isnan()
+    fin, inf = torch.isfinite(ref), torch.isinf(ref)
+    err = _rel_err(out[fin], ref[fin]) if bool(fin.any()) else 0.0
+    return {"nan_rows": int(got_nan.any(-1).sum()), "ref_nan_rows": int(ref_nan.any(-1).sum()),
+            "same_nan": bool(torch.equal(got_nan, ref_nan)) and bool(torch.equal(out[inf], ref[inf])),
+            "err": err,
+            "plan": str(_last_plan())}
+
+
+# -- group release ------------------------------------------------------------------------------
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _maps_shm() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/" in line)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=False, seq=12,
+                 heads=4):
+    """`cycles` x (new_group -> one checked call -> destroy_process_group). Returns RSS, open
+    fds, shm mappings and streamattn's live transports after a warm-up and at the end."""
+    import gc
+
+    from streamattn import api
+
+    q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ref = _shard(streamattn.reference_attention(q, k, v), lens, rank)
+    old = os.environ.get("STREAMATTN_TRANSPORT")
+    os.environ["STREAMATTN_TRANSPORT"] = transport
+    marks, worst = {"transports_before": len(api._transports)}, 0.0
+    try:
+        warm = max(1, min(50, cycles // 10))
+        for i in range(cycles):
+            g = dist.new_group(list(range(world_size)))
+            out = streamattn.attention(ql, kl, vl, g, algorithm="ring")
+            worst = max(worst, _rel_err(out, ref))
+            if explicit_release:
+                streamattn.release(g)
+            dist.destroy_process_group(g)
+            del g
+            if i + 1 == warm:
+                gc.collect()
+                marks["warm"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
+                                 "transports": len(api._transports)}
+        gc.collect()
+        marks["end"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
+                        "transports": len(api._transports)}
+    finally:
+        if old is None:
+            os.environ.pop("STREAMATTN_TRANSPORT", None)
+        else:
+            os.environ["STREAMATTN_TRANSPORT"] = old
+    marks["err"] = worst
+    marks["cycles"] = cycles
+    return marks
+
+
+# -- randomized soak ----------------------------------------------------------------------------
+
+def random_soak(rank, world_size, *, calls, seed=0, check_every=5, max_seq=4097, timeout_s=60):
+    """`calls` calls with random shapes and options, drawn from one seed (identical on every rank):
+    S in 1..max_seq split unevenly at random, joint tokens on/off, causal on/off, GQA, dtype,
+    layout, algorithm. Every `check_every`-th call (and every small one) is checked against
+    float64. Returns counts and the worst error per dtype."""
+    rng = random.Random(seed)
+    algos = ["auto", "ring", "ulysses", "usp"]
+    worst, checked, done = {}, 0, 0
+    t_start = time.monotonic()
+    saved = os.environ.get("STREAMATTN_TIMEOUT_S")
+    os.environ["STREAMATTN_TIMEOUT_S"] = str(timeout_s)
+    try:
+        for i in range(calls):
+            S = rng.randint(1, max_seq) if rng.random() < 0.5 else rng.randint(1, 64)
+            cuts = sorted(rng.randint(0, S) for _ in range(world_size - 1))
+            lens = [b - a for a, b in zip([0] + cuts, cuts + [S])]
+            hk = rng.choice([1, 2, 4])
+            heads = hk * rng.choice([1, 2, 3])
+            if rng.random() < 0.5:
+                heads = max(heads, world_size) // hk * hk or hk
+            causal = rng.random() < 0.3
+            joint_len = 0 if causal or rng.random() < 0.5 else rng.randint(1, 9)
+            dtype = rng.choice(["float32", "float32", "float64", "bfloat16"])
+            layout = rng.choice(["bshd", "bhsd"])
+            algorithm = rng.choice(algos)
+            if algorithm in ("ulysses", "usp") and heads % world_size:
+                algorithm = "ring" if algorithm == "ulysses" else "auto"
+            kw = dict(ulysses_degree=2, ring_degree=world_size // 2) if (
+                algorithm == "usp" and world_size % 2 == 0 and heads % 2 == 0) else {}
+            if algorithm == "usp" and not kw:
+                algorithm = "auto"
+            check = i % check_every == 0 or S <= 64
+            res = _soak_call(rank, world_size, seed + i, S, lens, heads, hk, causal, joint_len,
+                             dtype, layout, algorithm, kw, check)
+            done += 1
+            if res is not None:
+                checked += 1
+                worst[dtype] = max(worst.get(dtype, 0.0), res)
+    finally:
+        if saved is None:
+            os.environ.pop("STREAMATTN_TIMEOUT_S", None)
+        else:
+            os.environ["STREAMATTN_TIMEOUT_S"] = saved
+    return {"calls": done, "checked": checked, "worst": worst,
+            "seconds": time.monotonic() - t_start}
+
+
+def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dtype, layout,
+               algorithm, kw, check):
+    q, k, v, joint = make_inputs(seed=seed, batch=1, seq=S, heads=heads, kv_heads=hk, head_dim=8,
+                                 joint_len=joint_len, dtype=dtype)
+    jkw = {}
+    if joint is not None:
+        jkw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    call_jkw = jkw
+    if layout == "bhsd":
+        ql, kl, vl = (t.transpose(1, 2) for t in (ql, kl, vl))
+        call_jkw = {n: t.transpose(1, 2) for n, t in jkw.items()}
+    res = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, algorithm=algorithm,
+                               **kw, **call_jkw)
+    out, jout = res if joint is not None else (res, None)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+        jout = jout.transpose(1, 2) if jout is not None else None
+    if tuple(out.shape) != (1, lens[rank], heads, 8):
+        raise AssertionError(f"output shape {tuple(out.shape)}")
+    if not check:
+        return None
+    ref = streamattn.reference_attention(q, k, v, causal=causal, **jkw)
+    ref, jref = ref if joint is not None else (ref, None)
+    err = _rel_err(out, _shard(ref, lens, rank)) if out.numel() else 0.0
+    if jref is not None:
+        err = max(err, _rel_err(jout, jref))
+    tol = 1e-5 if dtype in ("float32", "float64") else 2e-2
+    if not err < tol:
+        raise AssertionError(f"call seed {seed}: S={S} lens={lens} heads={heads}/{hk} causal={causal} "
+                             f"joint={joint_len} {dtype} {layout} {algorithm} {kw}: error {err:.3g}")
+    return err
+
+
+def nonfinite_sweep(rank, world_size, *, algorithm, causal, seq=18, heads=6, dtype="float32"):
+    """nonfinite_attention for NaN, +Inf and -Inf in each of q, k, v at two positions."""
+    out = []
+    for where in ("q", "k", "v"):
+        for value in ("nan", "inf", "-inf"):
+            for pos in (1, seq // 2):
+                r = nonfinite_attention(rank, world_size, algorithm=algorithm, where=where,
+                                        value=value, pos=pos, seq=seq, heads=heads, causal=causal,
+                                        dtype=dtype)
+                r.update(where=where, value=value, pos=pos)
+                out.append(r)
+    return out
+
+
+# -- failure attribution ------------------------------------------------------------------------
+
+def die_and_exit(rank, world_size, *, dying_rank, out_dir, algorithm="ring", seq=48, heads=12,
+                 silent=False):
+    """dying_rank exits abruptly inside a warm call (silent=True: stops answering for longer than
+    STREAMATTN_TIMEOUT_S, then exits); every other rank records what it raised (JSON in out_dir,
+    written atomically) and exits at once, as a real program would, so ranks still waiting see
+    their healthy-but-exited peers close. Never returns."""
+    import json
+
+    from streamattn import kernels
+    from streamattn.algorithms import local, ring
+
+    q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    streamattn.attention(ql, kl, vl, algorithm=algorithm)  # warm: plan cached
+    if rank == dying_rank:
+        def dying(*a, **kw):
+            if silent:
+                time.sleep(float(os.environ["STREAMATTN_TIMEOUT_S"]) * 3 + 2)
+            os._exit(17)
+
+        kernels.attention_with_lse = ring.attention_with_lse = local.attention_with_lse = dying
+    result = {"rank": rank}
+    try:
+        out = streamattn.attention(ql, kl, vl, algorithm=algorithm)
+        result.update(type=None, err=_rel_err(out, _shard(streamattn.reference_attention(q, k, v),
+                                                            lens, rank)))
+    except Exception as exc:
+        result.update(type=type(exc).__name__, error=str(exc), peer=getattr(exc, "peer", None))
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    os._exit(0)
+
+
+# -- topology cache ------------------------------------------------------------------------------
+
+def probe_cached(rank, world_size, *, cache_dir, timeout_s=20):
+    """probe() of the default group with the topology cache in cache_dir. Returns the topology's
+    provenance and node map, or the error, and how long it took."""
+    from streamattn.topology import probe
+
+    old = {k: os.environ.get(k) for k in ("STREAMATTN_CACHE_DIR", "STREAMATTN_PROBE_BYTES")}
+    os.environ.update(STREAMATTN_CACHE_DIR=cache_dir, STREAMATTN_PROBE_BYTES=str(1 << 16))
+    t0 = time.monotonic()
+    try:
+        t = probe(timeout_s=timeout_s)
+        return {"provenance": t.provenance, "node": list(t.node), "seconds": time.monotonic() - t0}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - t0}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
