@@ -50,7 +50,12 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     step while this step's K/V travel in the background.
     Returns out in q's layout, shape and dtype.
     """
+    needs_grad = _needs_grad(q, k, v, joint_q, joint_k, joint_v)
     if stale_kv is not None:
+        if needs_grad:
+            raise NotImplementedError(
+                "streamattn.attention: stale_kv (approximate, inference-only) has no backward; "
+                "call it under torch.no_grad() or without stale_kv")
         if layer is None:
             raise ValueError("streamattn.attention: stale_kv needs layer= (a key naming the layer)")
         if causal or algorithm != "auto" or ulysses_degree or ring_degree:
@@ -66,6 +71,12 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             raise ValueError(f"streamattn.attention: {err}")
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
+    if needs_grad:
+        # No distributed algorithm has a correct backward here yet: autograd through the
+        # exchanges would silently drop the remote contributions (wrong dq, dk, dv).
+        raise NotImplementedError(
+            f"streamattn.attention: gradients through a group of {size} ranks are not supported "
+            "yet (an input requires grad); run under torch.no_grad() or detach the inputs")
     transport = _transport(group)
     transport.begin_call()
     joint = None if joint_q is None else (joint_q, joint_k, joint_v)
@@ -99,6 +110,11 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     if joint is None:
         return out
     return out, _to_layout(jout, layout)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tensors)
 
 
 def _run(plan, transport, problem, q, k, v, joint):
