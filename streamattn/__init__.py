@@ -2,13 +2,13 @@
 
     out = streamattn.attention(q, k, v, group)   # each rank: its [B, S_local, H, D] shard in, same out
 """
-from .api import attention
 from .errors import PeerError, PeerTimeoutError, StreamAttnError
 from .plan import Plan
 from .planner import make_plan, plan_for
 from .problem import Problem
 from .reference import reference_attention
 from .stale import StaleKV
+from .op import attention  # noqa: E402  the registered op (autograd, torch.compile)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "PeerError",

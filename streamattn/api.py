@@ -72,14 +72,34 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
     if needs_grad:
-        # No distributed algorithm has a correct backward here yet: autograd through the
-        # exchanges would silently drop the remote contributions (wrong dq, dk, dv).
+        # Gradients go through the registered op (streamattn.op, streamattn.attention); this
+        # entry point has no backward: autograd through the exchanges would silently drop the
+        # remote contributions (wrong dq, dk, dv).
         raise NotImplementedError(
-            f"streamattn.attention: gradients through a group of {size} ranks are not supported "
-            "yet (an input requires grad); run under torch.no_grad() or detach the inputs")
+            "streamattn.api.attention has no backward (an input requires grad): call "
+            "streamattn.attention (the registered op), or run under torch.no_grad()")
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    transport, problem, plan = plan_call(group, err, q, k, layout, causal, scale, joint,
+                                         joint_strategy, algorithm, ulysses_degree, ring_degree)
+
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if joint is not None:
+            joint = tuple(t.transpose(1, 2) for t in joint)
+    out, jout = _run(plan, transport, problem, q, k, v, joint)
+    out = _to_layout(out, layout)
+    if joint is None:
+        return out
+    return out, _to_layout(jout, layout)
+
+
+def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+              ulysses_degree, ring_degree):
+    """(transport, Problem, Plan) of a call on a group of more than one rank: the first call of a
+    shape exchanges metadata (raising the same error everywhere on bad input; `err` is this
+    rank's local error or None), later ones hit the per-shape cache (no communication)."""
     transport = _transport(group)
     transport.begin_call()
-    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
     if err is None and q.device.type != transport.device.type:
         err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
                f"communicates on {transport.device.type}")
@@ -87,7 +107,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         key = None
     else:
         key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, bool(causal),
-               scale, None if joint is None else (tuple(joint_q.shape), tuple(joint_k.shape)),
+               scale, None if joint is None else (tuple(joint[0].shape), tuple(joint[1].shape)),
                joint_strategy, algorithm, ulysses_degree, ring_degree)
     cached = _plans.get(key) if key is not None and not validate_every_call() else None
     if cached is None:
@@ -100,16 +120,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         _plans.move_to_end(key)
     problem, plan = cached
     transport = _transport(group, plan.transport)
-
-    if layout == "bhsd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if joint is not None:
-            joint = tuple(t.transpose(1, 2) for t in joint)
-    out, jout = _run(plan, transport, problem, q, k, v, joint)
-    out = _to_layout(out, layout)
-    if joint is None:
-        return out
-    return out, _to_layout(jout, layout)
+    return transport, problem, plan
 
 
 def _needs_grad(*tensors) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import streamattn
+from streamattn.reference import reference_attention
 from streamattn.testing.cases import make_inputs, split_lengths
 
 
@@ -20,3 +21,75 @@ def requires_grad_error(rank, world_size, *, seq=12, heads=4):
     except NotImplementedError as exc:
         return str(exc)
     return None
+
+
+def _rel(a, ref):
+    """max |a - ref| / max |ref| (0 for an empty reference)."""
+    ref = ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def reference_grads(q, k, v, joint, dout, djout, *, scale, causal, joint_strategy):
+    """Float64 autograd of the full-sequence reference: (dq, dk, dv, (djq, djk, djv) or None)."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v) + (joint or ())]
+    kw = {}
+    if joint is not None:
+        kw = dict(joint_q=leaves[3], joint_k=leaves[4], joint_v=leaves[5], joint_strategy=joint_strategy)
+    res = reference_attention(leaves[0], leaves[1], leaves[2], scale=scale, causal=causal, **kw)
+    outs, grads = ((res,), (dout.double(),)) if joint is None else (res, (dout.double(), djout.double()))
+    g = torch.autograd.grad(outs, leaves, grads)
+    return g[0], g[1], g[2], (None if joint is None else tuple(g[3:]))
+
+
+def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, batch=1, lens=None,
+               dtype="float32", layout="bshd", causal=False, joint_len=0, joint_strategy="front",
+               algorithm="auto", ulysses_degree=None, ring_degree=None, seed=0, scale=None):
+    """Forward + backward of streamattn.attention on this rank's shard vs float64 autograd of the
+    whole sequence. Returns max-relative errors {"out", "dq", "dk", "dv", "djq", "djk", "djv",
+    "jout"} (joint ones None without joint tokens) and the plan's algorithm."""
+
+    kv_heads = kv_heads or heads
+    lens = lens or split_lengths(seq, world_size)
+    q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, joint_len=joint_len, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.dtype)
+    djout = None if joint is None else torch.randn(joint[0].shape, generator=gen,
+                                                   dtype=torch.float64).to(q.dtype)
+    rq, rk, rv, rj = reference_grads(q, k, v, joint, dout, djout, scale=scale, causal=causal,
+                                     joint_strategy=joint_strategy)
+    start = sum(lens[:rank])
+    sl = slice(start, start + lens[rank])
+    conv = (lambda t: t.transpose(1, 2).contiguous()) if layout == "bhsd" else (lambda t: t.contiguous())
+    back = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+    ql, kl, vl = (conv(t[:, sl]).requires_grad_() for t in (q, k, v))
+    kw, jl = {}, ()
+    if joint is not None:
+        jl = tuple(conv(t).requires_grad_() for t in joint)
+        kw = dict(joint_q=jl[0], joint_k=jl[1], joint_v=jl[2], joint_strategy=joint_strategy)
+    res = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, scale=scale,
+                               algorithm=algorithm, ulysses_degree=ulysses_degree,
+                               ring_degree=ring_degree, **kw)
+    if joint is None:
+        torch.autograd.backward([res], [conv(dout[:, sl])])
+        out = res
+    else:
+        out, jout = res
+        torch.autograd.backward([out, jout], [conv(dout[:, sl]), conv(djout)])
+    ref_out = reference_attention(q, k, v, scale=scale, causal=causal,
+                                  **({} if joint is None else dict(joint_q=joint[0], joint_k=joint[1],
+                                                                   joint_v=joint[2],
+                                                                   joint_strategy=joint_strategy)))
+    ref_out, ref_jout = ref_out if joint is not None else (ref_out, None)
+    result = {"out": _rel(back(out), ref_out[:, sl]), "dq": _rel(back(ql.grad), rq[:, sl]),
+              "dk": _rel(back(kl.grad), rk[:, sl]), "dv": _rel(back(vl.grad), rv[:, sl]),
+              "jout": None, "djq": None, "djk": None, "djv": None,
+              "grad_dtype": str(ql.grad.dtype).replace("torch.", "")}
+    if joint is not None:
+        result["jout"] = _rel(back(jout), ref_jout)
+        for name, t, ref in zip(("djq", "djk", "djv"), jl, rj):
+            result[name] = _rel(back(t.grad), ref)
+        result["joint_digest"] = float(sum(t.grad.double().sum() for t in jl))
+    return result
