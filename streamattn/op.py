@@ -102,7 +102,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         q, k, v, jq, jk, jv, group_id(group), bool(causal), float(scale), joint_strategy,
         algorithm, ulysses_degree or 0, ring_degree or 0)
     if layout == "bhsd":
-        out, jout = out.transpose(1, 2), jout.transpose(1, 2)
+        out = out.transpose(1, 2)
+        jout = jout.transpose(1, 2) if joint is not None else jout
     return out if joint is None else (out, jout)
 
 

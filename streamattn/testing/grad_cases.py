@@ -93,3 +93,97 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
             result[name] = _rel(back(t.grad), ref)
         result["joint_digest"] = float(sum(t.grad.double().sum() for t in jl))
     return result
+
+
+def check_cases(rank, world_size, *, cases):
+    """check_grad for each case (dicts of its keyword arguments), one pool round trip."""
+    return [check_grad(rank, world_size, **c) for c in cases]
+
+
+def check_grad_stale_backward(rank, world_size, *, seq=16, heads=4, head_dim=8, seed=3):
+    """Negative control: a ring backward that reuses the first step's K/V at every step (the
+    stale-K/V bug of diffusers' ring backward, its issue 14265). Returns check_grad's errors,
+    which must fail the tolerance."""
+    from streamattn.algorithms import ring_backward as rb
+
+    real = rb.attention_block_backward
+    first = {}
+
+    def stale(dout, q, k, v, out, lse, **kw):
+        if "kv" not in first:
+            first["kv"] = (k, v)
+        k0, v0 = first["kv"]
+        if k0.shape == k.shape:
+            k, v = k0, v0
+        return real(dout, q, k, v, out, lse, **kw)
+
+    rb.attention_block_backward = stale
+    try:
+        return check_grad(rank, world_size, seq=seq, heads=heads, head_dim=head_dim, seed=seed,
+                          algorithm="ring")
+    finally:
+        rb.attention_block_backward = real
+
+
+class _Shard(torch.autograd.Function):
+    """Replicated [B, S, ...] -> this rank's shard; backward: the shards' gradients summed over
+    the ranks (each rank's full-size gradient is zero outside its shard)."""
+
+    @staticmethod
+    def forward(ctx, x, lens, rank):
+        ctx.lens, ctx.rank, ctx.shape = lens, rank, x.shape
+        start = sum(lens[:rank])
+        return x[:, start : start + lens[rank]].clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        full = g.new_zeros(ctx.shape)
+        start = sum(ctx.lens[: ctx.rank])
+        full[:, start : start + ctx.lens[ctx.rank]] = g
+        dist.all_reduce(full)
+        return full, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Shards -> the full sequence on every rank; backward: this rank's slice of the (identical)
+    full gradient."""
+
+    @staticmethod
+    def forward(ctx, x, lens, rank):
+        import torch.distributed as dist
+
+        ctx.lens, ctx.rank = lens, rank
+        parts = [x.new_empty((x.shape[0], n) + tuple(x.shape[2:])) for n in lens]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        start = sum(ctx.lens[: ctx.rank])
+        return g[:, start : start + ctx.lens[ctx.rank]], None, None
+
+
+def gradcheck_global(rank, world_size, *, algorithm="auto", ulysses_degree=None, ring_degree=None,
+                     causal=False, heads=2, kv_heads=None, seq=6, head_dim=2, joint_len=0):
+    """torch.autograd.gradcheck (float64) of the whole sharded computation as one function of
+    the full-sequence inputs: every rank holds the same inputs, takes its shard, runs
+    streamattn.attention and all-gathers the output, so every rank perturbs the same element in
+    lockstep and the Jacobian checked is the global one (seq: a multiple of the ranks, for
+    gloo's all_gather). Returns True or raises."""
+    lens = split_lengths(seq, world_size)
+    q, k, v, joint = make_inputs(seed=7, batch=1, seq=seq, heads=heads, kv_heads=kv_heads or heads,
+                                 head_dim=head_dim, joint_len=joint_len, dtype="float64")
+    inputs = tuple(t.requires_grad_() for t in (q, k, v) + (joint or ()))
+
+    def f(a, b, c, *j):
+        kw = {} if not j else dict(joint_q=j[0], joint_k=j[1], joint_v=j[2])
+        res = streamattn.attention(*(_Shard.apply(t, lens, rank) for t in (a, b, c)),
+                                   causal=causal, algorithm=algorithm,
+                                   ulysses_degree=ulysses_degree, ring_degree=ring_degree, **kw)
+        if j:
+            return _Gather.apply(res[0], lens, rank), res[1]
+        return _Gather.apply(res, lens, rank)
+
+    return bool(torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4))
