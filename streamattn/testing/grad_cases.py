@@ -187,3 +187,116 @@ def gradcheck_global(rank, world_size, *, algorithm="auto", ulysses_degree=None,
         return _Gather.apply(res, lens, rank)
 
     return bool(torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4))
+
+
+class DiTBlock(torch.nn.Module):
+    """A small joint-attention DiT block (image tokens sharded, text tokens replicated) that calls
+    streamattn.attention: norms, QKV projections, attention, output projections, residuals."""
+
+    def __init__(self, dim=32, heads=4, layout="bshd"):
+        super().__init__()
+        self.heads, self.layout = heads, layout
+        self.norm, self.norm_c = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.qkv_c = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, 3 * dim)
+        self.out, self.out_c = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, c):
+        B, S, C = x.shape
+        T = c.shape[1]
+        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, C // self.heads).unbind(2)
+        jq, jk, jv = self.qkv_c(self.norm_c(c)).view(B, T, 3, self.heads, C // self.heads).unbind(2)
+        if self.layout == "bhsd":
+            q, k, v, jq, jk, jv = (t.transpose(1, 2) for t in (q, k, v, jq, jk, jv))
+        o, jo = streamattn.attention(q, k, v, layout=self.layout, joint_q=jq, joint_k=jk, joint_v=jv)
+        if self.layout == "bhsd":
+            o, jo = o.transpose(1, 2), jo.transpose(1, 2)
+        return x + self.out(o.reshape(B, S, C)), c + self.out_c(jo.reshape(B, T, C))
+
+
+def compile_block(rank, world_size, *, seqs=(12, 14, 17, 20), text_len=3, dim=32, heads=4,
+                  layout="bshd"):
+    """torch.compile(DiTBlock, fullgraph=True) vs eager on this rank's shard: graph breaks
+    (torch._dynamo.explain), max relative difference of outputs and parameter gradients, and how
+    many graphs were compiled for len(seqs) sequence lengths."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = DiTBlock(dim, heads, layout)
+    compiled = torch.compile(block, fullgraph=True)
+
+    def inputs(seq):
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(2, seq, dim, generator=g)
+        c = torch.randn(2, text_len, dim, generator=g)
+        lens = split_lengths(seq, world_size)
+        start = sum(lens[:rank])
+        return x[:, start : start + lens[rank]].clone().requires_grad_(), c.requires_grad_()
+
+    def run(fn, seq):
+        block.zero_grad()
+        x, c = inputs(seq)
+        y, yc = fn(x, c)
+        (y.square().sum() + yc.sum()).backward()
+        return [y, yc, x.grad] + [p.grad.clone() for p in block.parameters()]
+
+    explain = torch._dynamo.explain(block)(*inputs(seqs[0]))
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    worst = 0.0
+    for seq in seqs:
+        got, want = run(compiled, seq), run(block, seq)
+        worst = max([worst] + [_rel(a.detach(), b.detach()) for a, b in zip(got, want)])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    return {"graph_breaks": explain.graph_break_count, "graphs": graphs, "rel_diff": worst,
+            "break_reasons": [str(r.reason) for r in explain.break_reasons]}
+
+
+def train_step(rank, world_size, *, model="flux", height=6, width=6, text_len=5, batch=2, heads=4,
+               head_dim=8, lr=0.5, seed=0, algorithm="auto", ulysses_degree=None, ring_degree=None):
+    """One training step (loss, backward, SGD step) of a tiny random diffusers transformer,
+    parallelized over the group, vs the same step on one process (computed on every rank).
+    Returns the max relative differences of the loss, the gradients and the new parameters (and
+    step_size, the largest relative parameter change, to show the step is not negligible)."""
+    from streamattn.examples.models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+    from streamattn.integrations.diffusers import all_reduce_gradients, parallelize
+
+    def build():
+        if model == "flux":
+            m = tiny_flux(seed, heads=heads, head_dim=head_dim, layers=1, single_layers=1)
+            x, kw = flux_inputs(m, seed + 1, height=height, width=width, text_len=text_len, batch=batch)
+        else:
+            m = tiny_sd3(seed, heads=heads, head_dim=head_dim, layers=2, sample_size=2 * height)
+            x, kw = sd3_inputs(m, seed + 1, height=2 * height, width=2 * width, text_len=text_len,
+                               batch=batch)
+        return m.train(), x, kw
+
+    def step(m, x, kw, parallel):
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        t = torch.full((x.shape[0],), 0.7)
+        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2))
+        pred = m(hidden_states=x, timestep=t, return_dict=False, **kw)[0]
+        loss = torch.nn.functional.mse_loss(pred, target)
+        loss.backward()
+        if parallel:
+            all_reduce_gradients(m)
+        grads = [p.grad.clone() for p in m.parameters()]
+        opt.step()
+        return float(loss), grads, [p.detach().clone() for p in m.parameters()]
+
+    ref_m, x, kw = build()
+    ref_loss, ref_grads, ref_params = step(ref_m, x, kw, False)
+    m, x, kw = build()
+    akw = {k: v for k, v in dict(algorithm=algorithm, ulysses_degree=ulysses_degree,
+                                 ring_degree=ring_degree).items() if v not in (None, "auto")}
+    parallelize(m, **akw)
+    loss, grads, params = step(m, x, kw, True)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+    return {"loss": abs(loss - ref_loss) / abs(ref_loss),
+            "grad": max(rel(a, b) for a, b in zip(grads, ref_grads)),
+            "param": max(rel(a, b) for a, b in zip(params, ref_params)),
+            "step_size": max(rel(lr * g, p) for p, g in zip(ref_params, ref_grads)),
+            "digest": float(sum(p.double().sum() for p in params))}
