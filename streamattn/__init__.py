@@ -9,7 +9,9 @@ from .problem import Problem
 from .reference import reference_attention
 from .stale import StaleKV
 from .op import attention  # noqa: E402  the registered op (autograd, torch.compile)
+from .zigzag import zigzag_lengths, zigzag_shard, zigzag_unshard
 
 __version__ = "0.1.0"
-__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "PeerError",
+__all__ = ["attention", "Plan", "Problem", "make_plan", "plan_for", "reference_attention", "StaleKV", "zigzag_shard",
+           "zigzag_unshard", "zigzag_lengths", "PeerError",
            "PeerTimeoutError", "StreamAttnError", "__version__"]

@@ -20,7 +20,7 @@ from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
-from .validate import DTYPES, check_agreement, check_local, encode
+from .validate import DTYPES, ZIGZAG, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
 
@@ -32,7 +32,8 @@ _plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
-              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None):
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
+              seq_layout="contiguous"):
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
@@ -42,6 +43,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     front of ("front") or behind ("rear") the image sequence; then the call returns
     (out, joint_out) with joint_out identical on every rank.
     causal: mask by global position (rank order). scale: default 1/sqrt(D).
+    seq_layout: "contiguous" (rank r holds the r-th slice) or "zigzag" (load-balanced causal: rank
+    r holds chunks r and 2P-1-r of 2P; shard with streamattn.zigzag_shard; runs as a ring).
     algorithm: "auto" | "ulysses" | "ring" | "usp" | "torus"; ulysses_degree / ring_degree force a
     split (for "torus": ulysses_degree = ranks per node, ring_degree = the ring factor).
     group=None: the default group, or a group of one if torch.distributed is not initialised.
@@ -51,6 +54,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     Returns out in q's layout, shape and dtype.
     """
     needs_grad = _needs_grad(q, k, v, joint_q, joint_k, joint_v)
+    causal = causal_mode(causal, seq_layout)
     if stale_kv is not None:
         if needs_grad:
             raise NotImplementedError(
@@ -106,7 +110,8 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     if err:
         key = None
     else:
-        key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, bool(causal),
+        key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout,
+               (bool(causal), causal == "zigzag"),
                scale, None if joint is None else (tuple(joint[0].shape), tuple(joint[1].shape)),
                joint_strategy, algorithm, ulysses_degree, ring_degree)
     cached = _plans.get(key) if key is not None and not validate_every_call() else None
@@ -123,12 +128,23 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     return transport, problem, plan
 
 
+def causal_mode(causal, seq_layout):
+    """causal as the planner takes it: False, True, or "zigzag" (causal in the zigzag layout;
+    without causal the layout is a mere permutation, which attention does not see)."""
+    if seq_layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"streamattn.attention: seq_layout={seq_layout!r}: expected 'contiguous' "
+                         "or 'zigzag'")
+    return "zigzag" if causal and seq_layout == "zigzag" else bool(causal)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tensors)
 
 
 def _run(plan, transport, problem, q, k, v, joint):
+    if problem.zigzag:
+        return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(transport.rank),
@@ -218,7 +234,19 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
     problem = Problem(batch=agreed["batch"], heads=agreed["heads"], kv_heads=agreed["kv_heads"],
                       head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
-                      joint_len=joint_len, joint_strategy=joint_strategy)
+                      joint_len=joint_len, joint_strategy=joint_strategy,
+                      zigzag=agreed["causal"] == ZIGZAG)
+    if problem.zigzag:
+        from .zigzag import zigzag_lengths
+
+        want = zigzag_lengths(problem.seq_total, problem.world_size)
+        if list(problem.seq_lens) != want:
+            raise ValueError(f"streamattn.attention: seq_layout='zigzag' of {problem.seq_total} tokens "
+                             f"on {problem.world_size} ranks gives them {want} tokens, got "
+                             f"{list(problem.seq_lens)} (shard with streamattn.zigzag_shard)")
+        if algorithm not in ("auto", "ring"):
+            raise ValueError(f"streamattn.attention: seq_layout='zigzag' runs the ring over every "
+                             f"rank; algorithm={algorithm!r} is not available with it")
     if algorithm == "torus" and "torus" not in _planner_algorithms():
         plan = torus_plan(problem, transport.topology, ulysses_degree, ring_degree)
     else:

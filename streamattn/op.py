@@ -4,7 +4,7 @@ Two custom ops (torch.library.custom_op), both opaque to torch.compile, with fak
 implementations so dynamo traces through them with symbolic sequence lengths:
 
     streamattn::attention(q, k, v, jq?, jk?, jv?, group_id, causal, scale, joint_strategy,
-                          algorithm, ulysses_degree, ring_degree) -> (out, jout, lse, jlse)
+                          algorithm, ulysses_degree, ring_degree, zigzag) -> (out, jout, lse, jlse)
     streamattn::attention_backward(dout, djout?, q, k, v, jq?, jk?, jv?, out, jout?, lse, jlse?,
                                    <same options>) -> (dq, dk, dv, djq, djk, djv)
 
@@ -72,14 +72,15 @@ def _needs_grad(*tensors) -> bool:
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
-              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None):
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
+              seq_layout="contiguous"):
     """streamattn.attention (see streamattn.api.attention for the arguments and shapes). With an
     input that requires grad, or inside torch.compile, it runs as the registered op
     streamattn::attention (exact backward; traceable with fullgraph=True); otherwise, and with
     stale_kv, as the plain eager call."""
     kw = dict(layout=layout, causal=causal, scale=scale, joint_q=joint_q, joint_k=joint_k,
               joint_v=joint_v, joint_strategy=joint_strategy, algorithm=algorithm,
-              ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+              ulysses_degree=ulysses_degree, ring_degree=ring_degree, seq_layout=seq_layout)
     compiling = torch.compiler.is_compiling()
     if stale_kv is not None or not (compiling or _needs_grad(q, k, v, joint_q, joint_k, joint_v)):
         return api.attention(q, k, v, group, stale_kv=stale_kv, layer=layer, **kw)
@@ -90,6 +91,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             raise ValueError(f"streamattn.attention: {err}")
         with torch.no_grad():  # the eager path raises the same error on every rank
             return api.attention(q, k, v, group, **kw)
+    causal = api.causal_mode(causal, seq_layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     joint = None if joint_q is None else (joint_q, joint_k, joint_v)
@@ -100,7 +102,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     jq, jk, jv = joint if joint is not None else (None, None, None)
     out, jout, _, _ = torch.ops.streamattn.attention(
         q, k, v, jq, jk, jv, group_id(group), bool(causal), float(scale), joint_strategy,
-        algorithm, ulysses_degree or 0, ring_degree or 0)
+        algorithm, ulysses_degree or 0, ring_degree or 0, causal == "zigzag")
     if layout == "bhsd":
         out = out.transpose(1, 2)
         jout = jout.transpose(1, 2) if joint is not None else jout
@@ -114,7 +116,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Optional[Tensor],
                   jv: Optional[Tensor], group_id: int, causal: bool, scale: float,
                   joint_strategy: str, algorithm: str, ulysses_degree: int,
-                  ring_degree: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  ring_degree: int, zigzag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     group = _group(group_id)
     joint = None if jq is None else (jq, jk, jv)
     if _group_size(group) == 1:
@@ -122,14 +124,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Opt
                                                  joint_strategy=joint_strategy, with_lse=True)
     else:
         transport, problem, plan = _planned(group, q, k, v, joint, causal, scale, joint_strategy,
-                                            algorithm, ulysses_degree, ring_degree)
+                                            algorithm, ulysses_degree, ring_degree, zigzag)
         out, jout, lse, jlse = _forward(plan, transport, problem, q, k, v, joint)
     return _outputs(q, jq, out, jout, lse, jlse)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, jq, jk, jv, group_id, causal, scale, joint_strategy, algorithm,
-                    ulysses_degree, ring_degree):
+                    ulysses_degree, ring_degree, zigzag):
     B, S, H, D = q.shape
     adt = acc_dtype(q.dtype)
     out = q.new_empty((B, S, H, D))
@@ -140,7 +142,8 @@ def _attention_fake(q, k, v, jq, jk, jv, group_id, causal, scale, joint_strategy
     return out, q.new_empty((B, T, H, D)), lse, q.new_empty((B, H, T), dtype=adt)
 
 
-def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u, r):
+def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u, r, zigzag):
+    causal = "zigzag" if zigzag and causal else causal
     err = check_local(q, k, v, "bshd", causal, scale, *(joint or (None, None, None)),
                       joint_strategy, algorithm, u or None, r or None)
     return api.plan_call(group, err, q, k, "bshd", causal, scale, joint, joint_strategy, algorithm,
@@ -150,6 +153,8 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
 def _forward(plan, transport, problem, q, k, v, joint):
     """The plan's algorithm, with the final LSEs (torus: NaN placeholders, see the backward)."""
     me = transport.rank
+    if problem.zigzag:
+        return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint, with_lse=True)
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(me), with_lse=True)
@@ -187,8 +192,8 @@ def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v:
                  jq: Optional[Tensor], jk: Optional[Tensor], jv: Optional[Tensor], out: Tensor,
                  jout: Optional[Tensor], lse: Tensor, jlse: Optional[Tensor], group_id: int,
                  causal: bool, scale: float, joint_strategy: str, algorithm: str,
-                 ulysses_degree: int, ring_degree: int) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                 Tensor, Tensor]:
+                 ulysses_degree: int, ring_degree: int, zigzag: bool) -> tuple[Tensor, Tensor, Tensor,
+                                                                               Tensor, Tensor, Tensor]:
     group = _group(group_id)
     joint = None if jq is None else (jq, jk, jv)
     if _group_size(group) == 1:
@@ -197,8 +202,8 @@ def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v:
                                         joint_strategy=joint_strategy)
     else:
         transport, problem, plan = _planned(group, q, k, v, joint, causal, scale, joint_strategy,
-                                            algorithm, ulysses_degree, ring_degree)
-        if plan.algorithm == "torus":  # no LSE from the torus forward: recompute with the ring
+                                            algorithm, ulysses_degree, ring_degree, zigzag)
+        if plan.algorithm == "torus" and not problem.zigzag:  # no LSE from the torus forward: recompute with the ring
             out, jout, lse, jlse = algorithms.ring_attention(transport, problem, q, k, v, joint,
                                                              with_lse=True)
         dq, dk, dv, jg = ring_backward(transport, problem, dout, q, k, v, out, lse,
@@ -212,7 +217,7 @@ def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v:
 
 @_backward_op.register_fake
 def _backward_fake(dout, djout, q, k, v, jq, jk, jv, out, jout, lse, jlse, group_id, causal, scale,
-                   joint_strategy, algorithm, ulysses_degree, ring_degree):
+                   joint_strategy, algorithm, ulysses_degree, ring_degree, zigzag):
     grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     if jq is None:
         grads += [q.new_empty((0,)) for _ in range(3)]

@@ -9,7 +9,7 @@ import torch
 import streamattn
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float64": 1e-10}
-GRADS = ("out", "dq", "dk", "dv", "jout", "djq", "djk", "djv")
+GRADS = ("out", "nograd_out", "dq", "dk", "dv", "jout", "djq", "djk", "djv")
 
 # Representative cases per P (the full cross product at every P would not fit the suite's budget).
 CASES = {
@@ -21,8 +21,10 @@ CASES = {
         dict(seq=13, algorithm="ulysses", joint_len=3, kv_heads=1),
         dict(seq=13, algorithm="ring", joint_len=3, joint_strategy="rear", layout="bhsd", batch=2),
         dict(seq=12, algorithm="ulysses", causal=True, layout="bhsd", dtype="bfloat16"),
-        dict(seq=12, algorithm="ring", joint_len=2, dtype="bfloat16")],
-    3: [dict(seq=17, heads=3, algorithm="ulysses", causal=True, kv_heads=1, batch=2, layout="bhsd"),
+        dict(seq=12, algorithm="ring", joint_len=2, dtype="bfloat16"),
+        dict(seq=13, causal=True, seq_layout="zigzag", kv_heads=2)],
+    3: [dict(seq=17, causal=True, seq_layout="zigzag", algorithm="ring"),
+        dict(seq=17, heads=3, algorithm="ulysses", causal=True, kv_heads=1, batch=2, layout="bhsd"),
         dict(seq=17, heads=3, algorithm="ring", joint_len=2, lens=[7, 4, 6]),
         dict(seq=17, heads=6, kv_heads=2, algorithm="ring", causal=True)],
     4: [dict(seq=19, algorithm="usp", ulysses_degree=2, ring_degree=2, joint_len=3, kv_heads=2),
@@ -32,7 +34,9 @@ CASES = {
         dict(seq=19, algorithm="torus", ulysses_degree=1, ring_degree=1, joint_len=2,
              joint_strategy="rear"),
         dict(seq=18, algorithm="ring", dtype="bfloat16", joint_len=4, joint_strategy="rear"),
-        dict(seq=18, algorithm="ulysses", layout="bhsd", causal=True, kv_heads=1, batch=2)],
+        dict(seq=18, algorithm="ulysses", layout="bhsd", causal=True, kv_heads=1, batch=2),
+        dict(seq=21, causal=True, seq_layout="zigzag", layout="bhsd", kv_heads=1),
+        dict(seq=20, causal=True, seq_layout="zigzag", dtype="bfloat16")],
     6: [dict(seq=25, heads=6, algorithm="usp", ulysses_degree=2, ring_degree=3, joint_len=2),
         dict(seq=25, heads=6, kv_heads=3, algorithm="usp", ulysses_degree=3, ring_degree=2,
              causal=True),
@@ -40,7 +44,8 @@ CASES = {
     8: [dict(seq=35, heads=8, algorithm="usp", ulysses_degree=2, ring_degree=4, joint_len=3,
              kv_heads=2),
         dict(seq=35, heads=4, algorithm="torus", ulysses_degree=2, ring_degree=2, causal=True),
-        dict(seq=34, heads=4, algorithm="ring", causal=True, layout="bhsd")],
+        dict(seq=34, heads=4, algorithm="ring", causal=True, layout="bhsd"),
+        dict(seq=37, heads=4, causal=True, seq_layout="zigzag", batch=2)],
 }
 
 

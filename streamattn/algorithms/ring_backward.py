@@ -31,12 +31,20 @@ def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, membe
     joint: None or (djout, jq, jk, jv, jout, jlse), replicated: djout, jq, jout [B, T, H, D],
     jk, jv [B, T, Hk, D], jlse [B, H, T].
     members: the ring in sequence order (default: every rank in rank order; the shards are laid
-    out at problem.offsets). Returns (dq, dk, dv, (djq, djk, djv) or None) in q's dtype, bshd."""
+    out at problem.segments(rank): rank order, or the zigzag layout). Returns (dq, dk, dv, (djq, djk, djv) or None) in q's dtype, bshd."""
     members = list(range(transport.size)) if members is None else list(members)
     me = members.index(transport.rank)
     r = len(members)
     lens = [problem.seq_lens[m] for m in members]
-    offs = [problem.offsets[m] for m in members]
+    # (start in the shard, global offset, length) of each member's tokens: one segment, or the
+    # two chunks of the zigzag layout
+    segs = []
+    for m in members:
+        start, mine = 0, []
+        for off, n in problem.segments(m):
+            mine.append((start, off, n))
+            start += n
+        segs.append(mine)
     scale, causal = problem.scale, problem.causal
     bh = lambda x: x.transpose(1, 2)  # noqa: E731  bshd <-> bhsd views
     qb, dob, ob = bh(q), bh(dout), bh(out)
@@ -79,12 +87,18 @@ def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, membe
         if t < r - 1:
             incoming = torch.empty(2, B, lens[(me - t - 1) % r], Hk, D, dtype=kv.dtype, device=kv.device)
             pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_KV + t)
-        if not causal or offs[src] <= offs[me] + Sq - 1:  # otherwise every key lies in the future
-            a, b, c = attention_block_backward(dob, qb, bh(kv[0]), bh(kv[1]), ob, lse, scale=scale,
-                                               causal=causal, q_offset=offs[me], k_offset=offs[src])
-            dq += a
-            dkv[0] += b
-            dkv[1] += c
+        kb, vb = bh(kv[0]), bh(kv[1])
+        for qs, qo, qn in segs[me]:
+            for ks, ko, kn in segs[src]:
+                if qn == 0 or kn == 0 or (causal and ko > qo + qn - 1):
+                    continue  # every key of the pair lies in the future
+                a, b, c = attention_block_backward(
+                    dob[:, :, qs : qs + qn], qb[:, :, qs : qs + qn], kb[:, :, ks : ks + kn],
+                    vb[:, :, ks : ks + kn], ob[:, :, qs : qs + qn], lse[:, :, qs : qs + qn],
+                    scale=scale, causal=causal, q_offset=qo, k_offset=ko)
+                dq[:, :, qs : qs + qn] += a
+                dkv[0][:, :, ks : ks + kn] += b
+                dkv[1][:, :, ks : ks + kn] += c
         # The accumulator of block src moves on to the next rank, which holds block src next step;
         # after the last step that is the block's owner.
         if r > 1:

@@ -45,7 +45,8 @@ def reference_grads(q, k, v, joint, dout, djout, *, scale, causal, joint_strateg
 
 def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, batch=1, lens=None,
                dtype="float32", layout="bshd", causal=False, joint_len=0, joint_strategy="front",
-               algorithm="auto", ulysses_degree=None, ring_degree=None, seed=0, scale=None):
+               algorithm="auto", ulysses_degree=None, ring_degree=None, seed=0, scale=None,
+               seq_layout="contiguous"):
     """Forward + backward of streamattn.attention on this rank's shard vs float64 autograd of the
     whole sequence. Returns max-relative errors {"out", "dq", "dk", "dv", "djq", "djk", "djv",
     "jout"} (joint ones None without joint tokens) and the plan's algorithm."""
@@ -60,31 +61,44 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
                                                    dtype=torch.float64).to(q.dtype)
     rq, rk, rv, rj = reference_grads(q, k, v, joint, dout, djout, scale=scale, causal=causal,
                                      joint_strategy=joint_strategy)
-    start = sum(lens[:rank])
-    sl = slice(start, start + lens[rank])
+    if seq_layout == "zigzag":
+        from streamattn.zigzag import zigzag_shard
+        def take(x):
+            return zigzag_shard(x, rank, world_size)
+    else:
+        start = sum(lens[:rank])
+
+        def take(x):
+            return x[:, start : start + lens[rank]]
     conv = (lambda t: t.transpose(1, 2).contiguous()) if layout == "bhsd" else (lambda t: t.contiguous())
     back = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
-    ql, kl, vl = (conv(t[:, sl]).requires_grad_() for t in (q, k, v))
+    ql, kl, vl = (conv(take(t)).requires_grad_() for t in (q, k, v))
     kw, jl = {}, ()
     if joint is not None:
         jl = tuple(conv(t).requires_grad_() for t in joint)
         kw = dict(joint_q=jl[0], joint_k=jl[1], joint_v=jl[2], joint_strategy=joint_strategy)
     res = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, scale=scale,
                                algorithm=algorithm, ulysses_degree=ulysses_degree,
-                               ring_degree=ring_degree, **kw)
+                               ring_degree=ring_degree, seq_layout=seq_layout, **kw)
+    with torch.no_grad():  # the eager (no-grad) path gives the same output
+        res0 = streamattn.attention(ql, kl, vl, layout=layout, causal=causal, scale=scale,
+                                    algorithm=algorithm, ulysses_degree=ulysses_degree,
+                                    ring_degree=ring_degree, seq_layout=seq_layout, **kw)
+    nograd_out = res0 if joint is None else res0[0]
     if joint is None:
-        torch.autograd.backward([res], [conv(dout[:, sl])])
+        torch.autograd.backward([res], [conv(take(dout))])
         out = res
     else:
         out, jout = res
-        torch.autograd.backward([out, jout], [conv(dout[:, sl]), conv(djout)])
+        torch.autograd.backward([out, jout], [conv(take(dout)), conv(djout)])
     ref_out = reference_attention(q, k, v, scale=scale, causal=causal,
                                   **({} if joint is None else dict(joint_q=joint[0], joint_k=joint[1],
                                                                    joint_v=joint[2],
                                                                    joint_strategy=joint_strategy)))
     ref_out, ref_jout = ref_out if joint is not None else (ref_out, None)
-    result = {"out": _rel(back(out), ref_out[:, sl]), "dq": _rel(back(ql.grad), rq[:, sl]),
-              "dk": _rel(back(kl.grad), rk[:, sl]), "dv": _rel(back(vl.grad), rv[:, sl]),
+    result = {"out": _rel(back(out), take(ref_out)), "dq": _rel(back(ql.grad), take(rq)),
+              "dk": _rel(back(kl.grad), take(rk)), "dv": _rel(back(vl.grad), take(rv)),
+              "nograd_out": _rel(back(nograd_out), take(ref_out)),
               "jout": None, "djq": None, "djk": None, "djv": None,
               "grad_dtype": str(ql.grad.dtype).replace("torch.", "")}
     if joint is not None:
