@@ -128,3 +128,50 @@ def test_training_step_4_ranks_equals_1_rank(rank_pool, P):
             assert r["loss"] < 1e-5 and r["grad"] < 1e-5 and r["param"] < 1e-5, (model, r)
             assert r["step_size"] > 1e-2, r  # the step moved the parameters measurably
         assert len({r["digest"] for r in res}) == 1, "ranks ended with different parameters"
+
+
+def test_ring_backward_memory_grows_with_shard_not_P(rank_pool):
+    """Peak RSS growth during the ring backward: about the same at P=2 and P=4 for the same local
+    shard, about double for a doubled shard (large buffers mmap'd, so RSS tracks live memory)."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    growth = {}
+    for P in (2, 4):
+        pool = rank_pool(P, env=env)
+        for local in (1024, 2048):
+            res = pool.run("streamattn.testing.grad_cases:ring_backward_peak", local_seq=local,
+                           timeout=600)
+            growth[P, local] = max(r["growth_kb"] for r in res)
+    for local in (1024, 2048):
+        assert growth[4, local] < 1.3 * growth[2, local], growth
+    assert growth[2, 2048] > 1.6 * growth[2, 1024], growth  # the measurement sees the shard
+
+
+def test_zigzag_shard_roundtrip_and_balance():
+    from streamattn.costmodel import visible_pairs
+    from streamattn.zigzag import zigzag_lengths, zigzag_segments
+
+    x = torch.arange(2 * 29 * 3).view(2, 29, 3)
+    for P in (1, 2, 3, 4):
+        shards = [streamattn.zigzag_shard(x, r, P) for r in range(P)]
+        assert [s.shape[1] for s in shards] == zigzag_lengths(29, P)
+        assert torch.equal(streamattn.zigzag_unshard(shards), x)
+    # every rank sees about the same number of causal query-key pairs
+    S, P = 4096, 4
+    work = [sum(visible_pairs(qo, qn, ko, kn, True) for qo, qn in zigzag_segments(S, P, r)
+                for ko, kn in ((0, S),)) for r in range(P)]
+    assert max(work) / min(work) < 1.01, work
+
+
+def test_planner_costs_zigzag():
+    from streamattn import Problem, make_plan
+
+    def problem(zigzag):
+        lens = tuple(streamattn.zigzag_lengths(4096, 4)) if zigzag else (1024,) * 4
+        return Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.bfloat16,
+                       seq_lens=lens, scale=0.125, causal=True, zigzag=zigzag)
+
+    plain = make_plan(problem(False), "1x4", algorithm="ring")
+    zig = make_plan(problem(True), "1x4", algorithm="ring")
+    assert zig.predicted_s < 0.75 * plain.predicted_s, (zig, plain)
+    auto = make_plan(problem(True), "1x4")
+    assert auto.algorithm == "ring", auto  # zigzag runs as a ring over every rank

@@ -314,3 +314,30 @@ def train_step(rank, world_size, *, model="flux", height=6, width=6, text_len=5,
             "param": max(rel(a, b) for a, b in zip(params, ref_params)),
             "step_size": max(rel(lr * g, p) for p, g in zip(ref_params, ref_grads)),
             "digest": float(sum(p.double().sum() for p in params))}
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def ring_backward_peak(rank, world_size, *, local_seq=2048, heads=4, head_dim=64, seed=0):
+    """Peak RSS growth (KiB) of this rank during the backward of ring attention with a local
+    shard of local_seq tokens (fp32). The peak is reset first (/proc/self/clear_refs: 5)."""
+    g = torch.Generator().manual_seed(seed + rank)
+    q, k, v = (torch.randn(1, local_seq, heads, head_dim, generator=g).requires_grad_()
+               for _ in range(3))
+    out = streamattn.attention(q, k, v, algorithm="ring")
+    dout = torch.randn(out.shape, generator=g)
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    out.backward(dout)
+    peak = _status_kb("VmHWM")
+    return {"growth_kb": peak - base, "shard_kb": q.numel() * 4 // 1024}
