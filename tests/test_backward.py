@@ -175,3 +175,11 @@ def test_planner_costs_zigzag():
     assert zig.predicted_s < 0.75 * plain.predicted_s, (zig, plain)
     auto = make_plan(problem(True), "1x4")
     assert auto.algorithm == "ring", auto  # zigzag runs as a ring over every rank
+
+
+@pytest.mark.parametrize("P", [4])
+def test_yunchang_shim_backward(rank_pool, P):
+    for u, r, causal in ((2, 2, False), (4, 1, True), (1, 4, True)):
+        res = rank_pool(P).run("streamattn.testing.grad_cases:yunchang_shim_backward",
+                               ulysses_degree=u, ring_degree=r, causal=causal)
+        assert max(max(x.values()) for x in res) < 1e-5, (u, r, res)

@@ -341,3 +341,25 @@ def ring_backward_peak(rank, world_size, *, local_seq=2048, heads=4, head_dim=64
     out.backward(dout)
     peak = _status_kb("VmHWM")
     return {"growth_kb": peak - base, "shard_kb": q.numel() * 4 // 1024}
+
+
+def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq=24, heads=4,
+                           head_dim=8, causal=False, seed=0):
+    """Training through the yunchang shim (LongContextAttention): its gradients vs float64
+    autograd of the whole sequence. Returns check_grad-style errors."""
+    from streamattn.compat import yunchang as shim
+
+    lens = split_lengths(seq, world_size)
+    q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=heads,
+                             head_dim=head_dim)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).float()
+    rq, rk, rv, _ = reference_grads(q, k, v, None, dout, None, scale=None, causal=causal,
+                                    joint_strategy="front")
+    start = sum(lens[:rank])
+    sl = slice(start, start + lens[rank])
+    ql, kl, vl = (t[:, sl].clone().requires_grad_() for t in (q, k, v))
+    shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
+    out = shim.LongContextAttention()(ql, kl, vl, causal=causal)
+    out.backward(dout[:, sl])
+    return {"dq": _rel(ql.grad, rq[:, sl]), "dk": _rel(kl.grad, rk[:, sl]),
+            "dv": _rel(vl.grad, rv[:, sl])}
