@@ -18,9 +18,10 @@ The first-call metadata exchange, the agreement check and the plan happen inside
 implementations (cached per shape by streamattn.api.plan_call), so the traced graph holds only
 the op, and a new sequence length costs one exchange, not a recompile per value.
 
-Gradients: every algorithm's backward is the ring schedule of algorithms.ring_backward over the
-whole group in rank order, using the forward's final LSE (torus, whose forward does not return
-the LSE, recomputes (out, lse) with the ring forward first). Joint tokens: the gradient of the
+Gradients: Ulysses runs the reverse all-to-alls around one local backward
+(algorithms.ulysses_backward); every other algorithm the ring schedule of algorithms.ring_backward
+over the whole group (rank order or the zigzag layout), using the forward's final LSE (torus,
+whose forward does not return the LSE, recomputes (out, lse) with the ring forward first). Joint tokens: the gradient of the
 joint output must be the same full gradient on every rank (as when everything after the
 attention is replicated), and the joint inputs' gradients come back full and identical on every
 rank. `stale_kv` has no backward (it raises when a gradient is required).
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from . import algorithms, api
 from .algorithms.ring_backward import local_backward, ring_backward
+from .algorithms.ulysses_backward import ulysses_backward
 from .merge import acc_dtype
 from .validate import check_local
 
@@ -203,11 +205,16 @@ def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v:
     else:
         transport, problem, plan = _planned(group, q, k, v, joint, causal, scale, joint_strategy,
                                             algorithm, ulysses_degree, ring_degree, zigzag)
-        if plan.algorithm == "torus" and not problem.zigzag:  # no LSE from the torus forward: recompute with the ring
+        if plan.algorithm == "torus" and not problem.zigzag:
+            # the torus forward does not return the LSE: recompute (out, lse) with the ring
             out, jout, lse, jlse = algorithms.ring_attention(transport, problem, q, k, v, joint,
                                                              with_lse=True)
-        dq, dk, dv, jg = ring_backward(transport, problem, dout, q, k, v, out, lse,
-                                       joint=None if joint is None else (djout, jq, jk, jv, jout, jlse))
+        jargs = None if joint is None else (djout, jq, jk, jv, jout, jlse)
+        if plan.algorithm == "ulysses" and not problem.zigzag:
+            dq, dk, dv, jg = ulysses_backward(transport, problem, dout, q, k, v, out, lse, joint=jargs,
+                                              members=plan.ulysses_group(transport.rank))
+        else:
+            dq, dk, dv, jg = ring_backward(transport, problem, dout, q, k, v, out, lse, joint=jargs)
     if jg is None:
         empty = q.new_empty((0,))
         return (dq.contiguous().clone(), dk.contiguous().clone(), dv.contiguous().clone(),

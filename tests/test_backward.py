@@ -35,6 +35,7 @@ CASES = {
              joint_strategy="rear"),
         dict(seq=18, algorithm="ring", dtype="bfloat16", joint_len=4, joint_strategy="rear"),
         dict(seq=18, algorithm="ulysses", layout="bhsd", causal=True, kv_heads=1, batch=2),
+        dict(seq=19, algorithm="ulysses", heads=12, kv_heads=3, joint_len=3, joint_strategy="rear"),
         dict(seq=21, causal=True, seq_layout="zigzag", layout="bhsd", kv_heads=1),
         dict(seq=20, causal=True, seq_layout="zigzag", dtype="bfloat16")],
     6: [dict(seq=25, heads=6, algorithm="usp", ulysses_degree=2, ring_degree=3, joint_len=2),
