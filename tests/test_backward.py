@@ -180,7 +180,8 @@ def test_planner_costs_zigzag():
 
 @pytest.mark.parametrize("P", [4])
 def test_yunchang_shim_backward(rank_pool, P):
-    for u, r, causal in ((2, 2, False), (4, 1, True), (1, 4, True)):
+    for u, r, causal, impl in ((2, 2, False, "basic"), (4, 1, True, "basic"), (1, 4, True, "basic"),
+                               (1, 4, True, "zigzag")):
         res = rank_pool(P).run("streamattn.testing.grad_cases:yunchang_shim_backward",
-                               ulysses_degree=u, ring_degree=r, causal=causal)
+                               ulysses_degree=u, ring_degree=r, causal=causal, ring_impl_type=impl)
         assert max(max(x.values()) for x in res) < 1e-5, (u, r, res)

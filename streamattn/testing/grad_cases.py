@@ -344,7 +344,7 @@ def ring_backward_peak(rank, world_size, *, local_seq=2048, heads=4, head_dim=64
 
 
 def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq=24, heads=4,
-                           head_dim=8, causal=False, seed=0):
+                           head_dim=8, causal=False, seed=0, ring_impl_type="basic"):
     """Training through the yunchang shim (LongContextAttention): its gradients vs float64
     autograd of the whole sequence. Returns check_grad-style errors."""
     from streamattn.compat import yunchang as shim
@@ -355,11 +355,19 @@ def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).float()
     rq, rk, rv, _ = reference_grads(q, k, v, None, dout, None, scale=None, causal=causal,
                                     joint_strategy="front")
-    start = sum(lens[:rank])
-    sl = slice(start, start + lens[rank])
-    ql, kl, vl = (t[:, sl].clone().requires_grad_() for t in (q, k, v))
+    if ring_impl_type == "zigzag":
+        from streamattn.zigzag import zigzag_shard
+
+        def take(x):
+            return zigzag_shard(x, rank, world_size)
+    else:
+        start = sum(lens[:rank])
+
+        def take(x):
+            return x[:, start : start + lens[rank]]
+    ql, kl, vl = (take(t).clone().requires_grad_() for t in (q, k, v))
     shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
-    out = shim.LongContextAttention()(ql, kl, vl, causal=causal)
-    out.backward(dout[:, sl])
-    return {"dq": _rel(ql.grad, rq[:, sl]), "dk": _rel(kl.grad, rk[:, sl]),
-            "dv": _rel(vl.grad, rv[:, sl])}
+    out = shim.LongContextAttention(ring_impl_type=ring_impl_type)(ql, kl, vl, causal=causal)
+    out.backward(take(dout))
+    return {"dq": _rel(ql.grad, take(rq)), "dk": _rel(kl.grad, take(rk)),
+            "dv": _rel(vl.grad, take(rv))}
