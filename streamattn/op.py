@@ -250,7 +250,8 @@ def _backward(ctx, dout, djout, _dlse, _djlse):
         if djout is None:
             djout = torch.zeros_like(jout)
     else:
-        (q, k, v, out, lse), jq, jk, jv, jout, jlse, djout = ctx.saved_tensors, None, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        jq = jk = jv = jout = jlse = djout = None
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, djq, djk, djv = torch.ops.streamattn.attention_backward(
