@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="keep only these ulysses x ring factorizations, e.g. 2x2,4x1 (a torus "
                            "u x t x r is kept when u x r is listed)")
     what.add_argument("--iters", type=int, default=5, help="timed calls per configuration (default 5)")
+    what.add_argument("--backward", action="store_true",
+                      help="time forward+backward (training) instead, local ranks only")
     what.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1, min 1)")
     what.add_argument("--no-overlap", action="store_true", help="skip the compute-/comm-only runs")
     what.add_argument("--overlap-iters", type=int, default=3)
@@ -100,6 +102,10 @@ def run(args) -> int:
     if bad:
         print(f"streamattn bench: unknown algorithm(s) {bad}; choose from {ALL_ALGOS}", file=sys.stderr)
         return 2
+    if getattr(args, "backward", False):
+        from .backward import run_backward
+
+        return run_backward(args, shapes, algos)
     degrees = None
     if args.degrees:
         degrees = [tuple(int(x) for x in d.lower().split("x")) for d in args.degrees.split(",")]

@@ -19,7 +19,7 @@ from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
-from .validate import DTYPES, check_agreement, check_local, encode
+from .validate import DTYPES, ZIGZAG, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
 
@@ -31,7 +31,8 @@ _tokens = itertools.count(1)
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
-              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None):
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
+              seq_layout="contiguous"):
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
@@ -41,6 +42,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     front of ("front") or behind ("rear") the image sequence; then the call returns
     (out, joint_out) with joint_out identical on every rank.
     causal: mask by global position (rank order). scale: default 1/sqrt(D).
+    seq_layout: "contiguous" (rank r holds the r-th slice) or "zigzag" (load-balanced causal: rank
+    r holds chunks r and 2P-1-r of 2P; shard with streamattn.zigzag_shard; runs as a ring).
     algorithm: "auto" | "ulysses" | "ring" | "usp" | "torus"; ulysses_degree / ring_degree force a
     split (for "torus": ulysses_degree = ranks per node, ring_degree = the ring factor).
     group=None: the default group, or a group of one if torch.distributed is not initialised.
@@ -49,7 +52,13 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     step while this step's K/V travel in the background.
     Returns out in q's layout, shape and dtype.
     """
+    needs_grad = _needs_grad(q, k, v, joint_q, joint_k, joint_v)
+    causal = causal_mode(causal, seq_layout)
     if stale_kv is not None:
+        if needs_grad:
+            raise NotImplementedError(
+                "streamattn.attention: stale_kv (approximate, inference-only) has no backward; "
+                "call it under torch.no_grad() or without stale_kv")
         if layer is None:
             raise ValueError("streamattn.attention: stale_kv needs layer= (a key naming the layer)")
         if causal or algorithm != "auto" or ulysses_degree or ring_degree:
@@ -65,16 +74,42 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             raise ValueError(f"streamattn.attention: {err}")
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
+    if needs_grad:
+        # Gradients go through the registered op (streamattn.op, streamattn.attention); this
+        # entry point has no backward: autograd through the exchanges would silently drop the
+        # remote contributions (wrong dq, dk, dv).
+        raise NotImplementedError(
+            "streamattn.api.attention has no backward (an input requires grad): call "
+            "streamattn.attention (the registered op), or run under torch.no_grad()")
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    transport, problem, plan = plan_call(group, err, q, k, layout, causal, scale, joint,
+                                         joint_strategy, algorithm, ulysses_degree, ring_degree)
+
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if joint is not None:
+            joint = tuple(t.transpose(1, 2) for t in joint)
+    out, jout = _run(plan, transport, problem, q, k, v, joint)
+    out = _to_layout(out, layout)
+    if joint is None:
+        return out
+    return out, _to_layout(jout, layout)
+
+
+def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+              ulysses_degree, ring_degree):
+    """(transport, Problem, Plan) of a call on a group of more than one rank. Every rank sends
+    the others a small signature (streamattn.agreement); from all signatures every rank takes
+    the same path: the cached plan, the full metadata exchange (raising the same error everywhere
+    on bad input; `err` is this rank's local error or None), or that error."""
     transport = _transport(group)
     transport.begin_call()
-    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
     if err is None and q.device.type != transport.device.type:
         err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
                f"communicates on {transport.device.type}")
-    # Every rank takes the same path: the decision comes from the gathered signatures.
     settings = agreement.Settings()
     err = err or settings.error
-    joint_len = 0 if err or joint is None else joint_q.shape[1 if layout == "bshd" else 2]
+    joint_len = 0 if err or joint is None else joint[0].shape[1 if layout == "bshd" else 2]
     cache, token = _plans, transport.plan_token
     row = agreement.signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
                               ulysses_degree, ring_degree, settings, cache.generation(token))
@@ -85,21 +120,27 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
                         ulysses_degree, ring_degree)
         cache.put(token, key, cached)
     problem, plan = cached
-    transport = _transport(group, plan.transport)
+    return _transport(group, plan.transport), problem, plan
 
-    if layout == "bhsd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if joint is not None:
-            joint = tuple(t.transpose(1, 2) for t in joint)
-    out, jout = _run(plan, transport, problem, q, k, v, joint, chunks=settings.ulysses_chunks)
-    out = _to_layout(out, layout)
-    if joint is None:
-        return out
-    return out, _to_layout(jout, layout)
+
+def causal_mode(causal, seq_layout):
+    """causal as the planner takes it: False, True, or "zigzag" (causal in the zigzag layout;
+    without causal the layout is a mere permutation, which attention does not see)."""
+    if seq_layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"streamattn.attention: seq_layout={seq_layout!r}: expected 'contiguous' "
+                         "or 'zigzag'")
+    return "zigzag" if causal and seq_layout == "zigzag" else bool(causal)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tensors)
 
 
 def _run(plan, transport, problem, q, k, v, joint, chunks=None):
-    """chunks: the call's agreed STREAMATTN_ULYSSES_CHUNKS (None: read it now)."""
+    """chunks: the call's STREAMATTN_ULYSSES_CHUNKS (agreed by plan_call; None: read it now)."""
+    if problem.zigzag:
+        return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(transport.rank),
@@ -233,7 +274,19 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
     problem = Problem(batch=agreed["batch"], heads=agreed["heads"], kv_heads=agreed["kv_heads"],
                       head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
-                      joint_len=joint_len, joint_strategy=joint_strategy)
+                      joint_len=joint_len, joint_strategy=joint_strategy,
+                      zigzag=agreed["causal"] == ZIGZAG)
+    if problem.zigzag:
+        from .zigzag import zigzag_lengths
+
+        want = zigzag_lengths(problem.seq_total, problem.world_size)
+        if list(problem.seq_lens) != want:
+            raise ValueError(f"streamattn.attention: seq_layout='zigzag' of {problem.seq_total} tokens "
+                             f"on {problem.world_size} ranks gives them {want} tokens, got "
+                             f"{list(problem.seq_lens)} (shard with streamattn.zigzag_shard)")
+        if algorithm not in ("auto", "ring"):
+            raise ValueError(f"streamattn.attention: seq_layout='zigzag' runs the ring over every "
+                             f"rank; algorithm={algorithm!r} is not available with it")
     if algorithm == "torus" and "torus" not in _planner_algorithms():
         plan = torus_plan(problem, transport.topology, ulysses_degree, ring_degree)
     else:

@@ -323,9 +323,14 @@ def _phases(problem, u: int, groups) -> List[_Phase]:
                 ring = [g[j] for g in groups]
                 for gi, m in enumerate(ring):
                     src = (gi - t) % r
-                    pairs = visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
+                    if problem.zigzag:  # u == 1: member m holds two chunks (streamattn.zigzag)
+                        pairs = sum(visible_pairs(qo, ql, ko, kl, causal)
+                                    for qo, ql in problem.segments(m) for ko, kl in problem.segments(ring[src]))
+                        skipped = pairs == 0
+                    else:
+                        pairs = visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
+                        skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
                     comp[m] = attention_flops(B, pairs, hq, D)
-                    skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
                     mem[m] = 0 if skipped else mb * B * hq * seg_lens[gi] * D
                     if t == r - 1 and not rear:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D

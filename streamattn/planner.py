@@ -57,11 +57,14 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
             reason = ""
             if H % u:
                 reason = f"{H} heads not divisible by u={u}"
+            elif getattr(problem, "zigzag", False) and u > 1:
+                reason = "the zigzag layout runs as a ring over every rank (u=1)"
             elif problem.causal and not groups_contiguous(groups):
                 reason = ("causal attention needs each Ulysses group to hold contiguous positions "
                           "(consecutive groups)")
             out.append(Candidate(algo, u, r, groups, name, dropped=reason))
-    out += torus_candidates(problem, topology)
+    if not getattr(problem, "zigzag", False):
+        out += torus_candidates(problem, topology)
     return out
 
 

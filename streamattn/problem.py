@@ -13,6 +13,7 @@ class Problem:
     seq_lens[r]: tokens held by group rank r (its shard of the image sequence); they are laid out
     in rank order, so rank r's tokens start at global position offsets[r].
     joint_len: replicated text tokens (0 when none).
+    zigzag: the tokens are in the zigzag layout instead (segments(r): where rank r's tokens are).
     """
 
     batch: int
@@ -25,6 +26,7 @@ class Problem:
     causal: bool = False
     joint_len: int = 0
     joint_strategy: str = "front"
+    zigzag: bool = False  # the zigzag sequence layout (streamattn.zigzag); else rank order
     offsets: tuple = field(init=False)
 
     def __post_init__(self):
@@ -33,6 +35,15 @@ class Problem:
             offs.append(total)
             total += n
         object.__setattr__(self, "offsets", tuple(offs))
+
+    def segments(self, rank: int) -> list:
+        """[(global offset, length), ...]: the positions of rank's tokens, in shard order (one
+        segment in rank order; two with zigzag)."""
+        if self.zigzag:
+            from .zigzag import zigzag_segments
+
+            return zigzag_segments(self.seq_total, self.world_size, rank)
+        return [(self.offsets[rank], self.seq_lens[rank])]
 
     @property
     def seq_total(self) -> int:

@@ -17,6 +17,7 @@ STRATEGIES = ("front", "rear")
 ALGORITHMS = ("auto", "ulysses", "ring", "usp", "torus")
 MAGIC, VERSION = 0x5354524D, 1
 MSG_BYTES = 240
+ZIGZAG = 2  # the "causal" field's value for causal attention in the zigzag layout (streamattn.zigzag)
 
 # (name, how to show the value) of the metadata fields, in vector order.
 FIELDS = ("error", "batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "layout", "device",
@@ -109,7 +110,7 @@ def field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, 
     hk = _bshd_shape(k, layout)[2]
     dev = q.device.type if q.device.type in _DEVICE_TYPES else "other"
     return [0, b, s, h, hk, d, DTYPES.index(q.dtype), LAYOUTS.index(layout),
-            _DEVICE_TYPES.index(dev), int(bool(causal)), joint_len,
+            _DEVICE_TYPES.index(dev), ZIGZAG if causal == "zigzag" else int(bool(causal)), joint_len,
             STRATEGIES.index(joint_strategy) if joint_strategy in STRATEGIES else 0,
             ALGORITHMS.index(algorithm), u or 0, r or 0, _scale_bits(scale)]
 

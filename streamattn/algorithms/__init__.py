@@ -8,5 +8,7 @@ from .ring import ring_attention
 from .torus import torus_attention
 from .ulysses import ulysses_attention
 from .usp import usp_attention
+from .zigzag import zigzag_ring_attention
 
-__all__ = ["attend", "ring_attention", "torus_attention", "ulysses_attention", "usp_attention"]
+__all__ = ["attend", "ring_attention", "torus_attention", "ulysses_attention", "usp_attention",
+           "zigzag_ring_attention"]

@@ -10,11 +10,11 @@ import torch
 from ..kernels import attention_with_lse
 
 
-def attend(q, k, v, *, scale, causal=False, joint=None, joint_strategy="front"):
+def attend(q, k, v, *, scale, causal=False, joint=None, joint_strategy="front", with_lse=False):
     """q: [B, Sq, h, D], k, v: [B, Sk, hk, D] (bshd views are fine).
     joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]), placed in front of or behind the image
     tokens for queries and keys alike. Returns (out [B, Sq, h, D], joint_out [B, T, h, D] or None)
-    in q's dtype."""
+    in q's dtype. with_lse: also (lse [B, h, Sq], joint_lse [B, h, T] or None) appended."""
     T = 0
     if joint is not None:
         jq, jk, jv = joint
@@ -23,12 +23,15 @@ def attend(q, k, v, *, scale, causal=False, joint=None, joint_strategy="front"):
             q, k, v = torch.cat([jq, q], 1), torch.cat([jk, k], 1), torch.cat([jv, v], 1)
         else:
             q, k, v = torch.cat([q, jq], 1), torch.cat([k, jk], 1), torch.cat([v, jv], 1)
-    out, _ = attention_with_lse(
+    out, lse = attention_with_lse(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, causal=causal
     )
     out = out.transpose(1, 2)
     if joint is None:
-        return out, None
-    if joint_strategy == "front":
-        return out[:, T:], out[:, :T]
-    return out[:, : out.shape[1] - T], out[:, out.shape[1] - T :]
+        return (out, None, lse, None) if with_lse else (out, None)
+    n = T if joint_strategy == "front" else out.shape[1] - T
+    parts = (out[:, T:], out[:, :T]) if joint_strategy == "front" else (out[:, :n], out[:, n:])
+    if not with_lse:
+        return parts
+    lparts = (lse[:, :, T:], lse[:, :, :T]) if joint_strategy == "front" else (lse[:, :, :n], lse[:, :, n:])
+    return parts + lparts

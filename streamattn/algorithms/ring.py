@@ -17,13 +17,14 @@ TAG_STEP, TAG_JOINT = 100, 13
 
 
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
-              joint=None, joint_strategy="front"):
+              joint=None, joint_strategy="front", with_lse=False):
     """The ring over `members` (group ranks, in ring order); me: my index.
 
     q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
     seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
     joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]).
-    Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype.
+    Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype;
+    with_lse: (out, joint_out, lse [B, h, Sq], joint_lse [B, h, T] or None), the final LSEs.
     """
     r = len(members)
     B, Sq, h, D = q.shape
@@ -59,8 +60,9 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     if joint is not None and joint_strategy == "rear":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
     if joint is None:
-        return out, None
-    return out, _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)
+        return (out, None, lse, None) if with_lse else (out, None)
+    jout, jlse = _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)
+    return (out, jout, lse, jlse) if with_lse else (out, jout)
 
 
 def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
@@ -71,7 +73,7 @@ def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
     if me == 0:
         own = attention_with_lse(jq, jk, jv, scale=scale)
         parts = [own] + parts if joint_strategy == "front" else parts + [own]
-    return merge_across(transport, members, *merge_all(parts), TAG_JOINT)[0]
+    return merge_across(transport, members, *merge_all(parts), TAG_JOINT)
 
 
 def merge_across(transport, members, out, lse, tag):
@@ -83,16 +85,19 @@ def merge_across(transport, members, out, lse, tag):
     return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
-def ring_attention(transport, problem, q, k, v, joint=None, members=None):
+def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False):
     """Ring over `members` (default: the whole group) with every member's own shard as its block.
     q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]. Returns (out [B, S_local, H, D], joint_out
-    [B, T, H, D] or None) in q's dtype."""
+    [B, T, H, D] or None) in q's dtype; with_lse: also the final LSEs, [B, H, S_local] and
+    [B, H, T] or None (accumulation dtype)."""
     members = list(range(transport.size)) if members is None else members
     me = members.index(transport.rank)
     lens = [problem.seq_lens[m] for m in members]
     offsets = [problem.offsets[m] for m in members]
-    out, jout = ring_core(transport, members, me, q, k, v, seg_lens=lens, seg_offsets=offsets,
-                          scale=problem.scale, causal=problem.causal, joint=joint,
-                          joint_strategy=problem.joint_strategy)
+    out, jout, lse, jlse = ring_core(transport, members, me, q, k, v, seg_lens=lens,
+                                     seg_offsets=offsets, scale=problem.scale, causal=problem.causal,
+                                     joint=joint, joint_strategy=problem.joint_strategy,
+                                     with_lse=True)
     out = out.transpose(1, 2).to(q.dtype)
-    return out, (jout.transpose(1, 2).to(q.dtype) if jout is not None else None)
+    jout = jout.transpose(1, 2).to(q.dtype) if jout is not None else None
+    return (out, jout, lse, jlse) if with_lse else (out, jout)

@@ -13,7 +13,8 @@ from ..transport.base import Pending
 from .local import attend
 
 TAG_SCATTER, TAG_GATHER, TAG_JOINT = 10, 11, 12
-TAG_Q = 20000  # offset of the separate Q message of the Triton packing path
+TAG_Q = 20000
+TAG_LSE = 6980  # the LSEs the backward needs (with_lse)  # offset of the separate Q message of the Triton packing path
 
 
 def head_ranges(heads: int, kv_heads: int, u: int):
@@ -170,29 +171,45 @@ def allgather_heads(transport, members, me, x):
     return torch.cat(transport.all_gather(x, members, TAG_JOINT), 2)
 
 
-def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chunks=1):
+def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chunks=1,
+                      with_lse=False):
     """Ulysses over `members` (default: the whole group). q: [B, S_local, H, D], k, v:
     [B, S_local, Hk, D]; joint as in local.attend. Returns (out [B, S_local, H, D], joint_out).
 
     chunks > 1 pipelines over head groups: the heads are split into `chunks` sub-problems whose
     all-to-alls are all posted at once; attention on a head group starts as soon as its data has
     arrived and its outputs are sent back while the next group computes. Needs whole K/V groups
-    per chunk ((H / u / chunks) % (H / Hk) == 0); otherwise it runs unchunked."""
+    per chunk ((H / u / chunks) % (H / Hk) == 0); otherwise it runs unchunked.
+    with_lse: also the final LSEs, [B, H, S_local] and [B, H, T] or None (unchunked)."""
     members = list(range(transport.size)) if members is None else members
     me = members.index(transport.rank)
     lens = [problem.seq_lens[m] for m in members]
     H, Hk, u = problem.heads, problem.kv_heads, len(members)
     g = H // Hk
-    if chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0:
+    if chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0 and not with_lse:
         return _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks)
     qh, kh, vh = scatter_heads(transport, members, me, q, k, v, lens, H, Hk)
     jh = slice_joint(joint, H, Hk, u, me) if joint is not None else None
-    out, jout = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
-                       joint_strategy=problem.joint_strategy)
+    out, jout, lse, jlse = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
+                                  joint_strategy=problem.joint_strategy, with_lse=True)
     out = gather_heads(transport, members, me, out, lens, H)
     if jout is not None:
         jout = allgather_heads(transport, members, me, jout)
-    return out, jout
+    if not with_lse:
+        return out, jout
+    return (out, jout) + lse_to_sequence(transport, members, me, lse, jlse, lens, H)
+
+
+def lse_to_sequence(transport, members, me, lse, jlse, lens, heads):
+    """My heads' LSEs over the group's tokens, lse [B, h, sum(lens)] (and joint [B, h, T]) ->
+    this member's tokens, every head: [B, H, lens[me]] (and [B, H, T], identical on all members).
+    Travels as a one-wide head dimension through the output's all-to-all."""
+    lse = gather_heads(transport, members, me, lse.transpose(1, 2).unsqueeze(-1).contiguous(),
+                       lens, heads, tag=TAG_LSE)
+    lse = lse.squeeze(-1).transpose(1, 2)
+    if jlse is not None:
+        jlse = torch.cat(transport.all_gather(jlse.contiguous(), members, TAG_LSE + 1), 1)
+    return lse, jlse
 
 
 def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):

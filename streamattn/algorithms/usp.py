@@ -7,13 +7,14 @@ slice j.
 from __future__ import annotations
 
 from .ring import ring_core
-from .ulysses import allgather_heads, gather_heads, scatter_heads, slice_joint
+from .ulysses import allgather_heads, gather_heads, lse_to_sequence, scatter_heads, slice_joint
 
 
-def usp_attention(transport, problem, q, k, v, joint=None, *, plan):
+def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=False):
     """q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]; joint: None or (jq, jk, jv) replicated.
     plan: a Plan (its Ulysses groups; rings join member j of every group, in group order).
-    Returns (out [B, S_local, H, D], joint_out [B, T, H, D] or None) in q's dtype."""
+    Returns (out [B, S_local, H, D], joint_out [B, T, H, D] or None) in q's dtype; with_lse: also
+    the final LSEs, [B, H, S_local] and [B, H, T] or None."""
     groups = plan.ulysses_groups()
     uly_members = plan.ulysses_group(transport.rank)
     ring_members = plan.ring_group(transport.rank)
@@ -28,10 +29,13 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan):
 
     qh, kh, vh = scatter_heads(transport, uly_members, j, q, k, v, lens, H, Hk)
     jh = slice_joint(joint, H, Hk, len(uly_members), j) if joint is not None else None
-    out, jout = ring_core(transport, ring_members, g, qh, kh, vh, seg_lens=seg_lens,
-                          seg_offsets=seg_offsets, scale=problem.scale, causal=problem.causal,
-                          joint=jh, joint_strategy=problem.joint_strategy)
+    out, jout, lse, jlse = ring_core(transport, ring_members, g, qh, kh, vh, seg_lens=seg_lens,
+                                     seg_offsets=seg_offsets, scale=problem.scale,
+                                     causal=problem.causal, joint=jh,
+                                     joint_strategy=problem.joint_strategy, with_lse=True)
     out = gather_heads(transport, uly_members, j, out.transpose(1, 2).to(q.dtype), lens, H)
     if jout is not None:
         jout = allgather_heads(transport, uly_members, j, jout.transpose(1, 2).to(q.dtype))
-    return out, jout
+    if not with_lse:
+        return out, jout
+    return (out, jout) + lse_to_sequence(transport, uly_members, j, lse, jlse, lens, H)

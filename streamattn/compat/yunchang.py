@@ -99,7 +99,7 @@ def _plan_kwargs(algorithm):
 
 def _unsupported(dropout_p, window_size, softcap, alibi_slopes):
     if dropout_p:
-        raise NotImplementedError("streamattn compat: dropout_p > 0 is not supported (inference op)")
+        raise NotImplementedError("streamattn compat: dropout_p > 0 is not supported")
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError("streamattn compat: sliding-window attention is not supported")
     if softcap:
@@ -134,14 +134,18 @@ class LongContextAttention(torch.nn.Module):
                 return_attn_probs=False, *args, joint_tensor_query=None, joint_tensor_key=None,
                 joint_tensor_value=None, joint_strategy="none"):
         _unsupported(dropout_p, window_size, softcap, alibi_slopes)
+        layout = {}
         if causal and self.ring_impl_type != "basic":
-            raise NotImplementedError(
-                f"streamattn compat: ring_impl_type={self.ring_impl_type!r} with causal=True expects "
-                "zigzag/stripe-reordered shards; pass shards in sequence order with 'basic'")
+            if self.ring_impl_type != "zigzag" or self.plan_kwargs.get("algorithm") != "ring":
+                raise NotImplementedError(
+                    f"streamattn compat: ring_impl_type={self.ring_impl_type!r} with causal=True is "
+                    "supported as 'zigzag' on a pure ring (ulysses_degree=1), or pass shards in "
+                    "sequence order with 'basic'")
+            layout = {"seq_layout": "zigzag"}  # rank r: chunks r and 2P-1-r, as yunchang's zigzag
         joints = (joint_tensor_query, joint_tensor_key, joint_tensor_value)
         if all(j is None for j in joints):
             return streamattn.attention(query, key, value, self.group, causal=causal,
-                                        scale=softmax_scale, **self.plan_kwargs)
+                                        scale=softmax_scale, **self.plan_kwargs, **layout)
         if any(j is None for j in joints):
             raise ValueError("joint_tensor_query, joint_tensor_key, and joint_tensor_value should be "
                              "None or not None simultaneously.")

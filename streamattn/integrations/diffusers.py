@@ -33,9 +33,10 @@ import torch
 import streamattn
 
 TAG_GATHER = 4996
+TAG_GRAD = 4993           # training: the joint-output gradient sum, the parameter-gradient sum
 
-__all__ = ["parallelize", "unparallelize", "reset_stale_kv", "FluxStreamAttnProcessor",
-           "SD3StreamAttnProcessor", "split_lengths"]
+__all__ = ["parallelize", "unparallelize", "reset_stale_kv", "all_reduce_gradients",
+           "FluxStreamAttnProcessor", "SD3StreamAttnProcessor", "split_lengths"]
 
 
 def _require_diffusers():
@@ -84,9 +85,16 @@ class _Context:
         return slice(start, start + self.lens[self.rank])
 
     def gather(self, x):
-        """[B, S_local, C] -> [B, S, C], in rank order, on every rank."""
+        """[B, S_local, C] -> [B, S, C], in rank order, on every rank. Differentiable: every rank
+        computes the same loss from the full output, so a shard's gradient is its slice of the
+        (identical) full gradient."""
         if self.size == 1:
             return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Gather.apply(self, x)
+        return self._gather(x)
+
+    def _gather(self, x):
         from ..api import _transport
 
         tr = _transport(self.group)
@@ -111,7 +119,87 @@ class _Context:
         joint = {} if jq is None else dict(joint_q=jq, joint_k=jk, joint_v=jv, joint_strategy=strategy)
         if self.stale is not None and self.size > 1:
             return self.stale.attention((name, self.slot), q, k, v, **joint)
-        return streamattn.attention(q, k, v, self.group, **joint, **self.attention_kwargs)
+        training = self.size > 1 and jq is not None and torch.is_grad_enabled()
+        if training:
+            # The text stream is replicated, so its gradients are per-rank shares that add up to
+            # the full gradient (what all_reduce_gradients expects); streamattn's op takes and
+            # returns full joint gradients. Convert at its boundary.
+            joint.update(joint_q=_ShareGrad.apply(self, jq), joint_k=_ShareGrad.apply(self, jk),
+                         joint_v=_ShareGrad.apply(self, jv))
+        res = streamattn.attention(q, k, v, self.group, **joint, **self.attention_kwargs)
+        if training:
+            res = (res[0], _SumGrad.apply(self, res[1]))
+        return res
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c, x):
+        ctx.c, ctx.sl = c, c.local_slice()
+        return c._gather(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g[:, ctx.sl]
+
+
+class _ShareGrad(torch.autograd.Function):
+    """Identity; backward: a full (identical on every rank) gradient -> this rank's 1/P share."""
+
+    @staticmethod
+    def forward(ctx, c, x):
+        ctx.size = c.size
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g / ctx.size
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity; backward: the ranks' shares of a replicated tensor's gradient summed (in rank
+    order, so every rank gets the identical full gradient)."""
+
+    @staticmethod
+    def forward(ctx, c, x):
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, _sum_over_group(ctx.c, g)
+
+
+def _sum_over_group(c, t):
+    from ..api import _transport
+
+    parts = _transport(c.group).all_gather(t.contiguous(), range(c.size), TAG_GRAD)
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def all_reduce_gradients(transformer):
+    """Training with a parallelized transformer: after loss.backward() on every rank (each rank's
+    loss computed from the full, gathered output), sum the parameter gradients over the group so
+    every rank holds the full gradient, identical everywhere; then step the optimizer. (Each
+    rank's gradients are its share: its image tokens, and 1/P of the replicated text stream.)"""
+    ctx = getattr(transformer, "_streamattn_ctx", None)
+    if ctx is None:
+        raise ValueError("all_reduce_gradients: the transformer is not parallelized")
+    if ctx.size == 1:
+        return transformer
+    params = [p for p in transformer.parameters() if p.grad is not None]
+    if params:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        total = _sum_over_group(ctx, flat)
+        i = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(total[i : i + n].view_as(p.grad))
+            i += n
+    return transformer
 
 
 # ---------------------------------------------------------------------------------- processors

@@ -1,0 +1,265 @@
+"""`streamattn.attention` as a registered torch op: exact gradients and torch.compile.
+
+Two custom ops (torch.library.custom_op), both opaque to torch.compile, with fake (meta)
+implementations so dynamo traces through them with symbolic sequence lengths:
+
+    streamattn::attention(q, k, v, jq?, jk?, jv?, group_id, causal, scale, joint_strategy,
+                          algorithm, ulysses_degree, ring_degree, zigzag) -> (out, jout, lse, jlse)
+    streamattn::attention_backward(dout, djout?, q, k, v, jq?, jk?, jv?, out, jout?, lse, jlse?,
+                                   <same options>) -> (dq, dk, dv, djq, djk, djv)
+
+Tensors are bshd: q [B, S_local, H, D], k, v [B, S_local, Hk, D], joint [B, T, H|Hk, D]; lse
+[B, H, S_local] and jlse [B, H, T] in the accumulation dtype (float32; float64 for float64). A
+missing joint gives empty jout / jlse / djq / djk / djv. The process group travels as an int
+(`group_id`, a registry of the groups this process has seen; 0 is the default group), because a
+ProcessGroup cannot be an op argument.
+
+The first-call metadata exchange, the agreement check and the plan happen inside the eager
+implementations (cached per shape by streamattn.api.plan_call), so the traced graph holds only
+the op, and a new sequence length costs one exchange, not a recompile per value.
+
+Gradients: Ulysses runs the reverse all-to-alls around one local backward
+(algorithms.ulysses_backward); every other algorithm the ring schedule of algorithms.ring_backward
+over the whole group (rank order or the zigzag layout), using the forward's final LSE (torus,
+whose forward does not return the LSE, recomputes (out, lse) with the ring forward first). Joint tokens: the gradient of the
+joint output must be the same full gradient on every rank (as when everything after the
+attention is replicated), and the joint inputs' gradients come back full and identical on every
+rank. `stale_kv` has no backward (it raises when a gradient is required).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import algorithms, api
+from .algorithms.ring_backward import local_backward, ring_backward
+from .algorithms.ulysses_backward import ulysses_backward
+from .merge import acc_dtype
+from .validate import check_local
+
+__all__ = ["attention", "group_id"]
+
+_groups: dict = {}  # id -> group (0: the default group)
+
+
+@torch.compiler.assume_constant_result
+def group_id(group) -> int:
+    """The int standing for `group` in the op's arguments (registered on first use)."""
+    if group is None:
+        return 0
+    for gid, g in _groups.items():
+        if g is group:
+            return gid
+    gid = len(_groups) + 1
+    _groups[gid] = group
+    return gid
+
+
+def _group(gid: int):
+    return None if gid == 0 else _groups[gid]
+
+
+def _group_size(group) -> int:
+    if group is None:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size(group)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
+              joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
+              seq_layout="contiguous"):
+    """streamattn.attention (see streamattn.api.attention for the arguments and shapes). With an
+    input that requires grad, or inside torch.compile, it runs as the registered op
+    streamattn::attention (exact backward; traceable with fullgraph=True); otherwise, and with
+    stale_kv, as the plain eager call."""
+    kw = dict(layout=layout, causal=causal, scale=scale, joint_q=joint_q, joint_k=joint_k,
+              joint_v=joint_v, joint_strategy=joint_strategy, algorithm=algorithm,
+              ulysses_degree=ulysses_degree, ring_degree=ring_degree, seq_layout=seq_layout)
+    compiling = torch.compiler.is_compiling()
+    if stale_kv is not None or not (compiling or _needs_grad(q, k, v, joint_q, joint_k, joint_v)):
+        return api.attention(q, k, v, group, stale_kv=stale_kv, layer=layer, **kw)
+    err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
+                      algorithm, ulysses_degree, ring_degree)
+    if err:
+        if compiling:
+            raise ValueError(f"streamattn.attention: {err}")
+        with torch.no_grad():  # the eager path raises the same error on every rank
+            return api.attention(q, k, v, group, **kw)
+    causal = api.causal_mode(causal, seq_layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if joint is not None:
+            joint = tuple(t.transpose(1, 2) for t in joint)
+    jq, jk, jv = joint if joint is not None else (None, None, None)
+    out, jout, _, _ = torch.ops.streamattn.attention(
+        q, k, v, jq, jk, jv, group_id(group), bool(causal), float(scale), joint_strategy,
+        algorithm, ulysses_degree or 0, ring_degree or 0, causal == "zigzag")
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+        jout = jout.transpose(1, 2) if joint is not None else jout
+    return out if joint is None else (out, jout)
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+@torch.library.custom_op("streamattn::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Optional[Tensor],
+                  jv: Optional[Tensor], group_id: int, causal: bool, scale: float,
+                  joint_strategy: str, algorithm: str, ulysses_degree: int,
+                  ring_degree: int, zigzag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    group = _group(group_id)
+    joint = None if jq is None else (jq, jk, jv)
+    if _group_size(group) == 1:
+        out, jout, lse, jlse = algorithms.attend(q, k, v, scale=scale, causal=causal, joint=joint,
+                                                 joint_strategy=joint_strategy, with_lse=True)
+    else:
+        transport, problem, plan = _planned(group, q, k, v, joint, causal, scale, joint_strategy,
+                                            algorithm, ulysses_degree, ring_degree, zigzag)
+        out, jout, lse, jlse = _forward(plan, transport, problem, q, k, v, joint)
+    return _outputs(q, jq, out, jout, lse, jlse)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, jq, jk, jv, group_id, causal, scale, joint_strategy, algorithm,
+                    ulysses_degree, ring_degree, zigzag):
+    B, S, H, D = q.shape
+    adt = acc_dtype(q.dtype)
+    out = q.new_empty((B, S, H, D))
+    lse = q.new_empty((B, H, S), dtype=adt)
+    if jq is None:
+        return out, q.new_empty((0,)), lse, q.new_empty((0,), dtype=adt)
+    T = jq.shape[1]
+    return out, q.new_empty((B, T, H, D)), lse, q.new_empty((B, H, T), dtype=adt)
+
+
+def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u, r, zigzag):
+    causal = "zigzag" if zigzag and causal else causal
+    err = check_local(q, k, v, "bshd", causal, scale, *(joint or (None, None, None)),
+                      joint_strategy, algorithm, u or None, r or None)
+    return api.plan_call(group, err, q, k, "bshd", causal, scale, joint, joint_strategy, algorithm,
+                         u or None, r or None)
+
+
+def _forward(plan, transport, problem, q, k, v, joint):
+    """The plan's algorithm, with the final LSEs (torus: NaN placeholders, see the backward)."""
+    me = transport.rank
+    if problem.zigzag:
+        return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint, with_lse=True)
+    if plan.algorithm == "ulysses":
+        return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
+                                            members=plan.ulysses_group(me), with_lse=True)
+    if plan.algorithm == "ring":
+        return algorithms.ring_attention(transport, problem, q, k, v, joint,
+                                         members=plan.ring_group(me), with_lse=True)
+    if plan.algorithm == "usp":
+        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan, with_lse=True)
+    if plan.algorithm == "torus":
+        out, jout = algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
+        B, S, H, _ = q.shape
+        lse = torch.full((B, H, S), float("nan"), dtype=acc_dtype(q.dtype), device=q.device)
+        jlse = None if joint is None else torch.full((B, H, joint[0].shape[1]), float("nan"),
+                                                     dtype=lse.dtype, device=q.device)
+        return out, jout, lse, jlse
+    raise AssertionError(f"no algorithm for {plan}")
+
+
+def _outputs(q, jq, out, jout, lse, jlse):
+    """Fresh contiguous tensors (a custom op's outputs may not alias its inputs or each other)."""
+    adt = acc_dtype(q.dtype)
+    res = [out.to(q.dtype).contiguous().clone(), None, lse.to(adt).contiguous().clone(), None]
+    if jq is None:
+        res[1], res[3] = q.new_empty((0,)), q.new_empty((0,), dtype=adt)
+    else:
+        res[1], res[3] = jout.to(q.dtype).contiguous().clone(), jlse.to(adt).contiguous().clone()
+    return tuple(res)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("streamattn::attention_backward", mutates_args=())
+def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                 jq: Optional[Tensor], jk: Optional[Tensor], jv: Optional[Tensor], out: Tensor,
+                 jout: Optional[Tensor], lse: Tensor, jlse: Optional[Tensor], group_id: int,
+                 causal: bool, scale: float, joint_strategy: str, algorithm: str,
+                 ulysses_degree: int, ring_degree: int, zigzag: bool) -> tuple[Tensor, Tensor, Tensor,
+                                                                               Tensor, Tensor, Tensor]:
+    group = _group(group_id)
+    joint = None if jq is None else (jq, jk, jv)
+    if _group_size(group) == 1:
+        dq, dk, dv, jg = local_backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
+                                        joint=None if joint is None else (djout, jq, jk, jv, jout, jlse),
+                                        joint_strategy=joint_strategy)
+    else:
+        transport, problem, plan = _planned(group, q, k, v, joint, causal, scale, joint_strategy,
+                                            algorithm, ulysses_degree, ring_degree, zigzag)
+        if plan.algorithm == "torus" and not problem.zigzag:
+            # the torus forward does not return the LSE: recompute (out, lse) with the ring
+            out, jout, lse, jlse = algorithms.ring_attention(transport, problem, q, k, v, joint,
+                                                             with_lse=True)
+        jargs = None if joint is None else (djout, jq, jk, jv, jout, jlse)
+        if plan.algorithm == "ulysses" and not problem.zigzag:
+            dq, dk, dv, jg = ulysses_backward(transport, problem, dout, q, k, v, out, lse, joint=jargs,
+                                              members=plan.ulysses_group(transport.rank))
+        else:
+            dq, dk, dv, jg = ring_backward(transport, problem, dout, q, k, v, out, lse, joint=jargs)
+    if jg is None:
+        empty = q.new_empty((0,))
+        return (dq.contiguous().clone(), dk.contiguous().clone(), dv.contiguous().clone(),
+                empty, empty.clone(), empty.clone())
+    return tuple(x.contiguous().clone() for x in (dq, dk, dv) + tuple(jg))
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, djout, q, k, v, jq, jk, jv, out, jout, lse, jlse, group_id, causal, scale,
+                   joint_strategy, algorithm, ulysses_degree, ring_degree, zigzag):
+    grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+    if jq is None:
+        grads += [q.new_empty((0,)) for _ in range(3)]
+    else:
+        grads += [jq.new_empty(jq.shape), jk.new_empty(jk.shape), jv.new_empty(jv.shape)]
+    return tuple(grads)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, jq, jk, jv = inputs[:6]
+    out, jout, lse, jlse = output
+    ctx.has_joint = jq is not None
+    ctx.options = tuple(inputs[6:])
+    if ctx.has_joint:
+        ctx.save_for_backward(q, k, v, jq, jk, jv, out, jout, lse, jlse)
+    else:
+        ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, dout, djout, _dlse, _djlse):
+    if ctx.has_joint:
+        q, k, v, jq, jk, jv, out, jout, lse, jlse = ctx.saved_tensors
+        if djout is None:
+            djout = torch.zeros_like(jout)
+    else:
+        q, k, v, out, lse = ctx.saved_tensors
+        jq = jk = jv = jout = jlse = djout = None
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, djq, djk, djv = torch.ops.streamattn.attention_backward(
+        dout.contiguous(), None if djout is None else djout.contiguous(), q, k, v, jq, jk, jv, out,
+        jout, lse, jlse, *ctx.options)
+    if not ctx.has_joint:
+        djq = djk = djv = None
+    return (dq, dk, dv, djq, djk, djv) + (None,) * len(ctx.options)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
