@@ -3,13 +3,14 @@
     torch    two-sided torch.distributed point-to-point (gloo, NCCL): any peers
     shm      one-sided puts into POSIX shared memory for the ranks of one node (CPU), torch for the rest
     nvshmem  one-sided puts with NVSHMEM for the ranks of one node (GPU), torch for the rest
+    inorder  torch with NCCL's ordering emulated on gloo (tests: catches NCCL deadlocks on CPU)
 """
 import os
 
 from .base import ByteCounters, Pending, Transport
 from .torch_dist import TorchTransport
 
-NAMES = ("torch", "shm", "nvshmem")
+NAMES = ("torch", "shm", "nvshmem", "inorder")
 
 
 def choose_transport(base, problem) -> str:
@@ -43,6 +44,10 @@ def make_transport(name, base):
         from .onesided import OneSidedTransport
 
         return OneSidedTransport(base, NvshmemHeap)
+    if name == "inorder":
+        from .inorder import InOrderTransport
+
+        return InOrderTransport(base)
     raise ValueError(f"unknown transport {name!r}")
 
 
