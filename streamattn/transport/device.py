@@ -97,6 +97,18 @@ class HostOps:
         return True
 
 
+def _stream_handle(device) -> int:
+    """cudaStream_t of torch's current stream (a hook: the CPU tests of NvshmemDeviceOps fake it)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _record_event(device):
+    """A CUDA event recorded on the current stream (hook, as _stream_handle)."""
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
 class NvshmemDeviceOps:
     """The protocol's steps as csrc/ kernels on the current CUDA stream (GPU; see csrc/exchange.h)."""
 
@@ -110,7 +122,7 @@ class NvshmemDeviceOps:
         self.my_box = heap.data_tensor[self.me * D * S : (self.me + 1) * D * S]  # symmetric view
 
     def _stream(self):
-        return torch.cuda.current_stream(self.heap.device).cuda_stream
+        return _stream_handle(self.heap.device)
 
     def put_chunk(self, p, src, step):
         D, me = DEPTH, self.me
@@ -126,9 +138,7 @@ class NvshmemDeviceOps:
         self.ext.ring_release(self.ack_sig[me * D : (me + 1) * D], step, D, self.heap.pes[p], s)
 
     def record(self):
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.heap.device))
-        return ev
+        return _record_event(self.heap.device)
 
     @staticmethod
     def done(token) -> bool:
