@@ -7,8 +7,9 @@ import pytest
 
 CASES = "streamattn.testing.cases:check_attention"
 # emulated topology -> ranks: 2x2 (torus t=2), 4x2 (t=4: several torus groups), 2x4 (u=4 on 8
-# ranks, the trigger), 4x1 (one rank per node: torus over single-rank groups)
-SPECS = {"2x2": 4, "4x1": 4, "2x4": 8, "4x2": 8}
+# ranks, the trigger), 3x1 and 4x1 (one rank per node: torus over t = 3 or 4 single-rank
+# groups; t = 3 is where a pairwise out-exchange order would form a cycle)
+SPECS = {"2x2": 4, "3x1": 3, "4x1": 4, "2x4": 8, "4x2": 8}
 SCENARIOS = {
     "gqa_joint_rear_b2": dict(heads=24, kv_heads=8, batch=2, joint_len=5, joint_strategy="rear"),
     "causal_gqa": dict(heads=24, kv_heads=6, causal=True),
