@@ -175,3 +175,22 @@ def test_transport_not_used_after_its_first_error(monkeypatch):
     # NCCL itself failing stops every other transport too
     broken.mark("torch", "NCCL watchdog fired")
     assert "NCCL (torch) failed earlier" in broken.reason("inorder")
+
+
+def test_prebuild_failure_drops_nvshmem_device(monkeypatch):
+    import types
+
+    import torch.distributed as dist
+
+    mod = _load()
+
+    def fail():
+        raise RuntimeError("the NVSHMEM extension needs a CUDA GPU")
+
+    monkeypatch.setattr(mod, "_csrc_build", lambda: types.SimpleNamespace(load_extension=fail))
+    monkeypatch.setattr(mod, "_gather", lambda obj, group: [obj])
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
+    res, broken = mod.Results(echo=False), mod.Broken()
+    mod.prebuild_extension(res, 0, None, broken, seconds=60)
+    assert res.rows[-1]["status"] == "ERROR" and "CUDA GPU" in res.rows[-1]["detail"]
+    assert "CUDA GPU" in broken.reason("nvshmem-device") and broken.reason("nvshmem") is None
