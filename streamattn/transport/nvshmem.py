@@ -458,6 +458,8 @@ def finalize():
     """Finalise NVSHMEM in this process (collective; call after closing every heap, before exit)."""
     st = _proc_state()
     if st["initialised"]:
+        if st["ext"] is not None:  # the csrc module initialised NVSHMEM once more (reference-counted)
+            st["ext"].finalize()
         _core().finalize()
         st.update(initialised=False, uid_hex=None, pe=None, npes=None, ext=None)
 
