@@ -104,6 +104,12 @@ class _TorusRank:
             self.sends.append(self.tr.exchange([(self.peers[blk.j], payload)], recvs, tag))
 
 
+def use_paired_outputs(flag: bool) -> None:
+    """Tests only: False restores the pre-fix output posting order (the negative control of
+    tests/test_inorder.py, which hangs on NCCL); True is the only correct setting."""
+    _TorusRank.paired_outputs = bool(flag)
+
+
 def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
     """q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]; joint: None or (jq, jk, jv) replicated.
     plan: Plan(algorithm="torus", ulysses_degree=u, torus_degree=t, ring_degree=r) whose groups

@@ -12,7 +12,7 @@ def legacy_torus(rank, world_size, **kw):
     in-order transport it must end in PeerTimeoutError, never in a result."""
     from ..algorithms import torus
 
-    torus._TorusRank.paired_outputs = False
+    torus.use_paired_outputs(False)
     t0 = time.monotonic()
     try:
         res = check_attention(rank, world_size, algorithm="torus", **kw)
@@ -20,4 +20,4 @@ def legacy_torus(rank, world_size, **kw):
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         return {"type": type(exc).__name__, "error": str(exc)[:600], "seconds": time.monotonic() - t0}
     finally:
-        torus._TorusRank.paired_outputs = True
+        torus.use_paired_outputs(True)
