@@ -58,7 +58,11 @@ setup(
         # triton: the interpreter tests were written against 3.9 (its bf16 tl.dot is broken there).
         "test": ["pytest>=7", "pytest-timeout", "triton==3.9.0; platform_machine=='x86_64'",
                  "diffusers>=0.42"],
+        # gpu = gpu-cu13. The NVSHMEM wheel must match torch's CUDA major (and CUDA 13 needs driver
+        # >= 580): `python bench/gpu_check.py` prints which one this box needs.
         "gpu": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
+        "gpu-cu13": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
+        "gpu-cu12": ["flash-attn", "nvshmem4py-cu12==0.4.1", "nvidia-ml-py"],
         "bench": ["matplotlib", "rich", "tqdm"],
         "diffusers": ["diffusers>=0.42"],
     },

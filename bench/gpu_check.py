@@ -1,28 +1,37 @@
 #!/usr/bin/env python
 """The one script to run on the first GPU box: is streamattn correct (and how fast) on real GPUs?
 
-    python bench/gpu_check.py                                  # one GPU: kernels
-    torchrun --nproc-per-node 8 bench/gpu_check.py             # + every algorithm on NCCL and NVSHMEM
+    python bench/gpu_check.py --json gpu_check.json   # every GPU of the box (spawns one rank per GPU)
 
-Single GPU (rank 0 only):
+It prints the environment first (GPUs, driver, CUDA, torch, NCCL, nvshmem4py, flash-attn, triton
+and which NVSHMEM wheel fits: cu12 or cu13), then one row per check AS SOON AS IT IS MEASURED, and
+rewrites the JSON (atomically) after every row: a run killed or hung half-way keeps every row so far.
+
+Single GPU (rank 0):
   * every local kernel backend of streamattn.kernels that can run here (flash-attn if installed,
     torch-flash, torch-efficient, triton, math; cpu-flash is CPU-only) forced through
     STREAMATTN_KERNEL, fp16 / bf16 / fp32 where the backend takes that dtype, against a float64
     reference of the LSE contract: natural-log LSE in float32, GQA, causal masks with global
-    offsets, including rows that see no key (out exactly 0, lse exactly -inf);
+    offsets, odd key lengths, rows that see no key (out exactly 0, lse exactly -inf);
   * the Triton merge and pack/unpack kernels against their torch references.
-Multi-GPU (torchrun, WORLD_SIZE > 1):
-  * every algorithm (ulysses, ring, usp, torus, auto) on NCCL (STREAMATTN_TRANSPORT=torch) and on
-    NVSHMEM (=nvshmem) against the float64 reference of the whole sequence (uneven shards, GQA,
-    joint text tokens, causal), errors max|out - ref| / max|ref| over every rank;
+Several GPUs (one rank per GPU; NCCL refuses two ranks on one GPU, so a 1-GPU box runs the checks
+above only):
+  * every algorithm (ulysses, ring, usp, torus, auto) on each transport (torch = NCCL, nvshmem,
+    nvshmem-device = the csrc/ kernels) against the float64 reference of the whole sequence
+    (uneven shards, GQA, joint text tokens, causal), max|out - ref| / max|ref| over every rank;
   * a short bench: median latency (max over ranks per call) of every algorithm on each transport.
-Prints a PASS / FAIL / N/A table and exits 1 if anything failed (N/A: the library refused the
+Every case is bounded: peer waits end after --case-timeout / 2 (STREAMATTN_TIMEOUT_S, naming the
+peer) and a watchdog ends the run after --case-timeout (row TIMEOUT; rows so far are kept). A
+transport is not used again after its first error (later rows SKIP): after a failed exchange its
+ranks' NCCL order or one-sided sequence numbers no longer agree. If NCCL itself (torch) failed, the
+remaining distributed checks are skipped. At the end heaps are closed, NVSHMEM is finalised and the
+process group destroyed. Exit 1 if anything FAILed or ERRORed (N/A: the library refused the
 configuration with a ValueError, e.g. heads not divisible; shown with its reason, not a failure).
 With no GPU visible it prints a message and exits 0: it never runs in CPU CI.
 
---cpu-selftest runs the same code paths on CPU (cpu-flash / math kernels, gloo, torch / shm
-transports) so the script itself is tested without a GPU; it proves nothing about GPUs.
-Options: --transports torch,nvshmem  --algorithms ...  --no-bench  --bench-seq 4096 ...  --json out.json
+--cpu-selftest runs the same code paths on CPU (cpu-flash / math kernels, gloo, the torch, shm,
+inorder and shm-device transports) so the script itself is tested without a GPU; it proves nothing
+about GPUs. Options: --transports ... --algorithms ... --no-bench --bench-seq 4096 --json out.json
 """
 from __future__ import annotations
 
@@ -32,7 +41,10 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 
@@ -52,26 +64,153 @@ KERNEL_CASES = (
     ("gqa-causal-offset", 1, 8, 2, 128, 160, 128, True, 512, 384),
     ("causal-dead-rows", 1, 4, 4, 96, 64, 64, True, 100, 130),
     ("causal-all-dead", 1, 4, 4, 64, 64, 64, True, 0, 200),
+    ("causal-odd-keys", 1, 4, 2, 77, 131, 64, True, 300, 250),  # Sk % 8 != 0: bias alignment
+    ("causal-square-odd", 1, 4, 4, 99, 99, 64, True, 0, 0),     # fp32 causal, odd length
 )
 
 
 class Results:
-    def __init__(self):
+    """Rows printed as soon as they are added (rank 0) and the JSON rewritten atomically after each
+    one, so a run that is killed or hangs keeps everything measured so far."""
+
+    WIDTH = 46
+
+    def __init__(self, json_path=None, echo=True):
         self.rows = []  # dicts: section, check, status, detail
+        self.env = {}
+        self.json_path = json_path
+        self.echo = echo
+        self.code = None
 
     def add(self, section, check, status, detail=""):
-        self.rows.append({"section": section, "check": check, "status": status, "detail": detail})
+        row = {"section": section, "check": check, "status": status, "detail": detail}
+        self.rows.append(row)
+        if self.echo and len(self.rows) == 1:
+            print(f"{'section':<8} {'check':<{self.WIDTH}} {'status':<6} detail", flush=True)
+        if self.echo:
+            print(f"{section:<8} {check:<{self.WIDTH}} {status:<6} {detail}", flush=True)
+        self.save()
+
+    def save(self):
+        if not self.json_path:
+            return
+        path = os.path.abspath(self.json_path)
+        fd, tmp = tempfile.mkstemp(prefix=".gpu_check.", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
+                json.dump({"code": self.code, "complete": self.code is not None, "env": self.env,
+                           "rows": self.rows}, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @property
     def failed(self):
-        return [r for r in self.rows if r["status"] in ("FAIL", "ERROR")]
+        return [r for r in self.rows if r["status"] in ("FAIL", "ERROR", "TIMEOUT")]
 
-    def table(self):
-        w = max([len(r["check"]) for r in self.rows] + [5])
-        lines = [f"{'section':<8} {'check':<{w}} {'status':<6} detail"]
-        for r in self.rows:
-            lines.append(f"{r['section']:<8} {r['check']:<{w}} {r['status']:<6} {r['detail']}")
-        return "\n".join(lines)
+    def summary(self):
+        counts = {s: sum(r["status"] == s for r in self.rows)
+                  for s in ("PASS", "FAIL", "ERROR", "TIMEOUT", "SKIP", "N/A")}
+        return f"{len(self.rows)} checks: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+
+class Watchdog:
+    """Ends the process if one case runs longer than `seconds` (a hang inside a kernel or a
+    collective that no timeout reaches): records a TIMEOUT row first, so the JSON keeps it."""
+
+    def __init__(self, res, seconds):
+        self.res, self.seconds = res, seconds
+        self.timer = None
+
+    def __call__(self, section, check):
+        self.cancel()
+        if self.seconds and self.seconds > 0:
+            self.timer = threading.Timer(self.seconds, self._fire, args=(section, check))
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+
+    def cancel(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self, section, check):
+        try:
+            self.res.code = 124
+            self.res.add(section, check, "TIMEOUT", f"no result after {self.seconds:.0f}s: ending the run "
+                         "(rows so far are kept)")
+        finally:
+            sys.stdout.flush()
+            os._exit(124)
+
+
+def environment(device, world):
+    """What the box runs: printed first and stored in the JSON."""
+    import torch
+
+    env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "world": world,
+           "python": sys.version.split()[0]}
+    try:
+        import streamattn
+
+        env["streamattn"] = getattr(streamattn, "__version__", "?")
+    except Exception as exc:  # noqa: BLE001
+        env["streamattn"] = f"import failed: {exc}"
+    from importlib import metadata
+
+    for dist_name in ("nvshmem4py-cu13", "nvshmem4py-cu12", "nvidia-nvshmem-cu13",
+                      "nvidia-nvshmem-cu12", "flash-attn", "flash_attn", "triton", "cuda-core"):
+        try:
+            env[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            pass
+    from streamattn.transport import nvshmem as nv
+
+    env["driver"] = nv.driver_version()
+    flavour, why = nv.nvshmem_flavour()
+    env["nvshmem_wheel_needed"] = flavour
+    env["nvshmem_wheel_reason"] = why
+    env["nvshmem_wheel_installed"] = nv.installed_flavour()
+    if device.type == "cuda":
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        try:
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:  # noqa: BLE001
+            pass
+    return env
+
+
+def print_environment(env):
+    print("gpu_check environment:", flush=True)
+    for k, v in env.items():
+        print(f"  {k:<24} {v}", flush=True)
+
+
+def check_environment(res, env, device):
+    """Rows for what would make the first GPU run fail before any kernel: the NVSHMEM wheel."""
+    if device.type != "cuda":
+        res.add("env", "nvshmem wheel (cu12/cu13)", "N/A",
+                f"CPU self-test; this box would need: {env['nvshmem_wheel_reason']}")
+        return
+    need, have = env["nvshmem_wheel_needed"], env["nvshmem_wheel_installed"]
+    if need is None:
+        res.add("env", "nvshmem wheel (cu12/cu13)", "FAIL", env["nvshmem_wheel_reason"])
+    elif have is None:
+        res.add("env", "nvshmem wheel (cu12/cu13)", "N/A", f"none installed; {env['nvshmem_wheel_reason']}")
+    elif have != need:
+        res.add("env", "nvshmem wheel (cu12/cu13)", "FAIL",
+                f"nvshmem4py-{have} installed but {env['nvshmem_wheel_reason']}")
+    else:
+        res.add("env", "nvshmem wheel (cu12/cu13)", "PASS", env["nvshmem_wheel_reason"])
 
 
 def _short(exc):
@@ -126,7 +265,7 @@ def _restore_env(name, saved):
         os.environ[name] = saved
 
 
-def check_kernels(res, device, dtypes, backends):
+def check_kernels(res, device, dtypes, backends, watch=None):
     import torch
 
     from streamattn import kernels
@@ -149,6 +288,8 @@ def check_kernels(res, device, dtypes, backends):
                 tol_out, tol_lse = KERNEL_TOL[dname]
                 for name, B, Hq, Hk, Sq, Sk, D, causal, qo, ko in KERNEL_CASES:
                     check = f"{backend} {dname} {name}"
+                    if watch is not None:
+                        watch("kernel", check)
                     try:
                         q = torch.randn(B, Hq, Sq, D, generator=gen).to(device, dt)
                         k = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
@@ -186,11 +327,13 @@ def check_kernels(res, device, dtypes, backends):
                     except Exception as exc:  # noqa: BLE001 - reported in the table
                         res.add("kernel", check, "ERROR", _short(exc))
     finally:
+        if watch is not None:
+            watch.cancel()
         _restore_env("STREAMATTN_KERNEL", saved)
         kernels.select_backend.cache_clear()
 
 
-def check_triton_helpers(res, device):
+def check_triton_helpers(res, device, watch=None):
     import torch
 
     from streamattn import triton_kernels as tk
@@ -204,6 +347,8 @@ def check_triton_helpers(res, device):
         return torch.randn(*shape, generator=gen).to(device, dt)
 
     def run(name, fn):
+        if watch is not None:
+            watch("triton", name)
         try:
             msg = fn()
             torch.cuda.synchronize(device)
@@ -268,6 +413,44 @@ def check_triton_helpers(res, device):
     run("merge_ vs merge_reference (fp32/bf16/fp16 blocks, -inf rows)", merge)
     run("pack/unpack heads+seq vs references (bit-exact)", pack)
     run("attention_fwd block-edge causal masks", attention_blocks)
+    if watch is not None:
+        watch.cancel()
+
+
+def check_single_rank(res, device, watch=None):
+    """streamattn.attention in one process (no process group: the local path every rank of a
+    group of one takes), causal and joint tokens, against the float64 reference."""
+    import torch
+
+    import streamattn
+    from streamattn.reference import reference_attention
+
+    gen = torch.Generator().manual_seed(5)
+    for dname in ("float32", "bfloat16") if device.type == "cuda" else ("float32",):
+        dt = getattr(torch, dname)
+        for name, causal, T in (("causal", True, 0), ("joint", False, 13)):
+            check = f"local {dname} {name}"
+            if watch is not None:
+                watch("local", check)
+            try:
+                q, k, v = (torch.randn(1, 203, 8, 64, generator=gen, dtype=torch.float64) for _ in range(3))
+                kw = {}
+                if T:
+                    j = [torch.randn(1, T, 8, 64, generator=gen, dtype=torch.float64) for _ in range(3)]
+                    kw = dict(joint_q=j[0], joint_k=j[1], joint_v=j[2])
+                ref = reference_attention(q, k, v, causal=causal, **kw)
+                ref = ref[0] if T else ref
+                args = [t.to(device, dt) for t in (q, k, v)]
+                out = streamattn.attention(*args, causal=causal,
+                                           **{n: t.to(device, dt) for n, t in kw.items()})
+                out = out[0] if T else out
+                err = float((out.double().cpu() - ref).abs().max() / ref.abs().max())
+                tol = DIST_TOL[dname]
+                res.add("local", check, "PASS" if err <= tol else "FAIL", f"max err {err:.2e} (tol {tol:.0e})")
+            except Exception as exc:  # noqa: BLE001
+                res.add("local", check, "ERROR", _short(exc))
+    if watch is not None:
+        watch.cancel()
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -314,14 +497,38 @@ def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_di
 
 
 def _gather(obj, group):
+    """Every rank's JSON-able `obj`, in rank order (JSON over a uint8 all-gather: no pickle)."""
+    import torch
     import torch.distributed as dist
 
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    data = json.dumps(obj).encode()
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n, group=group)
+    width = int(max(int(x) for x in sizes))
+    buf = torch.zeros(width, dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    outs = [torch.zeros(width, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(outs, buf, group=group)
+    return [json.loads(bytes(o[: int(k)].tolist()).decode()) for o, k in zip(outs, sizes)]
 
 
-def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo):
+class Broken:
+    """Transports that failed once: never used again in this run (see the module docstring)."""
+
+    def __init__(self):
+        self.why = {}
+
+    def mark(self, transport, text):
+        self.why.setdefault(transport, text)
+
+    def reason(self, transport):
+        if "torch" in self.why and transport != "torch":
+            return f"NCCL (torch) failed earlier: {self.why['torch']}"
+        return self.why.get(transport)
+
+
+def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo, broken, watch=None):
     from streamattn import api
 
     saved = os.environ.get("STREAMATTN_TRANSPORT")
@@ -329,13 +536,15 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
         for transport in transports:
             os.environ["STREAMATTN_TRANSPORT"] = transport
             api._plans.clear()  # the plan records the transport chosen at its first call
-            errors_in_a_row = 0
             for algorithm in algorithms:
                 for name, kw in _dist_cases(world, dtype):
                     check = f"{transport:<7} {algorithm:<7} {name}"
-                    if errors_in_a_row >= 3:
-                        res.add("dist", check, "ERROR", "skipped: this transport failed 3 times in a row")
+                    why = broken.reason(transport)
+                    if why:
+                        res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
                         continue
+                    if watch is not None:
+                        watch("dist", check)
                     t0 = time.monotonic()
                     try:
                         mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
@@ -355,19 +564,21 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
                         res.add("dist", check, "PASS" if ok else "FAIL",
                                 f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
                                 + ("" if used == [transport] else f"; plan used transport {used}"))
-                        errors_in_a_row = 0
                     elif all(k == "na" for k, _ in allr):
                         res.add("dist", check, "N/A", allr[0][1])
                     else:
                         bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
-                        res.add("dist", check, "ERROR", f"rank {bad[0][0]}: {bad[0][1]}")
-                        errors_in_a_row += 1
+                        text = f"rank {bad[0][0]}: {bad[0][1]}"
+                        res.add("dist", check, "ERROR", text)
+                        broken.mark(transport, text)
     finally:
+        if watch is not None:
+            watch.cancel()
         _restore_env("STREAMATTN_TRANSPORT", saved)
         api._plans.clear()
 
 
-def bench(res, rank, world, device, transports, algorithms, args, gloo):
+def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, watch=None):
     """Median latency per algorithm and transport (each call timed as the slowest rank's)."""
     import torch
     import torch.distributed as dist
@@ -399,6 +610,12 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo):
             api._plans.clear()
             for algorithm in algorithms:
                 check = f"{transport:<7} {algorithm:<7} latency"
+                why = broken.reason(transport)
+                if why:
+                    res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                    continue
+                if watch is not None:
+                    watch("bench", check)
                 times, status = [], "ok"
                 try:
                     for i in range(args.bench_warmup + args.bench_iters):
@@ -413,11 +630,13 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo):
                     status = "na:" + _short(exc)
                 except Exception as exc:  # noqa: BLE001
                     status = "error:" + _short(exc)
-                allr = _gather((status, times), gloo)
+                allr = _gather([status, times], gloo)
                 bad = [s for s, _ in allr if s != "ok"]
                 if bad:
                     kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
                     res.add("bench", check, kind, bad[0].split(":", 1)[1])
+                    if kind == "ERROR":
+                        broken.mark(transport, bad[0].split(":", 1)[1])
                     continue
                 per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
                 plan = str(next(reversed(api._plans.values()))[1]) if api._plans else ""
@@ -425,22 +644,104 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo):
                         f"median {1e3 * statistics.median(per_call):.2f} ms "
                         f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
     finally:
+        if watch is not None:
+            watch.cancel()
         _restore_env("STREAMATTN_TRANSPORT", saved)
         api._plans.clear()
 
 
+def prebuild_extension(res, rank, gloo, broken, seconds=900.0):
+    """Build (or load) the csrc/ extension before the nvshmem-device cases, so a first-time nvcc
+    build is not charged to one case's timeout: rank 0 builds into the shared cache, then the others
+    load it. A failure drops the nvshmem-device transport with the reason."""
+    import torch.distributed as dist
+
+    watch = Watchdog(res, seconds)
+    status = "ok"
+    t0 = time.monotonic()
+    with watch("setup", "csrc extension build/load"):
+        if rank == 0:
+            try:
+                _csrc_build().load_extension()
+            except Exception as exc:  # noqa: BLE001
+                status = _short(exc)
+        status = _gather(status, gloo)[0]
+        if status == "ok" and rank != 0:
+            try:
+                _csrc_build().load_extension()
+            except Exception as exc:  # noqa: BLE001
+                status = _short(exc)
+        everyone = _gather(status, gloo)
+    bad = [f"rank {r}: {x}" for r, x in enumerate(everyone) if x != "ok"]
+    if bad:
+        broken.mark("nvshmem-device", bad[0])
+    res.add("setup", "csrc extension build/load", "ERROR" if bad else "PASS",
+            (bad[0] if bad else f"{time.monotonic() - t0:.0f}s"))
+    dist.barrier(group=gloo)
+
+
+def _csrc_build():
+    """csrc/build.py: installed as streamattn.csrc.build, else by path in a source tree."""
+    import importlib
+    import importlib.util
+
+    try:
+        return importlib.import_module("streamattn.csrc.build")
+    except ImportError:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "build.py")
+        spec = importlib.util.spec_from_file_location("streamattn_csrc_build", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def finalise(res, rank, gloo):
+    """Close every transport this process created (heaps: collective, same order on every rank),
+    finalise NVSHMEM if it was initialised, destroy the process group."""
+    import torch.distributed as dist
+
+    from streamattn import api
+
+    problems = []
+    for name, t in sorted(api.transports(None).items()):
+        close = getattr(t, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{name}: {_short(exc)}")
+    try:
+        from streamattn.transport import nvshmem as nv
+
+        nv.finalize()
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"nvshmem finalize: {_short(exc)}")
+    everyone = _gather(problems, gloo)
+    bad = [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]
+    if rank == 0:
+        res.add("final", "close heaps, finalise NVSHMEM", "ERROR" if bad else "PASS", "; ".join(bad)[:300])
+    dist.barrier(group=gloo)
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------ main
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--cpu-selftest", action="store_true",
                    help="run the script's code paths on CPU (tests the script, not GPUs)")
-    p.add_argument("--transports", default=None, help="default: torch,nvshmem (selftest: torch,shm)")
+    p.add_argument("--transports", default=None,
+                   help="default: torch,nvshmem,nvshmem-device (selftest: torch,shm,inorder,shm-device)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--dtypes", default=None, help="kernel dtypes (default float16,bfloat16,float32)")
     p.add_argument("--dist-dtype", default=None, help="default bfloat16 (selftest float32)")
     p.add_argument("--backends", default=None, help="kernel backends (default: all that apply)")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--no-spawn", action="store_true",
+                   help="do not start one rank per GPU by itself (torchrun users: implied)")
+    p.add_argument("--case-timeout", type=float, default=120.0,
+                   help="seconds one case may take; peer waits end after half of it (default 120)")
     p.add_argument("--bench-seq", type=int, default=4096)
     p.add_argument("--bench-joint", type=int, default=512)
     p.add_argument("--bench-heads", type=int, default=24)
@@ -448,19 +749,31 @@ def parse_args(argv):
     p.add_argument("--bench-dtype", default="bfloat16")
     p.add_argument("--bench-iters", type=int, default=10)
     p.add_argument("--bench-warmup", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write the rows as JSON (rank 0)")
+    p.add_argument("--json", default=None, help="rows as JSON, rewritten after every row (rank 0)")
     return p.parse_args(argv)
 
 
+def _spawn(argv, ngpu):
+    """Re-run this script as one rank per GPU (torch.distributed.run, argument list, no shell)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ngpu}",
+           os.path.abspath(__file__), "--no-spawn", *argv]
+    print(f"gpu_check: {ngpu} GPUs visible: running one rank per GPU: {' '.join(cmd)}", flush=True)
+    return subprocess.run(cmd).returncode
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     import torch
 
     selftest = args.cpu_selftest
     if not selftest and not torch.cuda.is_available():
         print("gpu_check: SKIP - no CUDA GPU visible (torch.cuda.is_available() is False); "
-              "nothing checked. Run it on a GPU box (torchrun --nproc-per-node N for multi-GPU).")
+              "nothing checked. Run it on a GPU box.")
         return 0
+    if (not selftest and "WORLD_SIZE" not in os.environ and not args.no_spawn
+            and torch.cuda.device_count() > 1):
+        return _spawn(argv, torch.cuda.device_count())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -469,50 +782,53 @@ def main(argv=None):
     else:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    os.environ.setdefault("STREAMATTN_TIMEOUT_S", "120")
-    res = Results()
+    # Peer waits end (naming the peer) well before the watchdog ends the whole run.
+    os.environ["STREAMATTN_TIMEOUT_S"] = str(max(5.0, args.case_timeout / 2))
+    res = Results(json_path=args.json if rank == 0 else None, echo=rank == 0)
+    watch = Watchdog(res, args.case_timeout)
     if rank == 0:
-        import streamattn
-
-        print(f"gpu_check: streamattn {getattr(streamattn, '__version__', '?')}, torch {torch.__version__}, "
-              f"{'CPU self-test' if selftest else torch.cuda.get_device_name(device)}, "
-              f"{world} rank(s)", flush=True)
+        res.env = environment(device, world)
+        print_environment(res.env)
+        res.env["mode"] = "CPU self-test" if selftest else "GPU"
+        check_environment(res, res.env, device)
         if not args.no_kernels:
             dtypes = (args.dtypes or ("float32" if selftest else "float16,bfloat16,float32")).split(",")
             backends = (args.backends or ",".join(CPU_BACKENDS if selftest else GPU_BACKENDS)).split(",")
-            check_kernels(res, device, dtypes, backends)
+            check_kernels(res, device, dtypes, backends, watch)
             if not selftest:
-                check_triton_helpers(res, device)
+                check_triton_helpers(res, device, watch)
+        check_single_rank(res, device, watch)
     code = 0
     if world > 1:
         import torch.distributed as dist
 
         dist.init_process_group("gloo" if selftest else "nccl",
-                                timeout=datetime.timedelta(seconds=600))
+                                timeout=datetime.timedelta(seconds=max(60.0, 2 * args.case_timeout)))
         gloo = dist.new_group(backend="gloo") if not selftest else dist.group.WORLD
-        transports = (args.transports or ("torch,shm" if selftest else "torch,nvshmem")).split(",")
+        transports = (args.transports or ("torch,shm,inorder,shm-device" if selftest
+                                          else "torch,nvshmem,nvshmem-device")).split(",")
         algorithms = args.algorithms.split(",")
         dtype = args.dist_dtype or ("float32" if selftest else "bfloat16")
-        check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo)
+        broken = Broken()
+        if "nvshmem-device" in transports:
+            prebuild_extension(res, rank, gloo, broken)
+        check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo, broken, watch)
         if not args.no_bench:
-            bench(res, rank, world, device, transports, algorithms, args, gloo)
-        failed = _gather(len(res.failed), gloo)
-        code = 1 if any(failed) else 0
-        dist.barrier(group=gloo)
-        dist.destroy_process_group()
+            bench(res, rank, world, device, transports, algorithms, args, gloo, broken, watch)
+        with watch("final", "close heaps, finalise NVSHMEM"):
+            failed = _gather(len(res.failed), gloo)
+            finalise(res, rank, gloo)
+        code = 1 if any(failed) or res.failed else 0
     else:
         code = 1 if res.failed else 0
-        if not args.no_bench and rank == 0:
-            res.add("bench", "multi-GPU bench", "N/A", "single process: run under torchrun for it")
+        if rank == 0:
+            res.add("dist", "multi-rank algorithms", "N/A",
+                    "one process: the box has one GPU (NCCL needs one GPU per rank) or --no-spawn "
+                    "without torchrun")
     if rank == 0:
-        print(res.table())
-        n = len(res.rows)
-        counts = {s: sum(r["status"] == s for r in res.rows) for s in ("PASS", "FAIL", "ERROR", "N/A")}
-        print(f"gpu_check: {'FAIL' if code else 'PASS'} - {n} checks: "
-              + ", ".join(f"{v} {k}" for k, v in counts.items()))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"code": code, "rows": res.rows}, f, indent=1)
+        res.code = code
+        res.save()
+        print(f"gpu_check: {'FAIL' if code else 'PASS'} - {res.summary()}", flush=True)
     return code
 
 

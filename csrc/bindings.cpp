@@ -143,8 +143,11 @@ int64_t init_with_uniqueid(const at::Tensor& uid, int64_t rank, int64_t nranks) 
   return ne::init_with_uniqueid(bytes, static_cast<int>(rank), static_cast<int>(nranks));
 }
 
-// A torch tensor on the NVSHMEM symmetric heap; freed with nvshmem_free when the tensor dies.
-// (nvshmem_free is collective: all PEs must drop their tensors in the same order.)
+// A torch tensor on the NVSHMEM symmetric heap. Its deleter does NOT free: nvshmem_free is
+// collective (every PE, same order) and a deleter runs whenever Python's garbage collector drops
+// the last reference, at a different moment on every rank (a hang or heap corruption). Free it
+// explicitly with symmetric_free(tensor) on every PE in the same order; a tensor dropped without
+// it leaks until nvshmem_finalize.
 at::Tensor symmetric_empty(std::vector<int64_t> shape, at::ScalarType dtype, int64_t device) {
   int64_t numel = 1;
   for (int64_t s : shape) numel *= s;
@@ -154,8 +157,14 @@ at::Tensor symmetric_empty(std::vector<int64_t> shape, at::ScalarType dtype, int
               "symmetric_empty: set the current CUDA device to ", device, " first");
   void* ptr = ne::symmetric_malloc(bytes == 0 ? 1 : bytes);
   return torch::from_blob(
-      ptr, shape, [](void* q) { ne::symmetric_free(q); },
+      ptr, shape, [](void*) {},
       at::TensorOptions().dtype(dtype).device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+}
+
+// Collective: every PE calls it for its tensor of the same symmetric_empty call, in the same order.
+void symmetric_free(const at::Tensor& t) {
+  check_cuda_tensor(t, "t");
+  ne::symmetric_free(t.data_ptr());
 }
 
 }  // namespace
@@ -195,6 +204,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("team_translate_pe", &ne::team_translate_pe, py::arg("team"), py::arg("pe"),
         "Team PE index -> world PE.");
   m.def("symmetric_empty", &symmetric_empty, py::arg("shape"), py::arg("dtype"),
-        py::arg("device"), "Uninitialised tensor on the NVSHMEM symmetric heap.");
+        py::arg("device"),
+        "Uninitialised tensor on the NVSHMEM symmetric heap (free it with symmetric_free).");
+  m.def("symmetric_free", &symmetric_free, py::arg("t"),
+        "Collective nvshmem_free of a symmetric_empty tensor (every PE, same order).");
   m.attr("MAX_PEERS") = ne::kMaxPeers;
 }

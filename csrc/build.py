@@ -7,7 +7,8 @@
   ``libnvshmem_host.so.3``. Cached under ``$STREAMATTN_CACHE/ext`` (default ~/.cache/streamattn).
 - ``cuda_extension()``: ``(CUDAExtension, {"build_ext": BuildExtension})`` for setup.py.
 - ``find_nvshmem()``: ``(include_dir, lib_dir)`` of NVSHMEM: ``$NVSHMEM_HOME``, else the installed
-  ``nvidia-nvshmem-cu13`` wheel (a dependency of nvshmem4py-cu13), else the copy unpacked by
+  ``nvidia-nvshmem-cu13`` or ``-cu12`` wheel (a dependency of nvshmem4py-cu13 / -cu12: both install
+  ``nvidia/nvshmem``; it must match torch's CUDA major), else the copy unpacked by
   ``check_compile.sh`` (headers and libnvshmem_device.a only: enough to compile, not to link).
 
 The kernels need a CUDA GPU and an NVSHMEM bootstrap at run time; nothing here runs on CPU-only
@@ -58,7 +59,8 @@ def find_nvshmem(require_host_lib=True):
         return inc, lib
     what = "headers, libnvshmem_device.a" + (" and libnvshmem_host.so" if require_host_lib else "")
     raise RuntimeError(
-        f"NVSHMEM not found (need {what}): pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME; "
+        f"NVSHMEM not found (need {what}): pip install nvidia-nvshmem-cu13 (torch CUDA 13, driver "
+        f">= 580) or nvidia-nvshmem-cu12 (torch CUDA 12), or set NVSHMEM_HOME; "
         f"looked in {seen or cands[:6]}"
     )
 

@@ -141,7 +141,7 @@ import torch  # noqa: F401  (loads libtorch for the extension)
 sys.path.insert(0, sys.argv[1])
 import _nvshmem_ext as m
 want = {"alltoall_put_signal", "signals_wait", "ring_step", "ring_wait", "ring_release", "quiet",
-        "barrier", "get_uniqueid", "init_with_uniqueid", "symmetric_empty", "team_node",
+        "barrier", "get_uniqueid", "init_with_uniqueid", "symmetric_empty", "symmetric_free", "team_node",
         "team_translate_pe"}
 missing = want - set(dir(m))
 assert not missing, f"missing bindings: {sorted(missing)}"

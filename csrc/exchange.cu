@@ -118,18 +118,33 @@ std::vector<uint8_t> get_uniqueid() {
 }
 
 int init_with_uniqueid(const std::vector<uint8_t>& uid_bytes, int rank, int nranks) {
+  // Everything that can be checked is checked first and thrown as an exception (a Python
+  // RuntimeError naming the problem), because NVSHMEM's own init path exits the process.
   if (uid_bytes.size() != sizeof(nvshmemx_uniqueid_t)) {
     throw std::invalid_argument("unique id must be " + std::to_string(sizeof(nvshmemx_uniqueid_t)) +
                                 " bytes, got " + std::to_string(uid_bytes.size()));
   }
+  if (nranks < 1 || rank < 0 || rank >= nranks) {
+    throw std::invalid_argument("init_with_uniqueid: rank " + std::to_string(rank) +
+                                " outside [0, " + std::to_string(nranks) + ")");
+  }
+  int dev = -1;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice before NVSHMEM init");
   nvshmemx_uniqueid_t uid;
   std::memcpy(&uid, uid_bytes.data(), sizeof(uid));
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int st = nvshmemx_set_attr_uniqueid_args(rank, nranks, &uid, &attr);
   if (st != 0) return st;
-  // nvshmemx_init_attr is inline: it runs nvshmemi_init_thread from libnvshmem_device.a, which also
-  // initialises the device state of THIS module (needed even if nvshmem4py initialised the host lib).
-  return nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
+  // The body of the inline nvshmemx_init_attr (host/nvshmemx_api.h, NVSHMEM 3.8) WITHOUT its
+  // NONZERO_EXIT: that macro calls exit() on any failure, which made the status returned here dead
+  // code. nvshmemi_init_thread comes from libnvshmem_device.a, so it also initialises the device
+  // state of THIS module (needed even when nvshmem4py initialised the host library: NVSHMEM 3.x
+  // reference-counts init).
+  int provided = 0;
+  nvshmemi_version_t app_version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                    NVSHMEM_VENDOR_PATCH_VERSION};
+  return nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID,
+                              &attr, app_version);
 }
 
 int init_status() { return nvshmemx_init_status(); }

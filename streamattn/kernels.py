@@ -216,16 +216,38 @@ def _run_torch_flash(q, k, v, scale, diag):
     return res[0], res[1]
 
 
+# The memory-efficient kernel reads an additive bias through its strides and requires every stride
+# but the last to be a multiple of 16 bytes (4 fp32 / 8 fp16 or bf16 elements) and the base pointer
+# 16-byte aligned; torch's public SDPA pads masks for it, the raw op does not. 16 elements covers
+# every dtype.
+BIAS_ALIGN_ELEMS = 16
+
+
+def _efficient_op():
+    """torch.ops.aten._scaled_dot_product_efficient_attention (a function: tests substitute a CPU
+    stand-in that enforces the CUDA kernel's checks)."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention
+
+
+def efficient_bias(B, H, Sq, Sk, diag, dtype, device):
+    """Additive mask for the efficient kernel: [B, H, Sq, Sk] where row i sees keys j <= i + diag.
+    One [Sq, Sk_pad] allocation (Sk_pad = Sk rounded up to BIAS_ALIGN_ELEMS) sliced to Sk and
+    expanded with zero strides over B and H: aligned rows, O(Sq * Sk) memory whatever B * H."""
+    pad = -(-Sk // BIAS_ALIGN_ELEMS) * BIAS_ALIGN_ELEMS
+    store = torch.zeros(Sq, pad, dtype=dtype, device=device)
+    i = torch.arange(Sq, device=device).unsqueeze(1)
+    j = torch.arange(pad, device=device).unsqueeze(0)
+    store.masked_fill_(j > i + diag, float("-inf"))
+    return store[:, :Sk].expand(B, H, Sq, Sk)
+
+
 def _run_torch_efficient(q, k, v, scale, diag):
     k, v = _expand_kv(q, k, v)
     bias = None
-    if diag is not None:
-        bias = _offset_mask(q.shape[2], k.shape[2], diag, q.dtype, q.device).expand(
-            q.shape[0], q.shape[1], -1, -1
-        )
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, True, 0.0, False, scale=scale
-    )
+    # diag 0 is the kernel's own top-left causal mask (no bias tensor at all); other offsets need one.
+    if diag:
+        bias = efficient_bias(q.shape[0], q.shape[1], q.shape[2], k.shape[2], diag, q.dtype, q.device)
+    res = _efficient_op()(q, k, v, bias, True, 0.0, diag == 0, scale=scale)
     # The LSE comes back padded to a multiple of 32 rows.
     return res[0], res[1][..., : q.shape[2]]
 

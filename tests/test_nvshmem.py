@@ -448,3 +448,96 @@ def test_negative_control_dropped_put_is_caught(fake, monkeypatch):
     monkeypatch.setattr(nv.NvshmemHeap, "signal", forgetful)
     with pytest.raises(AssertionError, match="round"):
         fake(2, lambda r, b, w: _rounds(r, b, w, rounds=20))
+
+
+# ---------------------------------------------------------------------------------------------
+# nvshmem-device: NvshmemDeviceOps (the csrc/ ring-step kernels) over the fake core + a fake ext
+# ---------------------------------------------------------------------------------------------
+class FakeExt:
+    """csrc/exchange.cu's ring_step / ring_wait / ring_release, executed at once over the fake
+    symmetric memory (same argument lists as bindings.cpp; the device-side waits spin)."""
+
+    def __init__(self, world):
+        self.world = world
+        self.calls = defaultdict(int)
+
+    def _spin(self, cond):
+        import time
+
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, "fake device wait hung"
+            time.sleep(0)
+
+    def ring_step(self, src, recv, slot_bytes, nslots, data_sig, ack_sig, step, peer, nblocks, stream):
+        w, me = self.world, self.world.tls.pe
+        assert stream == 1234 and src.dtype == torch.uint8 and src.numel() <= slot_bytes
+        assert recv.numel() >= slot_bytes * nslots and data_sig.numel() >= nslots <= ack_sig.numel()
+        slot = step % nslots
+        if step >= nslots:
+            self._spin(lambda: int(ack_sig[slot]) >= step - nslots + 1)
+        n = src.numel()
+        ctypes.memmove(w.translate(me, recv.data_ptr() + slot * slot_bytes, n, peer), src.data_ptr(), n)
+        addr = w.translate(me, data_sig.data_ptr() + 8 * slot, 8, peer)
+        with w.lock:  # NVSHMEM_SIGNAL_ADD per block
+            ctypes.c_int64.from_address(addr).value += nblocks
+        self.calls["ring_step"] += 1
+
+    def ring_wait(self, data_sig, step, nslots, nblocks, stream):
+        slot = step % nslots
+        self._spin(lambda: int(data_sig[slot]) >= (step // nslots + 1) * nblocks)
+        self.calls["ring_wait"] += 1
+
+    def ring_release(self, ack_sig, step, nslots, peer, stream):
+        w, me = self.world, self.world.tls.pe
+        addr = w.translate(me, ack_sig.data_ptr() + 8 * (step % nslots), 8, peer)
+        ctypes.c_int64.from_address(addr).value = step + 1
+        self.calls["ring_release"] += 1
+
+
+@pytest.mark.parametrize("npes", [2, 3])
+def test_device_ops_over_fake_nvshmem(fake, monkeypatch, npes):
+    from streamattn.transport import device
+
+    exts = {}
+    monkeypatch.setattr(device, "_stream_handle", lambda d: 1234)
+    monkeypatch.setattr(device, "_record_event", lambda d: None)
+
+    def ext(self, verbose=False):
+        return exts.setdefault("x", FakeExt(self._world))
+
+    monkeypatch.setattr(nv.NvshmemHeap, "extension", ext)
+    monkeypatch.setattr(nv.NvshmemHeap, "_world", None, raising=False)
+
+    def body(rank, base, world):
+        nv.NvshmemHeap._world = world
+        t = device.StreamOrderedTransport(base, nv.NvshmemHeap, device.NvshmemDeviceOps, slot_bytes=4096)
+        n = base.size
+        for i, k in enumerate([0, 3, 1000, 512, 513, 1537, 7]):  # float64 elements: up to 3 chunks
+            sends = [(p, torch.full((k,), float(i * 100 + rank * 10 + p), dtype=torch.float64))
+                     for p in range(n) if p != rank]
+            bufs = {p: torch.empty(k, dtype=torch.float64) for p in range(n) if p != rank}
+            t.exchange(sends, list(bufs.items()), tag=9).wait()
+            for p, b in bufs.items():
+                assert not k or bool((b == float(i * 100 + p * 10 + rank)).all()), (i, p, b[:3])
+        steps = sum(t.steps_out)
+        t.close()
+        return steps
+
+    results, world = fake(npes, body)
+    assert all(r > 0 for r in results)
+    calls = exts["x"].calls
+    assert calls["ring_step"] == calls["ring_wait"] == calls["ring_release"] == sum(results)
+
+
+def test_fake_ext_matches_the_bindings():
+    """FakeExt (what NvshmemDeviceOps is tested against) takes exactly the py::arg lists that
+    csrc/bindings.cpp declares, in order."""
+    import os
+    import re
+
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "bindings.cpp")).read()
+    for name in ("ring_step", "ring_wait", "ring_release"):
+        m = re.search(r'm\.def\("%s",(.*?)"[A-Z]' % name, src, re.S)
+        args = re.findall(r'py::arg\("(\w+)"\)', m.group(1))
+        assert list(inspect.signature(getattr(FakeExt, name)).parameters)[1:] == args, name

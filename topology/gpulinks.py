@@ -217,6 +217,8 @@ def local_gpu_bus_id() -> Optional[Tuple[int, int, int, int]]:
 # Known dense fp16/bf16 tensor-core rates (FLOP/s per GPU), vendor data sheets; matched on the
 # device name. Order matters (L40S before L40).
 PEAK_FLOPS = [
+    ("H200 NVL", 835e12, "spec:NVIDIA H200 NVL data sheet, FP16/BF16 1,671 TFLOPS with sparsity (dense half)"),
+    ("H200", 989e12, "spec:NVIDIA H200 SXM data sheet, FP16/BF16 1,979 TFLOPS with sparsity (dense half)"),
     ("H100 80GB HBM3", 989e12, "spec:NVIDIA H100 SXM data sheet, FP16/BF16 dense"),
     ("H100 SXM", 989e12, "spec:NVIDIA H100 SXM data sheet, FP16/BF16 dense"),
     ("A100", 312e12, "spec:NVIDIA A100 data sheet, FP16/BF16 dense"),

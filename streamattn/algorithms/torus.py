@@ -14,7 +14,11 @@ member g of group m of its team.
 4. With a ring factor, the team's K/V then rotates around the ring of teams.
 5. A query block's output is final once every K/V block is merged: it is sent home at once while
    the remaining blocks are still computing, and the intra-node all-to-all brings it back to
-   [B, S_local, H, D].
+   [B, S_local, H, D]. Blocks are finalised in shift order (block m+1, m+2, ...), and the k-th
+   output exchange both sends block m+k home and receives this rank's sub-slice m-k from member m-k:
+   every exchange is matched by the same exchange on its peers, which NCCL needs (each
+   batch_isend_irecv is one group, executed in posting order on one stream; a receive posted on its
+   own ahead of the sends that peers wait for would deadlock).
 Joint text tokens are one more local query block and one more local K/V block.
 """
 from __future__ import annotations
@@ -41,6 +45,11 @@ class _Block:
 class _TorusRank:
     """This rank's part of one torus call; see the module docstring for the schedule."""
 
+    # False restores the posting order before the fix (every home receive in one receive-only
+    # exchange up front, each output sent alone): it deadlocks on NCCL with t > 1 and exists only as
+    # the negative control of tests/test_inorder.py.
+    paired_outputs = True
+
     def __init__(self, transport, problem, plan, dtype):
         self.tr, self.problem, self.plan, self.dtype = transport, problem, plan, dtype
         me = transport.rank
@@ -54,7 +63,8 @@ class _TorusRank:
         seq = problem.seq_lens
         self.glen = [sum(seq[x] for x in grp) for grp in team_groups]
         self.goff = [problem.offsets[grp[0]] for grp in team_groups]
-        self.sends = []  # pending sends of final outputs
+        self.sends = []  # pending output exchanges (send home + receive my sub-slice)
+        self.home = {}  # j -> [B, S_group, h_j, D]: my group's tokens for sub-slice j, from member j
 
     def attend(self, qb, kb, vb, q_off, k_off):
         """Partial of a query block vs a K/V block, both [B, S, h(k), D]; None if fully masked."""
@@ -74,14 +84,30 @@ class _TorusRank:
         else:
             update_out_and_lse(blk.acc[0], blk.acc[1], *part)
 
+    def shift_order(self, js):
+        """Remote blocks in the order their outputs go home (m+1, m+2, ...), the local one last."""
+        return sorted(js, key=lambda j: (j - self.m - 1) % self.t)
+
     def finalise(self, blk, joint_kv):
-        """Every K/V block is merged into blk: add the rear joint K/V, send it home at once."""
+        """Every K/V block is merged into blk: add the rear joint K/V, send it home at once.
+        Callers finalise remote blocks in shift_order: block j = m+k goes out in the k-th output
+        exchange, which also receives sub-slice m-k (the peers post the matching k-th exchange)."""
         if joint_kv is not None and self.problem.joint_strategy == "rear":
             self.merge_into(blk, self.attend(blk.q, joint_kv[0], joint_kv[1], 0, 0))
         blk.final = True
         if blk.j != self.m:
+            k = (blk.j - self.m) % self.t
+            src = (self.m - k) % self.t
             payload = blk.acc[0].transpose(1, 2).to(self.dtype).contiguous()
-            self.sends.append(self.tr.exchange([(self.peers[blk.j], payload)], [], TAG_OUT))
+            recvs = [(self.peers[src], self.home[src])] if self.paired_outputs else []
+            tag = TAG_OUT + k if self.paired_outputs else TAG_OUT
+            self.sends.append(self.tr.exchange([(self.peers[blk.j], payload)], recvs, tag))
+
+
+def use_paired_outputs(flag: bool) -> None:
+    """Tests only: False restores the pre-fix output posting order (the negative control of
+    tests/test_inorder.py, which hangs on NCCL); True is the only correct setting."""
+    _TorusRank.paired_outputs = bool(flag)
 
 
 def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
@@ -106,7 +132,7 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
     def fitted(kx):
         return fit_kv_heads(kx, q_rng[m], kv_rng[m], ggrp)
 
-    # 2. post every torus exchange at once, and the receives of the outputs coming home
+    # 2. post every torus exchange at once (step k: send to m+k, receive from m-k)
     incoming = {}
     for step in range(1, t):
         dst, src = (m + step) % t, (m - step) % t
@@ -115,9 +141,10 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         buf = torch.empty(B * st.glen[src] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
         incoming[src] = (buf, transport.exchange([(st.peers[dst], payload)], [(st.peers[src], buf)],
                                                  TAG_QKV + step))
-    home = {j: torch.empty(B, st.glen[m], q_rng[j][1] - q_rng[j][0], D, dtype=q.dtype, device=q.device)
-            for j in range(t) if j != m}
-    home_pending = transport.exchange([], [(st.peers[j], home[j]) for j in home], TAG_OUT)
+    st.home = {j: torch.empty(B, st.glen[m], q_rng[j][1] - q_rng[j][0], D, dtype=q.dtype,
+                              device=q.device) for j in range(t) if j != m}
+    if not st.paired_outputs:  # the negative control's (pre-fix) posting order
+        st.sends.append(transport.exchange([], [(st.peers[j], st.home[j]) for j in st.home], TAG_OUT))
 
     joint_kv, jblk = None, None
     if joint is not None:
@@ -148,7 +175,8 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         st.merge_into(blk, st.attend(blk.q, blk.k, blk.v, blk.offset, blk.offset))
         if last:  # the new (remote) block is final first: its output travels during the rest
             st.finalise(blk, joint_kv)
-        for i in sorted(arrived, key=lambda i: i == m):  # earlier query blocks, the local one last
+        # Earlier query blocks in shift order, the local one last (the new block is m+1 when last).
+        for i in st.shift_order(arrived):
             st.merge_into(blocks[i], st.attend(blocks[i].q, blk.k, blk.v, blocks[i].offset, blk.offset))
             if last:
                 st.finalise(blocks[i], joint_kv)
@@ -156,24 +184,25 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
             st.merge_into(jblk, st.attend(jblk.q, blk.k, blk.v, 0, 0))
         arrived.append(j)
 
-    # 4. ring factor: rotate the whole team's K/V around the ring of teams, then finalise
+    # 4. ring factor: rotate the whole team's K/V around the ring of teams; the last step finalises
     if r > 1:
-        _ring_of_teams(st, blocks, arrived)
-        for i in arrived:
-            st.finalise(blocks[i], joint_kv)
+        _ring_of_teams(st, blocks, arrived, joint_kv)
 
     # 5. my group's tokens come home for every sub-slice, then back across the node
-    home_pending.wait()
-    parts = [home[j] if j != m else blocks[m].acc[0].transpose(1, 2).to(q.dtype) for j in range(t)]
-    out = gather_heads(transport, group, g, torch.cat(parts, 2), lens, H)
     for pend in st.sends:
         pend.wait()
+    parts = [st.home[j] if j != m else blocks[m].acc[0].transpose(1, 2).to(q.dtype) for j in range(t)]
+    out = gather_heads(transport, group, g, torch.cat(parts, 2), lens, H)
     jout = _joint_output(st, jblk, joint_kv) if jblk is not None else None
     return out, jout
 
 
-def _ring_of_teams(st, blocks, arrived):
-    """Rotate this team's K/V (every block, concatenated in team order) around the r teams."""
+def _ring_of_teams(st, blocks, arrived, joint_kv):
+    """Rotate this team's K/V (every block, concatenated in team order) around the r teams,
+    double-buffered like ring_core: step s forwards the K/V that arrived at step s-1 while it is
+    attended, so each transfer overlaps one step's compute. Every block merges the teams in the
+    same order (team-1, team-2, ...) as without overlap. After the last team's K/V a block is final:
+    it is sent home at once (shift order) while the remaining blocks compute."""
     groups, t, r, team = st.groups, st.t, st.r, st.team
     seq, offsets = st.problem.seq_lens, st.problem.offsets
     ring = [groups[x * t + st.m][st.g] for x in range(r)]  # the same (m, g) in every team
@@ -181,16 +210,25 @@ def _ring_of_teams(st, blocks, arrived):
     team_off = [offsets[groups[x * t][0]] for x in range(r)]
     kv = torch.stack([torch.cat([blocks[j].k for j in range(t)], 1),
                       torch.cat([blocks[j].v for j in range(t)], 1)])
+    order = st.shift_order(arrived)
+
+    def attend_all(kv, src, final):
+        for i in order:
+            st.merge_into(blocks[i], st.attend(blocks[i].q, kv[0], kv[1], blocks[i].offset, team_off[src]))
+            if final:
+                st.finalise(blocks[i], joint_kv)
+
     for step in range(1, r):
         src = (team - step) % r
         incoming = torch.empty(2, kv.shape[1], team_len[src], kv.shape[3], kv.shape[4],
                                dtype=kv.dtype, device=kv.device)
         pend = st.tr.exchange([(ring[(team + 1) % r], kv)], [(ring[(team - 1) % r], incoming)],
                               TAG_RING + step)
+        if step > 1:  # the K/V of team - (step - 1), being forwarded right now
+            attend_all(kv, (team - step + 1) % r, False)
         pend.wait()
         kv = incoming
-        for i in arrived:
-            st.merge_into(blocks[i], st.attend(blocks[i].q, kv[0], kv[1], blocks[i].offset, team_off[src]))
+    attend_all(kv, (team - r + 1) % r, True)
 
 
 def _joint_output(st, jblk, joint_kv):

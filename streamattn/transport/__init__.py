@@ -3,12 +3,15 @@
     torch    two-sided torch.distributed point-to-point (gloo, NCCL): any peers
     shm      one-sided puts into POSIX shared memory for the ranks of one node (CPU), torch for the rest
     nvshmem  one-sided puts with NVSHMEM for the ranks of one node (GPU), torch for the rest
+    inorder  torch with NCCL's ordering emulated on gloo (tests: catches NCCL deadlocks on CPU)
+    nvshmem-device  the csrc/ device kernels on the current CUDA stream (no host polling), torch
+             for the rest; shm-device: the same protocol code on CPU over shm (tests)
 """
 from .. import config
 from .base import ByteCounters, Pending, Transport
 from .torch_dist import TorchTransport
 
-NAMES = ("torch", "shm", "nvshmem")
+NAMES = ("torch", "shm", "nvshmem", "inorder", "nvshmem-device", "shm-device")
 
 
 def choose_transport(base, problem) -> str:
@@ -40,6 +43,20 @@ def make_transport(name, base):
         from .onesided import OneSidedTransport
 
         return OneSidedTransport(base, NvshmemHeap)
+    if name in ("nvshmem-device", "shm-device"):
+        from .device import HostOps, NvshmemDeviceOps, StreamOrderedTransport
+
+        if name == "shm-device":
+            from .shm import ShmHeap
+
+            return StreamOrderedTransport(base, ShmHeap, HostOps)
+        from .nvshmem import NvshmemHeap
+
+        return StreamOrderedTransport(base, NvshmemHeap, NvshmemDeviceOps)
+    if name == "inorder":
+        from .inorder import InOrderTransport
+
+        return InOrderTransport(base)
     raise ValueError(f"unknown transport {name!r}")
 
 

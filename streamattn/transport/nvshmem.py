@@ -17,10 +17,14 @@ csrc/ compiles against). Every nvshmem.core name used here was read from that wh
     signal_wait(signal_var, value, ComparisonType.CMP_GE, stream)  nvshmemx_signal_wait_until_on_stream
     signal_fetch(signal_var) -> int                         host nvshmem_signal_fetch (a D2H copy)
     quiet(stream)                                           nvshmemx_quiet_on_stream
+    NvshmemStream(torch_stream)                             wrapper giving a torch stream the
+                                                            __cuda_stream__ protocol (torch < 2.10
+                                                            streams lack it; every on-stream call
+                                                            reads stream.__cuda_stream__())
 The RMA calls take cuda.core `Buffer`s (or nvshmem4py-allocated tensors whose data_ptr is the
 START of an allocation — slices are rejected by `tensor_get_buffer`), so puts at an offset use
-non-owning `cuda.core.Buffer.from_handle(ptr, size)` views; `stream` is a torch.cuda.Stream (it
-implements `__cuda_stream__`).
+non-owning `cuda.core.Buffer.from_handle(ptr, size)` views; `stream` is torch's current stream,
+wrapped in `nvshmem.core.NvshmemStream` where torch's Stream lacks `__cuda_stream__` (torch < 2.10).
 
 How the Heap calls map (see heap.py and onesided.py for the protocol):
     put(peer, src, off)   deferred; the next signal() to that peer issues ONE on-stream put_signal
@@ -35,12 +39,14 @@ How the Heap calls map (see heap.py and onesided.py for the protocol):
     signal(peer, s, v)    put_signal (if a put is pending) or on-stream signal_op SIGNAL_SET: both
                           ordered after earlier work on the current stream (e.g. the receiver's
                           copy-out before its credit).
-    read_signal(s)        host signal_fetch of the local slot. When the value advanced, an
-                          on-stream signal_wait(>= value) is queued too, so the work queued after
-                          it (the copy-out of the chunk) has NVSHMEM acquire semantics on the GPU.
-                          signal_fetch is a synchronous D2H copy: it also waits for work queued on
-                          the legacy default stream (correct, but it costs overlap; the
-                          device-initiated csrc/ kernels are the fast path).
+    read_signal(s)        the local slot, copied to pinned host memory on a private side stream
+                          (not nvshmem signal_fetch: a synchronous cudaMemcpy that also waits for
+                          every kernel queued on the legacy default stream, so polling it would
+                          serialise compute and transfers). When the value advanced, an on-stream
+                          signal_wait(>= value) is queued too, so the work queued after it (the
+                          copy-out of the chunk) has NVSHMEM acquire semantics on the GPU. The
+                          device-initiated csrc/ kernels (transport `nvshmem-device`) need no host
+                          polling at all.
     local(off, n)         uint8 view of this PE's symmetric data.
     quiet()               flush deferred puts, nvshmemx_quiet_on_stream.
     peer_alive(peer)      True: NVSHMEM has no liveness query; waits end by STREAMATTN_TIMEOUT_S.
@@ -57,7 +63,7 @@ loads it through `streamattn.csrc.build.load_extension()` (csrc/build.py by path
 `streamattn._nvshmem_ext` if built with STREAMATTN_BUILD_CUDA=1, else a cached JIT build, and initialises ITS device state with the same unique id
 (`ext.init_with_uniqueid`; the host library is already initialised, NVSHMEM 3.x reference-counts
 init). Its kernels take the symmetric tensors `heap.data_tensor` / `heap.signal_tensor` and world
-PEs; csrc/README.md has the call sequence. onesided.py does not use it yet.
+PEs; csrc/README.md has the call sequence. transport/device.py drives it (`nvshmem-device`).
 
 Importing this module never needs nvshmem4py or CUDA; constructing a heap raises RuntimeError
 naming what is missing.
@@ -74,6 +80,8 @@ import torch
 from .heap import Heap
 
 NVSHMEM4PY_PIN = "nvshmem4py-cu13==0.4.1"  # the version this file was written and checked against
+NVSHMEM4PY_PINS = {"cu13": "nvshmem4py-cu13==0.4.1", "cu12": "nvshmem4py-cu12==0.4.1"}
+MIN_DRIVER = {"cu13": 580, "cu12": 525}  # NVIDIA driver branch each CUDA major needs
 UID_BYTES = 128
 _ALIGN = 256
 _TEXT_LEN = 2 + 7 + 7 + 2 * UID_BYTES  # "I:" / "U:" + "%06d:" pe + "%06d:" npes + uid hex
@@ -99,6 +107,64 @@ def available() -> tuple:
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     return True, ""
+
+
+def nvshmem_flavour(torch_cuda=None, driver=None) -> tuple:
+    """("cu13" | "cu12" | None, reason): which nvshmem4py / NVSHMEM wheel fits this box.
+
+    torch_cuda: torch.version.cuda (e.g. "12.8"); driver: the NVIDIA driver version ("580.65.06")
+    or None when unknown. The wheel must match torch's CUDA major (NVSHMEM links the same runtime),
+    and CUDA 13 needs driver >= 580: on an older driver NVSHMEM init fails."""
+    if torch_cuda is None:
+        torch_cuda = torch.version.cuda
+    if driver is None:
+        driver = driver_version()
+    if not torch_cuda:
+        return None, "torch has no CUDA (CPU build): no NVSHMEM wheel applies"
+    major = int(str(torch_cuda).split(".")[0])
+    flavour = {12: "cu12", 13: "cu13"}.get(major)
+    if flavour is None:
+        return None, f"torch built for CUDA {torch_cuda}: nvshmem4py 0.4.1 ships cu12 and cu13 only"
+    need = MIN_DRIVER[flavour]
+    if driver:
+        branch = int(str(driver).split(".")[0])
+        if branch < need:
+            return None, (f"torch CUDA {torch_cuda} needs NVIDIA driver >= {need}, this box has "
+                          f"{driver}: upgrade the driver or use a torch built for CUDA 12 (cu12)")
+    how = f"driver {driver}" if driver else "driver version unknown"
+    return flavour, f"torch CUDA {torch_cuda}, {how}: pip install {NVSHMEM4PY_PINS[flavour]}"
+
+
+def driver_version():
+    """The NVIDIA driver version string, or None (no driver / cannot tell)."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            for word in f.read().split():
+                if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                    return word
+    except OSError:
+        pass
+    try:
+        import pynvml  # nvidia-ml-py (streamattn[gpu])
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        return None
+
+
+def installed_flavour():
+    """The nvshmem4py wheel installed ("cu13", "cu12") or None."""
+    from importlib import metadata
+
+    for flavour, pin in NVSHMEM4PY_PINS.items():
+        try:
+            metadata.version(pin.split("==")[0])
+            return flavour
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _buffer_cls():
@@ -134,6 +200,18 @@ def _current_stream(device):
     """The stream every heap operation is queued on: torch's current stream (implements
     __cuda_stream__, which nvshmem.core reads)."""
     return torch.cuda.current_stream(device)
+
+
+def nvshmem_stream(core, stream):
+    """`stream` in a form nvshmem.core's on-stream calls accept: they call
+    stream.__cuda_stream__(), which torch.cuda.Stream implements only from torch 2.10; older
+    streams (anything with .cuda_stream but no __cuda_stream__) go in nvshmem.core.NvshmemStream."""
+    if hasattr(stream, "__cuda_stream__") or not hasattr(stream, "cuda_stream"):
+        return stream
+    wrap = getattr(core, "NvshmemStream", None)
+    if wrap is None:  # nvshmem4py 0.4.1 defines it in nvshmem_types and re-exports it from core
+        wrap = importlib.import_module("nvshmem.core.nvshmem_types").NvshmemStream
+    return wrap(stream)
 
 
 def _encode(status, pe, npes, uid_hex):
@@ -244,11 +322,12 @@ class NvshmemHeap(Heap):
         self._seen = [0] * num_signals
         self._pending = [None] * size  # deferred put per peer: (src tensor, dst_offset, nbytes)
         self.acquire_on_stream = True
+        self._side = self._host = None  # side stream + pinned buffer of read_signal (CUDA)
         self._closed = False
 
     # -- helpers -----------------------------------------------------------------------------
     def _stream(self):
-        return _current_stream(self.device)
+        return nvshmem_stream(self._core, _current_stream(self.device))
 
     def _dst(self, offset, nbytes):
         if offset < 0 or offset + nbytes > self.data_bytes:
@@ -295,9 +374,22 @@ class NvshmemHeap(Heap):
             core.signal_op(self._sig_bufs[slot], int(value), core.SignalOp.SIGNAL_SET,
                            remote_pe=pe, stream=stream)
 
+    def _fetch(self, slot):
+        """This PE's signal `slot`, without draining the compute stream (see the module docstring).
+        CPU-side fakes (tests) have no CUDA stream: they use signal_fetch."""
+        if self.device.type != "cuda":
+            return int(self._core.signal_fetch(self._sig_bufs[slot]))
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)  # non-blocking w.r.t. stream 0
+            self._host = torch.empty(self.num_signals, dtype=torch.int64, pin_memory=True)
+        with torch.cuda.stream(self._side):
+            self._host[slot : slot + 1].copy_(self.signal_tensor[slot : slot + 1], non_blocking=True)
+        self._side.synchronize()
+        return int(self._host[slot])
+
     def read_signal(self, slot):
         core = self._core
-        value = int(core.signal_fetch(self._sig_bufs[slot]))
+        value = self._fetch(slot)
         if value > self._seen[slot]:
             self._seen[slot] = value
             if self.acquire_on_stream:
@@ -351,9 +443,13 @@ class NvshmemHeap(Heap):
             spec.loader.exec_module(build)
         ext = build.load_extension(verbose=verbose)  # prebuilt _nvshmem_ext first, else JIT build
         uid = torch.frombuffer(bytearray(bytes.fromhex(st["uid_hex"])), dtype=torch.uint8)
+        # nvshmemx_init_attr exits the process on most failures instead of returning a status, so
+        # everything checkable is checked first (ext.init_with_uniqueid does the same in C++:
+        # uid size, rank range, current device, host library state) and reported here.
         status = ext.init_with_uniqueid(uid, st["pe"], st["npes"])
         if status != 0:
-            raise RuntimeError(f"csrc extension: nvshmemx_init_attr returned {status}")
+            raise RuntimeError(f"csrc extension: NVSHMEM device-state init failed with status {status} "
+                               f"(PE {st['pe']} of {st['npes']})")
         st["ext"] = ext
         return ext
 
@@ -362,6 +458,8 @@ def finalize():
     """Finalise NVSHMEM in this process (collective; call after closing every heap, before exit)."""
     st = _proc_state()
     if st["initialised"]:
+        if st["ext"] is not None:  # the csrc module initialised NVSHMEM once more (reference-counted)
+            st["ext"].finalize()
         _core().finalize()
         st.update(initialised=False, uid_hex=None, pe=None, npes=None, ext=None)
 
