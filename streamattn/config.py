@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 KERNELS = ("cpu-flash", "flash-attn", "torch-flash", "torch-efficient", "triton", "math")
-TRANSPORTS = ("auto", "torch", "shm", "nvshmem")
+TRANSPORTS = ("auto", "torch", "shm", "nvshmem", "shm-device", "nvshmem-device", "inorder")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,9 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 1,
             "head groups Ulysses pipelines over (1: one all-to-all)", low=1, high=1024, agreed=True),
     Setting("STREAMATTN_TRANSPORT", "choice", "auto",
-            "torch, shm, nvshmem, or auto (shm for CPU groups with several ranks on a node)",
+            "torch, shm, nvshmem, or auto (shm for CPU groups with several ranks on a node); "
+            "shm-device, nvshmem-device: the stream-ordered csrc protocol; inorder: NCCL semantics "
+            "on gloo (tests)",
             choices=TRANSPORTS, agreed=True),
     Setting("STREAMATTN_KERNEL", "choice", "",
             "force the local attention kernel (unset: chosen per device and dtype)",

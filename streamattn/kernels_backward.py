@@ -17,10 +17,10 @@ CPU, "math" (explicit matmuls in the accumulation dtype) elsewhere and when STRE
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from .config import kernel
 from .merge import acc_dtype
 
 
@@ -50,7 +50,7 @@ def attention_block_backward(dout, q, k, v, out, lse, *, scale: float, causal: b
     # A row that saw no key at all (lse = -inf) has out 0 and gets no gradient: +inf makes its
     # probabilities exp(s - inf) = 0 instead of NaN.
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    backend = "math" if (q.device.type != "cpu" or os.environ.get("STREAMATTN_KERNEL") == "math") \
+    backend = "math" if (q.device.type != "cpu" or kernel() == "math") \
         else "cpu-flash"
     g = Hq // Hk
     ke, ve = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))

@@ -28,18 +28,16 @@ ahead of the GPU).
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 import torch
 
-from ..config import timeout_s
+from ..config import shm_slot_bytes, timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
 DEPTH = 2
-DEFAULT_SLOT_MB = 4.0
 NBLOCKS = 4  # thread blocks per chunk put (ring_step grid), so data counters grow by 4 per use
 MAX_INFLIGHT = 256
 
@@ -170,7 +168,7 @@ class StreamOrderedTransport(Transport):
         self.local_index = {g: i for i, g in enumerate(self.members)}
         n = len(self.members)
         if slot_bytes is None:
-            slot_bytes = int(float(os.environ.get("STREAMATTN_SHM_SLOT_MB", DEFAULT_SLOT_MB)) * 2**20)
+            slot_bytes = shm_slot_bytes()
         self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
         self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes,
                                  2 * n * DEPTH, self._all_gather_text, self._barrier)
