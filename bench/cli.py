@@ -255,11 +255,7 @@ def _run_in_group(args, spec, preset) -> int:
     env = environment("torchrun", world=world, nodes=nodes, ranks_per_node=rpn)
     args.no_progress = args.no_progress or not ex.is_reporter
     try:
-        rc = _finish(args, ex, spec, preset, env, say)
-        # Leave together: a rank that tears its gloo group down while rank 0 still writes the
-        # report aborted with "terminate called without an active exception" (1 run in 3 here).
-        dist.barrier()
-        return rc
+        return _finish(args, ex, spec, preset, env, say)
     finally:
         dist.destroy_process_group()
 
