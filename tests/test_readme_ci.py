@@ -80,5 +80,5 @@ def test_every_import_the_tests_need_is_in_the_test_extra():
     m = re.search(r'"test":\s*\[(.*?)\]', setup, re.S)
     assert m
     extra = m.group(1).lower()
-    for pkg in ("pytest", "diffusers", "transformers", "matplotlib", "rich", "tqdm"):
+    for pkg in ("pytest", "diffusers", "transformers", "matplotlib", "rich", "tqdm", "einops"):
         assert f'"{pkg}' in extra, f"{pkg} is not in setup.py's [test] extra"
