@@ -70,3 +70,29 @@ def test_diffsynth_negative_control_zero_lse_ring(rank_pool):
     res = rank_pool(4).run("streamattn.testing.diffsynth_tasks:wan_model", timeout=600,
                            ulysses_degree=1, ring_degree=4, negative_control=True)
     assert res[0]["max_abs_diff"] > 1e-3, res[0]
+
+
+@pytest.mark.parametrize("u,r", [(4, 1), (2, 2), (1, 4)])
+def test_diffsynth_wan_video_pipeline_4_ranks_vs_1(rank_pool, u, r):
+    """The whole WanVideoPipeline (tiny umT5, tiny VAE, prompt + negative prompt with CFG 5,
+    3 steps, 5 frames of 64x64): Ulysses bit-identical; USP / Ring: final latents within 1e-6 of
+    max |latents| (measured 6e-7..7e-7), the decoded video within 1e-5 (fp32 bar; measured up to
+    4.4e-6: CFG x5 and the VAE amplify the rounding)."""
+    _need_diffsynth()
+    x = rank_pool(4).run("streamattn.testing.diffsynth_tasks:wan_pipeline", timeout=900,
+                         ulysses_degree=u, ring_degree=r)[0]
+    print(f"WanVideoPipeline {u}x{r}: latents {x['latents_max_abs_diff']:.3g} "
+          f"(max {x['latents_max_abs_ref']:.3g}), video {x['max_abs_diff']:.3g}")
+    assert x["sp_world_size"] == 4 and x["std"] > 0.01
+    if u == 4:
+        assert x["bit_identical"] and x["latents_bit_identical"], x
+    assert x["latents_max_abs_diff"] <= 1e-6 * x["latents_max_abs_ref"], x
+    assert x["max_abs_diff"] <= 1e-5 * x["max_abs_ref"], x
+
+
+def test_diffsynth_wan_video_pipeline_negative_control(rank_pool):
+    _need_diffsynth()
+    x = rank_pool(4).run("streamattn.testing.diffsynth_tasks:wan_pipeline", timeout=900,
+                         ulysses_degree=1, ring_degree=4, negative_control=True)[0]
+    assert x["latents_max_abs_diff"] > 1e-3 * x["latents_max_abs_ref"], x
+    assert x["max_abs_diff"] > 1e-3, x

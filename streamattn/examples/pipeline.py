@@ -52,14 +52,14 @@ def tiny_tokenizer(max_length: int):
                                    pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def _vocab_size() -> int:
+def vocab_size() -> int:
     return 3 + len(dict.fromkeys(_WORDS))
 
 
 def _clip(width=32, projection=False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=_vocab_size(), hidden_size=width, intermediate_size=2 * width,
+    cfg = CLIPTextConfig(vocab_size=vocab_size(), hidden_size=width, intermediate_size=2 * width,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
                          projection_dim=width, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
@@ -68,7 +68,7 @@ def _clip(width=32, projection=False):
 def _t5(width=32):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=_vocab_size(), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+    cfg = T5Config(vocab_size=vocab_size(), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
                    num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                    decoder_start_token_id=0)
     return T5EncoderModel(cfg).eval()

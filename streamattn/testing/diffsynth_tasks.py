@@ -200,3 +200,71 @@ def dist_rank_in(group) -> int:
     import torch.distributed as dist
 
     return dist.get_rank(group) if group is not None else dist.get_rank()
+
+
+def tiny_wan_pipeline(seed=0):
+    """DiffSynth's WanVideoPipeline from tiny random parts (nothing downloaded): the Wan DiT above,
+    DiffSynth's own umT5 `WanTextEncoder` (2 layers, 32 wide), its `WanVideoVAE` with a tiny
+    `VideoVAE_` (dim 8) and its `HuggingfaceTokenizer` wrapping the in-memory word-level tokenizer
+    of streamattn.examples.pipeline (the real one loads umT5's files)."""
+    import_diffsynth()
+    from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    from ..examples.pipeline import tiny_tokenizer, vocab_size
+
+    dit = tiny_wan_model(seed)
+    torch.manual_seed(seed + 100)
+    te = WanTextEncoder(vocab=vocab_size(), dim=32, dim_attn=32, dim_ffn=64, num_heads=4,
+                        num_layers=2, num_buckets=8, dropout=0.0).eval()
+    vae = WanVideoVAE(z_dim=16)
+    vae.model = VideoVAE_(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2]).eval().requires_grad_(False)
+    tok = HuggingfaceTokenizer.__new__(HuggingfaceTokenizer)  # its __init__ loads files by name
+    tok.name, tok.seq_len, tok.clean, tok.tokenizer = "tiny-in-memory", 12, None, tiny_tokenizer(12)
+    tok.vocab_size = tok.tokenizer.vocab_size
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit, pipe.text_encoder, pipe.vae, pipe.tokenizer = dit, te, vae, tok
+    return pipe
+
+
+def wan_pipeline(rank, world_size, *, ulysses_degree, ring_degree=1, steps=3, size=64, frames=5,
+                 negative_control=False):
+    """The whole WanVideoPipeline (prompt + negative prompt, CFG 5, `steps` steps, VAE decode):
+    rank 0 alone, then all ranks after DiffSynth's `enable_usp()`. Returns (rank 0) the max
+    |difference| of the decoded videos (floats in [-1, 1])."""
+    import torch.distributed as dist
+
+    pipe = tiny_wan_pipeline(0)
+    kw = dict(prompt="a photo of a red cat", negative_prompt="blue sky at night", seed=0,
+              height=size, width=size, num_frames=frames, num_inference_steps=steps, cfg_scale=5.0,
+              tiled=False, output_type="floatpoint", progress_bar_cmd=lambda x: x)
+    latents = []  # what the denoising loop hands the VAE, captured on the way
+    decode = pipe.vae.decode
+
+    def capture(hidden_states, *a, **k):
+        latents.append(hidden_states.detach().clone())
+        return decode(hidden_states, *a, **k)
+
+    pipe.vae.decode = capture
+    ref = None
+    with torch.no_grad(), cpu_blockers_patched():
+        if rank == 0:
+            ref = pipe(**kw)
+        dist.barrier()
+        _init_model_parallel(world_size, ulysses_degree, ring_degree)  # initialize_usp, on gloo
+        pipe.enable_usp()
+        undo = _break_ring_lse() if negative_control else (lambda: None)
+        try:
+            out = pipe(**kw)
+        finally:
+            undo()
+    if rank != 0:
+        return {}
+    lat_ref, lat = latents[0], latents[-1]
+    return {"max_abs_diff": float((out - ref).abs().max()), "max_abs_ref": float(ref.abs().max()),
+            "latents_max_abs_diff": float((lat - lat_ref).abs().max()),
+            "latents_max_abs_ref": float(lat_ref.abs().max()),
+            "shape": list(out.shape), "bit_identical": bool(torch.equal(out, ref)),
+            "latents_bit_identical": bool(torch.equal(lat, lat_ref)),
+            "std": float(ref.std()), "sp_world_size": pipe.sp_size}
