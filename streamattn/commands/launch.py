@@ -35,3 +35,6 @@ def run(args) -> int:
     except ValueError as e:
         print(f"streamattn launch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the cluster's handler already tore everything down
+        print("streamattn launch: interrupted; emulated cluster removed", file=sys.stderr)
+        return 130
