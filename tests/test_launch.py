@@ -79,3 +79,31 @@ def test_launch_flux_pipeline(emulated, tmp_path):
     assert rc == 0, out
     assert "max |pixel difference|" in out and ": OK;" in out, out
     assert (tmp_path / "flux.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_launch_bad_arguments_fail_fast(capsys):
+    from streamattn.bench.launcher import parse_shape
+    from streamattn.cli import main
+
+    assert parse_shape("2x4") == (2, 4)
+    assert main(["launch", "--emulate", "2x", "--", "-m", "x"]) == 2
+    assert "NODESxPROCS" in capsys.readouterr().err
+    assert main(["launch", "--emulate", "2x2"]) == 2
+    assert "nothing to run" in capsys.readouterr().err
+
+
+def test_torchrun_argv_is_the_real_multi_node_command():
+    """What each emulated node runs is the README's real-node command plus --local-addr."""
+    from streamattn.bench.launcher import torchrun_argv
+
+    class FakeCluster:
+        nodes, ranks_per_node = 2, 4
+
+        def node_ip(self, k):
+            return f"198.18.0.{10 + k}"
+
+    argv = torchrun_argv(FakeCluster(), 1, ["-m", "streamattn.bench"], port=29500, rdzv_id="j")
+    s = " ".join(argv)
+    assert "--nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint 198.18.0.10:29500" in s
+    assert "--local-addr 198.18.0.11" in s and "is_host=false" in s
+    assert argv[-2:] == ["-m", "streamattn.bench"]
