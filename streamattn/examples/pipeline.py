@@ -181,6 +181,9 @@ def _diffusers_cp_baseline(pipe, model, world_size, image_1, kw):
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
     except Exception as e:  # noqa: BLE001 - reported, and the ranks agree below
         err = f"{type(e).__name__}: {e}"
+        if isinstance(e, ZeroDivisionError) and not torch.cuda.is_available():
+            err += (" (diffusers' ModelMixin._resolve_parallel_config takes the device as "
+                    "rank % torch.accelerator.device_count(), and this box has no accelerator)")
     ok = torch.tensor([0 if err else 1])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
