@@ -56,8 +56,12 @@ setup(
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
         # triton: the interpreter tests were written against 3.9 (its bf16 tl.dot is broken there).
+        # test: everything `python -m pytest -q` needs on a fresh machine (the README's test command
+        # installs only this extra): the bench tests draw PNGs (matplotlib), the pipeline examples
+        # build tiny CLIP/T5 text encoders and tokenizers (transformers, which brings tokenizers);
+        # DiffSynth's Wan path (installed --no-deps by the README's test commands) needs einops.
         "test": ["pytest>=7", "pytest-timeout", "triton==3.9.0; platform_machine=='x86_64'",
-                 "diffusers>=0.42"],
+                 "diffusers>=0.42", "transformers>=4.51", "matplotlib", "rich", "tqdm", "einops"],
         # gpu = gpu-cu13. The NVSHMEM wheel must match torch's CUDA major (and CUDA 13 needs driver
         # >= 580): `python bench/gpu_check.py` prints which one this box needs.
         "gpu": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],

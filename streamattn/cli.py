@@ -11,6 +11,7 @@ COMMANDS = {
     "probe": "detect this machine's topology (links, bandwidths) and print it",
     "plan": "show the plan the planner picks for a shape and topology, with --explain",
     "bench": "benchmark algorithms side by side (local ranks, torchrun, or an emulated cluster)",
+    "launch": "run a torchrun job on an emulated multi-node cluster (namespaces, shaped links; root)",
     "settings": "list every STREAMATTN_* setting: current value, default, valid range",
 }
 

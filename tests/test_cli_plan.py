@@ -61,10 +61,11 @@ def test_plan_on_a_spec_with_declared_rate(capsys):
     assert "0.05 TFLOP/s per rank (given)" in out and "causal" in out
 
 
-def test_probe_single_process(capsys):
-    assert main(["probe", "--no-measure", "--json"]) == 0
+def test_probe_single_process(capsys, tmp_path):
+    assert main(["probe", "--no-measure", "--json", "--out", str(tmp_path / "p.json")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["topology"]["world_size"] == 1 and "hostname" in d["host"]
-    assert main(["probe", "--topology", "l20x8-pcie"]) == 0
+    assert json.loads((tmp_path / "p.json").read_text()) == d
+    assert main(["probe", "--topology", "l20x8-pcie", "--out", "-"]) == 0
     out = capsys.readouterr().out
     assert "pcie_cross_socket" in out and "GFLOP/s" in out
