@@ -219,7 +219,10 @@ def _agreed_rates(transport, problem) -> dict:
     mine = torch.tensor([measure_cpu_rate(problem.dtype), measure_cpu_memory_bandwidth()],
                         dtype=torch.float64)
     rate, mbw = (float(x) for x in transport.all_gather_vector(mine, TAG_RATE)[0])
-    return {"compute_rate": rate, "memory_bandwidth": mbw}
+    from .planner import agreed_calibration  # the kernel timed at each candidate's block shape
+
+    return {"compute_rate": rate, "memory_bandwidth": mbw,
+            **agreed_calibration(transport, problem, transport.topology, TAG_RATE)}
 
 
 def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):

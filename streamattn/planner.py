@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
+from .calibration import block_shape, block_times, save_cache
 from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
                         resolve_memory_bandwidth, resolve_rate)
+from .schedule import attention_flops
 from .plan import ALGORITHMS, Candidate, Plan, _divisors
 from .problem import Problem
 from .topology import Topology
@@ -104,7 +106,8 @@ def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
 def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: str = "auto",
               ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
               compute_rate: Optional[float] = None,
-              memory_bandwidth: Optional[float] = None) -> Plan:
+              memory_bandwidth: Optional[float] = None,
+              block_rates: Optional[Dict[tuple, float]] = None) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -114,7 +117,10 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     (default: the cheapest valid) give u and r, t = P / (u * r). compute_rate: FLOP/s per rank
     (default topology.peak_flops, else the measured CPU rate -- see the module docstring).
     memory_bandwidth: bytes/s of a rank's local memory for the memory-bound work (packing copies,
-    LSE merges); default from the device table in costmodel, measured on CPU topologies."""
+    LSE merges); default from the device table in costmodel, measured on CPU topologies.
+    block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
+    the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
+    that rate instead of compute_rate."""
     topology = _topology(topology)
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
@@ -149,9 +155,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         if not c.dropped:
+            model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
                            torus_degree=torus_degree(c))
         cands.append(c)
+    model.rate = rate
 
     # algorithm="torus" without ulysses_degree: Ulysses over the ranks of a node (the design, and
     # what streamattn.plan.torus_plan defaulted to) when such a split is valid, else any u
@@ -211,6 +219,39 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
                 context=_context(problem, topology, rate, rate_src, mbw, mbw_src),
                 torus_degree=torus_degree(best))
+
+
+def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
+    """The kernel block shape candidate `c` runs (calibration.block_shape)."""
+    return block_shape(problem, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
+
+
+def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
+    """The distinct block shapes of the valid candidates, in a fixed order (same on every rank)."""
+    shapes = {candidate_block_shape(problem, c) for c in enumerate_candidates(problem, topology)
+              if not c.dropped}
+    return sorted(shapes)
+
+
+def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
+    """{"block_rates": {shape: FLOP/s}} for make_plan, identical on every rank: every rank times
+    the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
+    the real call), or reads this machine's cache, and all take rank 0's numbers; rank 0 caches
+    what it measured (calibration.save_cache). Collective over the group."""
+    import torch
+
+    shapes = calibration_shapes(problem, topology)
+    if not shapes:
+        return {}
+    times, new = block_times(shapes, problem.dtype, transport.size)
+    theirs = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)[0]
+    if transport.rank == 0 and new:
+        save_cache(transport.size, new)
+    rates = {}
+    for s, t in zip(shapes, theirs.tolist()):
+        B, h, sq, sk, D = s
+        rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
+    return {"block_rates": rates}
 
 
 def _request(algorithm, u, r) -> str:

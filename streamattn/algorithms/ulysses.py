@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import trace
 from ..transport.base import Pending
 from .local import attend
 
@@ -66,8 +67,9 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
 
     def pack(j):
         (a, b), (c, d) = q_ranges[j], kv_ranges[j]
-        parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
-        return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
+        with trace.span("pack"):
+            parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
+            return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
 
     bufs = [None] * u
     sends, recvs = [], []
@@ -94,6 +96,10 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
                 p.wait()
 
     def assemble():
+        with trace.span("pack"):
+            return _assemble()
+
+    def _assemble():
         qs, ks, vs = [], [], []
         for j in range(u):
             n_q, n_kv = B * lens[j] * q_len * D, B * lens[j] * hk * D
@@ -138,18 +144,20 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
     B, _, h, D = out.shape
     tk = _packing(out)
     # One flat buffer whose chunk j is member j's tokens, [B, lens[j], h, D] contiguous.
-    flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
-                                                       for j in range(u)])
-    chunk = [B * n * h * D for n in lens]
-    start = [sum(chunk[:j]) for j in range(u)]
-    # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
-    back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
-    back[me].copy_(flat[start[me] : start[me] + chunk[me]].view(B, lens[me], h, D))
+    with trace.span("pack"):
+        flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
+                                                           for j in range(u)])
+        chunk = [B * n * h * D for n in lens]
+        start = [sum(chunk[:j]) for j in range(u)]
+        # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
+        back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
+        back[me].copy_(flat[start[me] : start[me] + chunk[me]].view(B, lens[me], h, D))
     sends = [(members[j], flat[start[j] : start[j] + chunk[j]]) for j in range(u) if j != me]
     recvs = [(members[j], back[j]) for j in range(u) if j != me]
 
     def assemble():
-        return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
+        with trace.span("pack"):
+            return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
 
     return transport.exchange(sends, recvs, tag), assemble
 

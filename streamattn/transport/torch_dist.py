@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import trace
 from ..config import timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
@@ -46,12 +47,17 @@ class _TorchPending(Pending):
     def wait(self) -> None:
         limit = self.transport.timeout
         deadline = self.start + limit
+        tracing = trace.enabled()
         for peer, kind, work in self.works:
             remaining = max(deadline - time.monotonic(), 0.001)
+            t0 = trace.now() if tracing else 0.0
             try:
                 ok = work.wait(datetime.timedelta(seconds=remaining))
             except Exception as exc:  # gloo/NCCL report timeouts and closed pairs as RuntimeError
                 raise _peer_error(self.transport, peer, kind, self.tag, exc) from exc
+            if tracing:  # the time blocked on this peer (sequential waits: who we waited for)
+                node_of = self.transport.node_of
+                trace.add("wait", t0, trace.now(), peer, node_of[peer] != node_of[self.transport.rank])
             if ok is False:
                 raise PeerTimeoutError(
                     f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
@@ -126,6 +132,14 @@ class TorchTransport(Transport):
                 self._count(peer, t)
         if self.backend == "nccl":
             return self._exchange_batched(sends, recvs, tag)
+        with trace.span("post"):
+            return self._post(sends, recvs, tag, count)
+
+    def _post(self, sends, recvs, tag, count):
+        if count and trace.enabled():
+            for peer, t in sends:
+                trace.event("post", peer, self.node_of[peer] != self.node_of[self.rank],
+                            t.numel() * t.element_size())
         works = []
         # Receives first: a sender never waits for a receiver to post in gloo, but posting receives
         # early lets data land directly in its buffer.
