@@ -70,7 +70,8 @@ def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
 
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
-                 force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None) -> list:
+                 force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None,
+                 comm_dtype: Optional[str] = None) -> list:
     """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
     (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
     cfgs = []
@@ -93,6 +94,9 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
                 if not degrees or (u, r) in degrees:
                     cfgs.append({"name": f"torus {u}x{t}x{r}", "kind": "streamattn", "algorithm": "torus",
                                  "ulysses_degree": u, "ring_degree": r, "torus_degree": t})
+    if comm_dtype and "auto" in algorithms:
+        cfgs.append({"name": f"auto {comm_dtype} wire", "kind": "streamattn", "algorithm": "auto",
+                     "comm_dtype": comm_dtype})
     if force_auto:
         cfgs.append({"name": f"auto(forced {force_auto})", "kind": "streamattn", "algorithm": "auto",
                      "force_auto": force_auto})
@@ -179,11 +183,12 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     for shape in spec.shapes:
         cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
                             spec.yunchang_native, spec.force_auto,
-                            ranks_per_node=getattr(ex, "ranks_per_node", None))
+                            ranks_per_node=getattr(ex, "ranks_per_node", None),
+                            comm_dtype=spec.comm_dtype)
         cfgs = [c for c in cfgs if c["kind"] != "yunchang"
                 or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
         plans.append((shape, cfgs))
-    n_overlap = lambda cfgs: sum(1 for c in cfgs if c["kind"] == "streamattn" and not c.get("force_auto"))
+    n_overlap = lambda cfgs: sum(1 for c in cfgs if _overlap_cfg(c))
     modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
     total = sum(len(c) * spec.warmup + sum(1 for x in c if not x.get("check_only")) * spec.iters
                 + (n_overlap(c) * len(modes) * (1 + spec.overlap_iters) if spec.overlap else 0)
@@ -211,7 +216,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                     _absorb_timed(recs[c["name"]], res)
                     bar.step(c["name"])
             if spec.overlap:
-                ocfgs = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
+                ocfgs = [c for c in timed if _overlap_cfg(c)]
                 for mode in modes:
                     for c in ocfgs:
                         ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
@@ -222,7 +227,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                             res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
                             bar.step(f"{c['name']} {mode}")
-            traced = [c for c in timed if c["kind"] == "streamattn"]
+            traced = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
             for i in range(spec.trace_iters):  # untimed-by-the-table calls under the recorder
                 for c in traced:
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed,
@@ -239,6 +244,11 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     finally:
         bar.close()
     return records
+
+
+def _overlap_cfg(c) -> bool:
+    """Configurations whose compute-/comm-only variants are measured: streamattn's own plans."""
+    return c["kind"] == "streamattn" and not c.get("force_auto") and not c.get("comm_dtype")
 
 
 def _new_record(shape, cfg, world) -> dict:

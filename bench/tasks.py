@@ -342,6 +342,8 @@ def _run_streamattn(st, cfg, mode, check):
     ckey = cfg["name"]
     kw = dict(algorithm=cfg.get("algorithm", "auto"), ulysses_degree=cfg.get("ulysses_degree"),
               ring_degree=cfg.get("ring_degree"))
+    if cfg.get("comm_dtype"):
+        kw["comm_dtype"] = DTYPES[cfg["comm_dtype"]]
     if joint is not None:
         kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy="front")
     if mode == "full" or ckey not in st["plans"]:

@@ -20,6 +20,7 @@ from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
+from .transport.cast import WIRE_DTYPES, CastTransport, check_comm_dtype
 from .validate import DTYPES, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
@@ -32,7 +33,7 @@ _plans: "OrderedDict" = OrderedDict()  # call key -> (Problem, Plan)
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
-              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None):
+              ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None, comm_dtype=None):
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
@@ -48,6 +49,9 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     stale_kv: opt-in, approximate: a streamattn.stale.StaleKV (per-layer state; `layer` names the
     layer) that, after its warm-up steps, attends the other ranks' K/V of the previous diffusion
     step while this step's K/V travel in the background.
+    comm_dtype: opt-in, approximate: torch.bfloat16 sends float32 payloads as bfloat16 (half the
+    bytes; about 1e-2 relative error, see streamattn.transport.cast); None (default) is exact.
+    Must be the same on every rank (checked on the first call of a shape).
     Returns out in q's layout, shape and dtype.
     """
     if stale_kv is not None:
@@ -60,6 +64,11 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
                                   joint_strategy=joint_strategy, scale=scale, layout=layout)
     err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
                       algorithm, ulysses_degree, ring_degree)
+    if err is None and comm_dtype is not None:
+        try:
+            check_comm_dtype(comm_dtype, q.dtype)
+        except ValueError as exc:  # travels with the metadata: the same error on every rank
+            err, comm_dtype = str(exc), None
     size = _group_size(group)
     if size == 1:
         if err:
@@ -77,11 +86,11 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     else:
         key = (id(group), tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, bool(causal),
                scale, None if joint is None else (tuple(joint_q.shape), tuple(joint_k.shape)),
-               joint_strategy, algorithm, ulysses_degree, ring_degree)
+               joint_strategy, algorithm, ulysses_degree, ring_degree, comm_dtype)
     cached = _plans.get(key) if key is not None and not validate_every_call() else None
     if cached is None:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
-                        ulysses_degree, ring_degree)
+                        ulysses_degree, ring_degree, comm_dtype)
         _plans[key] = cached
         if len(_plans) > _CACHE_SIZE:
             _plans.popitem(last=False)
@@ -89,6 +98,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         _plans.move_to_end(key)
     problem, plan = cached
     transport = _transport(group, plan.transport)
+    if comm_dtype is not None and q.dtype != comm_dtype:
+        transport = _cast(transport, comm_dtype)
 
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -172,8 +183,20 @@ def _topology(group):
     return resolve_topology(group)
 
 
+def _cast(transport, wire):
+    """The CastTransport over `transport` (created once per transport and wire dtype)."""
+    key = ("cast", str(wire))
+    cache = transport.__dict__.setdefault("_streamattn_wrappers", {})
+    if key not in cache:
+        from .algorithms.ring import TAG_JOINT as RING_JOINT
+        from .algorithms.torus import TAG_JOINT as TORUS_JOINT
+
+        cache[key] = CastTransport(transport, wire, exact_tags=(RING_JOINT, TORUS_JOINT))
+    return cache[key]
+
+
 def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
-           ulysses_degree, ring_degree):
+           ulysses_degree, ring_degree, comm_dtype=None):
     """First call of a shape: exchange metadata, agree or raise everywhere, then plan."""
     joint_len = 0
     if joint is not None and err is None:
@@ -182,7 +205,15 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
         scale = 1.0 / math.sqrt(q.shape[-1])
     vec = encode(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
                  ulysses_degree, ring_degree)
-    agreed = check_agreement(transport.all_gather_vector(vec, TAG_META))
+    # comm_dtype travels as one extra trailing entry (0: exact) and must agree on every rank
+    wire = 0 if comm_dtype is None else 1 + WIRE_DTYPES.index(comm_dtype)
+    vecs = transport.all_gather_vector(torch.cat([vec, torch.tensor([wire], dtype=vec.dtype)]), TAG_META)
+    agreed = check_agreement([v[:-1] for v in vecs])
+    wires = [int(v[-1]) for v in vecs]
+    if len(set(wires)) > 1:
+        names = ["None"] + [str(d) for d in WIRE_DTYPES]
+        raise ValueError("streamattn.attention: ranks disagree on comm_dtype: "
+                         + ", ".join(f"rank {r}: {names[w]}" for r, w in enumerate(wires)))
     if transport.topology is None:
         # After the metadata exchange: every rank is known to be present and consistent, so the
         # collective topology resolution (maybe a short probe) cannot wait on a missing peer.

@@ -213,3 +213,86 @@ def test_emulated_cli_ctrl_c_leaves_nothing_behind(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0
     assert _leftovers(p.pid, tag) == {"netns": [], "links": [], "qdiscs": [], "procs": []}
+
+
+# ─────────────────────────────────────────────────── breakdown (trace), limit, comm_dtype
+
+
+def test_trace_hooks_are_noops_when_off_and_cheap():
+    from streamattn import trace
+
+    assert not trace.enabled()
+    assert trace.span("kernel") is trace.span("pack")  # one shared no-op object, nothing recorded
+    trace.add("wait", 0.0, 1.0, peer=1, inter=True)
+    trace.event("post", peer=1, nbytes=10)
+    # a disabled hook costs well under a microsecond-scale budget: 25 hooks per call (what a
+    # traced 2x2 call records) stay far below 1% of even a 10 ms call
+    assert trace.hook_cost_s(20000) < 4e-6
+    with trace.recording() as rec:
+        assert trace.enabled()
+        with trace.span("kernel"):
+            pass
+        t = trace.now()
+        trace.add("wait", t, t + 0.002, peer=3, inter=True)
+        trace.add("wait", t + 0.002, t + 0.003, peer=3, inter=True)  # contiguous: folded
+        trace.add("wait", t + 0.003, t + 0.004, peer=1, inter=False)
+    assert not trace.enabled()
+    assert [s[0] for s in rec.spans] == ["kernel", "wait", "wait"]
+    summ = trace.summarize(rec.spans, 0.010)
+    assert abs(summ["wait_inter"] - 0.003) < 1e-9 and abs(summ["wait_intra"] - 0.001) < 1e-9
+    assert summ["wait_by_peer"] == {"3": pytest.approx(0.003), "1": pytest.approx(0.001)}
+    assert abs(sum(summ[k] for k in ("kernel", "merge", "pack", "post", "copy", "wait_intra",
+                                     "wait_inter", "other")) - 0.010) < 1e-9
+
+
+def test_traced_call_breakdown_adds_up_and_bytes_equal_the_schedule(rank_pool):
+    """A traced USP 2x2 call on 4 ranks (declared 2 nodes): every rank records kernel spans and
+    waits on the peers the schedule says it receives from; spans never exceed the rank's own time;
+    the transport byte counters equal streamattn.schedule's per-rank bytes (the same numbers the
+    cost model times and bench.perf expects). Negative control: a schedule for the other placement
+    (USP's ring over Ulysses 4x1) does not match."""
+    from streamattn import trace
+
+    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "torch"})
+    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
+    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
+           "ring_degree": 2}
+    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
+    res = pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+    want = expected_bytes("usp", 2, 2, seq=256, heads=4, head_dim=8, ranks_per_node=2)
+    assert [r["bytes"] for r in res] == want
+    assert [r["bytes"] for r in res] != expected_bytes("ulysses", 4, 1, seq=256, heads=4, head_dim=8,
+                                                        ranks_per_node=2)
+    for rank, r in enumerate(res):
+        kinds = {s[0] for s in r["spans"]}
+        assert {"kernel", "merge", "pack", "post"} <= kinds, kinds
+        summ = trace.summarize(r["spans"], r["t_rank"])
+        assert summ["other"] >= 0 and sum(summ[k] for k in ("kernel", "merge", "pack", "post", "copy",
+                                                            "wait_intra", "wait_inter")) <= r["t_rank"] + 1e-4
+        waited = {int(p) for p in summ["wait_by_peer"]}
+        # USP 2x2 on 2x2: the Ulysses partner (same node) and the ring partner (other node)
+        assert waited <= {rank ^ 1, rank ^ 2}, waited
+        posts = [e for e in r["events"] if e[0] == "post"]
+        assert sum(e[4] for e in posts) == want[rank]["intra"] + want[rank]["inter"]
+        assert all(e[3] == (e[2] // 2 != rank // 2) for e in posts)  # inter flag = other node
+
+
+def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
+    """The limit is timed and every record carries measured/limit; the bfloat16 wire runs as an
+    extra auto configuration, sends fewer bytes and reports its (larger, bounded) error."""
+    rc = cli.main(["--nproc", "2", "--out", str(tmp_path), "--seq", "128", "--heads", "4",
+                   "--head-dim", "8", "--joint-len", "0", "--iters", "1", "--no-overlap",
+                   "--no-progress", "--algorithms", "auto,ring", "--comm-dtype", "bfloat16",
+                   "--breakdown", "--trace-iters", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    by = {r["config"]: r for r in runs}
+    lim = by["auto"]["limit"]
+    assert lim["compute_s"] > 0 and lim["bound_by"] == "compute" and by["auto"]["over_limit"] > 0
+    wire = by["auto bfloat16 wire"]
+    assert wire["bytes"]["intra_total"] * 2 == by["auto"]["bytes"]["intra_total"]
+    assert 1e-5 < wire["err"] < 3e-2 and by["auto"]["err"] < 1e-5
+    assert by["auto"]["breakdown"]["per_rank"][0]["kernel"] > 0
+    assert "measured/limit" in out and "wait_inter" in out
+    assert (tmp_path / "timeline-auto-128.png").stat().st_size > 1000
