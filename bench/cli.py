@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--no-plot", action="store_true")
     out.add_argument("--no-progress", action="store_true")
     out.add_argument("--timeout", type=float, default=600.0, help="seconds per task before giving up")
+    from .matrix import add_arguments as add_matrix
+
+    add_matrix(p)
 
 
 def _ints(text: Optional[str]) -> Optional[List[int]]:
@@ -99,6 +102,10 @@ def _in_torchrun() -> bool:
 def run(args) -> int:
     from .runner import SweepSpec
 
+    if getattr(args, "matrix", False):
+        from .matrix import run_matrix
+
+        return run_matrix(args)
     if args.emulate and args.nproc:
         print("streamattn bench: --emulate and --nproc are exclusive", file=sys.stderr)
         return 2
