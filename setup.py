@@ -59,7 +59,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "triton==3.9.0; platform_machine=='x86_64'",
                  "diffusers>=0.42"],
         "gpu": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
-        "bench": ["matplotlib", "rich", "tqdm"],
+        # yunchang: the baseline of `streamattn bench` (needs only torch; its flash extra is not used)
+        "bench": ["matplotlib", "rich", "tqdm", "yunchang==0.6.4"],
         "diffusers": ["diffusers>=0.42"],
     },
     entry_points={"console_scripts": ["streamattn=streamattn.cli:main"]},
