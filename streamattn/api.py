@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms
-from .config import ulysses_chunks, validate_every_call
+from .config import ulysses_chunks_override, validate_every_call
 from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
@@ -116,7 +116,7 @@ def _run(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(transport.rank),
-                                            chunks=ulysses_chunks())
+                                            chunks=ulysses_chunks_override() or plan.chunks)
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank))

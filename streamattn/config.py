@@ -34,3 +34,8 @@ def ulysses_chunks() -> int:
     if value < 1:
         raise ValueError(f"STREAMATTN_ULYSSES_CHUNKS={raw!r} must be >= 1")
     return value
+
+
+def ulysses_chunks_override():
+    """STREAMATTN_ULYSSES_CHUNKS when set (forces the chunk count), else None: the plan's."""
+    return ulysses_chunks() if os.environ.get("STREAMATTN_ULYSSES_CHUNKS", "").strip() else None

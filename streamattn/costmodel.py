@@ -45,8 +45,8 @@ from .calibration import (measure_cpu_memory_bandwidth, measure_cpu_rate, resolv
 from .datasheet import DEVICE_MEMORY_BW  # noqa: F401
 from .plan import Candidate, Step
 from .schedule import (Msg, Phase, acc_bytes, as_dtype, attention_flops, bytes_sent, call_flops,  # noqa: F401
-                       consecutive_groups, dtype_bytes, groups_contiguous, merge_bytes, messages,
-                       per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
+                       chunk_problem, consecutive_groups, dtype_bytes, groups_contiguous, merge_bytes,
+                       messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -179,9 +179,11 @@ class CostModel:
                          tuple(sorted(kinds.items())), tuple(steps))
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
-             torus_degree: Optional[int] = None) -> Candidate:
+             torus_degree: Optional[int] = None, chunks: int = 1) -> Candidate:
         """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
-        Torus algorithm, see cost_torus)."""
+        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked)."""
+        if chunks > 1:
+            return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":
             return self.cost_torus(problem, u, torus_degree, groups, placement)
         steps: List[Step] = []
@@ -193,6 +195,54 @@ class CostModel:
             all_msgs += ph.msgs
         return self._candidate(problem, algorithm, u, problem.world_size // u, groups, placement,
                                steps, botts, all_msgs)
+
+    def cost_ulysses_chunked(self, problem, u: int, groups, chunks: int,
+                             placement: str = "consecutive") -> Candidate:
+        """Ulysses pipelined over `chunks` head groups (ulysses.py _pipelined): every chunk's
+        scatter is posted at once (packing all of them first); chunk k's attention starts when its
+        scatter has arrived (A_k = comm_time of scatters 1..k, in posting order) and the previous
+        chunk is done; its output gather is posted right after, gathers drain one after another
+        behind the compute; the joint output all-gathers (blocking) come last."""
+        sub = chunk_problem(problem, chunks)
+        ph = phases(sub, u, groups)
+        scatter = next(p for p in ph if p.name.startswith("Ulysses all-to-all q"))
+        attn = next(p for p in ph if p.name.startswith("attention"))
+        gather = next(p for p in ph if p.name.startswith("Ulysses all-to-all output"))
+        rest = [p for p in ph if p not in (scatter, attn, gather)]
+        cache: Dict[tuple, tuple] = {}
+        ranks = set(attn.compute) | set(attn.mem) | set(scatter.mem)
+        pack = max((self._local(0.0, scatter.mem.get(x, 0.0)) for x in ranks), default=0.0)
+        work = max((self._local(attn.compute.get(x, 0.0), attn.mem.get(x, 0.0) + gather.mem.get(x, 0.0))
+                    for x in ranks), default=0.0)
+        g_time, g_bott, g_kind = self._comm(gather.msgs, cache)
+        steps: List[Step] = [Step(f"pack and post the {chunks} scatters", chunks * pack, chunks * pack)]
+        end, g_done, prefix, botts, all_msgs = chunks * pack, 0.0, [], [], []
+        prev_arrive = 0.0
+        for k in range(1, chunks + 1):
+            prefix += scatter.msgs
+            arrive = chunks * pack + self.comm_time(prefix)[0]
+            start = max(end, arrive)
+            _, bott, kinds = self._comm(scatter.msgs, cache)
+            steps.append(Step(f"chunk {k}/{chunks}: scatter arrives, attend, post its gather",
+                              start - end + work, work, arrive - chunks * pack - prev_arrive, True, bott, kinds))
+            botts.append((arrive - prev_arrive, f"chunk {k} scatter: {bott}"))
+            prev_arrive = arrive - chunks * pack
+            end = start + work
+            # the gathers share the links with the scatters still in flight: FIFO behind them
+            g_done = max(g_done, end, self.comm_time(scatter.msgs * chunks)[0] + chunks * pack) + g_time
+            all_msgs += scatter.msgs + gather.msgs
+        steps.append(Step("gathers drain after the last chunk", g_done - end, 0.0, chunks * g_time, True,
+                          g_bott, g_kind))
+        botts.append((g_time, f"gather: {g_bott}"))
+        for p in rest:
+            for _ in range(chunks):
+                st, c, m, bott = self._blocking(p, cache)
+                steps.append(st)
+                botts.append((m, f"{p.name}: {bott}"))
+                all_msgs += p.msgs
+        cand = self._candidate(problem, "ulysses", u, problem.world_size // u, groups, placement,
+                               steps, botts, all_msgs)
+        return dataclasses.replace(cand, chunks=chunks)
 
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
         """Torus over `groups` (P/u Ulysses groups in team order, teams of t groups, r = P/(u*t)).

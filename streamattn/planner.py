@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Union
 from .calibration import block_shape, block_times, save_cache
 from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
                         resolve_memory_bandwidth, resolve_rate)
-from .schedule import attention_flops
+from .schedule import attention_flops, chunks_valid
 from .plan import ALGORITHMS, Candidate, Plan, _divisors
 from .problem import Problem
 from .topology import Topology
@@ -37,6 +37,11 @@ _REL_TIE = 1e-9
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
 COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
+# Head-group chunk counts costed for pure Ulysses (ulysses.py pipelines each chunk's all-to-alls
+# with the previous chunk's attention); kept only when every chunk holds whole K/V groups, and only
+# on CPU topologies (no declared peak rate), where the kernel is calibrated at the chunk's shape: on
+# GPUs smaller all-to-alls and more kernel launches cost what the model does not see.
+CHUNKS = (2, 4)
 
 
 def _algo(u: int, world: int) -> str:
@@ -63,6 +68,9 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
                 reason = ("causal attention needs each Ulysses group to hold contiguous positions "
                           "(consecutive groups)")
             out.append(Candidate(algo, u, r, groups, name, dropped=reason))
+            if algo == "ulysses" and not reason and topology.peak_flops is None:
+                out += [Candidate(algo, u, r, groups, name, chunks=c) for c in CHUNKS
+                        if chunks_valid(problem, u, c)]
     out += torus_candidates(problem, topology)
     return out
 
@@ -73,6 +81,8 @@ def torus_degree(c: Candidate) -> int:
 
 
 def label(c: Candidate) -> str:
+    if c.chunks > 1:
+        return f"{c.label} in {c.chunks} chunks"
     if c.algorithm == "torus":
         return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
                 f"[{c.placement}]")
@@ -157,7 +167,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         if not c.dropped:
             model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
-                           torus_degree=torus_degree(c))
+                           torus_degree=torus_degree(c), chunks=c.chunks)
         cands.append(c)
     model.rate = rate
 
@@ -217,8 +227,16 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                        f"{label(runner)}")
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
-                context=_context(problem, topology, rate, rate_src, mbw, mbw_src),
-                torus_degree=torus_degree(best))
+                context=_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates),
+                torus_degree=torus_degree(best), chunks=best.chunks)
+
+
+def _calibrated(block_rates) -> str:
+    if not block_rates:
+        return ""
+    parts = [f"[{b},{h},{sq},{sk},{d}] {r / 1e9:.3g}" for (b, h, sq, sk, d), r in sorted(block_rates.items())]
+    return ("\nKernel calibrated at the candidates' block shapes [B,h,Sq,Sk,D] GFLOP/s per rank: "
+            + ", ".join(parts))
 
 
 def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
@@ -411,7 +429,7 @@ def explain_plan(plan: Plan) -> str:
     for c in plan.candidates:
         mark = "* " if chosen(c) else "  "
         head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
-                f"{c.ring_degree:>3} {c.placement:<12}")
+                f"{c.ring_degree:>3} {_placement(c):<12}")
         if not c.valid:
             lines.append(f"{head} dropped: {c.dropped}")
             continue
@@ -451,6 +469,10 @@ def explain_plan(plan: Plan) -> str:
         if dropped:
             lines.append(f"{len(dropped)} candidate(s) dropped (reasons above).")
     return "\n".join(lines)
+
+
+def _placement(c) -> str:
+    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "")
 
 
 def _same(a, b) -> bool:

@@ -461,30 +461,55 @@ def torus_messages(parts: TorusParts) -> List[Tuple[str, List[Msg]]]:
     return out
 
 
-def messages(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[Tuple[str, List[Msg]]]:
+def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
+             chunks: int = 1) -> List[Tuple[str, List[Msg]]]:
     """(step name, [(src, dst, nbytes)]) for every communication step, in order.
     torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
-    groups x*t .. x*t+t-1; ring factor r = len(groups) / t)."""
+    groups x*t .. x*t+t-1; ring factor r = len(groups) / t). chunks > 1 (pure Ulysses): every
+    step of each head-group chunk (chunk_problem), chunk by chunk (same messages and bytes as the
+    code, which posts every chunk's scatter first)."""
+    if chunks > 1 and chunks_valid(problem, u, chunks):
+        sub = [(p.name, list(p.msgs)) for p in phases(chunk_problem(problem, chunks), u, groups) if p.msgs]
+        out = []
+        for c in range(chunks):
+            out += [(f"chunk {c + 1}/{chunks}: {n}", m) for n, m in sub]
+        return out
     if torus_degree is not None:
         return torus_messages(torus_parts(problem, u, torus_degree, groups))
     return [(p.name, list(p.msgs)) for p in phases(problem, u, groups) if p.msgs]
 
 
-def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[int]:
+def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None, chunks: int = 1) -> List[int]:
     """Exact payload bytes every rank sends in one forward call."""
     out = [0] * problem.world_size
-    for _, msgs in messages(problem, u, groups, torus_degree):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks):
         for a, _, n in msgs:
             out[a] += n
     return out
 
 
 
-def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None) -> List[Dict[str, int]]:
+def chunk_problem(problem, chunks: int):
+    """Chunk c of Ulysses pipelined over `chunks` head groups (ulysses.py _pipelined) is itself
+    the Ulysses problem on heads / chunks query and kv_heads / chunks K/V heads."""
+    import dataclasses
+
+    return dataclasses.replace(problem, heads=problem.heads // chunks,
+                               kv_heads=problem.kv_heads // chunks)
+
+
+def chunks_valid(problem, u: int, chunks: int) -> bool:
+    """ulysses.py runs chunked only when every chunk holds whole K/V groups."""
+    H, g = problem.heads, problem.heads // problem.kv_heads
+    return chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0
+
+
+def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,
+                   chunks: int = 1) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call: what the transport byte counters of
     the execution must read (a message is inter-node when node_of[src] != node_of[dst])."""
     out = [{"intra": 0, "inter": 0, "messages": 0} for _ in range(problem.world_size)]
-    for _, msgs in messages(problem, u, groups, torus_degree):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks):
         for a, b, n in msgs:
             out[a]["inter" if node_of[a] != node_of[b] else "intra"] += n
             out[a]["messages"] += 1

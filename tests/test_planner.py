@@ -395,7 +395,7 @@ def test_torus_first_exchange_hides_behind_the_local_block():
 class _Box:
     def __init__(self):
         self.cv = threading.Condition()
-        self.data = {}
+        self.data = defaultdict(list)  # (src, dst, tag) -> messages in posting order (FIFO, as gloo)
         self.sent = defaultdict(int)
 
 
@@ -407,9 +407,9 @@ class _Pending(Pending):
         with self.box.cv:
             for peer, buf in self.recvs:
                 key = (peer, self.me, self.tag)
-                if not self.box.cv.wait_for(lambda: key in self.box.data, timeout=30):
+                if not self.box.cv.wait_for(lambda: self.box.data.get(key), timeout=30):
                     raise TimeoutError(f"rank {self.me}: nothing from {peer} tag {self.tag}")
-                buf.copy_(self.box.data.pop(key).view(buf.shape))
+                buf.copy_(self.box.data[key].pop(0).view(buf.shape))
 
 
 class _ThreadTransport(Transport):
@@ -422,7 +422,7 @@ class _ThreadTransport(Transport):
     def exchange(self, sends, recvs, tag, count=True):
         with self.box.cv:
             for peer, t in sends:
-                self.box.data[(self.rank, peer, tag)] = t.detach().clone().reshape(-1)
+                self.box.data[(self.rank, peer, tag)].append(t.detach().clone().reshape(-1))
                 if count:
                     self.box.sent[(self.rank, peer)] += t.numel() * t.element_size()
             self.box.cv.notify_all()
@@ -447,7 +447,7 @@ def _run_threads(problem, plan, dtype):
             a, n = problem.offsets[rank], problem.seq_lens[rank]
             args = (tr, problem, q[:, a:a + n], k[:, a:a + n], v[:, a:a + n], joint)
             if plan.algorithm == "ulysses":
-                algorithms.ulysses_attention(*args)
+                algorithms.ulysses_attention(*args, chunks=plan.chunks)
             elif plan.algorithm == "ring":
                 algorithms.ring_attention(*args)
             elif plan.algorithm == "torus":
@@ -516,3 +516,49 @@ def test_cost_model_torus_bytes_equal_what_torus_sends(P, u, t, heads, kv_heads,
     assert dict(predicted) == sent
     assert bytes_sent(problem, u, groups, torus_degree=t) == [
         sum(n for (a, _), n in sent.items() if a == x) for x in range(P)]
+
+
+@pytest.mark.parametrize("P,heads,kv_heads,lens,joint,chunks", [
+    (4, 8, 8, (7, 5, 6, 6), 0, 2),
+    (4, 32, 16, (7, 5, 6, 6), 3, 2),     # GQA: whole K/V groups per chunk
+    (2, 8, 8, (5, 6), 2, 4),
+])
+def test_chunked_ulysses_bytes_equal_the_schedule(P, heads, kv_heads, lens, joint, chunks):
+    """Ulysses pipelined over head-group chunks (chosen by the planner) sends exactly what
+    streamattn.schedule says; the unchunked schedule (same bytes, fewer messages) is told apart by
+    the message count."""
+    from streamattn.schedule import chunks_valid, per_rank_bytes
+
+    dtype = torch.bfloat16
+    problem = Problem(1, heads, kv_heads, 8, dtype, lens, 8 ** -0.5, joint_len=joint)
+    groups = consecutive_groups(P, P)
+    assert chunks_valid(problem, P, chunks)
+    plan = Plan("ulysses", P, 1, groups=groups, chunks=chunks)
+    sent = _run_threads(problem, plan, dtype)
+    predicted = defaultdict(int)
+    for _, msgs in messages(problem, P, groups, chunks=chunks):
+        for a, b, n in msgs:
+            predicted[(a, b)] += n
+    assert dict(predicted) == sent
+    node_of = [0] * P
+    one = per_rank_bytes(problem, P, groups, node_of)
+    many = per_rank_bytes(problem, P, groups, node_of, chunks=chunks)
+    assert [x["intra"] for x in one] == [x["intra"] for x in many]
+    assert [x["messages"] * chunks for x in one] == [x["messages"] for x in many]
+
+
+def test_planner_costs_chunked_ulysses_and_the_plan_carries_it():
+    """On a slow inter-node link Ulysses in chunks hides part of its all-to-all behind attention,
+    so the planner prices it below unchunked Ulysses and a forced Ulysses plan takes the chunks;
+    chunk counts that split a K/V group are not candidates."""
+    problem = Problem(1, 24, 24, 32, torch.float32, (1024,) * 4, 32 ** -0.5)
+    plan = make_plan(problem, "2x2:inter=200Mbit/s", algorithm="ulysses", compute_rate=2e10,
+                     memory_bandwidth=5e9)
+    ul = {c.chunks: c for c in plan.candidates if c.algorithm == "ulysses" and c.valid}
+    assert set(ul) == {1, 2}  # 6 heads per rank: 2 chunks of 3, not 4
+    assert ul[2].predicted_s < ul[1].predicted_s
+    assert plan.chunks == 2 and "in 2 chunks" in str(plan)
+    gqa = Problem(1, 24, 6, 32, torch.float32, (1024,) * 4, 32 ** -0.5)  # groups of 4 query heads
+    assert {c.chunks for c in make_plan(gqa, "2x2:inter=200Mbit/s", compute_rate=2e10,
+                                        memory_bandwidth=5e9).candidates
+            if c.algorithm == "ulysses" and c.valid} == {1}
