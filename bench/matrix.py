@@ -89,6 +89,7 @@ def run_matrix(args) -> int:
             data = json.load(f)
         rows += summarize(data["runs"], run, args.max_load)
     total = time.monotonic() - t_all
+    _copy_timeline(runs, out)
     text = format_matrix(rows, runs, total)
     print("\n" + text)
     with open(os.path.join(out, "matrix.md"), "w") as f:
@@ -97,6 +98,21 @@ def run_matrix(args) -> int:
         json.dump({"runs": runs, "rows": rows, "seconds": total}, f, indent=1, default=str)
     print(f"\nwrote {os.path.join(out, 'matrix.md')} and matrix.json ({total / 60:.1f} min)")
     return 0 if all(r["rc"] == 0 for r in runs) else 1
+
+
+def _copy_timeline(runs, out) -> None:
+    """The README's picture: auto's timeline of the first 2x4 run (largest sequence), copied to
+    <out>/timeline-2x4.png."""
+    import glob
+    import shutil
+
+    for run in runs:
+        if run["cell"].startswith("2x4"):
+            pngs = sorted(glob.glob(os.path.join(run["dir"], "timeline-auto-*.png")),
+                          key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
+            if pngs:
+                shutil.copyfile(pngs[-1], os.path.join(out, "timeline-2x4.png"))
+                return
 
 
 def _paired(a: dict, b: dict) -> Optional[float]:

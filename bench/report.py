@@ -202,6 +202,8 @@ def format_breakdown(records: List[dict], hook_cost_s: Optional[float] = None) -
         if hook_cost_s:
             head += (f"; tracing off costs <= {bd['hooks_per_call']} hooks x {hook_cost_s * 1e9:.0f} ns"
                      f" = {100 * bd['hooks_per_call'] * hook_cost_s / bd['t']:.3f}% of the call")
+        if bd.get("traced_over_untraced"):
+            head += f"; traced/untraced call (interleaved, median) {bd['traced_over_untraced']:.3f}"
         lines.append(head)
         cols = ["rank", "total"] + list(BREAKDOWN_COLS) + ["waits by peer (ms)"]
         rows = []

@@ -192,7 +192,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
     total = sum(len(c) * spec.warmup + sum(1 for x in c if not x.get("check_only")) * spec.iters
                 + (n_overlap(c) * len(modes) * (1 + spec.overlap_iters) if spec.overlap else 0)
-                + n_overlap(c) * spec.trace_iters + (1 if spec.limit else 0)
+                + 2 * n_overlap(c) * spec.trace_iters + (1 if spec.limit else 0)
                 for _, c in plans)
     bar = _Progress(total, progress and ex.is_reporter)
     records = []
@@ -228,11 +228,14 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
                             bar.step(f"{c['name']} {mode}")
             traced = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
-            for i in range(spec.trace_iters):  # untimed-by-the-table calls under the recorder
-                for c in traced:
+            for i in range(spec.trace_iters):  # calls under the recorder (not in the latency stats),
+                for c in traced:               # each right after an untraced one: the pair's ratio is
+                    off = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed)
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed,
-                                 trace=True)
+                                 trace=True)     # what recording costs, measured interleaved
                     recs[c["name"]].setdefault("_traced", []).append(res)
+                    recs[c["name"]].setdefault("_trace_pairs", []).append(res[0]["t"] / off[0]["t"])
+                    bar.step(f"{c['name']} trace")
                     bar.step(f"{c['name']} trace")
             limit = None
             if spec.limit:
@@ -342,7 +345,9 @@ def _breakdown(traced: List[list]) -> Optional[dict]:
 def _finish(rec, ex, inter_bw, limit=None) -> dict:
     rpn, nodes = ex.ranks_per_node, ex.nodes
     bd = _breakdown(rec.pop("_traced", None))
+    pairs = rec.pop("_trace_pairs", None)
     if bd is not None:
+        bd["traced_over_untraced"] = statistics.median(pairs) if pairs else None
         rec["breakdown"] = bd
     if limit is not None:
         rec["limit"] = limit

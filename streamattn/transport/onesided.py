@@ -167,6 +167,9 @@ class OneSidedTransport(Transport):
         if count:
             for p, t in sends:
                 self._count(p, t)
+                if trace.enabled():
+                    trace.event("post", p, self.node_of[p] != self.node_of[self.rank],
+                                t.numel() * t.element_size())
         remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
         with trace.span("post"):
             msgs = []
@@ -175,8 +178,6 @@ class OneSidedTransport(Transport):
                     m = _Msg(self.local_index[p], t.contiguous(), tag, self.slot_bytes)
                     self.outq[m.peer].append(m)
                     msgs.append(m)
-                    if count:
-                        trace.event("post", p, False, t.numel() * t.element_size())
             for p, t in recvs:
                 if p in self.local_index and t.numel():
                     if not t.is_contiguous():
