@@ -107,7 +107,7 @@ def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.
 # shape each candidate runs, in every rank at the same moment (the first call of a shape, right
 # after the metadata exchange), and uses rank 0's numbers (see `agreed_block_times`).
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 Shape = Tuple[int, int, int, int, int]  # (batch, heads, query rows, key rows, head dim)
 
 
@@ -126,23 +126,31 @@ def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
     return (B, max(1, H // u), n, n, D)
 
 
+MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows
+
+
 def time_block(shape: Shape, dtype, reps: int = 3) -> float:
-    """Best-of-`reps` seconds of one `kernels.attention_with_lse` call on `shape` (after one
-    warm-up call), in this process with its current thread count."""
+    """Seconds of one `kernels.attention_with_lse` call on `shape`, in this process with its
+    current thread count: best of `reps` after one warm-up (fewer when a call takes > 50 ms), on at
+    most MAX_ROWS query rows, scaled linearly to all of them (so planning a long sequence does not
+    cost several of its own calls)."""
     from .kernels import attention_with_lse
 
     B, h, sq, sk, D = shape
+    rows = min(sq, MAX_ROWS)
     dt = as_dtype(dtype)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, h, sq, D, generator=g).to(dt)
+    q = torch.randn(B, h, rows, D, generator=g).to(dt)
     k, v = (torch.randn(B, h, sk, D, generator=g).to(dt) for _ in range(2))
+    t0 = time.perf_counter()
     attention_with_lse(q, k, v, scale=D ** -0.5)
+    first = time.perf_counter() - t0
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(reps if first < 0.05 else 1):
         t0 = time.perf_counter()
         attention_with_lse(q, k, v, scale=D ** -0.5)
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best * sq / rows
 
 
 def _machine_key(concurrent: int) -> str:

@@ -562,3 +562,56 @@ def test_planner_costs_chunked_ulysses_and_the_plan_carries_it():
     assert {c.chunks for c in make_plan(gqa, "2x2:inter=200Mbit/s", compute_rate=2e10,
                                         memory_bandwidth=5e9).candidates
             if c.algorithm == "ulysses" and c.valid} == {1}
+
+
+def test_calibration_cache_is_owner_only_atomic_and_validated(tmp_path, monkeypatch):
+    import json
+    import os
+    import stat
+
+    from streamattn import calibration
+
+    monkeypatch.setenv("STREAMATTN_CACHE_DIR", str(tmp_path / "cache"))
+    entry = "1,2,64,64,8:float32"
+    path = calibration.save_cache(4, {entry: 0.001})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert calibration.load_cache(4) == {entry: 0.001}
+    assert calibration.load_cache(2) == {}  # another number of concurrent ranks: another file
+    assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".")] == []  # no temp left
+
+    # the cache is used: nothing is timed for a cached shape
+    def must_not_time(*a, **k):
+        raise AssertionError("timed a cached shape")
+
+    monkeypatch.setattr(calibration, "time_block", must_not_time)
+    assert calibration.block_times([(1, 2, 64, 64, 8)], torch.float32, 4) == ([0.001], {})
+    good = json.loads(open(path).read())
+    for bad in ({**good, "key": "someone-else"}, {**good, "format": 0},
+                {**good, "entries": {entry: -1.0}}, {**good, "entries": {entry: "0.1"}}):
+        with open(path, "w") as f:
+            json.dump(bad, f)
+        assert calibration.load_cache(4) == {}, bad
+    with open(path, "w") as f:
+        f.write("not json")
+    assert calibration.load_cache(4) == {}
+
+
+def test_block_rates_steer_the_plan():
+    """The kernel calibrated at each candidate's block shape decides: the same problem and
+    topology pick differently when the Ulysses block is measured slow than when it is fast."""
+    from streamattn.planner import calibration_shapes, candidate_block_shape
+    from streamattn.topology import resolve_topology
+
+    problem = Problem(1, 8, 8, 32, torch.float32, (512,) * 4, 32 ** -0.5)
+    topo = "2x2:inter=10Gbit/s"
+    kw = dict(compute_rate=1e10, memory_bandwidth=5e9)
+    base = make_plan(problem, topo, **kw)
+    shapes = calibration_shapes(problem, resolve_topology(topology=topo))
+    uly = next(c for c in base.candidates if c.algorithm == "ulysses" and c.chunks == 1)
+    slow = {s: 1e10 for s in shapes}
+    slow[candidate_block_shape(problem, uly)] = 1e8
+    fast = {s: 1e8 for s in shapes}
+    fast[candidate_block_shape(problem, uly)] = 1e11
+    assert make_plan(problem, topo, block_rates=slow, **kw).algorithm != "ulysses"
+    assert make_plan(problem, topo, block_rates=fast, **kw).algorithm == "ulysses"
