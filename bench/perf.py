@@ -56,10 +56,12 @@ def _t(rec, stat) -> float:
 
 
 def plan_key(rec) -> Optional[tuple]:
-    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees); None otherwise."""
+    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, Ulysses chunks);
+    None otherwise."""
     if rec.get("kind") != "streamattn" or not rec.get("algorithm"):
         return None
-    return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"))
+    return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"),
+            rec.get("chunks", 1))
 
 
 def _timer(records: List[dict], stat: str, pool: bool):

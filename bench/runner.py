@@ -272,8 +272,8 @@ def _absorb_first(rec, res) -> None:
     errs = [r.get("err") for r in res if r.get("err") is not None]
     if errs:
         rec["err"] = max(errs)
-    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "predicted_s",
-              "transport"):
+    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "chunks",
+              "predicted_s", "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
 

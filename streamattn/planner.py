@@ -185,6 +185,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                     and ring_degree in (None, c.ring_degree))
         if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
             return algorithm == "auto" and u_forced is None
+        if c.chunks > 1 and (algorithm != "auto" or u_forced is not None):
+            return False  # a forced choice runs the classic one-shot all-to-all
         if u_forced is not None:
             return c.ulysses_degree == u_forced
         return algorithm in ("auto", "usp") or c.algorithm == algorithm

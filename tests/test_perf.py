@@ -159,12 +159,14 @@ def test_results_exact_and_plans_as_expected(sweep):
     for name, r in sweep.items():
         if not name.startswith("_"):
             assert r["err"] < 1e-5, (name, r["err"])
-    # the cost-model planner may pick USP 2x2 (Ulysses inside a node), the ring, or a Torus (intra
-    # Ulysses 2 x torus 2, or torus 4 over single ranks) when they cost about the same; never
+    # the cost-model planner may pick USP 2x2 (Ulysses inside a node), the ring, a Torus (intra
+    # Ulysses 2 x torus 2, or torus 4 over single ranks), or Ulysses pipelined in head-group chunks
+    # (its all-to-alls overlap attention) when they cost about the same; never the one-shot
     # Ulysses across nodes at this size
     a = sweep["auto"]
     assert (a["algorithm"], a["ulysses_degree"], a.get("torus_degree", 1), a["ring_degree"]) in (
-        ("usp", 2, 1, 2), ("ring", 1, 1, 4), ("torus", 2, 2, 1), ("torus", 1, 4, 1)), a["plan"]
+        ("usp", 2, 1, 2), ("ring", 1, 1, 4), ("torus", 2, 2, 1), ("torus", 1, 4, 1)) or (
+        a["algorithm"] == "ulysses" and a.get("chunks", 1) > 1), a["plan"]
     forced = sweep["auto(forced ulysses)"]
     assert forced["algorithm"] == "ulysses" and "FORCED" in forced["plan"], forced["plan"]
 

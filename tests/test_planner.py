@@ -549,19 +549,23 @@ def test_chunked_ulysses_bytes_equal_the_schedule(P, heads, kv_heads, lens, join
 
 def test_planner_costs_chunked_ulysses_and_the_plan_carries_it():
     """On a slow inter-node link Ulysses in chunks hides part of its all-to-all behind attention,
-    so the planner prices it below unchunked Ulysses and a forced Ulysses plan takes the chunks;
-    chunk counts that split a K/V group are not candidates."""
+    so the planner prices it below one-shot Ulysses; a forced algorithm="ulysses" keeps the classic
+    one-shot exchange; chunk counts that split a K/V group are not candidates; the plan carries the
+    count (str, JSON)."""
     problem = Problem(1, 24, 24, 32, torch.float32, (1024,) * 4, 32 ** -0.5)
-    plan = make_plan(problem, "2x2:inter=200Mbit/s", algorithm="ulysses", compute_rate=2e10,
-                     memory_bandwidth=5e9)
+    kw = dict(compute_rate=2e10, memory_bandwidth=5e9)
+    plan = make_plan(problem, "2x2:inter=200Mbit/s", **kw)
     ul = {c.chunks: c for c in plan.candidates if c.algorithm == "ulysses" and c.valid}
     assert set(ul) == {1, 2}  # 6 heads per rank: 2 chunks of 3, not 4
     assert ul[2].predicted_s < ul[1].predicted_s
-    assert plan.chunks == 2 and "in 2 chunks" in str(plan)
+    assert make_plan(problem, "2x2:inter=200Mbit/s", algorithm="ulysses", **kw).chunks == 1
+    p2 = Plan("ulysses", 4, 1, chunks=2)
+    assert "in 2 chunks" in str(p2) and Plan.from_json(p2.to_json()).chunks == 2
     gqa = Problem(1, 24, 6, 32, torch.float32, (1024,) * 4, 32 ** -0.5)  # groups of 4 query heads
-    assert {c.chunks for c in make_plan(gqa, "2x2:inter=200Mbit/s", compute_rate=2e10,
-                                        memory_bandwidth=5e9).candidates
+    assert {c.chunks for c in make_plan(gqa, "2x2:inter=200Mbit/s", **kw).candidates
             if c.algorithm == "ulysses" and c.valid} == {1}
+    # declared GPU machines: not costed (launch overheads and small all-to-alls are not modelled)
+    assert all(c.chunks == 1 for c in plan_for(4096, 24, 128, topology="h100x8-2node").candidates)
 
 
 def test_calibration_cache_is_owner_only_atomic_and_validated(tmp_path, monkeypatch):
