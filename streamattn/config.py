@@ -39,3 +39,13 @@ def ulysses_chunks() -> int:
 def ulysses_chunks_override():
     """STREAMATTN_ULYSSES_CHUNKS when set (forces the chunk count), else None: the plan's."""
     return ulysses_chunks() if os.environ.get("STREAMATTN_ULYSSES_CHUNKS", "").strip() else None
+
+
+def alltoall_mode() -> str:
+    """STREAMATTN_ALLTOALL: how a Ulysses exchange over a whole torch (gloo) group travels:
+    "p2p" (default: one send/receive per peer) or "collective" (ONE all_to_all_single; peers that
+    never arrive are named through the rendezvous store on timeout)."""
+    raw = os.environ.get("STREAMATTN_ALLTOALL", "p2p").strip().lower() or "p2p"
+    if raw not in ("p2p", "collective"):
+        raise ValueError(f"STREAMATTN_ALLTOALL={raw!r}: expected p2p or collective")
+    return raw

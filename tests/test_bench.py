@@ -296,3 +296,34 @@ def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
     assert by["auto"]["breakdown"]["per_rank"][0]["kernel"] > 0
     assert "measured/limit" in out and "wait_inter" in out
     assert (tmp_path / "timeline-auto-128.png").stat().st_size > 1000
+
+
+# ─────────────────────────────────────────────────── the collective all-to-all (gloo)
+
+A2A = {"STREAMATTN_ALLTOALL": "collective", "STREAMATTN_TRANSPORT": "torch"}
+
+
+@pytest.mark.parametrize("kw", [dict(seq=37, heads=8), dict(seq=40, heads=8, kv_heads=2, joint_len=5),
+                                dict(seq=36, heads=8, causal=True)])
+def test_collective_all_to_all_is_exact_and_sends_the_schedule(rank_pool, kw):
+    """Ulysses over ONE all_to_all_single per exchange (STREAMATTN_ALLTOALL=collective): exact
+    against float64 (uneven shards, GQA, joint tokens, causal) and the same payload bytes as the
+    point-to-point path."""
+    pool = rank_pool(4, env=A2A)
+    res = pool.run("streamattn.testing.cases:check_attention", algorithm="ulysses", **kw)
+    assert all(r["err"] < 1e-5 for r in res), res
+    assert all(r["joint_err"] is None or r["joint_err"] < 1e-5 for r in res), res
+    got = pool.run("streamattn.testing.cases:bytes_per_call", seq=64, heads=8, head_dim=8,
+                   algorithm="ulysses")
+    want = expected_bytes("ulysses", 4, 1, seq=64, heads=8, head_dim=8, ranks_per_node=4)
+    assert [{k: g[k] for k in ("intra", "inter", "messages")} for g in got] == want
+
+
+def test_collective_all_to_all_timeout_names_the_silent_peer(rank_pool):
+    pool = rank_pool(4, env=dict(A2A, STREAMATTN_TIMEOUT_S="3", STREAMATTN_A2A_TEST="silent"))
+    res = pool.run("streamattn.testing.perf_cases:collective_silent_peer", silent_rank=2)
+    for rank, r in enumerate(res):
+        if rank == 2:
+            continue
+        assert r["type"] == "PeerTimeoutError", r
+        assert "rank 2" in r["error"] and "never joined" in r["error"] and r["peer"] == 2, r

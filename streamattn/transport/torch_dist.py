@@ -66,6 +66,28 @@ class _TorchPending(Pending):
                 )
 
 
+class _CollectivePending(Pending):
+    """One all_to_all_single over the whole group. A wait that times out (or fails) names the
+    ranks that never entered this collective, read from their arrival marks in the store."""
+
+    def __init__(self, transport, work, tag, stamp):
+        self.transport, self.work, self.tag, self.stamp = transport, work, tag, stamp
+        self.start = time.monotonic()
+
+    def wait(self) -> None:
+        t = self.transport
+        t0 = trace.now() if trace.enabled() else 0.0
+        remaining = max(self.start + t.timeout - time.monotonic(), 0.001)
+        try:
+            ok = self.work.wait(datetime.timedelta(seconds=remaining))
+        except Exception as exc:
+            raise t.collective_error(self.tag, self.stamp, exc) from exc
+        if ok is False:
+            raise t.collective_error(self.tag, self.stamp, None)
+        if trace.enabled():
+            trace.add("wait", t0, trace.now(), None, len(set(t.node_of)) > 1)
+
+
 class TorchTransport(Transport):
     """Transport over a torch.distributed ProcessGroup (group-local ranks)."""
 
@@ -120,6 +142,55 @@ class TorchTransport(Transport):
         peer = self.global_ranks.index(int(g)) if int(g) in self.global_ranks else None
         who = self.describe_peer(peer) if peer is not None else f"global rank {g}"
         return peer, f"{who} failed first ({text})"
+
+    # -- the collective all-to-all (STREAMATTN_ALLTOALL=collective) ---------------------------
+    def all_to_all(self, send, send_splits, recv, recv_splits, tag, count=True) -> Pending:
+        """The whole group's all-to-all as ONE gloo all_to_all_single: send is 1-D, its first
+        send_splits[0] elements go to rank 0, the next send_splits[1] to rank 1, ...; recv
+        likewise (own parts included). Before posting, this rank marks its arrival in the
+        rendezvous store (one key per rank, overwritten every call), so a timed-out wait names
+        the ranks that never came."""
+        self.timeout = timeout_s()
+        e = send.element_size()
+        if count:
+            for p, n in enumerate(send_splits):
+                if p != self.rank and n:
+                    cls = "inter" if self.node_of[p] != self.node_of[self.rank] else "intra"
+                    setattr(self.counters, cls, getattr(self.counters, cls) + n * e)
+                    self.counters.messages += 1
+                    trace.event("post", p, cls == "inter", n * e)
+        stamp = f"{self.calls}:{tag}"
+        if self._store is not None:
+            try:
+                self._store.set(f"{self._uid}/a2a/{self.global_ranks[self.rank]}", stamp)
+            except Exception:
+                pass
+        with trace.span("post"):
+            work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits),
+                                          group=self.group, async_op=True)
+        return _CollectivePending(self, work, tag, stamp)
+
+    def collective_error(self, tag, stamp, exc):
+        """PeerTimeoutError (or PeerError) naming the ranks whose arrival mark is not `stamp`."""
+        missing = []
+        if self._store is not None:
+            for p, g in enumerate(self.global_ranks):
+                try:
+                    key = f"{self._uid}/a2a/{g}"
+                    seen = self._store.get(key).decode() if self._store.check([key]) else ""
+                except Exception:
+                    seen = "?"
+                # a rank that marked this call (any of its collectives) did join it
+                if seen.partition(":")[0] != stamp.partition(":")[0]:
+                    missing.append(p)
+        who = ", ".join(self.describe_peer(p) for p in missing) or "unknown ranks"
+        if exc is not None and "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            return PeerError(f"streamattn: all-to-all (tag {tag}) failed: {str(exc).splitlines()[0]} "
+                             f"(ranks that never joined it: {who})", missing[0] if missing else None)
+        return PeerTimeoutError(
+            f"streamattn: timed out after {self.timeout:.0f}s in a collective all-to-all (tag {tag}) "
+            f"waiting for {who}, which never joined it. A rank may have died, be stuck, or be making a "
+            "different call (STREAMATTN_TIMEOUT_S sets the limit)", missing[0] if missing else None)
 
     def describe_peer(self, peer: int) -> str:
         g = self.global_ranks[peer]

@@ -1,0 +1,27 @@
+"""Rank-pool tasks for the performance paths (issue 12): the collective all-to-all's timeout."""
+from __future__ import annotations
+
+import os
+import time
+
+import streamattn
+
+from .cases import _shard, make_inputs, split_lengths
+
+
+def collective_silent_peer(rank, world_size, *, silent_rank, seq=32, heads=4):
+    """STREAMATTN_ALLTOALL=collective: every rank makes one Ulysses call (plan and metadata agreed);
+    then silent_rank skips the second call and the others must time out in the collective
+    all-to-all naming it."""
+    q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    streamattn.attention(ql, kl, vl, algorithm="ulysses")
+    if rank == silent_rank:
+        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
+        return {"type": None, "error": None, "peer": None}
+    try:
+        streamattn.attention(ql, kl, vl, algorithm="ulysses")
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "peer": getattr(exc, "peer", None)}
+    return {"type": None, "error": None, "peer": None}
