@@ -170,7 +170,6 @@ class OneSidedTransport(Transport):
                 if trace.enabled():
                     trace.event("post", p, self.node_of[p] != self.node_of[self.rank],
                                 t.numel() * t.element_size())
-        remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
         with trace.span("post"):
             msgs = []
             for p, t in sends:
@@ -185,6 +184,8 @@ class OneSidedTransport(Transport):
                     m = _Msg(self.local_index[p], t, tag, self.slot_bytes)
                     self.inq[m.peer].append(m)
                     msgs.append(m)
+        remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
+        with trace.span("post"):  # (the base transport's posting is its own span)
             self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
         return _OneSidedPending(self, msgs, remote)
 
