@@ -75,7 +75,9 @@ def run_matrix(args) -> int:
                 cmd.append("--no-progress")
             load0, t0 = _load(), time.monotonic()
             print(f"\n=== {cell} {shape}: {' '.join(cmd[1:])}  (load {load0:.2f})", flush=True)
-            rc = subprocess.call(cmd)
+            # the kernel calibration is measured in this run (idle), never read from an older one
+            env = dict(os.environ, STREAMATTN_CACHE_DIR=os.path.join(out, "cache"))
+            rc = subprocess.call(cmd, env=env)
             runs.append({"cell": cell, "shape": shape, "dir": sub, "rc": rc, "load_before": load0,
                          "load_after": _load(), "seconds": time.monotonic() - t0})
             print(f"=== {cell} {shape}: exit {rc} after {runs[-1]['seconds']:.0f} s "
