@@ -131,7 +131,8 @@ def summarize(records: List[dict], run: dict, max_load: float) -> List[dict]:
         auto = next((r for r in rs if r["config"] == "auto"), None)
         if auto is None:
             continue
-        fixed = [r for r in rs if r["kind"] == "streamattn" and r["cfg"].get("algorithm") in FIXED]
+        fixed = [r for r in rs if r["kind"] == "streamattn" and r["cfg"].get("algorithm") in FIXED
+                 and not r["cfg"].get("comm_dtype") and not r["cfg"].get("force_auto")]
         yc = [r for r in rs if r["kind"] == "yunchang" and not r["cfg"].get("check_only")]
         med = lambda r: r["latency_s"]["median"]  # noqa: E731
         best_fixed = min(fixed, key=med) if fixed else None

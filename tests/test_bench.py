@@ -327,3 +327,36 @@ def test_collective_all_to_all_timeout_names_the_silent_peer(rank_pool):
             continue
         assert r["type"] == "PeerTimeoutError", r
         assert "rank 2" in r["error"] and "never joined" in r["error"] and r["peer"] == 2, r
+
+
+def test_matrix_rows_and_checks_from_records():
+    """bench --matrix's summary of one run: best fixed / yunchang's best / limit ratios and the
+    acceptance checks (a slow auto is flagged, a loaded run too)."""
+    from streamattn.bench.matrix import format_matrix, summarize
+
+    def rec(name, kind, algo, ts, **kw):
+        cfg_algo = "auto" if name.startswith("auto") else algo
+        return {"config": name, "kind": kind, "cfg": {"algorithm": cfg_algo, **kw.pop("cfg", {})},
+                "algorithm": algo, "ulysses_degree": 2, "ring_degree": 2, "shape": {"seq": 1024, "joint_len": 0},
+                "latency_s": {"median": sorted(ts)[len(ts) // 2], "all": ts}, **kw}
+
+    lim = {"limit_s": 0.100, "bound_by": "wire", "compute_s": 0.08, "wire_s": 0.100}
+    records = [rec("auto", "streamattn", "usp", [0.105, 0.106], limit=lim, predicted_s=0.1, err=1e-7),
+               rec("usp 2x2", "streamattn", "usp", [0.104, 0.107]),
+               rec("ulysses 4", "streamattn", "ulysses", [0.2, 0.21]),
+               rec("yunchang 2x2", "yunchang", None, [0.16, 0.17]),
+               rec("auto bfloat16 wire", "streamattn", "usp", [0.09, 0.09], err=4e-3,
+                   cfg={"comm_dtype": "bfloat16"})]
+    run = {"cell": "2x2:200mbit", "shape": "flux", "load_before": 0.1, "load_after": 0.2, "seconds": 60, "rc": 0}
+    (row,) = summarize(records, run, 0.5)
+    assert row["best_fixed"] == "usp 2x2" and row["yunchang_best"] == "yunchang 2x2"
+    assert row["auto_over_limit"] == pytest.approx(1.06, abs=0.01)
+    assert row["auto_vs_yunchang"] == pytest.approx(0.17 / 0.106, rel=1e-3)
+    assert row["bf16_wire_err"] == 4e-3
+    assert row["checks"] == []  # within 1.10x of the limit, 1.56x over yunchang
+    slow = [dict(records[0], latency_s={"median": 0.2, "all": [0.2, 0.2]})] + records[1:]
+    (bad,) = summarize(slow, dict(run, load_before=3.0), 0.5)
+    assert any("limit" in c for c in bad["checks"]) and any("LOADED" in c for c in bad["checks"])
+    assert any("1.4x yunchang" in c for c in bad["checks"])
+    text = format_matrix([row, bad], [run], 60.0)
+    assert "| 2x2:200mbit | flux | 1024+0 | wire |" in text and "total 1.0 min" in text
