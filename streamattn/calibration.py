@@ -231,14 +231,18 @@ def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
     return path
 
 
-def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True) -> Tuple[list, Dict[str, float]]:
-    """Seconds of one kernel call on each shape: from this machine's cache, else measured now.
-    Returns (times, newly measured {entry: seconds})."""
+def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
+                rounds: int = 2) -> Tuple[list, Dict[str, float]]:
+    """Seconds of one kernel call on each shape: from this machine's cache, else measured now,
+    the missing shapes interleaved over `rounds` rounds (best per shape), so load that comes and
+    goes while calibrating biases no shape against another. Returns (times, newly measured
+    {entry: seconds})."""
     cached = load_cache(concurrent) if use_cache else {}
-    times, new = [], {}
-    for s in shapes:
-        key = _entry(s, dtype)
-        if key not in cached:
-            new[key] = cached[key] = time_block(s, dtype)
-        times.append(cached[key])
-    return times, new
+    todo = [s for s in dict.fromkeys(shapes) if _entry(s, dtype) not in cached]
+    new: Dict[str, float] = {}
+    for _ in range(max(1, rounds)):
+        for s in todo:
+            key = _entry(s, dtype)
+            new[key] = min(new.get(key, float("inf")), time_block(s, dtype, reps=1))
+    cached.update(new)
+    return [cached[_entry(s, dtype)] for s in shapes], new
