@@ -360,3 +360,19 @@ def test_matrix_rows_and_checks_from_records():
     assert any("1.4x yunchang" in c for c in bad["checks"])
     text = format_matrix([row, bad], [run], 60.0)
     assert "| 2x2:200mbit | flux | 1024+0 | wire |" in text and "total 1.0 min" in text
+
+
+def test_comm_dtype_must_agree_and_is_bounded(rank_pool):
+    """comm_dtype=torch.bfloat16 on every rank: bounded error (not exact); on some ranks only: the
+    same ValueError on every rank, no hang; with float16 inputs: a clear error everywhere."""
+    pool = rank_pool(4, env={"STREAMATTN_TRANSPORT": "torch"})
+    run = "streamattn.testing.perf_cases:comm_dtype_call"
+    ok = pool.run(run, wire_ranks=[0, 1, 2, 3], seq=36)
+    assert all(r["type"] is None and 1e-5 < r["err"] < 3e-2 for r in ok), ok
+    exact = pool.run(run, wire_ranks=[], seq=36)
+    assert all(r["err"] < 1e-5 for r in exact), exact
+    mixed = pool.run(run, wire_ranks=[1], seq=40)
+    assert len({r["error"] for r in mixed}) == 1 and all(r["type"] == "ValueError" for r in mixed), mixed
+    assert "disagree on comm_dtype" in mixed[0]["error"] and "rank 1: torch.bfloat16" in mixed[0]["error"]
+    half = pool.run(run, wire_ranks=[0, 1, 2, 3], seq=44, dtype="float16")
+    assert all(r["type"] == "ValueError" and "float32 or bfloat16" in r["error"] for r in half), half
