@@ -6,7 +6,13 @@ import time
 
 import streamattn
 
-from .cases import _shard, make_inputs, split_lengths
+from .cases import make_inputs, split_lengths
+
+
+def _shard(x, lens, rank):
+    """Rank `rank`'s tokens of x [B, S, ...] split by `lens`."""
+    start = sum(lens[:rank])
+    return x[:, start:start + lens[rank]].contiguous()
 
 
 def collective_silent_peer(rank, world_size, *, silent_rank, seq=32, heads=4):
