@@ -12,8 +12,10 @@ exchange()/wait() calls, not during compute.
 
 Time model:
 - compute: FLOPs / rate, FLOPs = 4*B*(visible query-key pairs)*h*D per attention block (causal
-  blocks count only the pairs the mask keeps). rate = topology.peak_flops, a declared or measured
-  rate passed in, or `measure_cpu_rate()`.
+  blocks count only the pairs the mask keeps; fully masked causal ring steps cost nothing). rate =
+  topology.peak_flops, a declared or measured rate passed in, or `measure_cpu_rate()`; on CPUs
+  the planner sets it per candidate from the kernel timed at that candidate's block shape
+  (streamattn.calibration, `make_plan(block_rates=...)`).
 - one communication step (all its messages in flight at once) costs the time of its slowest
   resource, each via `Link.transfer_time(nbytes, concurrent)` = latency + bytes / bandwidth share:
     * pair: every message alone on its link;
@@ -26,13 +28,13 @@ Time model:
       it (modelled as ``shared_by = ranks of the socket`` when the topology leaves it at 1).
     Both directions are checked (sends at the sender, receives at the receiver).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
-  max(compute, comm). Torus: see CostModel.cost_torus (each block waits only for its own
+  max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
   early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
   two agree).
 
-Not modelled: kernel launch overheads, compute efficiency below the declared rate, the backward
-pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
+Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
+that moving bytes costs (shm memcpy, the kernel's TCP stack), the backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
 """
 from __future__ import annotations
 
