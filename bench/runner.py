@@ -192,7 +192,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
     total = sum(len(c) * spec.warmup + sum(1 for x in c if not x.get("check_only")) * spec.iters
                 + (n_overlap(c) * len(modes) * (1 + spec.overlap_iters) if spec.overlap else 0)
-                + 2 * n_overlap(c) * spec.trace_iters + (1 if spec.limit else 0)
+                + 2 * n_overlap(c) * spec.trace_iters + (2 if spec.limit else 0)
                 for _, c in plans)
     bar = _Progress(total, progress and ex.is_reporter)
     records = []
@@ -202,6 +202,9 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                      f"{shape['heads']} heads x {shape['head_dim']}, batch {shape['batch']}: "
                      f"{len(cfgs)} configurations")
             recs = {c["name"]: _new_record(shape, c, world) for c in cfgs}
+            # the limit's compute half, timed before the configurations and again after them
+            # (min of both: load that comes and goes while the shape runs inflates only one)
+            first_limit = ex.run("bench_limit", shape=shape, seed=spec.seed)[0] if spec.limit else None
             for c in cfgs:  # warm-up (the first call plans, agrees metadata and is checked)
                 for w in range(spec.warmup):
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full",
@@ -239,8 +242,9 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                     bar.step(f"{c['name']} trace")
             limit = None
             if spec.limit:
+                bar.step("limit")
                 res = ex.run("bench_limit", shape=shape, seed=spec.seed)
-                limit = _limit(shape, ex, inter_bw, res[0]["t"], res[0]["threads"])
+                limit = _limit(shape, ex, inter_bw, min(res[0]["t"], first_limit["t"]), res[0]["threads"])
                 bar.step("limit")
             for c in cfgs:
                 records.append(_finish(recs[c["name"]], ex, inter_bw, limit))
