@@ -67,7 +67,8 @@ setup(
         "gpu": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
         "gpu-cu13": ["flash-attn", "nvshmem4py-cu13==0.4.1", "nvidia-ml-py"],
         "gpu-cu12": ["flash-attn", "nvshmem4py-cu12==0.4.1", "nvidia-ml-py"],
-        "bench": ["matplotlib", "rich", "tqdm"],
+        # yunchang: the baseline of `streamattn bench` (needs only torch; its flash extra is not used)
+        "bench": ["matplotlib", "rich", "tqdm", "yunchang==0.6.4"],
         "diffusers": ["diffusers>=0.42"],
     },
     entry_points={"console_scripts": ["streamattn=streamattn.cli:main"]},

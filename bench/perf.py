@@ -1,23 +1,14 @@
 """Perf-regression checks over sweep records (used by tests/test_perf.py), and the exact payload bytes
-each algorithm sends, derived from ALGORITHMS.md's volumes and what the code actually sends.
+each algorithm sends.
 
-Per rank, P = M·G ranks, shard S_l = S/P tokens, H heads (H_kv = H), D head dim, b bytes/element,
-no joint tokens; "peer" ranks of a Ulysses group / ring are group ranks:
+The bytes come from the one message schedule (streamattn.schedule), the same the cost model times;
+the tests hold the execution's transport byte counters to it, and `doc_inter_elements_per_rank`
+restates ALGORITHMS.md's closed forms only to cross-check the schedule against the design notes:
 
-* Ulysses over u members: one message per peer with that peer's q, k and v head slices
-  (S_l · H/u · 3D elements), then one message per peer with its output slice (S_l · H/u · D).
-  Per peer 4·S_l·H·D/u elements; summed over the u−1 peers that is ALGORITHMS.md's 4(u−1)/u · E/P.
-* Ring over r members: r−1 steps, each one message of K and V stacked ([2, S_seg, h, D]) to the
-  next member. Pure ring: S_seg = S_l, h = H → 2(P−1)·E/P per rank.
-* USP u × r: Ulysses inside the group (as above, u peers), then a ring over the r groups whose
-  blocks are the group's u·S_l tokens for H/u heads: (r−1) · 2 · u·S_l · H/u · D = 2(r−1)·E/P.
-* Torus u × t × r (consecutive groups of u, teams of t groups, r teams): Ulysses inside the group
-  (as above), then to each of the t−1 other members of the team (same position in its group) one
-  message with q, k, v of the group's u·S_l tokens for that member's H/(u·t) heads
-  (3 · u·S_l · H/(u·t) · D) and, when final, one message with the output of that member's group's
-  tokens for my heads (u·S_l · H/(u·t) · D); with u = G and t = M that is 4(M−1)/M · E/P across
-  nodes, ALGORITHMS.md's Torus row. Ring factor r > 1: r−1 messages of the team's K and V
-  (2 · t·u·S_l · H/(u·t) · D = 2·E/P each) to the same member of the next team.
+* Ulysses over u members: per peer q, k, v of its heads then its output slice: 4(u-1)/u · E/P.
+* Ring over r members: r-1 steps of K and V stacked: 2(P-1)·E/P per rank.
+* USP u x r: Ulysses inside the group, then 2(r-1)·E/P around the ring of groups.
+* Torus u x t x r with u = G, t = M: 4(M-1)/M · E/P across nodes.
 A message counts as inter-node when its peer is on another node (node = rank // G).
 """
 from __future__ import annotations
@@ -30,71 +21,21 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
                    ranks_per_node: int, batch: int = 1, elem: int = 4,
                    groups: Optional[List[List[int]]] = None, t: int = 1) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call (non-causal, no joint tokens,
-    S divisible by P). groups: the plan's Ulysses groups (default consecutive ranks).
-    t: the torus degree (algorithm "torus" only)."""
-    if algorithm == "torus":
-        return _torus_bytes(u, t, r, seq=seq, heads=heads, head_dim=head_dim,
-                            ranks_per_node=ranks_per_node, batch=batch, elem=elem)
-    P = u * r
-    if seq % P:
-        raise ValueError("expected_bytes assumes equal shards")
-    S_l, H, D, B = seq // P, heads, head_dim, batch
-    node = lambda x: x // ranks_per_node
-    groups = groups or [list(range(g * u, (g + 1) * u)) for g in range(r)]
-    out = []
-    for rank in range(P):
-        acc = {"intra": 0, "inter": 0, "messages": 0}
+    S divisible by P), from streamattn.schedule. groups: the plan's Ulysses groups (default
+    consecutive ranks). t: the torus degree (algorithm "torus" only). elem: bytes per element."""
+    import torch
 
-        def send(peer, elements):
-            acc["inter" if node(peer) != node(rank) else "intra"] += elements * elem
-            acc["messages"] += 1
+    from streamattn.problem import Problem
+    from streamattn.schedule import consecutive_groups, per_rank_bytes
 
-        grp = next(g for g in groups if rank in g)
-        j = grp.index(rank)
-        if u > 1:  # Ulysses scatter (q, k, v) and gather (out): one message per peer each
-            for peer in grp:
-                if peer != rank:
-                    send(peer, B * S_l * (H // u) * 3 * D)
-                    send(peer, B * S_l * (H // u) * D)
-        if r > 1:  # ring over member j of every group
-            ring = [g[j] for g in groups]
-            me = ring.index(rank)
-            nxt = ring[(me + 1) % r]
-            for _ in range(r - 1):
-                send(nxt, 2 * B * (u * S_l) * (H // u) * D)
-        out.append(acc)
-    return out
-
-
-def _torus_bytes(u, t, r, *, seq, heads, head_dim, ranks_per_node, batch, elem):
-    P = u * t * r
-    if seq % P or heads % (u * t):
-        raise ValueError("expected_bytes assumes equal shards and u*t dividing the heads")
-    S_l, H, D, B = seq // P, heads, head_dim, batch
-    h = H // (u * t)
-    node = lambda x: x // ranks_per_node  # noqa: E731
-    out = []
-    for rank in range(P):
-        acc = {"intra": 0, "inter": 0, "messages": 0}
-
-        def send(peer, elements):
-            acc["inter" if node(peer) != node(rank) else "intra"] += elements * elem
-            acc["messages"] += 1
-
-        gi, g = divmod(rank, u)
-        team, m = divmod(gi, t)
-        for peer in range(gi * u, (gi + 1) * u):  # Ulysses scatter and gather inside the group
-            if peer != rank:
-                send(peer, B * S_l * (H // u) * 3 * D)
-                send(peer, B * S_l * (H // u) * D)
-        for k in range(1, t):  # q, k, v out to every other team member, outputs home to it
-            peer = (team * t + (m + k) % t) * u + g
-            send(peer, 3 * B * u * S_l * h * D)
-            send(peer, B * u * S_l * h * D)
-        for _ in range(r - 1):  # the team's K, V around the ring of teams
-            send((((team + 1) % r) * t + m) * u + g, 2 * B * t * u * S_l * h * D)
-        out.append(acc)
-    return out
+    P = u * r * (t if algorithm == "torus" else 1)
+    if seq % P or (algorithm == "torus" and heads % (u * t)):
+        raise ValueError("expected_bytes assumes equal shards (and u*t dividing the heads for torus)")
+    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[elem]
+    problem = Problem(batch, heads, heads, head_dim, dtype, (seq // P,) * P, head_dim ** -0.5)
+    groups = [tuple(g) for g in groups] if groups else consecutive_groups(P, u)
+    node_of = [x // ranks_per_node for x in range(P)]
+    return per_rank_bytes(problem, u, groups, node_of, torus_degree=t if algorithm == "torus" else None)
 
 
 def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int = 1) -> float:
@@ -115,10 +56,12 @@ def _t(rec, stat) -> float:
 
 
 def plan_key(rec) -> Optional[tuple]:
-    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees); None otherwise."""
+    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, Ulysses chunks);
+    None otherwise."""
     if rec.get("kind") != "streamattn" or not rec.get("algorithm"):
         return None
-    return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"))
+    return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"),
+            rec.get("chunks", 1))
 
 
 def _timer(records: List[dict], stat: str, pool: bool):

@@ -17,7 +17,7 @@ def _mb(x) -> str:
 
 def format_table(records: List[dict]) -> str:
     """One line per run, grouped by shape; ratios against the fastest configuration of the shape."""
-    cols = ["config", "plan", "median ms", "min", "max", "vs best", "pred ms", "intra MB", "inter MB",
+    cols = ["config", "plan", "median ms", "min", "max", "vs best", "/limit", "pred ms", "intra MB", "inter MB",
             "wire MB", "inter Mbit/s", "compute ms", "comm ms", "overlap", "max err"]
     lines = []
     shapes = []
@@ -50,6 +50,7 @@ def format_table(records: List[dict]) -> str:
             table.append([
                 r["config"], plan, _ms(med), _ms(lat.get("min")), _ms(lat.get("max")),
                 "-" if med is None or not best else f"{med / best:.2f}x",
+                "-" if r.get("over_limit") is None else f"{r['over_limit']:.2f}x",
                 _ms(r.get("predicted_s")),
                 _mb(b.get("intra_total")), _mb(b.get("inter_total")),
                 _mb(sum(r["wire_tx_per_node"]) if r.get("wire_tx_per_node") else None),
@@ -68,7 +69,8 @@ def format_table(records: List[dict]) -> str:
     legend = [
         "",
         "median/min/max: wall time of one call, slowest rank, over the timed iterations (configurations "
-        "interleaved). vs best: median / fastest median of the shape.",
+        "interleaved). vs best: median / fastest median of the shape. /limit: median / max(whole "
+        "attention on all cores in one process, fewest inter-node bytes any plan needs at the link rate).",
         "intra/inter MB: payload bytes sent per call, all ranks, by link class (streamattn's transport "
         "counters; yunchang has none). wire MB: bytes all node uplinks transmitted per call (emulated cluster: "
         "veth tx counters, incl. headers and ACKs; covers yunchang too). inter Mbit/s: busiest node's inter-node payload / median.",
@@ -175,3 +177,113 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ─────────────────────────────────────────────────────────── breakdown, limit, timeline
+
+BREAKDOWN_COLS = ("kernel", "merge", "pack", "post", "copy", "wait_intra", "wait_inter", "other")
+
+
+def format_breakdown(records: List[dict], hook_cost_s: Optional[float] = None) -> str:
+    """Per configuration and rank: where the median traced call's time went (ms), and the limit."""
+    lines = []
+    for r in records:
+        bd = r.get("breakdown")
+        if not bd:
+            continue
+        s = r["shape"]
+        head = (f"\n{r['config']} (seq {s['seq']} + text {s.get('joint_len', 0)}, {s['heads']}x"
+                f"{s['head_dim']}): traced call {bd['t'] * 1e3:.1f} ms")
+        lim = r.get("limit")
+        if lim:
+            head += (f"; limit {lim['limit_s'] * 1e3:.1f} ms ({lim['bound_by']}: compute "
+                     f"{(lim['compute_s'] or 0) * 1e3:.1f} ms on {lim['compute_threads']} cores, wire "
+                     f"{lim['wire_s'] * 1e3:.1f} ms)")
+        if hook_cost_s:
+            head += (f"; tracing off costs <= {bd['hooks_per_call']} hooks x {hook_cost_s * 1e9:.0f} ns"
+                     f" = {100 * bd['hooks_per_call'] * hook_cost_s / bd['t']:.3f}% of the call")
+        if bd.get("traced_over_untraced"):
+            head += f"; traced/untraced call (interleaved, median) {bd['traced_over_untraced']:.3f}"
+        lines.append(head)
+        cols = ["rank", "total"] + list(BREAKDOWN_COLS) + ["waits by peer (ms)"]
+        rows = []
+        for i, pr in enumerate(bd["per_rank"]):
+            peers = ", ".join(f"{p}:{v * 1e3:.1f}" for p, v in sorted(pr["wait_by_peer"].items(),
+                                                                        key=lambda x: int(x[0])))
+            rows.append([str(i), f"{pr['total'] * 1e3:.1f}"] + [f"{pr[c] * 1e3:.1f}" for c in BREAKDOWN_COLS]
+                        + [peers or "-"])
+        w = [max(len(c), *(len(x[j]) for x in rows)) for j, c in enumerate(cols)]
+        lines.append("  " + "  ".join(c.rjust(w[j]) if j < len(cols) - 1 else c for j, c in enumerate(cols)))
+        for x in rows:
+            lines.append("  " + "  ".join(v.rjust(w[j]) if j < len(cols) - 1 else v for j, v in enumerate(x)))
+    if lines:
+        lines.append("\nms per rank in one traced call: kernel = local attention, merge = LSE merges, pack = "
+                     "packing/concat/transposes around messages, post = handing messages to the "
+                     "transport (shm: the memcpy into the peer), copy = shm copy-out, wait_intra / "
+                     "wait_inter = blocked on a peer on this / another node, other = the rest (Python, "
+                     "allocation, output layout).")
+    return "\n".join(lines)
+
+
+def format_limits(records: List[dict]) -> str:
+    """measured / limit and predicted / measured per configuration."""
+    lines = []
+    for r in records:
+        lat = r.get("latency_s")
+        lim = r.get("limit")
+        if not lat or not lim:
+            continue
+        pred = r.get("predicted_s")
+        lines.append(f"  {r['config']:<24} {lat['median'] * 1e3:9.1f} ms  measured/limit "
+                     f"{r['over_limit']:.2f}x  " + (f"predicted/measured {pred / lat['median']:.2f}" if pred else ""))
+    if not lines:
+        return ""
+    lim = next(r["limit"] for r in records if r.get("limit"))
+    return ("\nlimit = max(whole attention on all cores, inter-node bytes at the link rate); "
+            f"first shape: {lim['limit_s'] * 1e3:.1f} ms, bound by {lim['bound_by']}\n" + "\n".join(lines))
+
+
+KIND_COLORS = {"kernel": "#1f77b4", "merge": "#9467bd", "pack": "#ff7f0e", "post": "#2ca02c",
+               "copy": "#bcbd22", "wait_intra": "#c7c7c7", "wait_inter": "#d62728"}
+
+
+def write_timeline(path: str, rec: dict) -> Optional[str]:
+    """A Gantt chart of one traced call of `rec`: one row per rank, its spans coloured by kind,
+    each message's post as a tick (inter-node: red). Returns None, or why nothing was written."""
+    bd = rec.get("breakdown")
+    if not bd:
+        return "no traced call in this record"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no timeline"
+    tl = bd["timeline"]
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(tl) + 1.8))
+    for row in tl:
+        y, off = row["rank"], row["offset_s"]
+        for kind, a, b, peer, inter, _ in row["spans"]:
+            k = ("wait_inter" if inter else "wait_intra") if kind == "wait" else kind
+            ax.broken_barh([((off + a) * 1e3, max(b - a, 1e-6) * 1e3)], (y - 0.35, 0.7),
+                           facecolors=KIND_COLORS.get(k, "#7f7f7f"), linewidth=0)
+        for kind, a, peer, inter, nbytes in row["events"]:
+            ax.plot([(off + a) * 1e3] * 2, [y - 0.45, y + 0.45], color="#d62728" if inter else "#2ca02c",
+                    linewidth=0.8)
+        ax.plot([(off + row["total_s"]) * 1e3], [y], marker="|", color="black", markersize=14)
+    ax.set_yticks([row["rank"] for row in tl])
+    ax.set_yticklabels([f"rank {row['rank']}" for row in tl])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the first rank entered the call (ticks: message posts, red = inter-node; "
+                  "| = call returns)", fontsize=8)
+    s = rec["shape"]
+    ax.set_title(f"{rec['config']}: seq {s['seq']} + text {s.get('joint_len', 0)}, {s['heads']}x"
+                 f"{s['head_dim']}, one call {bd['t'] * 1e3:.0f} ms", fontsize=10)
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLORS.items()], fontsize=7,
+              ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -70,7 +70,8 @@ def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
 
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
-                 force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None) -> list:
+                 force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None,
+                 comm_dtype: Optional[str] = None) -> list:
     """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
     (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
     cfgs = []
@@ -93,6 +94,9 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
                 if not degrees or (u, r) in degrees:
                     cfgs.append({"name": f"torus {u}x{t}x{r}", "kind": "streamattn", "algorithm": "torus",
                                  "ulysses_degree": u, "ring_degree": r, "torus_degree": t})
+    if comm_dtype and "auto" in algorithms:
+        cfgs.append({"name": f"auto {comm_dtype} wire", "kind": "streamattn", "algorithm": "auto",
+                     "comm_dtype": comm_dtype})
     if force_auto:
         cfgs.append({"name": f"auto(forced {force_auto})", "kind": "streamattn", "algorithm": "auto",
                      "force_auto": force_auto})
@@ -128,6 +132,9 @@ class SweepSpec:
     yunchang_native: bool = False
     force_auto: Optional[str] = None
     seed: int = 0
+    trace_iters: int = 2   # traced calls per streamattn configuration (breakdown, timeline); 0: none
+    limit: bool = True     # time the limit's compute half (whole attention, all cores, one process)
+    comm_dtype: Optional[str] = None  # "bfloat16": also run auto with the reduced-precision wire
 
 
 class _Progress:
@@ -176,14 +183,16 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
     for shape in spec.shapes:
         cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
                             spec.yunchang_native, spec.force_auto,
-                            ranks_per_node=getattr(ex, "ranks_per_node", None))
+                            ranks_per_node=getattr(ex, "ranks_per_node", None),
+                            comm_dtype=spec.comm_dtype)
         cfgs = [c for c in cfgs if c["kind"] != "yunchang"
                 or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
         plans.append((shape, cfgs))
-    n_overlap = lambda cfgs: sum(1 for c in cfgs if c["kind"] == "streamattn" and not c.get("force_auto"))
+    n_overlap = lambda cfgs: sum(1 for c in cfgs if _overlap_cfg(c))
     modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
     total = sum(len(c) * spec.warmup + sum(1 for x in c if not x.get("check_only")) * spec.iters
                 + (n_overlap(c) * len(modes) * (1 + spec.overlap_iters) if spec.overlap else 0)
+                + 2 * n_overlap(c) * spec.trace_iters + (2 if spec.limit else 0)
                 for _, c in plans)
     bar = _Progress(total, progress and ex.is_reporter)
     records = []
@@ -193,6 +202,9 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                      f"{shape['heads']} heads x {shape['head_dim']}, batch {shape['batch']}: "
                      f"{len(cfgs)} configurations")
             recs = {c["name"]: _new_record(shape, c, world) for c in cfgs}
+            # the limit's compute half, timed before the configurations and again after them
+            # (min of both: load that comes and goes while the shape runs inflates only one)
+            first_limit = ex.run("bench_limit", shape=shape, seed=spec.seed)[0] if spec.limit else None
             for c in cfgs:  # warm-up (the first call plans, agrees metadata and is checked)
                 for w in range(spec.warmup):
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full",
@@ -207,7 +219,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                     _absorb_timed(recs[c["name"]], res)
                     bar.step(c["name"])
             if spec.overlap:
-                ocfgs = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
+                ocfgs = [c for c in timed if _overlap_cfg(c)]
                 for mode in modes:
                     for c in ocfgs:
                         ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
@@ -218,11 +230,32 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                             res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
                             bar.step(f"{c['name']} {mode}")
+            traced = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
+            for i in range(spec.trace_iters):  # calls under the recorder (not in the latency stats),
+                for c in traced:               # each right after an untraced one: the pair's ratio is
+                    off = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed)
+                    res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed,
+                                 trace=True)     # what recording costs, measured interleaved
+                    recs[c["name"]].setdefault("_traced", []).append(res)
+                    recs[c["name"]].setdefault("_trace_pairs", []).append(res[0]["t"] / off[0]["t"])
+                    bar.step(f"{c['name']} trace")
+                    bar.step(f"{c['name']} trace")
+            limit = None
+            if spec.limit:
+                bar.step("limit")
+                res = ex.run("bench_limit", shape=shape, seed=spec.seed)
+                limit = _limit(shape, ex, inter_bw, min(res[0]["t"], first_limit["t"]), res[0]["threads"])
+                bar.step("limit")
             for c in cfgs:
-                records.append(_finish(recs[c["name"]], ex, inter_bw))
+                records.append(_finish(recs[c["name"]], ex, inter_bw, limit))
     finally:
         bar.close()
     return records
+
+
+def _overlap_cfg(c) -> bool:
+    """Configurations whose compute-/comm-only variants are measured: streamattn's own plans."""
+    return c["kind"] == "streamattn" and not c.get("force_auto") and not c.get("comm_dtype")
 
 
 def _new_record(shape, cfg, world) -> dict:
@@ -243,8 +276,8 @@ def _absorb_first(rec, res) -> None:
     errs = [r.get("err") for r in res if r.get("err") is not None]
     if errs:
         rec["err"] = max(errs)
-    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "predicted_s",
-              "transport"):
+    for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "chunks",
+              "predicted_s", "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
 
@@ -260,8 +293,68 @@ def _absorb_timed(rec, res) -> None:
         rec.setdefault("_wire", []).append([r["wire_tx"] for r in res])
 
 
-def _finish(rec, ex, inter_bw) -> dict:
+def _limit(shape, ex, inter_bw, compute_s, threads) -> dict:
+    """The limit of one shape: max(the whole attention in one process on all the machine's cores,
+    the inter-node bytes at the link rate). The wire half takes the fewest bytes any node must
+    receive under any costed plan (streamattn.schedule, min over the valid candidates of the busiest
+    node's ingress): no exact algorithm streamattn knows moves less."""
+    out = {"compute_s": compute_s, "compute_threads": threads, "wire_s": 0.0, "wire_bytes": 0,
+           "wire_plan": None}
+    if ex.nodes > 1 and inter_bw:
+        from streamattn.planner import enumerate_candidates, label, torus_degree
+        from streamattn.problem import Problem
+        from streamattn.schedule import node_ingress_bytes
+        from streamattn.topology import resolve_topology
+
+        from .tasks import DTYPES, split_lengths
+
+        world = ex.world
+        problem = Problem(shape["batch"], shape["heads"], shape.get("kv_heads") or shape["heads"],
+                          shape["head_dim"], DTYPES[shape.get("dtype", "float32")],
+                          tuple(split_lengths(shape["seq"], world)), shape["head_dim"] ** -0.5,
+                          joint_len=shape.get("joint_len", 0))
+        topo = resolve_topology(topology=f"{ex.nodes}x{ex.ranks_per_node}")
+        node_of = [topo.node_of(x) for x in range(world)]
+        best = None
+        for c in enumerate_candidates(problem, topo):
+            if c.dropped:
+                continue
+            t = torus_degree(c) if c.algorithm == "torus" else None
+            ingress = node_ingress_bytes(problem, c.ulysses_degree, c.groups, node_of, t)
+            worst = max(ingress.values(), default=0)
+            if best is None or worst < best[0]:
+                best = (worst, label(c))
+        if best is not None:
+            out.update(wire_bytes=best[0], wire_plan=best[1], wire_s=best[0] * 8 / inter_bw)
+    out["limit_s"] = max(out["compute_s"] or 0.0, out["wire_s"])
+    out["bound_by"] = "wire" if out["wire_s"] > (out["compute_s"] or 0.0) else "compute"
+    return out
+
+
+def _breakdown(traced: List[list]) -> Optional[dict]:
+    """The traced call whose time is the median of the traced calls: per rank seconds by kind
+    (streamattn.trace.summarize), the busiest rank's share, and the spans for the timeline."""
+    from streamattn import trace
+
+    if not traced:
+        return None
+    res = sorted(traced, key=lambda r: r[0]["t"])[len(traced) // 2]
+    per_rank = [trace.summarize(r["spans"], r["t_rank"]) for r in res]
+    t0 = min(r["t0_abs"] for r in res)
+    return {"t": res[0]["t"], "per_rank": per_rank, "hooks_per_call": max(r["hooks"] for r in res),
+            "timeline": [{"rank": i, "offset_s": r["t0_abs"] - t0, "total_s": r["t_rank"],
+                          "spans": r["spans"], "events": r["events"]} for i, r in enumerate(res)]}
+
+
+def _finish(rec, ex, inter_bw, limit=None) -> dict:
     rpn, nodes = ex.ranks_per_node, ex.nodes
+    bd = _breakdown(rec.pop("_traced", None))
+    pairs = rec.pop("_trace_pairs", None)
+    if bd is not None:
+        bd["traced_over_untraced"] = statistics.median(pairs) if pairs else None
+        rec["breakdown"] = bd
+    if limit is not None:
+        rec["limit"] = limit
     ts = rec.pop("_t")
     rec["latency_s"] = _stats(ts) if ts else None
     med = rec["latency_s"]["median"] if ts else None
@@ -295,4 +388,6 @@ def _finish(rec, ex, inter_bw) -> dict:
         rec["overlap_sum_ratio"] = (rec["compute_only_s"] + comm) / med
     if rec.get("predicted_s") is not None and med:
         rec["predicted_over_measured"] = rec["predicted_s"] / med
+    if limit is not None and med and limit.get("limit_s"):
+        rec["over_limit"] = med / limit["limit_s"]
     return rec

@@ -210,6 +210,34 @@ def _forced_auto(algorithm):
         api._plans = real_plans
 
 
+@contextlib.contextmanager
+def _traced():
+    """A streamattn.trace recorder for this process, with every algorithm module's kernel and LSE
+    merge entry points wrapped in "kernel" / "merge" spans (the transports and the packing code
+    carry their own hooks). Yields the Recorder."""
+    from streamattn import trace
+
+    def wrap(kind, fn):
+        def timed(*a, **kw):
+            with trace.span(kind):
+                return fn(*a, **kw)
+        return timed
+
+    saved = []
+    for m in _algorithm_modules():
+        for name, kind in (("attention_with_lse", "kernel"), ("update_out_and_lse", "merge"),
+                           ("merge_all", "merge")):
+            if hasattr(m, name):
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, wrap(kind, getattr(m, name)))
+    try:
+        with trace.recording() as rec:
+            yield rec
+    finally:
+        for m, name, fn in reversed(saved):
+            setattr(m, name, fn)
+
+
 # ──────────────────────────────────────────────────────────────────────── yunchang
 
 
@@ -314,6 +342,8 @@ def _run_streamattn(st, cfg, mode, check):
     ckey = cfg["name"]
     kw = dict(algorithm=cfg.get("algorithm", "auto"), ulysses_degree=cfg.get("ulysses_degree"),
               ring_degree=cfg.get("ring_degree"))
+    if cfg.get("comm_dtype"):
+        kw["comm_dtype"] = DTYPES[cfg["comm_dtype"]]
     if joint is not None:
         kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy="front")
     if mode == "full" or ckey not in st["plans"]:
@@ -336,12 +366,15 @@ def _run_streamattn(st, cfg, mode, check):
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0):
+def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0, trace=False):
     """One timed call of configuration `cfg` on `shape`, on every rank.
 
     Returns this rank's {"t": seconds (the slowest rank's, same on all ranks), "bytes": payload
     bytes this rank sent in the call by link class, "wire_tx": bytes its node's uplink transmitted
     (emulated cluster only), "plan", "plan_json", "predicted_s", "err" (when check)}.
+    trace=True (streamattn configurations): the call runs under a streamattn.trace recorder and
+    the result also has "spans"/"events" (seconds from this rank's call start), "t_rank" (this
+    rank's own time) and "t0_abs" (its CLOCK_MONOTONIC start, to align ranks of one host).
     """
     st = _inputs(rank, world_size, shape, seed)
     kind = cfg.get("kind", "streamattn")
@@ -364,9 +397,11 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     tx0 = _wire_tx()
     if counters is not None:
         counters.reset()
-    t0 = time.perf_counter()
-    out = call()
-    t = time.perf_counter() - t0
+    traced = _traced() if trace and kind != "yunchang" else contextlib.nullcontext()
+    with traced as rec:
+        t0 = time.perf_counter()
+        out = call()
+        t = time.perf_counter() - t0
     nbytes = counters.as_dict() if counters is not None else None
     tx = None
     if tx0 is not None:
@@ -375,11 +410,17 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     tt = torch.tensor([t], dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
     res = {"t": float(tt), "bytes": nbytes, "wire_tx": tx}
+    if rec is not None:
+        shift = t0 - rec.start
+        res.update(t_rank=t, t0_abs=t0, hooks=rec.hooks,
+                   spans=[[k, a - shift, b - shift, p, i, n] for k, a, b, p, i, n in rec.spans],
+                   events=[[k, a - shift, p, i, n] for k, a, p, i, n in rec.events])
     if kind != "yunchang":
         plan = st["plans"].get(cfg["name"], (None, None))[1]
         if plan is not None:
             res.update(plan=str(plan), algorithm=plan.algorithm, ulysses_degree=plan.ulysses_degree,
                        ring_degree=plan.ring_degree, torus_degree=getattr(plan, "torus_degree", 1),
+                       chunks=getattr(plan, "chunks", 1),
                        predicted_s=plan.predicted_s,
                        transport=getattr(plan, "transport", "torch"))
     if check and mode == "full":
@@ -395,6 +436,46 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
                 err = max(err, _rel_err(jo, _ref_rows(st, 0, T)))
             res["err"] = err
     return res
+
+
+def bench_limit(rank, world_size, *, shape, seed=0, iters=3):
+    """The compute half of the limit: the whole attention of `shape` (image + text tokens, all
+    heads) in ONE process on all of this machine's cores, no communication (rank 0 computes, the
+    other ranks wait in a barrier, so the cores are free). Returns {"t": best seconds} on rank 0.
+    On an emulated cluster every node shares these cores, so this is the compute bound."""
+    from streamattn.kernels import attention_with_lse
+
+    st = _inputs(rank, world_size, shape, seed)
+    res = {"t": None, "threads": None}
+    dist.barrier()
+    if rank == 0:
+        cq, ck, cv = (x.transpose(1, 2) for x in st["combined"])
+        threads = torch.get_num_threads()
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        torch.set_num_threads(cores)
+        try:
+            scale = 1.0 / math.sqrt(cq.shape[-1])
+            attention_with_lse(cq, ck, cv, scale=scale)  # warm-up
+            ts = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                attention_with_lse(cq, ck, cv, scale=scale)
+                ts.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        res = {"t": min(ts), "threads": cores}
+    dist.barrier()
+    return res
+
+
+def trace_hook_cost(rank, world_size):
+    """Seconds one disabled streamattn.trace hook costs in this process."""
+    from streamattn import trace
+
+    return {"t": trace.hook_cost_s()}
 
 
 def bench_env(rank, world_size):

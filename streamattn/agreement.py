@@ -91,20 +91,16 @@ class Settings:
             except ValueError as exc:
                 self.error = self.error or str(exc)
 
-    @property
-    def ulysses_chunks(self) -> int:
-        return int(self.values["STREAMATTN_ULYSSES_CHUNKS"])
-
 
 def signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r,
-              settings: Settings, generation: int) -> torch.Tensor:
+              settings: Settings, generation: int, comm_dtype=None) -> torch.Tensor:
     """This rank's signature row (int64, ROW entries). `err`: its local input error or None."""
     if err is None and scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     wants_full = int(bool(err) or settings.error is not None or config.validate_every_call())
     row = [SIG_MAGIC, SIG_VERSION, generation, wants_full]
     row += field_values(err or settings.error, q, k, layout, causal, scale, joint_len,
-                        joint_strategy, algorithm, u, r)
+                        joint_strategy, algorithm, u, r, comm_dtype)
     row += settings.codes
     return torch.tensor(row, dtype=torch.int64)
 

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from . import agreement, algorithms
-from .config import ulysses_chunks
+from .config import ulysses_chunks_override
 from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
+from .transport.cast import CastTransport, check_comm_dtype
 from .validate import DTYPES, ZIGZAG, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
@@ -32,7 +33,7 @@ _tokens = itertools.count(1)
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
               ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
-              seq_layout="contiguous"):
+              seq_layout="contiguous", comm_dtype=None):
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     q: this rank's shard, [B, S_local, H, D] (layout "bshd") or [B, H, S_local, D] ("bhsd").
@@ -50,6 +51,9 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     stale_kv: opt-in, approximate: a streamattn.stale.StaleKV (per-layer state; `layer` names the
     layer) that, after its warm-up steps, attends the other ranks' K/V of the previous diffusion
     step while this step's K/V travel in the background.
+    comm_dtype: opt-in, approximate, inference only: torch.bfloat16 sends float32 payloads as
+    bfloat16 (half the bytes; about 1e-2 relative error, see streamattn.transport.cast); None
+    (default) is exact. Must be the same on every rank (part of the per-call signature).
     Returns out in q's layout, shape and dtype.
     """
     needs_grad = _needs_grad(q, k, v, joint_q, joint_k, joint_v)
@@ -68,6 +72,11 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
                                   joint_strategy=joint_strategy, scale=scale, layout=layout)
     err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
                       algorithm, ulysses_degree, ring_degree)
+    if err is None and comm_dtype is not None:
+        try:
+            check_comm_dtype(comm_dtype, q.dtype)
+        except ValueError as exc:  # travels with the signature: the same error on every rank
+            err, comm_dtype = str(exc), None
     size = _group_size(group)
     if size == 1:
         if err:
@@ -75,6 +84,10 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
     if needs_grad:
+        if comm_dtype is not None:
+            raise NotImplementedError(
+                "streamattn.attention: comm_dtype (approximate, inference-only) has no backward; "
+                "call it under torch.no_grad() or without comm_dtype")
         # Gradients go through the registered op (streamattn.op, streamattn.attention); this
         # entry point has no backward: autograd through the exchanges would silently drop the
         # remote contributions (wrong dq, dk, dv).
@@ -83,7 +96,10 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             "streamattn.attention (the registered op), or run under torch.no_grad()")
     joint = None if joint_q is None else (joint_q, joint_k, joint_v)
     transport, problem, plan = plan_call(group, err, q, k, layout, causal, scale, joint,
-                                         joint_strategy, algorithm, ulysses_degree, ring_degree)
+                                         joint_strategy, algorithm, ulysses_degree, ring_degree,
+                                         comm_dtype)
+    if comm_dtype is not None and q.dtype != comm_dtype:
+        transport = _cast(transport, comm_dtype)
 
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -97,7 +113,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
 
 
 def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
-              ulysses_degree, ring_degree):
+              ulysses_degree, ring_degree, comm_dtype=None):
     """(transport, Problem, Plan) of a call on a group of more than one rank. Every rank sends
     the others a small signature (streamattn.agreement); from all signatures every rank takes
     the same path: the cached plan, the full metadata exchange (raising the same error everywhere
@@ -112,12 +128,13 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     joint_len = 0 if err or joint is None else joint[0].shape[1 if layout == "bshd" else 2]
     cache, token = _plans, transport.plan_token
     row = agreement.signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
-                              ulysses_degree, ring_degree, settings, cache.generation(token))
+                              ulysses_degree, ring_degree, settings, cache.generation(token),
+                              comm_dtype)
     key, full = agreement.exchange(_fastest(group, transport), row, cache, token)
     cached = None if full else cache.lookup(token, key)
     if cached is None:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
-                        ulysses_degree, ring_degree)
+                        ulysses_degree, ring_degree, comm_dtype)
         cache.put(token, key, cached)
     problem, plan = cached
     return _transport(group, plan.transport), problem, plan
@@ -137,14 +154,13 @@ def _needs_grad(*tensors) -> bool:
                                            for t in tensors)
 
 
-def _run(plan, transport, problem, q, k, v, joint, chunks=None):
-    """chunks: the call's STREAMATTN_ULYSSES_CHUNKS (agreed by plan_call; None: read it now)."""
+def _run(plan, transport, problem, q, k, v, joint):
     if problem.zigzag:
         return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "ulysses":
         return algorithms.ulysses_attention(transport, problem, q, k, v, joint,
                                             members=plan.ulysses_group(transport.rank),
-                                            chunks=ulysses_chunks() if chunks is None else chunks)
+                                            chunks=ulysses_chunks_override() or plan.chunks)
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank))
@@ -255,8 +271,20 @@ def _topology(group):
     return resolve_topology(group)
 
 
+def _cast(transport, wire):
+    """The CastTransport over `transport` (created once per transport and wire dtype)."""
+    key = ("cast", str(wire))
+    cache = transport.__dict__.setdefault("_streamattn_wrappers", {})
+    if key not in cache:
+        from .algorithms.ring import TAG_JOINT as RING_JOINT
+        from .algorithms.torus import TAG_JOINT as TORUS_JOINT
+
+        cache[key] = CastTransport(transport, wire, exact_tags=(RING_JOINT, TORUS_JOINT))
+    return cache[key]
+
+
 def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
-           ulysses_degree, ring_degree):
+           ulysses_degree, ring_degree, comm_dtype=None):
     """First call of a shape: exchange metadata, agree or raise everywhere, then plan."""
     joint_len = 0
     if joint is not None and err is None:
@@ -264,7 +292,7 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
     if err is None and scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     vec = encode(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
-                 ulysses_degree, ring_degree)
+                 ulysses_degree, ring_degree, comm_dtype)
     agreed = check_agreement(transport.all_gather_vector(vec, TAG_META))
     if transport.topology is None:
         # After the metadata exchange: every rank is known to be present and consistent, so the
@@ -314,7 +342,10 @@ def _agreed_rates(transport, problem) -> dict:
     mine = torch.tensor([measure_cpu_rate(problem.dtype), measure_cpu_memory_bandwidth()],
                         dtype=torch.float64)
     rate, mbw = (float(x) for x in transport.all_gather_vector(mine, TAG_RATE)[0])
-    return {"compute_rate": rate, "memory_bandwidth": mbw}
+    from .planner import agreed_calibration  # the kernel timed at each candidate's block shape
+
+    return {"compute_rate": rate, "memory_bandwidth": mbw,
+            **agreed_calibration(transport, problem, transport.topology, TAG_RATE)}
 
 
 def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):

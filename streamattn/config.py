@@ -89,8 +89,13 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_VALIDATE", "choice", "first",
             "'every': run the full metadata exchange on every call (debugging); any rank asking "
             "makes all ranks do it", choices=("first", "every")),
-    Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 1,
-            "head groups Ulysses pipelines over (1: one all-to-all)", low=1, high=1024, agreed=True),
+    Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 0,
+            "head groups Ulysses pipelines over (1: one all-to-all; unset or 0: the plan's choice)",
+            low=0, high=1024, agreed=True),
+    Setting("STREAMATTN_ALLTOALL", "choice", "p2p",
+            "how a Ulysses exchange over a whole gloo group travels: p2p (one send/receive per "
+            "peer) or collective (one all_to_all_single)", choices=("p2p", "collective"),
+            agreed=True),
     Setting("STREAMATTN_TRANSPORT", "choice", "auto",
             "torch, shm, nvshmem, or auto (shm for CPU groups with several ranks on a node); "
             "shm-device, nvshmem-device: the stream-ordered csrc protocol; inorder: NCCL semantics "
@@ -183,8 +188,19 @@ def validate_every_call() -> bool:
 
 
 def ulysses_chunks() -> int:
-    """STREAMATTN_ULYSSES_CHUNKS: head groups Ulysses pipelines over (default 1: one all-to-all)."""
+    """STREAMATTN_ULYSSES_CHUNKS: head groups Ulysses pipelines over (0: unset, the plan decides)."""
     return int(get("STREAMATTN_ULYSSES_CHUNKS"))
+
+
+def ulysses_chunks_override():
+    """STREAMATTN_ULYSSES_CHUNKS when set (it forces the chunk count), else None: the plan's."""
+    return ulysses_chunks() or None
+
+
+def alltoall_mode() -> str:
+    """STREAMATTN_ALLTOALL: how a Ulysses exchange over a whole torch (gloo) group travels: "p2p"
+    (one send/receive per peer) or "collective" (one all_to_all_single)."""
+    return get("STREAMATTN_ALLTOALL")
 
 
 def transport() -> str:

@@ -1,26 +1,8 @@
-"""The cost model: exact bytes and FLOPs of every algorithm, timed on a `Topology`.
+"""The cost model: the message schedule (streamattn.schedule) timed on a `Topology`.
 
-What each algorithm sends (forward, mirroring streamattn/algorithms/ message for message):
-- Ulysses scatter (one exchange inside every Ulysses group of u members): member j sends member i
-  q, k, v of its S_j tokens for i's heads in ONE message of B*S_j*(H/u + 2*hk_i)*D elements, where
-  hk_i = K/V heads member i's query heads use (GQA: when kv_heads < u, K/V heads are replicated).
-- compute: attention of the group's tokens (plus the joint tokens, sliced by head locally, no
-  communication) for H/u heads.
-- Ulysses gather: member i sends member j the output of j's tokens for i's heads, B*S_j*(H/u)*D.
-- joint all-gather (Ulysses): every member sends its B*T*(H/u)*D joint output to every other member.
-- Ring of r members: r-1 steps; in step t every member sends the K/V block it holds (stacked,
-  2*B*S_src*hk*D elements) to the next member while it attends the block; the last step only
-  computes. Joint tokens: the local queries attend the joint K/V once (before the loop for "front",
-  after it for "rear"); then every member attends the joint queries to its own block and all-gathers
-  the partial (out, lse) in the accumulation dtype: (B*h*T*D + B*h*T) elements to every other member.
-- USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather, joint all-gather.
-- Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
-  t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
-  q, k, v of the group's tokens for that member's H/(u*t) heads, K/V as the raw head range of the
-  sub-slice of the K/V member g holds after the scatter (GQA: fitted after receipt, so fewer bytes
-  than fitted heads); t-1 output messages home (B*S_group*H/(u*t)*D each); ring factor: r-1 steps
-  of the team's fitted K/V stacked; Ulysses gather; joint: (out, lse) partials across the r teams,
-  then an all-gather of the joint output over the team's u*t ranks.
+The schedule module states what every algorithm sends and computes; the calibration module
+(streamattn.calibration) what the local work costs on a CPU; streamattn.datasheet the vendor
+figures. This module only times them. The names below are re-exported for existing callers.
 
 One-sided (shm, nvshmem) and two-sided (torch) transports are costed alike: both put every posted
 message in flight at once (gloo's send/recv threads progress inter-node messages during compute;
@@ -30,8 +12,10 @@ exchange()/wait() calls, not during compute.
 
 Time model:
 - compute: FLOPs / rate, FLOPs = 4*B*(visible query-key pairs)*h*D per attention block (causal
-  blocks count only the pairs the mask keeps). rate = topology.peak_flops, a declared or measured
-  rate passed in, or `measure_cpu_rate()`.
+  blocks count only the pairs the mask keeps; fully masked causal ring steps cost nothing). rate =
+  topology.peak_flops, a declared or measured rate passed in, or `measure_cpu_rate()`; on CPUs
+  the planner sets it per candidate from the kernel timed at that candidate's block shape
+  (streamattn.calibration, `make_plan(block_rates=...)`).
 - one communication step (all its messages in flight at once) costs the time of its slowest
   resource, each via `Link.transfer_time(nbytes, concurrent)` = latency + bytes / bandwidth share:
     * pair: every message alone on its link;
@@ -44,568 +28,28 @@ Time model:
       it (modelled as ``shared_by = ranks of the socket`` when the topology leaves it at 1).
     Both directions are checked (sends at the sender, receives at the receiver).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
-  max(compute, comm). Torus: see CostModel.cost_torus (each block waits only for its own
+  max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
   early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
   two agree).
 
-Not modelled: kernel launch overheads, compute efficiency below the declared rate, the backward
-pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
+Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
+that moving bytes costs (shm memcpy, the kernel's TCP stack), the backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import statistics
-import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from .algorithms.ulysses import head_ranges
+from .calibration import (measure_cpu_memory_bandwidth, measure_cpu_rate, resolve_memory_bandwidth,  # noqa: F401
+                          resolve_rate)
+from .datasheet import DEVICE_MEMORY_BW  # noqa: F401
 from .plan import Candidate, Step
+from .schedule import (Msg, Phase, acc_bytes, as_dtype, attention_flops, bytes_sent, call_flops,  # noqa: F401
+                       chunk_problem, consecutive_groups, dtype_bytes, groups_contiguous, merge_bytes,
+                       messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
 from .topology import Link, LinkKind, Topology
-
-# ------------------------------------------------------------------------------------------ dtypes
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
-}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    """torch.dtype from a dtype or a name ("bf16", "bfloat16", "fp16", "fp32", ...)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).strip().lower().replace("torch.", "")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(_DTYPE_NAMES))}")
-    return _DTYPE_NAMES[key]
-
-
-def dtype_bytes(dtype) -> int:
-    return torch.empty((), dtype=as_dtype(dtype)).element_size()
-
-
-def acc_bytes(dtype) -> int:
-    """Bytes of the accumulation dtype (float32; float64 stays float64)."""
-    return 8 if as_dtype(dtype) == torch.float64 else 4
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-def visible_pairs(q_off: int, sq: int, k_off: int, sk: int, causal: bool) -> int:
-    """Query-key pairs attention computes: all sq*sk, or with a causal mask over global positions
-    (query at q_off+i sees key at k_off+j iff k_off+j <= q_off+i) only the visible ones."""
-    if sq <= 0 or sk <= 0:
-        return 0
-    if not causal:
-        return sq * sk
-    d = q_off - k_off + 1  # row i sees min(max(d + i, 0), sk) keys
-
-    def s(a, b):  # sum of (d + i) for i in [a, b)
-        return 0 if b <= a else (b - a) * d + (a + b - 1) * (b - a) // 2
-
-    lo = min(sq, max(0, -d + 1))       # first row with d + i >= 1
-    hi = min(sq, max(lo, sk - d))      # first row with d + i >= sk
-    return s(lo, hi) + (sq - hi) * sk
-
-
-def attention_flops(batch: int, pairs: int, heads: int, head_dim: int) -> float:
-    """4*B*pairs*h*D: two matmuls (QK^T and PV) of 2 FLOPs per multiply-add."""
-    return 4.0 * batch * pairs * heads * head_dim
-
-
-def call_flops(problem) -> float:
-    """FLOPs of the whole attention call on one device (image + joint tokens, all heads)."""
-    S, T = problem.seq_total, problem.joint_len
-    return attention_flops(problem.batch, visible_pairs(0, S + T, 0, S + T, problem.causal),
-                           problem.heads, problem.head_dim)
-
-
-# ------------------------------------------------------------------------------------ CPU rate
-_CPU_RATE: Dict[tuple, float] = {}
-
-
-def measure_cpu_rate(dtype=torch.float32, *, refresh: bool = False) -> float:
-    """FLOP/s of this process's local CPU attention kernel (`kernels.attention_with_lse`), timed
-    once per process on a small shape ([1, 4, 512, 64], best of 5 after 2 warm-ups) and cached.
-    Rounded to 2 significant digits. Differs between processes: see `planner.make_plan`."""
-    dt = as_dtype(dtype)
-    key = (dt, torch.get_num_threads())
-    if key in _CPU_RATE and not refresh:
-        return _CPU_RATE[key]
-    from .kernels import attention_with_lse
-
-    B, H, S, D = 1, 4, 512, 64
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, generator=g).to(dt) for _ in range(3))
-    scale = D ** -0.5
-    for _ in range(2):
-        attention_with_lse(q, k, v, scale=scale)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        attention_with_lse(q, k, v, scale=scale)
-        times.append(time.perf_counter() - t0)
-    rate = attention_flops(B, S * S, H, D) / max(min(times), 1e-9)
-    rate = float(f"{rate:.2g}")
-    _CPU_RATE[key] = rate
-    return rate
-
-
-# Memory bandwidth per device (bytes/s), vendor data-sheet figures; matched by substring of
-# Topology.device. Used for the memory-bound local work (packing copies, LSE merges).
-DEVICE_MEMORY_BW = (
-    ("H200", 4.8e12, "spec:NVIDIA H200 data sheet, HBM3e 4.8 TB/s (SXM and NVL)"),
-    ("H100 SXM", 3.35e12, "spec:NVIDIA H100 SXM data sheet, HBM3 3.35 TB/s"),
-    ("H100 PCIE", 2.0e12, "spec:NVIDIA H100 PCIe data sheet, HBM2e 2.0 TB/s"),
-    ("H100", 3.35e12, "spec:NVIDIA H100 SXM data sheet, HBM3 3.35 TB/s"),
-    ("A100", 2.039e12, "spec:NVIDIA A100 80GB SXM data sheet, HBM2e 2,039 GB/s (40GB: 1,555)"),
-    ("L20", 864e9, "spec:NVIDIA L20 product sheet, GDDR6 864 GB/s"),
-    ("L40", 864e9, "spec:NVIDIA L40 data sheet, GDDR6 864 GB/s"),
-)
-_CPU_MEM: Dict[int, float] = {}
-
-
-def measure_cpu_memory_bandwidth(*, refresh: bool = False) -> float:
-    """Bytes/s of a 32 MiB float32 tensor copy in this process (read + write counted),
-    best of 5, cached per process, 2 significant digits."""
-    key = torch.get_num_threads()
-    if key in _CPU_MEM and not refresh:
-        return _CPU_MEM[key]
-    src = torch.ones(8 << 20)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    bw = float(f"{2 * src.numel() * 4 / max(min(times), 1e-9):.2g}")
-    _CPU_MEM[key] = bw
-    return bw
-
-
-def resolve_memory_bandwidth(topology: Topology, memory_bandwidth: Optional[float]) -> Tuple[Optional[float], str]:
-    """(bytes/s per rank, source) of local memory: given, else the device table, else measured on
-    a CPU topology, else None (memory-bound work not modelled)."""
-    if memory_bandwidth is not None:
-        if not memory_bandwidth > 0:
-            raise ValueError(f"memory_bandwidth must be > 0 B/s, got {memory_bandwidth!r}")
-        return float(memory_bandwidth), "given"
-    dev = (topology.device or "").upper()
-    for key, bw, src in DEVICE_MEMORY_BW:
-        if key.upper() in dev:
-            return bw, src
-    if dev in ("", "CPU", "EMULATED") and not topology.peak_flops:
-        return measure_cpu_memory_bandwidth(), "measured:local CPU copy (streamattn.costmodel)"
-    return None, "unknown device: memory-bound work not modelled"
-
-
-def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.float32) -> Tuple[float, str]:
-    """(FLOP/s per rank, where it comes from): compute_rate, else topology.peak_flops, else the
-    measured CPU rate (per process!)."""
-    if compute_rate is not None:
-        if not compute_rate > 0:
-            raise ValueError(f"compute_rate must be > 0 FLOP/s, got {compute_rate!r}")
-        return float(compute_rate), "given"
-    if topology.peak_flops:
-        return float(topology.peak_flops), topology.peak_flops_source or "topology peak_flops"
-    return measure_cpu_rate(dtype), "measured:local CPU kernel (streamattn.costmodel.measure_cpu_rate)"
-
-
-# ---------------------------------------------------------------------------------- placements
-def consecutive_groups(world: int, u: int) -> tuple:
-    return tuple(tuple(g * u + j for j in range(u)) for g in range(world // u))
-
-
-def per_node_groups(topology: Topology, u: int) -> tuple:
-    """Groups of u taken from each node's ranks in turn (nodes in id order, ranks ascending)."""
-    order = sorted(range(topology.world_size), key=lambda r: (topology.node[r], r))
-    return tuple(tuple(order[g * u:(g + 1) * u]) for g in range(topology.world_size // u))
-
-
-def groups_contiguous(groups) -> bool:
-    """Every group's members are consecutive ranks in ascending order (causal needs this: the
-    group's tokens must be contiguous positions in member order)."""
-    return all(list(g) == list(range(g[0], g[0] + len(g))) for g in groups)
-
-
-# ---------------------------------------------------------------------------------- messages
-Msg = Tuple[int, int, int]  # (src, dst, nbytes)
-
-
-@dataclass
-class _Phase:
-    name: str
-    msgs: List[Msg]
-    compute: Dict[int, float]  # rank -> FLOPs in this phase
-    overlapped: bool = False
-    mem: Dict[int, float] = dataclasses.field(default_factory=dict)  # rank -> local memory bytes
-
-
-def _scatter_phase(name, groups, seq, B, D, e, hq, hk, group_lens) -> "_Phase":
-    """Ulysses' scatter of q, k, v inside every group (streamattn.algorithms.ulysses.post_scatter):
-    member j sends each member i its tokens for i's hq query heads and hk[i] K/V heads; locally it
-    packs every peer's slice (read + write) and concatenates what arrived (read + write)."""
-    u = len(groups[0])
-    msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * e)
-            for g in groups for j in range(u) for i in range(u) if i != j]
-    mem = {m: 2 * e * B * D * (seq[m] * sum(hq + 2 * hk[i] for i in range(u))
-                               + group_lens[gi] * (hq + 2 * hk[j]))
-           for gi, g in enumerate(groups) for j, m in enumerate(g)}
-    return _Phase(name, msgs, {}, mem=mem)
-
-
-def merge_bytes(dtype) -> int:
-    """Memory traffic per output element of one `merge.update_out_and_lse` as written (unfused
-    torch ops on the float32 accumulator): out.mul_ (r+w 4+4), block_out.to(acc) (r e, w 4),
-    * w_new (r+w 4+4), add_ (r 4+4, w 4) = 32 + e bytes."""
-    return 32 + dtype_bytes(dtype)
-
-
-def _fitted_kv(q_range, kv_range, group_size: int) -> int:
-    """K/V heads a member holds after `ulysses.fit_kv_heads`: its own K/V heads when its query heads
-    map onto them in the standard GQA way, else one K/V head per query head (expanded)."""
-    hq, hk = q_range[1] - q_range[0], kv_range[1] - kv_range[0]
-    want = [(q_range[0] + i) // group_size - kv_range[0] for i in range(hq)]
-    if hq % hk == 0 and want == [i // (hq // hk) for i in range(hq)]:
-        return hk
-    return hq
-
-
-def _phases(problem, u: int, groups) -> List[_Phase]:
-    """Every step of the call for Ulysses groups `groups` (u members each; rings = member j of
-    every group, in group order), with exact message sizes, per-rank FLOPs and per-rank local
-    memory traffic (packing copies, LSE merges)."""
-    B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
-    T, causal = problem.joint_len, problem.causal
-    e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
-    mb = merge_bytes(problem.dtype)
-    seq, offs = problem.seq_lens, problem.offsets
-    r = len(groups)
-    q_ranges, kv_ranges = head_ranges(H, Hk, u)
-    hq = H // u
-    hk = [b - a for a, b in kv_ranges]  # K/V heads member j receives in the all-to-all
-    hkf = [_fitted_kv(q_ranges[j], kv_ranges[j], H // Hk) for j in range(u)]  # ... and holds after
-    phases: List[_Phase] = []
-    seg_lens = [sum(seq[m] for m in g) for g in groups]
-    seg_offs = [offs[g[0]] for g in groups]
-    members = [(gi, j, m) for gi, g in enumerate(groups) for j, m in enumerate(g)]
-
-    if u > 1:
-        phases.append(_scatter_phase(f"Ulysses all-to-all q,k,v (u={u})", groups, seq, B, D, e, hq,
-                                     hk, seg_lens))
-
-    if r == 1:  # pure Ulysses (or local): the group's tokens + joint, for hq heads
-        L = seg_lens[0] + T
-        fl = attention_flops(B, visible_pairs(0, L, 0, L, causal), hq, D)
-        mem = {m: (2 * e * B * L * (hq + 2 * hkf[j]) * D if T else 0) for gi, j, m in members}
-        phases.append(_Phase("attention (whole sequence, H/u heads)", [], {m: fl for m in groups[0]},
-                             mem=mem))
-    else:
-        front = T and problem.joint_strategy == "front"
-        rear = T and problem.joint_strategy != "front"
-        joint_local = {m: attention_flops(B, seg_lens[gi] * T, hq, D) for gi, j, m in members} if T else {}
-        joint_merge = {m: mb * B * hq * seg_lens[gi] * D for gi, j, m in members}
-        stack = {m: 2 * e * 2 * B * seg_lens[gi] * hkf[j] * D for gi, j, m in members}
-        if front:
-            phases.append(_Phase("attention of local queries to joint K/V", [], joint_local,
-                                 mem=joint_merge))
-        phases.append(_Phase("ring: stack K,V into one message", [], {}, mem=stack))
-        for t in range(r):
-            msgs, comp, mem = [], {}, {}
-            for j in range(u):
-                ring = [g[j] for g in groups]
-                for gi, m in enumerate(ring):
-                    src = (gi - t) % r
-                    if problem.zigzag:  # u == 1: member m holds two chunks (streamattn.zigzag)
-                        pairs = sum(visible_pairs(qo, ql, ko, kl, causal)
-                                    for qo, ql in problem.segments(m) for ko, kl in problem.segments(ring[src]))
-                        skipped = pairs == 0
-                    else:
-                        pairs = visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
-                        skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
-                    comp[m] = attention_flops(B, pairs, hq, D)
-                    mem[m] = 0 if skipped else mb * B * hq * seg_lens[gi] * D
-                    if t == r - 1 and not rear:  # final cast of the accumulator
-                        mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
-                    if t < r - 1:
-                        msgs.append((m, ring[(gi + 1) % r], 2 * B * seg_lens[src] * hkf[j] * D * e))
-            name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
-            phases.append(_Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
-        if rear:
-            mem = {m: joint_merge[m] + (ea + e) * B * hq * seg_lens[gi] * D for gi, j, m in members}
-            phases.append(_Phase("attention of local queries to joint K/V", [], joint_local, mem=mem))
-        if T:
-            comp = {}
-            for gi, j, m in members:
-                fl = attention_flops(B, T * seg_lens[gi], hq, D)
-                if gi == 0:
-                    fl += attention_flops(B, T * T, hq, D)
-                comp[m] = fl
-            phases.append(_Phase("joint queries to own block", [], comp))
-            n = (B * hq * T * D + B * hq * T) * ea
-            msgs = [(ring_m, other, n) for j in range(u) for ring_m in [g[j] for g in groups]
-                    for other in [g[j] for g in groups] if other != ring_m]
-            mem = {m: (r - 1) * mb * B * hq * T * D for gi, j, m in members}
-            phases.append(_Phase(f"ring all-gather of joint (out, lse) (r={r})", msgs, {}, mem=mem))
-
-    if u > 1:
-        msgs = [(g[i], g[j], B * seq[g[j]] * hq * D * e)
-                for g in groups for j in range(u) for i in range(u) if i != j]
-        # copy every outgoing piece contiguous, then concatenate the received heads
-        mem = {m: 2 * e * B * D * (hq * (seg_lens[gi] - seq[m]) + H * seq[m]) for gi, j, m in members}
-        phases.append(_Phase(f"Ulysses all-to-all output (u={u})", msgs, {}, mem=mem))
-        if T:
-            msgs = [(g[i], g[j], B * T * hq * D * e)
-                    for g in groups for j in range(u) for i in range(u) if i != j]
-            mem = {m: 2 * e * B * T * H * D for gi, j, m in members}
-            phases.append(_Phase(f"Ulysses all-gather of joint output (u={u})", msgs, {}, mem=mem))
-    return phases
-
-
-# ---------------------------------------------------------------------------------- torus
-@dataclass
-class _TorusParts:
-    """Everything one Torus call does, mirroring streamattn/algorithms/torus.py message for message.
-
-    pre / post: blocking phases before the torus exchange (intra Ulysses scatter) and after it
-    (intra gather, joint output). steps[k-1]: the messages of exchange k (k = 1..t-1), all posted
-    at once right after the intra all-to-all. block[rank][i]: (FLOPs, memory bytes) of the i-th
-    block a rank attends (i = 0 is its local block, i = k the block of exchange k); with r == 1 the
-    last block's work is split into last_a (earlier query blocks against the new K/V, finalised and
-    their outputs sent home one by one) and last_b (the new queries against every K/V; then its
-    output goes home). home_early / home_last: those output messages. ring: the ring-of-teams steps
-    (r > 1, each posted then waited before its compute, i.e. blocking), followed by home_all (every
-    output goes home after the ring)."""
-
-    t: int
-    r: int
-    pre: List[_Phase]
-    post_ring: List[_Phase]
-    post: List[_Phase]
-    steps: List[List[Msg]]
-    block: Dict[int, List[Tuple[float, float]]]
-    last_a: Dict[int, Tuple[float, float]]
-    home_early: List[Msg]
-    home_last: List[Msg]
-
-
-def _torus_parts(problem, u: int, t: int, groups) -> _TorusParts:
-    B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
-    T, causal, strat = problem.joint_len, problem.causal, problem.joint_strategy
-    e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
-    mb = merge_bytes(problem.dtype)
-    seq, offs = problem.seq_lens, problem.offsets
-    n_groups = len(groups)
-    r = n_groups // t
-    q_u, kv_u = head_ranges(H, Hk, u)
-    hq_u = H // u
-    hk_raw = [b - a for a, b in kv_u]                                       # scatter: raw K/V heads
-    hkf = [_fitted_kv(q_u[g], kv_u[g], H // Hk) for g in range(u)]          # held after the scatter
-    hq = hq_u // t                                                          # heads of one sub-slice
-    glen = [sum(seq[x] for x in g) for g in groups]
-    goff = [offs[g[0]] for g in groups]
-    members = [(gi, g, x) for gi, grp in enumerate(groups) for g, x in enumerate(grp)]
-
-    def sub_ranges(g):  # torus.py: head_ranges(qn heads, kn heads, t) of member g's holdings
-        return head_ranges(hq_u, hkf[g], t)
-
-    def pairs(qo, sq, ko, sk, c=causal):
-        return visible_pairs(qo, sq, ko, sk, c)
-
-    def fl(p):
-        return attention_flops(B, p, hq, D)
-
-    pre, post_ring, post = [], [], []
-    # 1. intra-node all-to-all (scatter_heads over the group), exactly Ulysses' scatter
-    if u > 1:
-        pre.append(_scatter_phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", groups, seq, B,
-                                  D, e, hq_u, hk_raw, glen))
-    # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
-    #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
-    steps: List[List[Msg]] = []
-    pack = defaultdict(float)
-    for k in range(1, t):
-        msgs = []
-        for gi, g, x in members:
-            team, m = divmod(gi, t)
-            q_rng, kv_rng = sub_ranges(g)
-            dst = (m + k) % t
-            n = B * glen[gi] * (hq + 2 * (kv_rng[dst][1] - kv_rng[dst][0])) * D * e
-            msgs.append((x, groups[team * t + dst][g], n))
-            pack[x] += 2 * n  # torch.cat of the three sub-slices (read + write)
-        steps.append(msgs)
-    # 3. block attention in arrival order: local block first, then the block of exchange k from
-    #    member (m-k) % t; each (query block, K/V block) pair once; every attend merges by LSE
-    block: Dict[int, List[Tuple[float, float]]] = {}
-    last_a: Dict[int, Tuple[float, float]] = {}
-    home_early: List[Msg] = []
-    home_last: List[Msg] = []
-    fin = (ea + e) * B * hq * D  # cast of a final accumulator per token (sent home / kept)
-    for gi, g, x in members:
-        team, m = divmod(gi, t)
-        tg = lambda j: team * t + j  # noqa: E731  (global group index of team member j)
-        order = [(m - k) % t for k in range(t)]
-        seen: List[int] = []
-        work = []
-        for idx, j in enumerate(order):
-            J = tg(j)
-            f = mem = 0.0
-            mem += pack[x] if idx == 0 else 0.0  # the posts happen before the local block
-            if T and strat == "front":
-                f += fl(pairs(0, glen[J], 0, T, False))
-                mem += mb * B * hq * glen[J] * D
-            last = idx == t - 1 and r == 1
-            fa = ma = 0.0
-            for i in seen:  # earlier query blocks against the new K/V (final when last)
-                I = tg(i)
-                p = pairs(goff[I], glen[I], goff[J], glen[J])
-                fa += fl(p)
-                ma += mb * B * hq * glen[I] * D if p or not causal else 0.0
-                if last:
-                    if T and strat != "front":
-                        fa += fl(pairs(0, glen[I], 0, T, False))
-                        ma += mb * B * hq * glen[I] * D
-                    if i != m:
-                        ma += fin * glen[I]
-                        home_early.append((x, groups[I][g], B * glen[I] * hq * D * e))
-            for i in seen + [j]:  # the new query block against earlier K/V and its own
-                I = tg(i)
-                p = pairs(goff[J], glen[J], goff[I], glen[I])
-                f += fl(p)
-                mem += mb * B * hq * glen[J] * D if p or not causal else 0.0
-            if T:  # joint queries against this group's tokens
-                f += fl(pairs(0, T, 0, glen[J], False))
-                mem += mb * B * hq * T * D
-            if last:
-                if T and strat != "front":
-                    f += fl(pairs(0, glen[J], 0, T, False))
-                    mem += mb * B * hq * glen[J] * D
-                if j != m:
-                    mem += fin * glen[J]
-                    home_last.append((x, groups[J][g], B * glen[J] * hq * D * e))
-                last_a[x] = (fa, ma)
-            else:
-                f, mem = f + fa, mem + ma
-            work.append((f, mem))
-            seen.append(j)
-        block[x] = work
-    # 4. ring factor: the team's K/V (every block, fitted, stacked) rotates around the r teams;
-    #    each step is posted and waited before its compute (blocking), then every output goes home
-    if r > 1:
-        team_len = [sum(glen[x * t:(x + 1) * t]) for x in range(r)]
-        team_off = [goff[x * t] for x in range(r)]
-        hk2 = {}
-        for gi, g, x in members:
-            q_rng, kv_rng = sub_ranges(g)
-            m = gi % t
-            hk2[x] = _fitted_kv(q_rng[m], kv_rng[m], hq_u // hkf[g])
-        stack = {x: 2 * e * 2 * B * team_len[gi // t] * hk2[x] * D for gi, g, x in members}
-        post_ring.append(_Phase("ring of teams: stack the team's K,V", [], {}, mem=stack))
-        for s in range(1, r):
-            msgs, comp, mem = [], {}, {}
-            for gi, g, x in members:
-                team, m = divmod(gi, t)
-                cur = (team - s + 1) % r  # whose K/V this rank holds (and forwards) now
-                src = (team - s) % r
-                nxt = groups[((team + 1) % r) * t + m][g]
-                msgs.append((x, nxt, 2 * B * team_len[cur] * hk2[x] * D * e))
-                f = m_ = 0.0
-                for i in range(t):
-                    I = team * t + i
-                    p = pairs(goff[I], glen[I], team_off[src], team_len[src])
-                    f += fl(p)
-                    m_ += mb * B * hq * glen[I] * D if p or not causal else 0.0
-                comp[x], mem[x] = f, m_
-            post_ring.append(_Phase(f"ring of teams step {s}/{r - 1} (posted, waited, then attended)",
-                                    msgs, comp, mem=mem))
-        msgs, comp, mem = [], {}, {}
-        for gi, g, x in members:
-            team, m = divmod(gi, t)
-            f = m_ = 0.0
-            for i in range(t):
-                I = team * t + i
-                if T and strat != "front":
-                    f += fl(pairs(0, glen[I], 0, T, False))
-                    m_ += mb * B * hq * glen[I] * D
-                if i != m:
-                    m_ += fin * glen[I]
-                    msgs.append((x, groups[I][g], B * glen[I] * hq * D * e))
-            comp[x], mem[x] = f, m_
-        post_ring.append(_Phase("torus outputs sent home (after the ring)", msgs, comp, mem=mem))
-    # 5. my group's tokens back: the kept block's cast, then the intra gather (Ulysses' gather)
-    keep = {x: fin * glen[gi] + 2 * e * B * glen[gi] * hq_u * D for gi, g, x in members}
-    if u > 1:
-        msgs = [(grp[i], grp[j], B * seq[grp[j]] * hq_u * D * e)
-                for grp in groups for j in range(u) for i in range(u) if i != j]
-        mem = {x: keep[x] + 2 * e * B * D * (hq_u * (glen[gi] - seq[x]) + H * seq[x])
-               for gi, g, x in members}
-        post.append(_Phase(f"Ulysses all-to-all output inside groups (u={u})", msgs, {}, mem=mem))
-    else:
-        post.append(_Phase("torus: concatenate the outputs of the sub-slices", [], {}, mem=keep))
-    # 6. joint output: team 0 adds the joint K/V; ring factor: (out, lse) partials across the r
-    #    teams; then the head slices are all-gathered over the team's u*t ranks
-    if T:
-        comp = {x: fl(T * T) if gi < t else 0.0 for gi, g, x in members}
-        mem = {x: (2 if gi < t else 1) * mb * B * hq * T * D for gi, g, x in members}
-        post.append(_Phase("joint queries: merge the partials", [], comp, mem=mem))
-        if r > 1:
-            n = (B * hq * T * D + B * hq * T) * ea
-            msgs = []
-            for gi, g, x in members:
-                m = gi % t
-                for y in range(r):
-                    if y != gi // t:
-                        msgs.append((x, groups[y * t + m][g], n))
-            mem = {x: (r - 1) * mb * B * hq * T * D for gi, g, x in members}
-            post.append(_Phase(f"ring all-gather of joint (out, lse) (r={r})", msgs, {}, mem=mem))
-        msgs = []
-        for gi, g, x in members:
-            team = gi // t
-            team_ranks = [y for grp in groups[team * t:(team + 1) * t] for y in grp]
-            msgs += [(x, y, B * T * hq * D * e) for y in team_ranks if y != x]
-        mem = {x: 2 * e * B * T * hq_u * t * D for gi, g, x in members}
-        post.append(_Phase(f"all-gather of joint output over the team (u x t = {u * t})", msgs, {},
-                           mem=mem))
-    return _TorusParts(t, r, pre, post_ring, post, steps, block, last_a, home_early, home_last)
-
-
-def _torus_messages(parts: _TorusParts) -> List[Tuple[str, List[Msg]]]:
-    out = [(p.name, list(p.msgs)) for p in parts.pre if p.msgs]
-    for k, msgs in enumerate(parts.steps, 1):
-        out.append((f"torus exchange {k}/{parts.t - 1} q,k,v", list(msgs)))
-    if parts.home_early:
-        out.append(("torus outputs sent home as final (early blocks)", list(parts.home_early)))
-    if parts.home_last:
-        out.append(("torus outputs sent home as final (last block)", list(parts.home_last)))
-    out += [(p.name, list(p.msgs)) for p in parts.post_ring + parts.post if p.msgs]
-    return out
-
-
-def messages(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[Tuple[str, List[Msg]]]:
-    """(step name, [(src, dst, nbytes)]) for every communication step, in order.
-    torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
-    groups x*t .. x*t+t-1; ring factor r = len(groups) / t)."""
-    if torus_degree is not None:
-        return _torus_messages(_torus_parts(problem, u, torus_degree, groups))
-    return [(p.name, list(p.msgs)) for p in _phases(problem, u, groups) if p.msgs]
-
-
-def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None) -> List[int]:
-    """Exact payload bytes every rank sends in one forward call."""
-    out = [0] * problem.world_size
-    for _, msgs in messages(problem, u, groups, torus_degree):
-        for a, _, n in msgs:
-            out[a] += n
-    return out
-
 
 # ---------------------------------------------------------------------------------- timing
 _NETWORK = (LinkKind.INFINIBAND, LinkKind.ROCE, LinkKind.ETHERNET)
@@ -713,7 +157,7 @@ class CostModel:
             cache[key] = self.comm_time(msgs)
         return cache[key]
 
-    def _blocking(self, ph: _Phase, cache) -> Tuple[Step, float, float, str]:
+    def _blocking(self, ph: Phase, cache) -> Tuple[Step, float, float, str]:
         """(Step, compute, comm, bottleneck) of one phase: blocking adds, overlapped costs max."""
         ranks = set(ph.compute) | set(ph.mem)
         c = max((self._local(ph.compute.get(x, 0.0), ph.mem.get(x, 0.0)) for x in ranks), default=0.0)
@@ -737,20 +181,70 @@ class CostModel:
                          tuple(sorted(kinds.items())), tuple(steps))
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
-             torus_degree: Optional[int] = None) -> Candidate:
+             torus_degree: Optional[int] = None, chunks: int = 1) -> Candidate:
         """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
-        Torus algorithm, see cost_torus)."""
+        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked)."""
+        if chunks > 1:
+            return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":
             return self.cost_torus(problem, u, torus_degree, groups, placement)
         steps: List[Step] = []
         botts, all_msgs, cache = [], [], {}
-        for ph in _phases(problem, u, groups):
+        for ph in phases(problem, u, groups):
             st, c, m, bott = self._blocking(ph, cache)
             steps.append(st)
             botts.append((m, f"{ph.name}: {bott}"))
             all_msgs += ph.msgs
         return self._candidate(problem, algorithm, u, problem.world_size // u, groups, placement,
                                steps, botts, all_msgs)
+
+    def cost_ulysses_chunked(self, problem, u: int, groups, chunks: int,
+                             placement: str = "consecutive") -> Candidate:
+        """Ulysses pipelined over `chunks` head groups (ulysses.py _pipelined): every chunk's
+        scatter is posted at once (packing all of them first); chunk k's attention starts when its
+        scatter has arrived (A_k = comm_time of scatters 1..k, in posting order) and the previous
+        chunk is done; its output gather is posted right after, gathers drain one after another
+        behind the compute; the joint output all-gathers (blocking) come last."""
+        sub = chunk_problem(problem, chunks)
+        ph = phases(sub, u, groups)
+        scatter = next(p for p in ph if p.name.startswith("Ulysses all-to-all q"))
+        attn = next(p for p in ph if p.name.startswith("attention"))
+        gather = next(p for p in ph if p.name.startswith("Ulysses all-to-all output"))
+        rest = [p for p in ph if p not in (scatter, attn, gather)]
+        cache: Dict[tuple, tuple] = {}
+        ranks = set(attn.compute) | set(attn.mem) | set(scatter.mem)
+        pack = max((self._local(0.0, scatter.mem.get(x, 0.0)) for x in ranks), default=0.0)
+        work = max((self._local(attn.compute.get(x, 0.0), attn.mem.get(x, 0.0) + gather.mem.get(x, 0.0))
+                    for x in ranks), default=0.0)
+        g_time, g_bott, g_kind = self._comm(gather.msgs, cache)
+        steps: List[Step] = [Step(f"pack and post the {chunks} scatters", chunks * pack, chunks * pack)]
+        end, g_done, prefix, botts, all_msgs = chunks * pack, 0.0, [], [], []
+        prev_arrive = 0.0
+        for k in range(1, chunks + 1):
+            prefix += scatter.msgs
+            arrive = chunks * pack + self.comm_time(prefix)[0]
+            start = max(end, arrive)
+            _, bott, kinds = self._comm(scatter.msgs, cache)
+            steps.append(Step(f"chunk {k}/{chunks}: scatter arrives, attend, post its gather",
+                              start - end + work, work, arrive - chunks * pack - prev_arrive, True, bott, kinds))
+            botts.append((arrive - prev_arrive, f"chunk {k} scatter: {bott}"))
+            prev_arrive = arrive - chunks * pack
+            end = start + work
+            # the gathers share the links with the scatters still in flight: FIFO behind them
+            g_done = max(g_done, end, self.comm_time(scatter.msgs * chunks)[0] + chunks * pack) + g_time
+            all_msgs += scatter.msgs + gather.msgs
+        steps.append(Step("gathers drain after the last chunk", g_done - end, 0.0, chunks * g_time, True,
+                          g_bott, g_kind))
+        botts.append((g_time, f"gather: {g_bott}"))
+        for p in rest:
+            for _ in range(chunks):
+                st, c, m, bott = self._blocking(p, cache)
+                steps.append(st)
+                botts.append((m, f"{p.name}: {bott}"))
+                all_msgs += p.msgs
+        cand = self._candidate(problem, "ulysses", u, problem.world_size // u, groups, placement,
+                               steps, botts, all_msgs)
+        return dataclasses.replace(cand, chunks=chunks)
 
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
         """Torus over `groups` (P/u Ulysses groups in team order, teams of t groups, r = P/(u*t)).
@@ -768,7 +262,7 @@ class CostModel:
         step and waits for it before attending it), then every output goes home, then the intra
         gather and the joint output, all blocking. The steps are those of the slowest rank.
         """
-        parts = _torus_parts(problem, u, t, groups)
+        parts = torus_parts(problem, u, t, groups)
         r = parts.r
         cache: Dict[tuple, tuple] = {}
         steps: List[Step] = []

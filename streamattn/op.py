@@ -75,17 +75,19 @@ def _needs_grad(*tensors) -> bool:
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
               ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
-              seq_layout="contiguous"):
+              seq_layout="contiguous", comm_dtype=None):
     """streamattn.attention (see streamattn.api.attention for the arguments and shapes). With an
     input that requires grad, or inside torch.compile, it runs as the registered op
     streamattn::attention (exact backward; traceable with fullgraph=True); otherwise, and with
-    stale_kv, as the plain eager call."""
+    the inference-only options stale_kv and comm_dtype, as the plain eager call."""
     kw = dict(layout=layout, causal=causal, scale=scale, joint_q=joint_q, joint_k=joint_k,
               joint_v=joint_v, joint_strategy=joint_strategy, algorithm=algorithm,
               ulysses_degree=ulysses_degree, ring_degree=ring_degree, seq_layout=seq_layout)
     compiling = torch.compiler.is_compiling()
-    if stale_kv is not None or not (compiling or _needs_grad(q, k, v, joint_q, joint_k, joint_v)):
-        return api.attention(q, k, v, group, stale_kv=stale_kv, layer=layer, **kw)
+    if stale_kv is not None or comm_dtype is not None or not (
+            compiling or _needs_grad(q, k, v, joint_q, joint_k, joint_v)):
+        return api.attention(q, k, v, group, stale_kv=stale_kv, layer=layer, comm_dtype=comm_dtype,
+                             **kw)
     err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
                       algorithm, ulysses_degree, ring_degree)
     if err:

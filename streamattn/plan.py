@@ -65,6 +65,7 @@ class Candidate:
     bottleneck: str = ""
     bytes_by_kind: Tuple[Tuple[str, int], ...] = ()
     steps: Tuple[Step, ...] = ()
+    chunks: int = 1  # Ulysses pipelined over this many head groups (ulysses.py _pipelined)
 
     @property
     def valid(self) -> bool:
@@ -121,6 +122,7 @@ class Plan:
     candidates: tuple = field(default=(), compare=False, repr=False)
     context: str = field(default="", compare=False, repr=False)
     torus_degree: int = 1
+    chunks: int = 1  # Ulysses only: head groups whose all-to-alls pipeline with their attention
 
     def to_dict(self, candidates: bool = False) -> dict:
         d = {
@@ -128,6 +130,7 @@ class Plan:
             "ulysses_degree": self.ulysses_degree,
             "ring_degree": self.ring_degree,
             "torus_degree": self.torus_degree,
+            "chunks": self.chunks,
             "groups": [list(g) for g in self.groups],
             "transport": self.transport,
             "predicted_s": self.predicted_s,
@@ -177,6 +180,7 @@ class Plan:
     def __str__(self) -> str:
         extra = f", predicted {self.predicted_s * 1e3:.3g} ms" if self.predicted_s is not None else ""
         torus = f" x torus={self.torus_degree}" if self.torus_degree > 1 else ""
+        torus += f" in {self.chunks} chunks" if self.chunks > 1 else ""
         return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 

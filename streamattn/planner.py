@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
+from .calibration import block_shape, block_times, save_cache
 from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
                         resolve_memory_bandwidth, resolve_rate)
+from .schedule import attention_flops, chunks_valid
 from .plan import ALGORITHMS, Candidate, Plan, _divisors
 from .problem import Problem
 from .topology import Topology
@@ -35,6 +37,11 @@ _REL_TIE = 1e-9
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
 COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
+# Head-group chunk counts costed for pure Ulysses (ulysses.py pipelines each chunk's all-to-alls
+# with the previous chunk's attention); kept only when every chunk holds whole K/V groups, and only
+# on CPU topologies (no declared peak rate), where the kernel is calibrated at the chunk's shape: on
+# GPUs smaller all-to-alls and more kernel launches cost what the model does not see.
+CHUNKS = (2, 4)
 
 
 def _algo(u: int, world: int) -> str:
@@ -63,6 +70,9 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
                 reason = ("causal attention needs each Ulysses group to hold contiguous positions "
                           "(consecutive groups)")
             out.append(Candidate(algo, u, r, groups, name, dropped=reason))
+            if algo == "ulysses" and not reason and topology.peak_flops is None:
+                out += [Candidate(algo, u, r, groups, name, chunks=c) for c in CHUNKS
+                        if chunks_valid(problem, u, c)]
     if not getattr(problem, "zigzag", False):
         out += torus_candidates(problem, topology)
     return out
@@ -74,6 +84,8 @@ def torus_degree(c: Candidate) -> int:
 
 
 def label(c: Candidate) -> str:
+    if c.chunks > 1:
+        return f"{c.label} in {c.chunks} chunks"
     if c.algorithm == "torus":
         return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
                 f"[{c.placement}]")
@@ -107,7 +119,8 @@ def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
 def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: str = "auto",
               ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
               compute_rate: Optional[float] = None,
-              memory_bandwidth: Optional[float] = None) -> Plan:
+              memory_bandwidth: Optional[float] = None,
+              block_rates: Optional[Dict[tuple, float]] = None) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -117,7 +130,10 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     (default: the cheapest valid) give u and r, t = P / (u * r). compute_rate: FLOP/s per rank
     (default topology.peak_flops, else the measured CPU rate -- see the module docstring).
     memory_bandwidth: bytes/s of a rank's local memory for the memory-bound work (packing copies,
-    LSE merges); default from the device table in costmodel, measured on CPU topologies."""
+    LSE merges); default from the device table in costmodel, measured on CPU topologies.
+    block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
+    the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
+    that rate instead of compute_rate."""
     topology = _topology(topology)
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
@@ -152,9 +168,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         if not c.dropped:
+            model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
-                           torus_degree=torus_degree(c))
+                           torus_degree=torus_degree(c), chunks=c.chunks)
         cands.append(c)
+    model.rate = rate
 
     # algorithm="torus" without ulysses_degree: Ulysses over the ranks of a node (the design, and
     # what streamattn.plan.torus_plan defaulted to) when such a split is valid, else any u
@@ -170,6 +188,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                     and ring_degree in (None, c.ring_degree))
         if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
             return algorithm == "auto" and u_forced is None
+        if c.chunks > 1 and (algorithm != "auto" or u_forced is not None):
+            return False  # a forced choice runs the classic one-shot all-to-all
         if u_forced is not None:
             return c.ulysses_degree == u_forced
         return algorithm in ("auto", "usp") or c.algorithm == algorithm
@@ -212,8 +232,49 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                        f"{label(runner)}")
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
-                context=_context(problem, topology, rate, rate_src, mbw, mbw_src),
-                torus_degree=torus_degree(best))
+                context=_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates),
+                torus_degree=torus_degree(best), chunks=best.chunks)
+
+
+def _calibrated(block_rates) -> str:
+    if not block_rates:
+        return ""
+    parts = [f"[{b},{h},{sq},{sk},{d}] {r / 1e9:.3g}" for (b, h, sq, sk, d), r in sorted(block_rates.items())]
+    return ("\nKernel calibrated at the candidates' block shapes [B,h,Sq,Sk,D] GFLOP/s per rank: "
+            + ", ".join(parts))
+
+
+def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
+    """The kernel block shape candidate `c` runs (calibration.block_shape)."""
+    return block_shape(problem, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
+
+
+def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
+    """The distinct block shapes of the valid candidates, in a fixed order (same on every rank)."""
+    shapes = {candidate_block_shape(problem, c) for c in enumerate_candidates(problem, topology)
+              if not c.dropped}
+    return sorted(shapes)
+
+
+def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
+    """{"block_rates": {shape: FLOP/s}} for make_plan, identical on every rank: every rank times
+    the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
+    the real call), or reads this machine's cache, and all take rank 0's numbers; rank 0 caches
+    what it measured (calibration.save_cache). Collective over the group."""
+    import torch
+
+    shapes = calibration_shapes(problem, topology)
+    if not shapes:
+        return {}
+    times, new = block_times(shapes, problem.dtype, transport.size)
+    theirs = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)[0]
+    if transport.rank == 0 and new:
+        save_cache(transport.size, new)
+    rates = {}
+    for s, t in zip(shapes, theirs.tolist()):
+        B, h, sq, sk, D = s
+        rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
+    return {"block_rates": rates}
 
 
 def _request(algorithm, u, r) -> str:
@@ -373,7 +434,7 @@ def explain_plan(plan: Plan) -> str:
     for c in plan.candidates:
         mark = "* " if chosen(c) else "  "
         head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
-                f"{c.ring_degree:>3} {c.placement:<12}")
+                f"{c.ring_degree:>3} {_placement(c):<12}")
         if not c.valid:
             lines.append(f"{head} dropped: {c.dropped}")
             continue
@@ -413,6 +474,10 @@ def explain_plan(plan: Plan) -> str:
         if dropped:
             lines.append(f"{len(dropped)} candidate(s) dropped (reasons above).")
     return "\n".join(lines)
+
+
+def _placement(c) -> str:
+    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "")
 
 
 def _same(a, b) -> bool:

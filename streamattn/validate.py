@@ -13,6 +13,7 @@ import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("bshd", "bhsd")
+COMM_DTYPES = (None, torch.bfloat16)  # the wire formats of comm_dtype= (None: exact)
 STRATEGIES = ("front", "rear")
 ALGORITHMS = ("auto", "ulysses", "ring", "usp", "torus")
 MAGIC, VERSION = 0x5354524D, 1
@@ -22,7 +23,7 @@ ZIGZAG = 2  # the "causal" field's value for causal attention in the zigzag layo
 # (name, how to show the value) of the metadata fields, in vector order.
 FIELDS = ("error", "batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "layout", "device",
           "causal", "joint_len", "joint_strategy", "algorithm", "ulysses_degree", "ring_degree",
-          "scale")
+          "scale", "comm_dtype")
 _DEVICE_TYPES = ("cpu", "cuda", "other")
 
 
@@ -102,7 +103,8 @@ def _scale_bits(scale: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
 
-def field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r) -> list:
+def field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r,
+                 comm_dtype=None) -> list:
     """This rank's FIELDS as ints (all 0 but the error flag when its input was malformed)."""
     if error:
         return [1] + [0] * (len(FIELDS) - 1)
@@ -112,14 +114,17 @@ def field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, 
     return [0, b, s, h, hk, d, DTYPES.index(q.dtype), LAYOUTS.index(layout),
             _DEVICE_TYPES.index(dev), ZIGZAG if causal == "zigzag" else int(bool(causal)), joint_len,
             STRATEGIES.index(joint_strategy) if joint_strategy in STRATEGIES else 0,
-            ALGORITHMS.index(algorithm), u or 0, r or 0, _scale_bits(scale)]
+            ALGORITHMS.index(algorithm), u or 0, r or 0, _scale_bits(scale),
+            COMM_DTYPES.index(comm_dtype)]
 
 
-def encode(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r) -> torch.Tensor:
+def encode(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r,
+           comm_dtype=None) -> torch.Tensor:
     """This rank's metadata as int64: [MAGIC, VERSION, *FIELDS, *message bytes]."""
     msg = (error or "").encode("utf-8")[:MSG_BYTES]
     msg_vec = list(msg) + [0] * (MSG_BYTES - len(msg))
-    vals = field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r)
+    vals = field_values(error, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm, u, r,
+                        comm_dtype)
     return torch.tensor([MAGIC, VERSION] + vals + msg_vec, dtype=torch.int64)
 
 
@@ -136,6 +141,8 @@ def _show(name, value):
         return ALGORITHMS[value]
     if name == "scale":
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
+    if name == "comm_dtype":
+        return str(COMM_DTYPES[value]).replace("torch.", "")
     if name in ("ulysses_degree", "ring_degree"):
         return "None" if value == 0 else str(value)
     return str(value)

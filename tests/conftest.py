@@ -10,9 +10,18 @@ import os
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil
+import tempfile
+
 import pytest
 
 from streamattn.testing import RankPool
+
+# Kernel calibrations and probed topologies of this session stay in a directory of its own (the
+# workers inherit it), never read from or written to the developer's ~/.cache/streamattn.
+_CACHE = None
+if "STREAMATTN_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["STREAMATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamattn-tests-")
 
 _state = {"pool": None}
 
@@ -55,3 +64,5 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     _close()
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

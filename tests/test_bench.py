@@ -213,3 +213,166 @@ def test_emulated_cli_ctrl_c_leaves_nothing_behind(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0
     assert _leftovers(p.pid, tag) == {"netns": [], "links": [], "qdiscs": [], "procs": []}
+
+
+# ─────────────────────────────────────────────────── breakdown (trace), limit, comm_dtype
+
+
+def test_trace_hooks_are_noops_when_off_and_cheap():
+    from streamattn import trace
+
+    assert not trace.enabled()
+    assert trace.span("kernel") is trace.span("pack")  # one shared no-op object, nothing recorded
+    trace.add("wait", 0.0, 1.0, peer=1, inter=True)
+    trace.event("post", peer=1, nbytes=10)
+    # a disabled hook costs well under a microsecond-scale budget: 25 hooks per call (what a
+    # traced 2x2 call records) stay far below 1% of even a 10 ms call
+    assert trace.hook_cost_s(20000) < 4e-6
+    with trace.recording() as rec:
+        assert trace.enabled()
+        with trace.span("kernel"):
+            pass
+        t = trace.now()
+        trace.add("wait", t, t + 0.002, peer=3, inter=True)
+        trace.add("wait", t + 0.002, t + 0.003, peer=3, inter=True)  # contiguous: folded
+        trace.add("wait", t + 0.003, t + 0.004, peer=1, inter=False)
+    assert not trace.enabled()
+    assert [s[0] for s in rec.spans] == ["kernel", "wait", "wait"]
+    summ = trace.summarize(rec.spans, 0.010)
+    assert abs(summ["wait_inter"] - 0.003) < 1e-9 and abs(summ["wait_intra"] - 0.001) < 1e-9
+    assert summ["wait_by_peer"] == {"3": pytest.approx(0.003), "1": pytest.approx(0.001)}
+    assert abs(sum(summ[k] for k in ("kernel", "merge", "pack", "post", "copy", "wait_intra",
+                                     "wait_inter", "other")) - 0.010) < 1e-9
+
+
+def test_traced_call_breakdown_adds_up_and_bytes_equal_the_schedule(rank_pool):
+    """A traced USP 2x2 call on 4 ranks (declared 2 nodes): every rank records kernel spans and
+    waits on the peers the schedule says it receives from; spans never exceed the rank's own time;
+    the transport byte counters equal streamattn.schedule's per-rank bytes (the same numbers the
+    cost model times and bench.perf expects). Negative control: a schedule for the other placement
+    (USP's ring over Ulysses 4x1) does not match."""
+    from streamattn import trace
+
+    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "torch"})
+    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
+    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
+           "ring_degree": 2}
+    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
+    res = pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+    want = expected_bytes("usp", 2, 2, seq=256, heads=4, head_dim=8, ranks_per_node=2)
+    assert [r["bytes"] for r in res] == want
+    assert [r["bytes"] for r in res] != expected_bytes("ulysses", 4, 1, seq=256, heads=4, head_dim=8,
+                                                        ranks_per_node=2)
+    for rank, r in enumerate(res):
+        kinds = {s[0] for s in r["spans"]}
+        assert {"kernel", "merge", "pack", "post"} <= kinds, kinds
+        summ = trace.summarize(r["spans"], r["t_rank"])
+        assert summ["other"] >= 0 and sum(summ[k] for k in ("kernel", "merge", "pack", "post", "copy",
+                                                            "wait_intra", "wait_inter")) <= r["t_rank"] + 1e-4
+        waited = {int(p) for p in summ["wait_by_peer"]}
+        # USP 2x2 on 2x2: the Ulysses partner (same node) and the ring partner (other node)
+        assert waited <= {rank ^ 1, rank ^ 2}, waited
+        posts = [e for e in r["events"] if e[0] == "post"]
+        assert sum(e[4] for e in posts) == want[rank]["intra"] + want[rank]["inter"]
+        assert all(e[3] == (e[2] // 2 != rank // 2) for e in posts)  # inter flag = other node
+
+
+def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
+    """The limit is timed and every record carries measured/limit; the bfloat16 wire runs as an
+    extra auto configuration, sends fewer bytes and reports its (larger, bounded) error."""
+    rc = cli.main(["--nproc", "2", "--out", str(tmp_path), "--seq", "128", "--heads", "4",
+                   "--head-dim", "8", "--joint-len", "0", "--iters", "1", "--no-overlap",
+                   "--no-progress", "--algorithms", "auto,ring", "--comm-dtype", "bfloat16",
+                   "--breakdown", "--trace-iters", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    by = {r["config"]: r for r in runs}
+    lim = by["auto"]["limit"]
+    assert lim["compute_s"] > 0 and lim["bound_by"] == "compute" and by["auto"]["over_limit"] > 0
+    wire = by["auto bfloat16 wire"]
+    assert wire["bytes"]["intra_total"] * 2 == by["auto"]["bytes"]["intra_total"]
+    assert 1e-5 < wire["err"] < 3e-2 and by["auto"]["err"] < 1e-5
+    assert by["auto"]["breakdown"]["per_rank"][0]["kernel"] > 0
+    assert "measured/limit" in out and "wait_inter" in out
+    assert (tmp_path / "timeline-auto-128.png").stat().st_size > 1000
+
+
+# ─────────────────────────────────────────────────── the collective all-to-all (gloo)
+
+A2A = {"STREAMATTN_ALLTOALL": "collective", "STREAMATTN_TRANSPORT": "torch"}
+
+
+@pytest.mark.parametrize("kw", [dict(seq=37, heads=8), dict(seq=40, heads=8, kv_heads=2, joint_len=5),
+                                dict(seq=36, heads=8, causal=True)])
+def test_collective_all_to_all_is_exact_and_sends_the_schedule(rank_pool, kw):
+    """Ulysses over ONE all_to_all_single per exchange (STREAMATTN_ALLTOALL=collective): exact
+    against float64 (uneven shards, GQA, joint tokens, causal) and the same payload bytes as the
+    point-to-point path."""
+    pool = rank_pool(4, env=A2A)
+    res = pool.run("streamattn.testing.cases:check_attention", algorithm="ulysses", **kw)
+    assert all(r["err"] < 1e-5 for r in res), res
+    assert all(r["joint_err"] is None or r["joint_err"] < 1e-5 for r in res), res
+    got = pool.run("streamattn.testing.cases:bytes_per_call", seq=64, heads=8, head_dim=8,
+                   algorithm="ulysses")
+    want = expected_bytes("ulysses", 4, 1, seq=64, heads=8, head_dim=8, ranks_per_node=4)
+    assert [{k: g[k] for k in ("intra", "inter", "messages")} for g in got] == want
+
+
+def test_collective_all_to_all_timeout_names_the_silent_peer(rank_pool):
+    pool = rank_pool(4, env=dict(A2A, STREAMATTN_TIMEOUT_S="3", STREAMATTN_A2A_TEST="silent"))
+    res = pool.run("streamattn.testing.perf_cases:collective_silent_peer", silent_rank=2)
+    for rank, r in enumerate(res):
+        if rank == 2:
+            continue
+        assert r["type"] == "PeerTimeoutError", r
+        assert "rank 2" in r["error"] and "never joined" in r["error"] and r["peer"] == 2, r
+
+
+def test_matrix_rows_and_checks_from_records():
+    """bench --matrix's summary of one run: best fixed / yunchang's best / limit ratios and the
+    acceptance checks (a slow auto is flagged, a loaded run too)."""
+    from streamattn.bench.matrix import format_matrix, summarize
+
+    def rec(name, kind, algo, ts, **kw):
+        cfg_algo = "auto" if name.startswith("auto") else algo
+        return {"config": name, "kind": kind, "cfg": {"algorithm": cfg_algo, **kw.pop("cfg", {})},
+                "algorithm": algo, "ulysses_degree": 2, "ring_degree": 2, "shape": {"seq": 1024, "joint_len": 0},
+                "latency_s": {"median": sorted(ts)[len(ts) // 2], "all": ts}, **kw}
+
+    lim = {"limit_s": 0.100, "bound_by": "wire", "compute_s": 0.08, "wire_s": 0.100}
+    records = [rec("auto", "streamattn", "usp", [0.105, 0.106], limit=lim, predicted_s=0.1, err=1e-7),
+               rec("usp 2x2", "streamattn", "usp", [0.104, 0.107]),
+               rec("ulysses 4", "streamattn", "ulysses", [0.2, 0.21]),
+               rec("yunchang 2x2", "yunchang", None, [0.16, 0.17]),
+               rec("auto bfloat16 wire", "streamattn", "usp", [0.09, 0.09], err=4e-3,
+                   cfg={"comm_dtype": "bfloat16"})]
+    run = {"cell": "2x2:200mbit", "shape": "flux", "load_before": 0.1, "load_after": 0.2, "seconds": 60, "rc": 0}
+    (row,) = summarize(records, run, 0.5)
+    assert row["best_fixed"] == "usp 2x2" and row["yunchang_best"] == "yunchang 2x2"
+    assert row["auto_over_limit"] == pytest.approx(1.06, abs=0.01)
+    assert row["auto_vs_yunchang"] == pytest.approx(0.17 / 0.106, rel=1e-3)
+    assert row["bf16_wire_err"] == 4e-3
+    assert row["checks"] == []  # within 1.10x of the limit, 1.56x over yunchang
+    slow = [dict(records[0], latency_s={"median": 0.2, "all": [0.2, 0.2]})] + records[1:]
+    (bad,) = summarize(slow, dict(run, load_before=3.0), 0.5)
+    assert any("limit" in c for c in bad["checks"]) and any("LOADED" in c for c in bad["checks"])
+    assert any("1.4x yunchang" in c for c in bad["checks"])
+    text = format_matrix([row, bad], [run], 60.0)
+    assert "| 2x2:200mbit | flux | 1024+0 | wire |" in text and "total 1.0 min" in text
+
+
+def test_comm_dtype_must_agree_and_is_bounded(rank_pool):
+    """comm_dtype=torch.bfloat16 on every rank: bounded error (not exact); on some ranks only: the
+    same ValueError on every rank, no hang; with float16 inputs: a clear error everywhere."""
+    pool = rank_pool(4, env={"STREAMATTN_TRANSPORT": "torch"})
+    run = "streamattn.testing.perf_cases:comm_dtype_call"
+    ok = pool.run(run, wire_ranks=[0, 1, 2, 3], seq=36)
+    assert all(r["type"] is None and 1e-5 < r["err"] < 3e-2 for r in ok), ok
+    exact = pool.run(run, wire_ranks=[], seq=36)
+    assert all(r["err"] < 1e-5 for r in exact), exact
+    mixed = pool.run(run, wire_ranks=[1], seq=40)
+    assert len({r["error"] for r in mixed}) == 1 and all(r["type"] == "ValueError" for r in mixed), mixed
+    assert "disagree on comm_dtype" in mixed[0]["error"] and "rank 1: torch.bfloat16" in mixed[0]["error"]
+    half = pool.run(run, wire_ranks=[0, 1, 2, 3], seq=44, dtype="float16")
+    assert all(r["type"] == "ValueError" and "float32 or bfloat16" in r["error"] for r in half), half

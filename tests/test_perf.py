@@ -48,16 +48,12 @@ NODES, RPN = 2, 2
 INTER_BW = os.environ.get("STREAMATTN_PERF_BW", "300mbit")
 SHAPE = {"seq": 2048, "heads": 24, "head_dim": 32, "joint_len": 0, "batch": 1, "dtype": "float32"}
 ITERS = int(os.environ.get("STREAMATTN_PERF_ITERS", "9"))
-# The speedup bar. Issue 6 asks for 1.3x; the ideal at M = 2 is 1.5x at C/X = 0.5 (1.4x at 0.4 or
-# 0.75). An earlier session measured 1.32-1.40x at the calibrated size. With Torus added (which
-# auto never picked at this size) and the planner now told the shaped 300 Mbit/s, auto still
-# picks USP 2x2 or ring 4, but on this 2-core machine under other sessions' load (load average
-# 5-10 besides our 4 ranks) ten runs of this test on 2026-11-23 measured 1.17, 1.24, 1.29, 1.39,
-# 1.43 (min-of-calls ratios) and 1.17, 1.23, 1.29, 1.25 (medians of per-round ratios), also at
-# C/X = 0.55 (ideal 1.48x): 1.3x was reached in 3 of 10. LOOSENED to 1.2x by default for that
-# reason -- the forced-Ulysses control still fails it (0.97-1.11x measured) -- and
-# STREAMATTN_PERF_MIN_SPEEDUP=1.3 restores the issue's bar on a quiet machine.
-MIN_SPEEDUP = float(os.environ.get("STREAMATTN_PERF_MIN_SPEEDUP", "1.2"))
+# The speedup bar: 1.3x, as issue 6 asked (the ideal at M = 2 is 1.5x at C/X = 0.5, 1.4x at 0.4 or
+# 0.75). It had been loosened to 1.2x because ten runs on 2026-11-23, under other sessions' load
+# (load average 5-10 besides our 4 ranks), reached 1.3x in only 3 of 10 (1.17-1.43x). Issue 12 puts
+# it back: the measurement that decides is made on an idle machine (`uptime` before and after);
+# STREAMATTN_PERF_MIN_SPEEDUP overrides it for a loaded one. The forced-Ulysses control fails it.
+MIN_SPEEDUP = float(os.environ.get("STREAMATTN_PERF_MIN_SPEEDUP", "1.3"))
 
 
 def _reason():
@@ -111,7 +107,8 @@ def _calibrated_shape(ex, inter_bw):
     if "STREAMATTN_PERF_SEQ" in os.environ:
         return dict(SHAPE, seq=int(os.environ["STREAMATTN_PERF_SEQ"]))
     probe = SweepSpec(shapes=[SHAPE], algorithms=["usp"], degrees=[(2, 2)], iters=1, warmup=1,
-                      overlap=True, overlap_iters=3, check=False, yunchang=False)
+                      overlap=True, overlap_iters=3, check=False, yunchang=False, trace_iters=0,
+                      limit=False)
     r = run_sweep(ex, probe, inter_bw=inter_bw, progress=False)[0]
     c, x = r["inter_only_min_s"], r["compute_only_min_s"]
     seq = _seq_for(SHAPE["seq"], c, x)
@@ -136,7 +133,7 @@ def _sweep(ex, shape, inter_bw):
 
     spec = SweepSpec(shapes=[shape], algorithms=["auto", "ulysses", "ring", "usp", "torus"],
                      iters=ITERS, warmup=1, overlap=True, overlap_iters=2, check=True,
-                     yunchang=False, force_auto="ulysses")
+                     yunchang=False, force_auto="ulysses", trace_iters=0, limit=False)
     return run_sweep(ex, spec, inter_bw=inter_bw, progress=False)
 
 
@@ -162,12 +159,14 @@ def test_results_exact_and_plans_as_expected(sweep):
     for name, r in sweep.items():
         if not name.startswith("_"):
             assert r["err"] < 1e-5, (name, r["err"])
-    # the cost-model planner may pick USP 2x2 (Ulysses inside a node), the ring, or a Torus (intra
-    # Ulysses 2 x torus 2, or torus 4 over single ranks) when they cost about the same; never
+    # the cost-model planner may pick USP 2x2 (Ulysses inside a node), the ring, a Torus (intra
+    # Ulysses 2 x torus 2, or torus 4 over single ranks), or Ulysses pipelined in head-group chunks
+    # (its all-to-alls overlap attention) when they cost about the same; never the one-shot
     # Ulysses across nodes at this size
     a = sweep["auto"]
     assert (a["algorithm"], a["ulysses_degree"], a.get("torus_degree", 1), a["ring_degree"]) in (
-        ("usp", 2, 1, 2), ("ring", 1, 1, 4), ("torus", 2, 2, 1), ("torus", 1, 4, 1)), a["plan"]
+        ("usp", 2, 1, 2), ("ring", 1, 1, 4), ("torus", 2, 2, 1), ("torus", 1, 4, 1)) or (
+        a["algorithm"] == "ulysses" and a.get("chunks", 1) > 1), a["plan"]
     forced = sweep["auto(forced ulysses)"]
     assert forced["algorithm"] == "ulysses" and "FORCED" in forced["plan"], forced["plan"]
 

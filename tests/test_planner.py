@@ -395,7 +395,7 @@ def test_torus_first_exchange_hides_behind_the_local_block():
 class _Box:
     def __init__(self):
         self.cv = threading.Condition()
-        self.data = {}
+        self.data = defaultdict(list)  # (src, dst, tag) -> messages in posting order (FIFO, as gloo)
         self.sent = defaultdict(int)
 
 
@@ -407,9 +407,9 @@ class _Pending(Pending):
         with self.box.cv:
             for peer, buf in self.recvs:
                 key = (peer, self.me, self.tag)
-                if not self.box.cv.wait_for(lambda: key in self.box.data, timeout=30):
+                if not self.box.cv.wait_for(lambda: self.box.data.get(key), timeout=30):
                     raise TimeoutError(f"rank {self.me}: nothing from {peer} tag {self.tag}")
-                buf.copy_(self.box.data.pop(key).view(buf.shape))
+                buf.copy_(self.box.data[key].pop(0).view(buf.shape))
 
 
 class _ThreadTransport(Transport):
@@ -422,7 +422,7 @@ class _ThreadTransport(Transport):
     def exchange(self, sends, recvs, tag, count=True):
         with self.box.cv:
             for peer, t in sends:
-                self.box.data[(self.rank, peer, tag)] = t.detach().clone().reshape(-1)
+                self.box.data[(self.rank, peer, tag)].append(t.detach().clone().reshape(-1))
                 if count:
                     self.box.sent[(self.rank, peer)] += t.numel() * t.element_size()
             self.box.cv.notify_all()
@@ -447,7 +447,7 @@ def _run_threads(problem, plan, dtype):
             a, n = problem.offsets[rank], problem.seq_lens[rank]
             args = (tr, problem, q[:, a:a + n], k[:, a:a + n], v[:, a:a + n], joint)
             if plan.algorithm == "ulysses":
-                algorithms.ulysses_attention(*args)
+                algorithms.ulysses_attention(*args, chunks=plan.chunks)
             elif plan.algorithm == "ring":
                 algorithms.ring_attention(*args)
             elif plan.algorithm == "torus":
@@ -516,3 +516,106 @@ def test_cost_model_torus_bytes_equal_what_torus_sends(P, u, t, heads, kv_heads,
     assert dict(predicted) == sent
     assert bytes_sent(problem, u, groups, torus_degree=t) == [
         sum(n for (a, _), n in sent.items() if a == x) for x in range(P)]
+
+
+@pytest.mark.parametrize("P,heads,kv_heads,lens,joint,chunks", [
+    (4, 8, 8, (7, 5, 6, 6), 0, 2),
+    (4, 32, 16, (7, 5, 6, 6), 3, 2),     # GQA: whole K/V groups per chunk
+    (2, 8, 8, (5, 6), 2, 4),
+])
+def test_chunked_ulysses_bytes_equal_the_schedule(P, heads, kv_heads, lens, joint, chunks):
+    """Ulysses pipelined over head-group chunks (chosen by the planner) sends exactly what
+    streamattn.schedule says; the unchunked schedule (same bytes, fewer messages) is told apart by
+    the message count."""
+    from streamattn.schedule import chunks_valid, per_rank_bytes
+
+    dtype = torch.bfloat16
+    problem = Problem(1, heads, kv_heads, 8, dtype, lens, 8 ** -0.5, joint_len=joint)
+    groups = consecutive_groups(P, P)
+    assert chunks_valid(problem, P, chunks)
+    plan = Plan("ulysses", P, 1, groups=groups, chunks=chunks)
+    sent = _run_threads(problem, plan, dtype)
+    predicted = defaultdict(int)
+    for _, msgs in messages(problem, P, groups, chunks=chunks):
+        for a, b, n in msgs:
+            predicted[(a, b)] += n
+    assert dict(predicted) == sent
+    node_of = [0] * P
+    one = per_rank_bytes(problem, P, groups, node_of)
+    many = per_rank_bytes(problem, P, groups, node_of, chunks=chunks)
+    assert [x["intra"] for x in one] == [x["intra"] for x in many]
+    assert [x["messages"] * chunks for x in one] == [x["messages"] for x in many]
+
+
+def test_planner_costs_chunked_ulysses_and_the_plan_carries_it():
+    """On a slow inter-node link Ulysses in chunks hides part of its all-to-all behind attention,
+    so the planner prices it below one-shot Ulysses; a forced algorithm="ulysses" keeps the classic
+    one-shot exchange; chunk counts that split a K/V group are not candidates; the plan carries the
+    count (str, JSON)."""
+    problem = Problem(1, 24, 24, 32, torch.float32, (1024,) * 4, 32 ** -0.5)
+    kw = dict(compute_rate=2e10, memory_bandwidth=5e9)
+    plan = make_plan(problem, "2x2:inter=200Mbit/s", **kw)
+    ul = {c.chunks: c for c in plan.candidates if c.algorithm == "ulysses" and c.valid}
+    assert set(ul) == {1, 2}  # 6 heads per rank: 2 chunks of 3, not 4
+    assert ul[2].predicted_s < ul[1].predicted_s
+    assert make_plan(problem, "2x2:inter=200Mbit/s", algorithm="ulysses", **kw).chunks == 1
+    p2 = Plan("ulysses", 4, 1, chunks=2)
+    assert "in 2 chunks" in str(p2) and Plan.from_json(p2.to_json()).chunks == 2
+    gqa = Problem(1, 24, 6, 32, torch.float32, (1024,) * 4, 32 ** -0.5)  # groups of 4 query heads
+    assert {c.chunks for c in make_plan(gqa, "2x2:inter=200Mbit/s", **kw).candidates
+            if c.algorithm == "ulysses" and c.valid} == {1}
+    # declared GPU machines: not costed (launch overheads and small all-to-alls are not modelled)
+    assert all(c.chunks == 1 for c in plan_for(4096, 24, 128, topology="h100x8-2node").candidates)
+
+
+def test_calibration_cache_is_owner_only_atomic_and_validated(tmp_path, monkeypatch):
+    import json
+    import os
+    import stat
+
+    from streamattn import calibration
+
+    monkeypatch.setenv("STREAMATTN_CACHE_DIR", str(tmp_path / "cache"))
+    entry = "1,2,64,64,8:float32"
+    path = calibration.save_cache(4, {entry: 0.001})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert calibration.load_cache(4) == {entry: 0.001}
+    assert calibration.load_cache(2) == {}  # another number of concurrent ranks: another file
+    assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".")] == []  # no temp left
+
+    # the cache is used: nothing is timed for a cached shape
+    def must_not_time(*a, **k):
+        raise AssertionError("timed a cached shape")
+
+    monkeypatch.setattr(calibration, "time_block", must_not_time)
+    assert calibration.block_times([(1, 2, 64, 64, 8)], torch.float32, 4) == ([0.001], {})
+    good = json.loads(open(path).read())
+    for bad in ({**good, "key": "someone-else"}, {**good, "format": 0},
+                {**good, "entries": {entry: -1.0}}, {**good, "entries": {entry: "0.1"}}):
+        with open(path, "w") as f:
+            json.dump(bad, f)
+        assert calibration.load_cache(4) == {}, bad
+    with open(path, "w") as f:
+        f.write("not json")
+    assert calibration.load_cache(4) == {}
+
+
+def test_block_rates_steer_the_plan():
+    """The kernel calibrated at each candidate's block shape decides: the same problem and
+    topology pick differently when the Ulysses block is measured slow than when it is fast."""
+    from streamattn.planner import calibration_shapes, candidate_block_shape
+    from streamattn.topology import resolve_topology
+
+    problem = Problem(1, 8, 8, 32, torch.float32, (512,) * 4, 32 ** -0.5)
+    topo = "2x2:inter=10Gbit/s"
+    kw = dict(compute_rate=1e10, memory_bandwidth=5e9)
+    base = make_plan(problem, topo, **kw)
+    shapes = calibration_shapes(problem, resolve_topology(topology=topo))
+    uly = next(c for c in base.candidates if c.algorithm == "ulysses" and c.chunks == 1)
+    slow = {s: 1e10 for s in shapes}
+    slow[candidate_block_shape(problem, uly)] = 1e8
+    fast = {s: 1e8 for s in shapes}
+    fast[candidate_block_shape(problem, uly)] = 1e11
+    assert make_plan(problem, topo, block_rates=slow, **kw).algorithm != "ulysses"
+    assert make_plan(problem, topo, block_rates=fast, **kw).algorithm == "ulysses"

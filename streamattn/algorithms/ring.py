@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, update_out_and_lse
 
@@ -40,7 +41,8 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
     # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
-    kv = torch.stack([k, v])
+    with trace.span("pack"):
+        kv = torch.stack([k, v])
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
     for t in range(r):
         src = (me - t) % r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import trace
 from ..transport.base import Pending
 from .local import attend
 
@@ -67,11 +68,15 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
 
     def pack(j):
         (a, b), (c, d) = q_ranges[j], kv_ranges[j]
-        parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
-        return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
+        with trace.span("pack"):
+            parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
+            return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
 
     bufs = [None] * u
     sends, recvs = [], []
+    if not q_in and _collective(transport, members):  # one all_to_all_single, packed in one copy
+        return _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag,
+                                   heads, kv_heads)
     for j in range(u):
         if j == me:
             bufs[j] = pack(j)
@@ -95,6 +100,10 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
                 p.wait()
 
     def assemble():
+        with trace.span("pack"):
+            return _assemble()
+
+    def _assemble():
         qs, ks, vs = [], [], []
         for j in range(u):
             n_q, n_kv = B * lens[j] * q_len * D, B * lens[j] * hk * D
@@ -139,20 +148,62 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
     B, _, h, D = out.shape
     tk = _packing(out)
     # One flat buffer whose chunk j is member j's tokens, [B, lens[j], h, D] contiguous.
-    flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
-                                                       for j in range(u)])
-    chunk = [B * n * h * D for n in lens]
-    start = [sum(chunk[:j]) for j in range(u)]
-    # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
-    back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
-    back[me].copy_(flat[start[me] : start[me] + chunk[me]].view(B, lens[me], h, D))
+    with trace.span("pack"):
+        flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
+                                                           for j in range(u)])
+        chunk = [B * n * h * D for n in lens]
+        start = [sum(chunk[:j]) for j in range(u)]
+        # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
+        back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
+        back[me].copy_(flat[start[me] : start[me] + chunk[me]].view(B, lens[me], h, D))
     sends = [(members[j], flat[start[j] : start[j] + chunk[j]]) for j in range(u) if j != me]
     recvs = [(members[j], back[j]) for j in range(u) if j != me]
+    if tk is None and _collective(transport, members):
+        pending = transport.all_to_all(flat, chunk, back.reshape(-1), [back[0].numel()] * u, tag)
+        return pending, (lambda: back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D))
 
     def assemble():
-        return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
+        with trace.span("pack"):
+            return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
 
     return transport.exchange(sends, recvs, tag), assemble
+
+
+def _collective(transport, members) -> bool:
+    """STREAMATTN_ALLTOALL=collective and a transport that offers one all-to-all over the whole
+    group (torch over gloo), with the Ulysses group being that whole group in rank order."""
+    from ..config import alltoall_mode
+
+    return (alltoall_mode() == "collective" and hasattr(transport, "all_to_all")
+            and getattr(transport, "backend", "") == "gloo" and list(members) == list(range(transport.size)))
+
+
+def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag, heads, kv_heads):
+    """post_scatter over one all_to_all_single: every member's [q | k | v] head slices packed by
+    ONE torch.cat (member order), received into one buffer whose chunk j is member j's."""
+    B, _, _, D = q.shape
+    hq = q_ranges[me][1] - q_ranges[me][0]
+    with trace.span("pack"):
+        parts = []
+        for (a, b), (c, d) in zip(q_ranges, kv_ranges):
+            parts += [q[:, :, a:b].reshape(-1), k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)]
+        send = torch.cat(parts)
+    send_splits = [B * lens[me] * ((b - a) + 2 * (d - c)) * D for (a, b), (c, d) in zip(q_ranges, kv_ranges)]
+    recv_splits = [B * n * (hq + 2 * hk) * D for n in lens]
+    recv = torch.empty(sum(recv_splits), dtype=q.dtype, device=q.device)
+    pending = transport.all_to_all(send, send_splits, recv, recv_splits, tag)
+    bufs = list(torch.split(recv, recv_splits))
+
+    def assemble():
+        with trace.span("pack"):
+            qs = [buf[:B * n * hq * D].view(B, n, hq, D) for buf, n in zip(bufs, lens)]
+            ks = [buf[B * n * hq * D:B * n * (hq + hk) * D].view(B, n, hk, D) for buf, n in zip(bufs, lens)]
+            vs = [buf[B * n * (hq + hk) * D:].view(B, n, hk, D) for buf, n in zip(bufs, lens)]
+            g = heads // kv_heads
+            return (torch.cat(qs, 1), fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g),
+                    fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g))
+
+    return pending, assemble
 
 
 def _packing(x):

@@ -17,13 +17,20 @@ from collections import deque
 
 import torch
 
+from .. import trace
 from ..config import shm_slot_bytes, wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
-DEFAULT_SLOT_MB = 4.0
 DEPTH = 2
 TINY_YIELD_S = 0.005
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Msg:
@@ -53,10 +60,14 @@ class _OneSidedPending(Pending):
     def wait(self):
         t = self.t
         deadline = self.start + t.timeout
+        tracing = trace.enabled()
         spins, last_check, last_report = 0, time.monotonic(), time.monotonic()
         while not all(m.done for m in self.msgs):
+            t0 = trace.now() if tracing else 0.0
             if t._progress():
                 spins = 0
+                if tracing:
+                    trace.add("copy", t0, trace.now())
                 continue
             spins += 1
             now = time.monotonic()
@@ -85,10 +96,11 @@ class _OneSidedPending(Pending):
                         f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
                         f"in an shm exchange (tag {m.tag}, chunk {m.next + 1}/{len(m.chunks)}); it may "
                         "be stuck or making a different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
-            if spins > 200 and not (self.tiny and now - self.start < TINY_YIELD_S):
-                time.sleep(min(1e-3, 1e-6 * (spins - 200)))
-            elif spins > 50:
-                time.sleep(0)
+            _backoff(spins, t.oversubscribed, self.tiny and now - self.start < TINY_YIELD_S)
+            if tracing:  # blocked on the first message that has not completed
+                m = next((m for m in self.msgs if not m.done), None)
+                if m is not None:
+                    trace.add("wait", t0, trace.now(), t.members[m.peer], False)
         if self.remote is not None:
             self.remote.wait()
 
@@ -101,6 +113,25 @@ def _reported_within(base, seconds):
         if culprit is not None or time.monotonic() > deadline:
             return culprit, report
         time.sleep(0.01)
+
+
+def _backoff(spins: int, oversubscribed: bool, tiny: bool) -> None:
+    """Between polls of the mailbox signals. When the node's ranks outnumber its cores, a spinning
+    rank steals the core the peer it waits for needs, so it yields at once and then sleeps
+    (50 us .. 1 ms); otherwise it spins briefly first (lowest latency on an idle core). A tiny
+    (metadata-sized) exchange only yields: a sleep would add up to 1 ms to every call."""
+    if tiny:
+        if oversubscribed or spins > 50:
+            time.sleep(0)
+    elif oversubscribed:
+        if spins > 2:
+            time.sleep(min(1e-3, 5e-5 * (spins - 2)))
+        else:
+            time.sleep(0)
+    elif spins > 200:
+        time.sleep(min(1e-3, 1e-6 * (spins - 200)))
+    elif spins > 50:
+        time.sleep(0)
 
 
 class OneSidedTransport(Transport):
@@ -124,6 +155,7 @@ class OneSidedTransport(Transport):
         self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
         self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes, 2 * n,
                                  self._all_gather_text, self._barrier)
+        self.oversubscribed = n > _cores()
         self.sent = [0] * n
         self.recvd = [0] * n
         self.outq = [deque() for _ in range(n)]
@@ -155,21 +187,26 @@ class OneSidedTransport(Transport):
         if count:
             for p, t in sends:
                 self._count(p, t)
-        msgs = []
-        for p, t in sends:
-            if p in self.local_index and t.numel():
-                m = _Msg(self.local_index[p], t.contiguous(), tag, self.slot_bytes)
-                self.outq[m.peer].append(m)
-                msgs.append(m)
-        for p, t in recvs:
-            if p in self.local_index and t.numel():
-                if not t.is_contiguous():
-                    raise ValueError("receive buffers must be contiguous")
-                m = _Msg(self.local_index[p], t, tag, self.slot_bytes)
-                self.inq[m.peer].append(m)
-                msgs.append(m)
+                if trace.enabled():
+                    trace.event("post", p, self.node_of[p] != self.node_of[self.rank],
+                                t.numel() * t.element_size())
+        with trace.span("post"):
+            msgs = []
+            for p, t in sends:
+                if p in self.local_index and t.numel():
+                    m = _Msg(self.local_index[p], t.contiguous(), tag, self.slot_bytes)
+                    self.outq[m.peer].append(m)
+                    msgs.append(m)
+            for p, t in recvs:
+                if p in self.local_index and t.numel():
+                    if not t.is_contiguous():
+                        raise ValueError("receive buffers must be contiguous")
+                    m = _Msg(self.local_index[p], t, tag, self.slot_bytes)
+                    self.inq[m.peer].append(m)
+                    msgs.append(m)
         remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
-        self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
+        with trace.span("post"):  # (the base transport's posting is its own span)
+            self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
         return _OneSidedPending(self, msgs, remote)
 
     def _progress(self) -> bool:

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import trace
 from ..config import wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
@@ -50,12 +51,17 @@ class _TorchPending(Pending):
     def wait(self) -> None:
         limit = self.transport.timeout
         deadline = self.start + limit
+        tracing = trace.enabled()
         for peer, kind, work in self.works:
             remaining = max(deadline - time.monotonic(), 0.001)
+            t0 = trace.now() if tracing else 0.0
             try:
                 ok = work.wait(datetime.timedelta(seconds=remaining))
             except Exception as exc:  # gloo/NCCL report timeouts and closed pairs as RuntimeError
                 raise _peer_error(self.transport, peer, kind, self.tag, exc) from exc
+            if tracing:  # the time blocked on this peer (sequential waits: who we waited for)
+                node_of = self.transport.node_of
+                trace.add("wait", t0, trace.now(), peer, node_of[peer] != node_of[self.transport.rank])
             if ok is False:
                 raise PeerTimeoutError(
                     f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
@@ -126,6 +132,28 @@ class FailureMailbox:
         self.works, self.bufs = {}, {}
 
 
+class _CollectivePending(Pending):
+    """One all_to_all_single over the whole group. A wait that times out (or fails) names the
+    ranks that never entered this collective, read from their arrival marks in the store."""
+
+    def __init__(self, transport, work, tag, stamp):
+        self.transport, self.work, self.tag, self.stamp = transport, work, tag, stamp
+        self.start = time.monotonic()
+
+    def wait(self) -> None:
+        t = self.transport
+        t0 = trace.now() if trace.enabled() else 0.0
+        remaining = max(self.start + t.timeout - time.monotonic(), 0.001)
+        try:
+            ok = self.work.wait(datetime.timedelta(seconds=remaining))
+        except Exception as exc:
+            raise t.collective_error(self.tag, self.stamp, exc) from exc
+        if ok is False:
+            raise t.collective_error(self.tag, self.stamp, None)
+        if trace.enabled():
+            trace.add("wait", t0, trace.now(), None, len(set(t.node_of)) > 1)
+
+
 class TorchTransport(Transport):
     """Transport over a torch.distributed ProcessGroup (group-local ranks)."""
 
@@ -164,6 +192,42 @@ class TorchTransport(Transport):
     def close(self) -> None:
         self.mailbox.close()
 
+    # -- the collective all-to-all (STREAMATTN_ALLTOALL=collective) ---------------------------
+    def all_to_all(self, send, send_splits, recv, recv_splits, tag, count=True) -> Pending:
+        """The whole group's all-to-all as ONE gloo all_to_all_single: send is 1-D, its first
+        send_splits[0] elements go to rank 0, the next send_splits[1] to rank 1, ...; recv
+        likewise (own parts included)."""
+        self.timeout = wait_timeout_s()
+        e = send.element_size()
+        if count:
+            for p, n in enumerate(send_splits):
+                if p != self.rank and n:
+                    cls = "inter" if self.node_of[p] != self.node_of[self.rank] else "intra"
+                    setattr(self.counters, cls, getattr(self.counters, cls) + n * e)
+                    self.counters.messages += 1
+                    trace.event("post", p, cls == "inter", n * e)
+        stamp = f"{self.calls}:{tag}"
+        with trace.span("post"):
+            work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits),
+                                          group=self.group, async_op=True)
+        return _CollectivePending(self, work, tag, stamp)
+
+    def collective_error(self, tag, stamp, exc):
+        """PeerTimeoutError (or PeerError) for a collective all-to-all that did not complete. One
+        collective cannot tell which rank is missing; a failure another rank reported
+        (FailureMailbox) names it, else the error says how to find it (STREAMATTN_ALLTOALL=p2p
+        names the peer of every wait)."""
+        culprit, report = self.reported_failure()
+        who = report or "a rank that never joined it (one collective cannot tell which: " \
+            "STREAMATTN_ALLTOALL=p2p names the peer)"
+        if exc is not None and "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            return PeerError(f"streamattn: all-to-all (tag {tag}, call {stamp}) failed: "
+                             f"{str(exc).splitlines()[0]} ({who})", culprit)
+        return PeerTimeoutError(
+            f"streamattn: timed out after {self.timeout:.0f}s in a collective all-to-all (tag {tag}, "
+            f"call {stamp}) waiting for {who}. A rank may have died, be stuck, or be making a "
+            "different call (STREAMATTN_TIMEOUT_S sets the limit)", culprit)
+
     def describe_peer(self, peer: int) -> str:
         g = self.global_ranks[peer]
         return f"rank {peer}" if g == peer else f"rank {peer} (global rank {g})"
@@ -175,6 +239,14 @@ class TorchTransport(Transport):
                 self._count(peer, t)
         if self.backend == "nccl":
             return self._exchange_batched(sends, recvs, tag)
+        with trace.span("post"):
+            return self._post(sends, recvs, tag, count)
+
+    def _post(self, sends, recvs, tag, count):
+        if count and trace.enabled():
+            for peer, t in sends:
+                trace.event("post", peer, self.node_of[peer] != self.node_of[self.rank],
+                            t.numel() * t.element_size())
         works = []
         # Receives first: a sender never waits for a receiver to post in gloo, but posting receives
         # early lets data land directly in its buffer.

@@ -1,0 +1,248 @@
+"""CPU calibration: what the local kernel, copies and merges cost on this machine.
+
+Measured in the process that plans (per process; the api makes every rank use rank 0's numbers)
+and cached per process. `load_cache` / `save_cache` keep a machine's calibration as JSON under
+STREAMATTN_CACHE_DIR (mode 0600, written atomically, validated on load).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .datasheet import DEVICE_MEMORY_BW
+from .schedule import as_dtype, attention_flops
+from .topology import Topology
+
+_CPU_RATE: Dict[tuple, float] = {}
+
+
+def measure_cpu_rate(dtype=torch.float32, *, refresh: bool = False) -> float:
+    """FLOP/s of this process's local CPU attention kernel (`kernels.attention_with_lse`), timed
+    once per process on a small shape ([1, 4, 512, 64], best of 5 after 2 warm-ups) and cached.
+    Rounded to 2 significant digits. Differs between processes: see `planner.make_plan`."""
+    dt = as_dtype(dtype)
+    key = (dt, torch.get_num_threads())
+    if key in _CPU_RATE and not refresh:
+        return _CPU_RATE[key]
+    from .kernels import attention_with_lse
+
+    B, H, S, D = 1, 4, 512, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(dt) for _ in range(3))
+    scale = D ** -0.5
+    for _ in range(2):
+        attention_with_lse(q, k, v, scale=scale)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        attention_with_lse(q, k, v, scale=scale)
+        times.append(time.perf_counter() - t0)
+    rate = attention_flops(B, S * S, H, D) / max(min(times), 1e-9)
+    rate = float(f"{rate:.2g}")
+    _CPU_RATE[key] = rate
+    return rate
+
+
+_CPU_MEM: Dict[int, float] = {}
+
+
+def measure_cpu_memory_bandwidth(*, refresh: bool = False) -> float:
+    """Bytes/s of a 32 MiB float32 tensor copy in this process (read + write counted),
+    best of 5, cached per process, 2 significant digits."""
+    key = torch.get_num_threads()
+    if key in _CPU_MEM and not refresh:
+        return _CPU_MEM[key]
+    src = torch.ones(8 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    bw = float(f"{2 * src.numel() * 4 / max(min(times), 1e-9):.2g}")
+    _CPU_MEM[key] = bw
+    return bw
+
+
+def resolve_memory_bandwidth(topology: Topology, memory_bandwidth: Optional[float]) -> Tuple[Optional[float], str]:
+    """(bytes/s per rank, source) of local memory: given, else the device table, else measured on
+    a CPU topology, else None (memory-bound work not modelled)."""
+    if memory_bandwidth is not None:
+        if not memory_bandwidth > 0:
+            raise ValueError(f"memory_bandwidth must be > 0 B/s, got {memory_bandwidth!r}")
+        return float(memory_bandwidth), "given"
+    dev = (topology.device or "").upper()
+    for key, bw, src in DEVICE_MEMORY_BW:
+        if key.upper() in dev:
+            return bw, src
+    if dev in ("", "CPU", "EMULATED") and not topology.peak_flops:
+        return measure_cpu_memory_bandwidth(), "measured:local CPU copy (streamattn.costmodel)"
+    return None, "unknown device: memory-bound work not modelled"
+
+
+def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.float32) -> Tuple[float, str]:
+    """(FLOP/s per rank, where it comes from): compute_rate, else topology.peak_flops, else the
+    measured CPU rate (per process!)."""
+    if compute_rate is not None:
+        if not compute_rate > 0:
+            raise ValueError(f"compute_rate must be > 0 FLOP/s, got {compute_rate!r}")
+        return float(compute_rate), "given"
+    if topology.peak_flops:
+        return float(topology.peak_flops), topology.peak_flops_source or "topology peak_flops"
+    return measure_cpu_rate(dtype), "measured:local CPU kernel (streamattn.costmodel.measure_cpu_rate)"
+
+
+
+# ------------------------------------------------------------------------- block-shape calibration
+# The kernel's rate depends on the block shape (a [1, 4, 512, 64] probe runs at a different rate
+# than a [1, 6, 4096, 32] Ulysses block or a [1, 24, 1024, 32] ring block), and on a CPU every rank
+# of the machine computes at once, sharing its cores. So the planner times the kernel at the block
+# shape each candidate runs, in every rank at the same moment (the first call of a shape, right
+# after the metadata exchange), and uses rank 0's numbers (see `agreed_block_times`).
+
+CACHE_FORMAT = 2
+Shape = Tuple[int, int, int, int, int]  # (batch, heads, query rows, key rows, head dim)
+
+
+def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
+    """The attention block a candidate's ranks compute most of the time: Ulysses the whole
+    sequence (plus the text tokens) for H/u heads; Ring/USP a group's tokens against a group's
+    tokens (S/r) for H/u heads; Torus a Ulysses group's tokens (S/(t*r)) for H/(u*t) heads."""
+    S, T = problem.seq_total, problem.joint_len
+    B, H, D = problem.batch, problem.heads, problem.head_dim
+    if algorithm == "torus":
+        n = max(1, S // (t * r))
+        return (B, max(1, H // (u * t)), n, n, D)
+    if r == 1:
+        return (B, max(1, H // u), S + T, S + T, D)
+    n = max(1, S // r)
+    return (B, max(1, H // u), n, n, D)
+
+
+MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows
+
+
+def time_block(shape: Shape, dtype, reps: int = 3) -> float:
+    """Seconds of one `kernels.attention_with_lse` call on `shape`, in this process with its
+    current thread count: best of `reps` after one warm-up (fewer when a call takes > 50 ms), on at
+    most MAX_ROWS query rows, scaled linearly to all of them (so planning a long sequence does not
+    cost several of its own calls)."""
+    from .kernels import attention_with_lse
+
+    B, h, sq, sk, D = shape
+    rows = min(sq, MAX_ROWS)
+    dt = as_dtype(dtype)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, h, rows, D, generator=g).to(dt)
+    k, v = (torch.randn(B, h, sk, D, generator=g).to(dt) for _ in range(2))
+    t0 = time.perf_counter()
+    attention_with_lse(q, k, v, scale=D ** -0.5)
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(reps if first < 0.05 else 1):
+        t0 = time.perf_counter()
+        attention_with_lse(q, k, v, scale=D ** -0.5)
+        best = min(best, time.perf_counter() - t0)
+    return best * sq / rows
+
+
+def _machine_key(concurrent: int) -> str:
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        model = ""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    text = json.dumps({"format": CACHE_FORMAT, "host": platform.node(), "cpu": model, "cores": cores,
+                       "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "concurrent": int(concurrent)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cache_path(concurrent: int) -> str:
+    d = os.environ.get("STREAMATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "streamattn")
+    return os.path.join(os.path.abspath(os.path.expanduser(d)), f"calibration-{_machine_key(concurrent)}.json")
+
+
+def _entry(shape: Shape, dtype) -> str:
+    return ",".join(map(str, shape)) + ":" + str(as_dtype(dtype)).replace("torch.", "")
+
+
+def load_cache(concurrent: int) -> Dict[str, float]:
+    """{entry: seconds} of this machine's calibration with `concurrent` ranks computing at once;
+    {} when absent or invalid (wrong key, wrong types, non-positive or non-finite times)."""
+    path = cache_path(concurrent)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("format") != CACHE_FORMAT or d.get("key") != _machine_key(concurrent):
+            return {}
+        out = {}
+        for k, v in d["entries"].items():
+            if not isinstance(k, str) or not isinstance(v, (int, float)) or not 0 < v < 1e4:
+                return {}
+            out[k] = float(v)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
+    """Merge `entries` into the cache file: owner-only (0600, directory 0700), written atomically
+    (temporary file in the same directory, fsync, os.replace). Returns the path, or None when the
+    directory is not writable (calibration then stays per process)."""
+    path = cache_path(concurrent)
+    merged = dict(load_cache(concurrent))
+    merged.update({k: float(v) for k, v in entries.items()})
+    d = os.path.dirname(path)
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=d)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"format": CACHE_FORMAT, "key": _machine_key(concurrent),
+                           "entries": merged}, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError:
+        return None
+    return path
+
+
+def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
+                rounds: int = 2) -> Tuple[list, Dict[str, float]]:
+    """Seconds of one kernel call on each shape: from this machine's cache, else measured now,
+    the missing shapes interleaved over `rounds` rounds (best per shape), so load that comes and
+    goes while calibrating biases no shape against another. Returns (times, newly measured
+    {entry: seconds})."""
+    cached = load_cache(concurrent) if use_cache else {}
+    todo = [s for s in dict.fromkeys(shapes) if _entry(s, dtype) not in cached]
+    new: Dict[str, float] = {}
+    for _ in range(max(1, rounds)):
+        for s in todo:
+            key = _entry(s, dtype)
+            new[key] = min(new.get(key, float("inf")), time_block(s, dtype, reps=1))
+    cached.update(new)
+    return [cached[_entry(s, dtype)] for s in shapes], new
