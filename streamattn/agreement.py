@@ -26,10 +26,10 @@ from collections import OrderedDict
 
 import torch
 
-from . import config
+from . import config, tags
 from .validate import FIELDS, field_values
 
-TAG_SIG = 4
+TAG_SIG = tags.SIG
 SIG_MAGIC, SIG_VERSION = 0x53494731, 1   # "SIG1"
 AGREED = tuple(name for name, s in config.SETTINGS.items() if s.agreed)
 # Row layout: magic, version, generation, wants_full, *FIELDS, *AGREED settings.

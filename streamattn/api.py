@@ -13,9 +13,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import agreement, algorithms
+from . import agreement, algorithms, tags
 from .config import ulysses_chunks_override
-from .plan import torus_plan
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
@@ -24,9 +23,9 @@ from .validate import DTYPES, ZIGZAG, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
 
-TAG_META, TAG_RATE = 1, 3
-_transports: dict = {}   # id(group) -> (group, {name: transport}); see release()
-_plans = agreement.PlanCache()  # (group token, agreed call key) -> (Problem, Plan)
+TAG_META, TAG_RATE = tags.META, tags.RATE
+group_transports: dict = {}   # id(group) -> (group, {name: transport}); see release()
+plan_cache = agreement.PlanCache()  # (group token, agreed call key) -> (Problem, Plan)
 _tokens = itertools.count(1)
 
 
@@ -56,10 +55,10 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
     (default) is exact. Must be the same on every rank (part of the per-call signature).
     Returns out in q's layout, shape and dtype.
     """
-    needs_grad = _needs_grad(q, k, v, joint_q, joint_k, joint_v)
+    wants_grad = needs_grad(q, k, v, joint_q, joint_k, joint_v)
     causal = causal_mode(causal, seq_layout)
     if stale_kv is not None:
-        if needs_grad:
+        if wants_grad:
             raise NotImplementedError(
                 "streamattn.attention: stale_kv (approximate, inference-only) has no backward; "
                 "call it under torch.no_grad() or without stale_kv")
@@ -77,13 +76,13 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             check_comm_dtype(comm_dtype, q.dtype)
         except ValueError as exc:  # travels with the signature: the same error on every rank
             err, comm_dtype = str(exc), None
-    size = _group_size(group)
+    size = group_size(group)
     if size == 1:
         if err:
             raise ValueError(f"streamattn.attention: {err}")
         return _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy)
 
-    if needs_grad:
+    if wants_grad:
         if comm_dtype is not None:
             raise NotImplementedError(
                 "streamattn.attention: comm_dtype (approximate, inference-only) has no backward; "
@@ -105,7 +104,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if joint is not None:
             joint = tuple(t.transpose(1, 2) for t in joint)
-    out, jout = _run(plan, transport, problem, q, k, v, joint)
+    out, jout = run_plan(plan, transport, problem, q, k, v, joint)
     out = _to_layout(out, layout)
     if joint is None:
         return out
@@ -118,7 +117,7 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     the others a small signature (streamattn.agreement); from all signatures every rank takes
     the same path: the cached plan, the full metadata exchange (raising the same error everywhere
     on bad input; `err` is this rank's local error or None), or that error."""
-    transport = _transport(group)
+    transport = group_transport(group)
     transport.begin_call()
     if err is None and q.device.type != transport.device.type:
         err = (f"tensors are on {q.device} but the group's backend ({transport.backend}) "
@@ -126,18 +125,18 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     settings = agreement.Settings()
     err = err or settings.error
     joint_len = 0 if err or joint is None else joint[0].shape[1 if layout == "bshd" else 2]
-    cache, token = _plans, transport.plan_token
+    cache, token = plan_cache, transport.plan_token
     row = agreement.signature(err, q, k, layout, causal, scale, joint_len, joint_strategy, algorithm,
                               ulysses_degree, ring_degree, settings, cache.generation(token),
                               comm_dtype)
-    key, full = agreement.exchange(_fastest(group, transport), row, cache, token)
+    key, full = agreement.exchange(signature_transport(group, transport), row, cache, token)
     cached = None if full else cache.lookup(token, key)
     if cached is None:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
                         ulysses_degree, ring_degree, comm_dtype)
         cache.put(token, key, cached)
     problem, plan = cached
-    return _transport(group, plan.transport), problem, plan
+    return group_transport(group, plan.transport), problem, plan
 
 
 def causal_mode(causal, seq_layout):
@@ -149,12 +148,12 @@ def causal_mode(causal, seq_layout):
     return "zigzag" if causal and seq_layout == "zigzag" else bool(causal)
 
 
-def _needs_grad(*tensors) -> bool:
+def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tensors)
 
 
-def _run(plan, transport, problem, q, k, v, joint):
+def run_plan(plan, transport, problem, q, k, v, joint):
     if problem.zigzag:
         return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "ulysses":
@@ -175,7 +174,7 @@ def _to_layout(x, layout):
     return (x if layout == "bshd" else x.transpose(1, 2)).contiguous()
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return 1
@@ -183,18 +182,18 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _transport(group, name="torch"):
+def group_transport(group, name="torch"):
     """The group's transport called `name` ("torch" | "shm" | "nvshmem"), created on first use.
     Creating a one-sided transport is collective over the node's ranks (it happens in the same
     call on every rank, because every rank runs the same plan)."""
-    entry = _transports.get(id(group))
+    entry = group_transports.get(id(group))
     if entry is None or entry[0] is not group:
         if entry is not None:  # a dead group's id was reused
             release(entry[0])
         base = TorchTransport(group)
         base.plan_token = next(_tokens)  # keys this group's plans (ids of dead groups are reused)
         entry = (group, {"torch": base})
-        _transports[id(group)] = entry
+        group_transports[id(group)] = entry
     found = entry[1].get(name)
     if found is None:
         found = entry[1][name] = make_transport(name, entry[1]["torch"])
@@ -206,11 +205,11 @@ def release(group=None) -> None:
     let the group be freed. Local (no communication); the next call on the group starts afresh.
     Called automatically by torch.distributed.destroy_process_group (streamattn.lifecycle);
     release(None) releases the default group."""
-    entry = _transports.get(id(group))
+    entry = group_transports.get(id(group))
     if entry is None or entry[0] is not group:
         return
-    del _transports[id(group)]
-    _plans.drop(entry[1]["torch"].plan_token)
+    del group_transports[id(group)]
+    plan_cache.drop(entry[1]["torch"].plan_token)
     for t in entry[1].values():
         close = getattr(t, "close", None)
         if close is not None:
@@ -219,32 +218,32 @@ def release(group=None) -> None:
 
 def release_all() -> None:
     """release() every group this process has used (e.g. after destroy_process_group())."""
-    for group, _ in list(_transports.values()):
+    for group, _ in list(group_transports.values()):
         release(group)
 
 
 def last_plan(group=None):
     """The (Problem, Plan) of the most recent call that planned on `group`, or (None, None)."""
-    entry = _transports.get(id(group))
+    entry = group_transports.get(id(group))
     if entry is None or entry[0] is not group:
         return None, None
     token = entry[1]["torch"].plan_token
-    for (tok, _), value in reversed(_plans.items()):
+    for (tok, _), value in reversed(plan_cache.items()):
         if tok == token:
             return value
     return None, None
 
 
-def _fastest(group, base):
+def signature_transport(group, base):
     """The signature's transport: the group's shm transport once a call has created it (on every
     rank in the same call, so the choice is the same everywhere), else the two-sided one."""
-    return _transports[id(group)][1].get("shm", base)
+    return group_transports[id(group)][1].get("shm", base)
 
 
 def transports(group=None) -> dict:
     """The transports this process created for `group` so far, by name (their .counters hold the
     bytes sent per link class)."""
-    entry = _transports.get(id(group))
+    entry = group_transports.get(id(group))
     return dict(entry[1]) if entry is not None and entry[0] is group else {}
 
 
@@ -315,21 +314,12 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
         if algorithm not in ("auto", "ring"):
             raise ValueError(f"streamattn.attention: seq_layout='zigzag' runs the ring over every "
                              f"rank; algorithm={algorithm!r} is not available with it")
-    if algorithm == "torus" and "torus" not in _planner_algorithms():
-        plan = torus_plan(problem, transport.topology, ulysses_degree, ring_degree)
-    else:
-        plan = make_plan(problem, transport.topology, algorithm=algorithm,
-                         ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                         **_agreed_rates(transport, problem))
+    plan = make_plan(problem, transport.topology, algorithm=algorithm,
+                     ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                     **_agreed_rates(transport, problem))
     plan = dataclasses.replace(plan, transport=choose_transport(transport, problem))
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
-
-
-def _planner_algorithms():
-    from . import planner
-
-    return getattr(planner, "COSTED_ALGORITHMS", ("ulysses", "ring", "usp"))
 
 
 def _agreed_rates(transport, problem) -> dict:

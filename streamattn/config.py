@@ -131,7 +131,7 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_EMULATED_NODE", "text", "",
             "set by the emulated-cluster launcher: this rank's node index", scope="bench"),
     Setting("STREAMATTN_GPU_CHECK_TRACE", "flag", False,
-            "bench/gpu_check.py: print a traceback for each failed configuration", scope="bench"),
+            "streamattn.bench.gpu_check: print a traceback for each failed configuration", scope="bench"),
     Setting("STREAMATTN_BUILD_CUDA", "flag", False,
             "pip install: also build the NVSHMEM CUDA extension (csrc/)", scope="build"),
     Setting("STREAMATTN_CACHE", "path", os.path.join("~", ".cache", "streamattn"),

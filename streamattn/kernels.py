@@ -19,7 +19,7 @@ Backends, chosen in one place (`select_backend`):
 A backend that cannot return a true LSE is never used: ring and torus steps depend on it.
 
 Besides attention, the LSE merge (merge.update_out_and_lse) and the Ulysses all-to-all packing run
-the Triton kernels of streamattn.triton_kernels where `use_triton` says so — on CUDA tensors
+the Triton kernels of streamattn.triton_kernels where `triton_kernels.enabled_for` says so — on CUDA tensors
 (one fused pass instead of several torch element-wise ops and copies) and wherever
 STREAMATTN_TRITON=1 forces them (CPU tensors under TRITON_INTERPRET=1: how CI runs them
 inside the real algorithms). Elsewhere their torch references (same signatures) run.
@@ -41,7 +41,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
-def _flash_attn_func():
+def flash_attn_func():
     try:
         from flash_attn import flash_attn_func  # type: ignore
 
@@ -66,7 +66,7 @@ def _select_backend(device_type: str, dtype: torch.dtype, masked: bool, forced: 
     elif device_type == "cuda":
         if masked:
             choice = "torch-efficient"
-        elif dtype in _HALF and _flash_attn_func() is not None:
+        elif dtype in _HALF and flash_attn_func() is not None:
             choice = "flash-attn"
         elif dtype in _HALF:
             choice = "torch-flash"
@@ -81,22 +81,6 @@ def _select_backend(device_type: str, dtype: torch.dtype, masked: bool, forced: 
 
 
 select_backend.cache_clear = _select_backend.cache_clear  # kept for callers that reset it
-
-
-def use_triton(tensor) -> bool:
-    """The one rule for the merge and packing kernels: Triton on CUDA when it can launch there,
-    or when STREAMATTN_TRITON=1 forces it (needs TRITON_INTERPRET=1 for CPU tensors); else torch.
-    STREAMATTN_TRITON=0 turns Triton off everywhere."""
-    flag = config.triton()
-    if flag == "0":
-        return False
-    if flag != "1" and tensor.device.type != "cuda":
-        return False
-    try:
-        from . import triton_kernels
-    except ImportError:
-        return False
-    return triton_kernels.available()
 
 
 def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0):
@@ -194,7 +178,7 @@ def _run_math(q, k, v, scale, diag):
 
 
 def _run_flash_attn(q, k, v, scale, diag):
-    fa = _flash_attn_func()
+    fa = flash_attn_func()
     # flash-attn takes bshd and handles GQA itself; its causal mask is aligned bottom-right, which
     # equals top-left only for square blocks, so non-square causal goes to the masked path.
     if diag is not None and (diag != 0 or q.shape[2] != k.shape[2]):

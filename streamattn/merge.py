@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_kernels
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32 for half types, float64 stays float64."""
@@ -24,12 +26,8 @@ def update_out_and_lse(
     block_out: [B, H, S, D] any float dtype, block_lse: [B, H, S] (cast to lse's dtype).
     """
     block_lse = block_lse.to(lse.dtype)
-    from .kernels import use_triton  # kernels imports this module; resolve at call time
-
-    if out.dtype == torch.float32 and use_triton(out):
-        from .triton_kernels import merge_
-
-        merge_(out, lse, block_out, block_lse)
+    if out.dtype == torch.float32 and triton_kernels.enabled_for(out):
+        triton_kernels.merge_(out, lse, block_out, block_lse)
         return
     new_lse = torch.logaddexp(lse, block_lse)
     # Where both sides are -inf the row stays empty; shifting by 0 there keeps exp() at 0, not NaN.

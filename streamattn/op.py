@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import algorithms, api
@@ -62,16 +61,6 @@ def _group(gid: int):
     return None if gid == 0 else _groups[gid]
 
 
-def _group_size(group) -> int:
-    if group is None:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return dist.get_world_size(group)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
               joint_k=None, joint_v=None, joint_strategy="front", algorithm="auto",
               ulysses_degree=None, ring_degree=None, stale_kv=None, layer=None,
@@ -85,7 +74,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
               ulysses_degree=ulysses_degree, ring_degree=ring_degree, seq_layout=seq_layout)
     compiling = torch.compiler.is_compiling()
     if stale_kv is not None or comm_dtype is not None or not (
-            compiling or _needs_grad(q, k, v, joint_q, joint_k, joint_v)):
+            compiling or api.needs_grad(q, k, v, joint_q, joint_k, joint_v)):
         return api.attention(q, k, v, group, stale_kv=stale_kv, layer=layer, comm_dtype=comm_dtype,
                              **kw)
     err = check_local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy,
@@ -123,7 +112,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Opt
                   ring_degree: int, zigzag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     group = _group(group_id)
     joint = None if jq is None else (jq, jk, jv)
-    if _group_size(group) == 1:
+    if api.group_size(group) == 1:
         out, jout, lse, jlse = algorithms.attend(q, k, v, scale=scale, causal=causal, joint=joint,
                                                  joint_strategy=joint_strategy, with_lse=True)
     else:
@@ -200,7 +189,7 @@ def _backward_op(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v:
                                                                                Tensor, Tensor, Tensor]:
     group = _group(group_id)
     joint = None if jq is None else (jq, jk, jv)
-    if _group_size(group) == 1:
+    if api.group_size(group) == 1:
         dq, dk, dv, jg = local_backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
                                         joint=None if joint is None else (djout, jq, jk, jv, jout, jlse),
                                         joint_strategy=joint_strategy)

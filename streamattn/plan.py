@@ -7,6 +7,7 @@ every `Candidate` it considered (`Plan.explain()` prints them).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
@@ -156,8 +157,6 @@ class Plan:
     def explain(self) -> str:
         """Every candidate with its predicted time (or why it was dropped), the winner's steps, and
         why the winner won. Also `print(plan.explain())`."""
-        from .planner import explain_plan
-
         return explain_plan(self)
 
     def ulysses_groups(self) -> tuple:
@@ -200,17 +199,119 @@ def torus_plan(problem, topology, ulysses_degree=None, ring_degree=None) -> Plan
                          f"the group size {P}")
     t = P // (u * r)
     if H % (u * t):
-        valid = [rr for rr in _divisors(P // u) if H % (P // rr) == 0]
+        valid = [rr for rr in divisors(P // u) if H % (P // rr) == 0]
         raise ValueError(f"streamattn: torus: {H} heads are not divisible by ulysses_degree x "
                          f"torus_degree = {u} x {t}; valid ring degrees for this split: "
                          f"{', '.join(map(str, valid)) or 'none'}")
     return Plan("torus", u, r, torus_degree=t, reason="requested")
 
 
-def _divisors(n: int) -> list:
+def divisors(n: int) -> list:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def valid_ulysses_degrees(world: int, heads: int) -> list:
     """Ulysses degrees u with u | world (rings of equal size) and u | heads."""
-    return [u for u in _divisors(world) if heads % u == 0]
+    return [u for u in divisors(world) if heads % u == 0]
+
+
+# ------------------------------------------------------------------------ explain() formatting
+def torus_degree(c: Candidate) -> int:
+    """t of a torus candidate (its groups are all P/u Ulysses groups, r teams of t); 1 otherwise."""
+    return len(c.groups) // c.ring_degree if c.algorithm == "torus" else 1
+
+
+def label(c: Candidate) -> str:
+    if c.chunks > 1:
+        return f"{c.label} in {c.chunks} chunks"
+    if c.algorithm == "torus":
+        return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
+                f"[{c.placement}]")
+    return c.label
+
+
+def _ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:.4g} ms"
+
+
+def _bytes(kinds) -> str:
+    return ", ".join(f"{k} {n / 1e6:.4g} MB" for k, n in kinds) or "none"
+
+
+def explain_plan(plan: Plan) -> str:
+    """The text of Plan.explain(): context, every candidate with its cost, the chosen steps."""
+    lines = []
+    if plan.context:
+        lines.append(plan.context)
+    lines.append(f"Chosen: {plan}")
+    if not plan.candidates:
+        lines.append("(no candidates recorded: this plan did not come from the cost model)")
+        return "\n".join(lines)
+    lines.append("")
+    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost max(local, comm),")
+    lines.append("  torus blocks wait for their exchange only if it is still in flight;")
+    lines.append("  local = attention FLOPs / rate + memory-bound copies and LSE merges / memory bandwidth):")
+    hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'t':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
+           f"{'local':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
+    lines.append(hdr)
+    ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+
+    def chosen(c):
+        return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
+                and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
+                and c.predicted_s == plan.predicted_s)
+
+    for c in plan.candidates:
+        mark = "* " if chosen(c) else "  "
+        head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
+                f"{c.ring_degree:>3} {_placement(c):<12}")
+        if not c.valid:
+            lines.append(f"{head} dropped: {c.dropped}")
+            continue
+        rank = ranked.index(c) + 1
+        lines.append(f"{head} {_ms(c.predicted_s):>11} {_ms(c.compute_s):>11} "
+                     f"{_ms(c.exposed_comm_s):>12}  #{rank}; {_bytes(c.bytes_by_kind)}")
+        if c.bottleneck:
+            lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
+                         f"slowest exchange: {c.bottleneck}")
+    win = next((c for c in plan.candidates if chosen(c)), None)
+    if win is not None:
+        lines.append("")
+        lines.append(f"Steps of the chosen plan ({label(win)}):")
+        shown = 0
+        steps = list(win.steps)
+        for i, s in enumerate(steps):
+            # ring steps with identical costs are folded into one line
+            if i > 0 and shown and _same(steps[i - 1], s):
+                continue
+            same = 1
+            while i + same < len(steps) and _same(s, steps[i + same]):
+                same += 1
+            if s.overlapped and s.name.startswith("torus"):
+                how = (f"local {_ms(s.compute_s)} + wait {_ms(s.time_s - s.compute_s)} "
+                       f"(transfer {_ms(s.comm_s)}, overlapped)")
+            elif s.overlapped:
+                how = f"max(local {_ms(s.compute_s)}, comm {_ms(s.comm_s)})"
+            else:
+                how = f"local {_ms(s.compute_s)} + comm {_ms(s.comm_s)}"
+            times = f" x{same}" if same > 1 else ""
+            extra = f"  [{s.bottleneck}]" if s.bottleneck else ""
+            lines.append(f"  {s.name}{times}: {_ms(s.time_s)} = {how}{extra}")
+            shown += 1
+        lines.append("")
+        lines.append(f"Why: {plan.reason}.")
+        dropped = [c for c in plan.candidates if not c.valid]
+        if dropped:
+            lines.append(f"{len(dropped)} candidate(s) dropped (reasons above).")
+    return "\n".join(lines)
+
+
+def _placement(c) -> str:
+    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "")
+
+
+def _same(a, b) -> bool:
+    return (a.overlapped == b.overlapped and a.name.split(" ")[:2] == b.name.split(" ")[:2]
+            and "compute only" not in a.name + b.name
+            and math.isclose(a.time_s, b.time_s, rel_tol=1e-9)
+            and math.isclose(a.comm_s, b.comm_s, rel_tol=1e-9))

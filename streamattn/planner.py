@@ -28,9 +28,10 @@ from .calibration import block_shape, block_times, save_cache
 from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
                         resolve_memory_bandwidth, resolve_rate)
 from .schedule import attention_flops, chunks_valid
-from .plan import ALGORITHMS, Candidate, Plan, _divisors
+from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import Topology
+from .sharding import split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
@@ -53,7 +54,7 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
     ones carry their reason."""
     P, H = problem.world_size, problem.heads
     out: List[Candidate] = []
-    for u in sorted(_divisors(P), reverse=True):
+    for u in sorted(divisors(P), reverse=True):
         r, algo = P // u, _algo(u, P)
         placements = [("consecutive", consecutive_groups(P, u))]
         if 1 < u < P or (u == 1 and P > 1):
@@ -78,20 +79,6 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
     return out
 
 
-def torus_degree(c: Candidate) -> int:
-    """t of a torus candidate (its groups are all P/u Ulysses groups, r teams of t); 1 otherwise."""
-    return len(c.groups) // c.ring_degree if c.algorithm == "torus" else 1
-
-
-def label(c: Candidate) -> str:
-    if c.chunks > 1:
-        return f"{c.label} in {c.chunks} chunks"
-    if c.algorithm == "torus":
-        return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
-                f"[{c.placement}]")
-    return c.label
-
-
 def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
     """Every Torus (u, t, r) with u * t * r = P and t >= 2, consecutive Ulysses groups (team x =
     groups x*t .. x*t+t-1), larger u first, then larger t. Dropped: u * t not dividing the heads,
@@ -99,10 +86,10 @@ def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
     stay on the fast links)."""
     P, H = problem.world_size, problem.heads
     out: List[Candidate] = []
-    for u in sorted(_divisors(P), reverse=True):
+    for u in sorted(divisors(P), reverse=True):
         groups = consecutive_groups(P, u)
         crosses = any(len({topology.node[m] for m in g}) > 1 for g in groups)
-        for t in sorted(_divisors(P // u), reverse=True):
+        for t in sorted(divisors(P // u), reverse=True):
             if t < 2:
                 continue
             r = P // (u * t)
@@ -181,6 +168,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
             c.algorithm == "torus" and c.valid and c.ulysses_degree == topology.ranks_per_node
             and ring_degree in (None, c.ring_degree) for c in cands):
         torus_u = topology.ranks_per_node
+    # ... and without ring_degree: ring factor 1 (the README's default) when that split is valid
+    if torus and ring_degree is None and any(
+            c.algorithm == "torus" and c.valid and c.ring_degree == 1
+            and torus_u in (None, c.ulysses_degree) for c in cands):
+        ring_degree = 1
 
     def allowed(c: Candidate) -> bool:
         if torus:
@@ -288,7 +280,7 @@ def _request(algorithm, u, r) -> str:
 
 def _forced_u(P, H, algorithm, ulysses_degree, ring_degree) -> Optional[int]:
     """The Ulysses degree a forced choice fixes (None: free), with choose_plan's messages."""
-    divs = _divisors(P)
+    divs = divisors(P)
     valid = [u for u in divs if H % u == 0]
     for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
@@ -341,11 +333,6 @@ def _topology(topology, world_size: Optional[int] = None) -> Topology:
     return t
 
 
-def _split(total: int, world: int) -> tuple:
-    base, extra = divmod(total, world)
-    return tuple(base + (1 if r < extra else 0) for r in range(world))
-
-
 def plan_for(seq: int, heads: int, head_dim: int, *, batch: int = 1, kv_heads: Optional[int] = None,
              joint_len: int = 0, joint_strategy: str = "front", dtype="bfloat16", causal: bool = False,
              topology: Union[Topology, str] = DEFAULT_TOPOLOGY, world_size: Optional[int] = None,
@@ -361,7 +348,7 @@ def plan_for(seq: int, heads: int, head_dim: int, *, batch: int = 1, kv_heads: O
     if seq_lens is None:
         if seq < 1:
             raise ValueError(f"seq must be >= 1, got {seq}")
-        seq_lens = _split(int(seq), P)
+        seq_lens = tuple(split_lengths(int(seq), P))
     else:
         seq_lens = tuple(int(n) for n in seq_lens)
         if len(seq_lens) != P:
@@ -399,89 +386,3 @@ def _context(problem: Problem, t: Topology, rate, rate_src, mbw=None, mbw_src=""
         mem = f"{mbw / 1e9:.4g} GB/s per rank" if mbw else "not modelled"
         lines.append(f"Memory (packing copies, LSE merges): {mem} ({mbw_src})")
     return "\n".join(lines)
-
-
-def _ms(s: Optional[float]) -> str:
-    return "-" if s is None else f"{s * 1e3:.4g} ms"
-
-
-def _bytes(kinds) -> str:
-    return ", ".join(f"{k} {n / 1e6:.4g} MB" for k, n in kinds) or "none"
-
-
-def explain_plan(plan: Plan) -> str:
-    lines = []
-    if plan.context:
-        lines.append(plan.context)
-    lines.append(f"Chosen: {plan}")
-    if not plan.candidates:
-        lines.append("(no candidates recorded: this plan did not come from the cost model)")
-        return "\n".join(lines)
-    lines.append("")
-    lines.append("Candidates (time = sum of steps; blocking steps add, ring steps cost max(local, comm),")
-    lines.append("  torus blocks wait for their exchange only if it is still in flight;")
-    lines.append("  local = attention FLOPs / rate + memory-bound copies and LSE merges / memory bandwidth):")
-    hdr = (f"  {'':2}{'algorithm':<8} {'u':>3} {'t':>3} {'r':>3} {'placement':<12} {'predicted':>11} "
-           f"{'local':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
-    lines.append(hdr)
-    ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
-
-    def chosen(c):
-        return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
-                and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
-                and c.predicted_s == plan.predicted_s)
-
-    for c in plan.candidates:
-        mark = "* " if chosen(c) else "  "
-        head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
-                f"{c.ring_degree:>3} {_placement(c):<12}")
-        if not c.valid:
-            lines.append(f"{head} dropped: {c.dropped}")
-            continue
-        rank = ranked.index(c) + 1
-        lines.append(f"{head} {_ms(c.predicted_s):>11} {_ms(c.compute_s):>11} "
-                     f"{_ms(c.exposed_comm_s):>12}  #{rank}; {_bytes(c.bytes_by_kind)}")
-        if c.bottleneck:
-            lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
-                         f"slowest exchange: {c.bottleneck}")
-    win = next((c for c in plan.candidates if chosen(c)), None)
-    if win is not None:
-        lines.append("")
-        lines.append(f"Steps of the chosen plan ({label(win)}):")
-        shown = 0
-        steps = list(win.steps)
-        for i, s in enumerate(steps):
-            # ring steps with identical costs are folded into one line
-            if i > 0 and shown and _same(steps[i - 1], s):
-                continue
-            same = 1
-            while i + same < len(steps) and _same(s, steps[i + same]):
-                same += 1
-            if s.overlapped and s.name.startswith("torus"):
-                how = (f"local {_ms(s.compute_s)} + wait {_ms(s.time_s - s.compute_s)} "
-                       f"(transfer {_ms(s.comm_s)}, overlapped)")
-            elif s.overlapped:
-                how = f"max(local {_ms(s.compute_s)}, comm {_ms(s.comm_s)})"
-            else:
-                how = f"local {_ms(s.compute_s)} + comm {_ms(s.comm_s)}"
-            times = f" x{same}" if same > 1 else ""
-            extra = f"  [{s.bottleneck}]" if s.bottleneck else ""
-            lines.append(f"  {s.name}{times}: {_ms(s.time_s)} = {how}{extra}")
-            shown += 1
-        lines.append("")
-        lines.append(f"Why: {plan.reason}.")
-        dropped = [c for c in plan.candidates if not c.valid]
-        if dropped:
-            lines.append(f"{len(dropped)} candidate(s) dropped (reasons above).")
-    return "\n".join(lines)
-
-
-def _placement(c) -> str:
-    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "")
-
-
-def _same(a, b) -> bool:
-    return (a.overlapped == b.overlapped and a.name.split(" ")[:2] == b.name.split(" ")[:2]
-            and "compute only" not in a.name + b.name
-            and math.isclose(a.time_s, b.time_s, rel_tol=1e-9)
-            and math.isclose(a.comm_s, b.comm_s, rel_tol=1e-9))

@@ -40,11 +40,13 @@ import time
 
 import torch
 
+from . import tags
 from .kernels import attention_with_lse
 from .merge import acc_dtype, update_out_and_lse
+from .op import attention as exact_attention
 
-TAG_BASE = 5000          # per layer: TAG_BASE + 2*i (K/V), TAG_BASE + 2*i + 1 (joint partials)
-TAG_LENS = 4998          # sequence lengths of the ranks, once per layer and generation
+TAG_BASE = tags.STALE   # per layer: TAG_BASE + 2*i (K/V), TAG_BASE + 2*i + 1 (joint partials)
+TAG_LENS = tags.STALE_LENS
 
 __all__ = ["StaleKV", "TAG_BASE"]
 
@@ -96,13 +98,12 @@ class StaleKV:
                   joint_strategy="front", scale=None, layout="bshd"):
         """Attention of this rank's shard for `layer` (any hashable key, the same on every rank).
         Same arguments and return value as streamattn.attention (non-causal)."""
-        import streamattn
-        from .api import _group_size
+        from .api import group_size
 
-        size = _group_size(self.group)
+        size = group_size(self.group)
         joint = joint_q is not None
         if size == 1:
-            return streamattn.attention(q, k, v, self.group, layout=layout, scale=scale,
+            return exact_attention(q, k, v, self.group, layout=layout, scale=scale,
                                         joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
                                         joint_strategy=joint_strategy, **self.attention_kwargs)
         if layout not in ("bshd", "bhsd"):
@@ -120,7 +121,7 @@ class StaleKV:
             self._absorb(st, transport)
 
         if st.step < self.warmup_steps or st.remote_k is None:
-            res = streamattn.attention(q, k, v, self.group, layout="bshd", scale=scale,
+            res = exact_attention(q, k, v, self.group, layout="bshd", scale=scale,
                                        joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
                                        joint_strategy=joint_strategy, **self.attention_kwargs)
             self.stats["exact_calls"] += 1
@@ -166,9 +167,9 @@ class StaleKV:
 
     # -- internals ---------------------------------------------------------------------------
     def _transport(self):
-        from .api import _transport
+        from .api import group_transport
 
-        return _transport(self.group)
+        return group_transport(self.group)
 
     def _layer(self, key):
         st = self._layers.get(key)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import torch
 
-
-def _split(total: int, parts: int) -> list:
-    base, extra = divmod(total, parts)
-    return [base + (1 if c < extra else 0) for c in range(parts)]
+from .sharding import split_lengths
 
 
 def zigzag_segments(total: int, world_size: int, rank: int) -> list:
     """[(global offset, length), (global offset, length)]: rank's two chunks, in the order its
     shard holds them (chunk rank, then chunk 2P-1-rank)."""
-    chunks = _split(total, 2 * world_size)
+    chunks = split_lengths(total, 2 * world_size)
     starts = [sum(chunks[:c]) for c in range(2 * world_size)]
     a, b = rank, 2 * world_size - 1 - rank
     return [(starts[a], chunks[a]), (starts[b], chunks[b])]

@@ -1,4 +1,4 @@
-"""Tests of the emulated cluster (bench/cluster.py): namespaces + bridge + veths + tc tbf.
+"""Tests of the emulated cluster (streamattn/bench/cluster.py): namespaces + bridge + veths + tc tbf.
 
 Needs root, iproute2 and tbf; skipped with the preflight's reason otherwise (never faked).
 Assertions on speed are ratios or loose lower bounds, never absolute times.

@@ -13,8 +13,7 @@ NAME = re.compile(r"STREAMATTN_[A-Z0-9_]*[A-Z0-9]")
 
 
 def source_files():
-    pats = ["streamattn/**/*.py", "topology/**/*.py", "bench/**/*.py", "triton_kernels/**/*.py",
-            "csrc/*.py", "csrc/*.sh", "tests/*.py", "setup.py"]
+    pats = ["streamattn/**/*.py", "csrc/*.py", "csrc/*.sh", "tests/*.py", "setup.py", ".ci/*"]
     for pat in pats:
         yield from glob.glob(os.path.join(ROOT, pat), recursive=True)
 

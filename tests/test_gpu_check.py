@@ -1,4 +1,4 @@
-"""bench/gpu_check.py on a CPU box: it imports, skips cleanly (exit 0) without a GPU, and its own code
+"""streamattn/bench/gpu_check.py on a CPU box: it imports, skips cleanly (exit 0) without a GPU, and its own code
 paths work (--cpu-selftest: cpu-flash / math kernels, gloo with the torch and shm transports). None
 of this says anything about GPUs; the script's GPU results come only from running it on one."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(os.path.dirname(HERE), "bench", "gpu_check.py")
+SCRIPT = os.path.join(os.path.dirname(HERE), "streamattn", "bench", "gpu_check.py")
 
 
 def _load():

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from streamattn.examples.models import euler_loop, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
+from streamattn.testing.models import euler_loop, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
 from streamattn.integrations.diffusers import parallelize, split_lengths, unparallelize  # noqa: E402
 
 TOL = 1e-4

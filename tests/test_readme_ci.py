@@ -75,10 +75,11 @@ def test_negative_control_drift_is_caught():
 
 def test_every_import_the_tests_need_is_in_the_test_extra():
     """Packages the suite imports unconditionally (or that the bench tests need for PNGs) are named
-    in setup.py's [test] extra, so the README's one install line is enough on a fresh machine."""
-    setup = _read("setup.py")
-    m = re.search(r'"test":\s*\[(.*?)\]', setup, re.S)
-    assert m
-    extra = m.group(1).lower()
-    for pkg in ("pytest", "diffusers", "transformers", "matplotlib", "rich", "tqdm", "einops"):
-        assert f'"{pkg}' in extra, f"{pkg} is not in setup.py's [test] extra"
+    in pyproject.toml's [test] extra, so the README's one install line is enough on a fresh machine."""
+    import tomllib
+
+    extra = " ".join(tomllib.loads(_read("pyproject.toml"))["project"]["optional-dependencies"]["test"])
+    extra = extra.lower()
+    for pkg in ("pytest", "diffusers", "transformers", "matplotlib", "rich", "tqdm", "einops",
+                "import-linter"):
+        assert pkg in extra, f"{pkg} is not in pyproject.toml's [test] extra"

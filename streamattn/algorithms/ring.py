@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, update_out_and_lse
 
-TAG_STEP, TAG_JOINT = 100, 13
+TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
 
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,

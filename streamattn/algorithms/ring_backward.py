@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from ..kernels_backward import attention_block_backward
 from ..merge import acc_dtype
 
-TAG_KV, TAG_DKV, TAG_JOINT = 7000, 7500, 6990
+TAG_KV, TAG_DKV, TAG_JOINT = tags.RING_BWD_KV, tags.RING_BWD_DKV, tags.RING_BWD_JOINT
 
 
 def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, members=None):

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, update_out_and_lse
 from .ring import merge_across
 from .ulysses import allgather_heads, fit_kv_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
-TAG_QKV, TAG_OUT, TAG_RING, TAG_JOINT = 200, 300, 400, 14
+TAG_QKV, TAG_OUT, TAG_RING, TAG_JOINT = tags.TORUS_QKV, tags.TORUS_OUT, tags.TORUS_RING, tags.TORUS_JOINT
 
 
 class _Block:

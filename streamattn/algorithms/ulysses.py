@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from .. import trace
 from ..transport.base import Pending
 from .local import attend
 
-TAG_SCATTER, TAG_GATHER, TAG_JOINT = 10, 11, 12
-TAG_Q = 20000
-TAG_LSE = 6980  # the LSEs the backward needs (with_lse)  # offset of the separate Q message of the Triton packing path
+TAG_SCATTER, TAG_GATHER, TAG_JOINT = tags.ULYSSES, tags.ULYSSES + 1, tags.ULYSSES_JOINT
+TAG_Q = tags.Q_OFFSET  # offset of the separate Q message of the Triton packing path
+TAG_LSE = tags.ULYSSES_LSE  # the LSEs the backward needs (with_lse)
 
 
 def head_ranges(heads: int, kv_heads: int, u: int):
@@ -207,14 +208,10 @@ def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, t
 
 
 def _packing(x):
-    """streamattn.triton_kernels when kernels.use_triton(x) says so, else None (torch ops)."""
-    from ..kernels import use_triton
+    """streamattn.triton_kernels when triton_kernels.enabled_for(x) says so, else None (torch ops)."""
+    from .. import triton_kernels
 
-    if use_triton(x):
-        from .. import triton_kernels
-
-        return triton_kernels
-    return None
+    return triton_kernels if triton_kernels.enabled_for(x) else None
 
 
 def allgather_heads(transport, members, me, x):
@@ -276,7 +273,7 @@ def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):
     for c in range(chunks):
         qc, kc, vc = q.index_select(2, idx[c]), k.index_select(2, kv_idx[c]), v.index_select(2, kv_idx[c])
         posted.append(post_scatter(transport, members, me, qc, kc, vc, lens, H // chunks,
-                                   Hk // chunks, tag=1000 + 2 * c))
+                                   Hk // chunks, tag=TAG_SCATTER + 2 * c))
     gathers, jouts = [], []
     for c, (pending, assemble) in enumerate(posted):
         pending.wait()
@@ -288,7 +285,7 @@ def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):
                               jv.index_select(2, kv_idx[c])), H // chunks, Hk // chunks, u, me)
         o, jo = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
                        joint_strategy=problem.joint_strategy)
-        gathers.append(post_gather(transport, members, me, o, lens, H // chunks, tag=1001 + 2 * c))
+        gathers.append(post_gather(transport, members, me, o, lens, H // chunks, tag=TAG_GATHER + 2 * c))
         jouts.append(jo)
     out = torch.empty_like(q)
     for c, (pending, assemble) in enumerate(gathers):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from .ring_backward import local_backward
 from .ulysses import allgather_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
-TAG_BWD = 6950  # +0 q,k,v  +1 dO  +2 O  +3 LSE  +4 dQ  +5 dK  +6 dV  +7 joint
+TAG_BWD = tags.ULYSSES_BWD  # +0 q,k,v  +1 dO  +2 O  +3 LSE  +4 dQ  +5 dK  +6 dV  +7 joint
 
 
 def ulysses_backward(transport, problem, dout, q, k, v, out, lse, joint=None, members=None):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import tags
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, update_out_and_lse
 
-TAG_STEP = 6900
+TAG_STEP = tags.ZIGZAG_STEP
 
 
 def local_segments(problem, rank) -> list:

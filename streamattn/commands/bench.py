@@ -1,5 +1,5 @@
 """`streamattn bench`: benchmark the algorithms side by side (local ranks, torchrun group, or an
-emulated multi-node cluster). The implementation lives in streamattn.bench (bench/ in the repo)."""
+emulated multi-node cluster). The implementation lives in streamattn/bench/."""
 from __future__ import annotations
 
 

@@ -200,8 +200,8 @@ class UlyssesAttention(torch.nn.Module):
                 window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                 return_attn_probs=False, *args):
         _unsupported(dropout_p, window_size, softcap, alibi_slopes)
-        from ..api import _group_size
+        from ..api import group_size
 
-        alg = {"algorithm": "ulysses"} if _group_size(self.spg) > 1 else {}
+        alg = {"algorithm": "ulysses"} if group_size(self.spg) > 1 else {}
         return streamattn.attention(query, key, value, self.spg, causal=causal, scale=softmax_scale,
                                     **alg)

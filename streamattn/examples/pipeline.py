@@ -28,32 +28,12 @@ import os
 import sys
 import time
 
+from ..testing.models import tiny_tokenizer, vocab_size
+
 PROMPT = "a photo of a red cat on the tree"
-_WORDS = ("a photo of cat dog red blue green tree sky house on the in with under at night painting "
-          "small big").split()
 
 
 # ───────────────────────────────────────────────────────────────────────── tiny components
-
-
-def tiny_tokenizer(max_length: int):
-    """A word-level tokenizer built in memory: ids 0 <pad>, 1 </s>, 2 <unk>, then `_WORDS`; every
-    sequence ends with </s> (what CLIP's pooled output and T5 expect of their EOS)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length,
-                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def vocab_size() -> int:
-    return 3 + len(dict.fromkeys(_WORDS))
 
 
 def _clip(width=32, projection=False):

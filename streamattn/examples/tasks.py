@@ -6,14 +6,11 @@ import time
 
 import torch
 import torch.distributed as dist
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+from ..reference import rel_err
 
 
 def _build(model, seed, height, width, text_len, batch, heads, head_dim):
-    from .models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+    from ..testing.models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 
     if model == "flux":
         m = tiny_flux(seed, heads=heads, head_dim=head_dim)
@@ -32,7 +29,7 @@ def check_model(rank, world_size, *, model="flux", height=16, width=16, text_len
     """The parallelized transformer's Euler loop vs the plain one on this rank: max relative error
     of the transformer output and the latents at every step."""
     from ..integrations.diffusers import parallelize, unparallelize
-    from .models import euler_loop
+    from ..testing.models import euler_loop
 
     m, x, kw = _build(model, seed, height, width, text_len, batch, heads, head_dim)
     ref_v, ref_x = [], []
@@ -46,7 +43,7 @@ def check_model(rank, world_size, *, model="flux", height=16, width=16, text_len
     errs_v, errs_x = [], []
     try:
         euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: (
-            errs_v.append(_rel(v, ref_v[i])), errs_x.append(_rel(xx, ref_x[i]))))
+            errs_v.append(rel_err(v, ref_v[i])), errs_x.append(rel_err(xx, ref_x[i]))))
     finally:
         unparallelize(m)
     return {"err_v": errs_v, "err_x": errs_x, "shape": list(ref_v[0].shape)}
@@ -58,7 +55,7 @@ def denoise_compare(rank, world_size, *, model="flux", height=32, width=32, text
     """The example's measurement, one run: single rank (rank 0 alone, the others wait), then the
     group exact, then the group with stale K/V. Returns per-step errors (rank 0) and timings."""
     from ..integrations.diffusers import parallelize, reset_stale_kv, stale_state, unparallelize
-    from .models import euler_loop
+    from ..testing.models import euler_loop
 
     m, x, kw = _build(model, seed, height, width, text_len, batch, heads, head_dim)
     t_one = None
@@ -99,10 +96,10 @@ def denoise_compare(rank, world_size, *, model="flux", height=32, width=32, text
     if rank == 0:
         res.update(
             t_single=t_one,
-            exact_vs_single_v=[_rel(a, b) for a, b in zip(ex_v, single_v)],
-            exact_vs_single_x=[_rel(a, b) for a, b in zip(ex_x, single_x)],
-            stale_vs_exact_v=[_rel(a, b) for a, b in zip(st_v, ex_v)],
-            stale_vs_exact_x=[_rel(a, b) for a, b in zip(st_x, ex_x)],
+            exact_vs_single_v=[rel_err(a, b) for a, b in zip(ex_v, single_v)],
+            exact_vs_single_x=[rel_err(a, b) for a, b in zip(ex_x, single_x)],
+            stale_vs_exact_v=[rel_err(a, b) for a, b in zip(st_v, ex_v)],
+            stale_vs_exact_x=[rel_err(a, b) for a, b in zip(st_x, ex_x)],
         )
     return res
 
@@ -141,7 +138,8 @@ def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64
     yunchang is importable and the case is one it supports (equal shards, no joint tokens), vs
     yunchang's own USP with a true-LSE kernel."""
     from streamattn.compat import yunchang as shim
-    from streamattn.testing.cases import make_inputs, split_lengths
+    from streamattn.sharding import split_lengths
+    from streamattn.testing.cases import make_inputs
 
     import streamattn
 
@@ -181,7 +179,7 @@ def check_yunchang_shim(rank, world_size, *, ulysses_degree, ring_degree, seq=64
         else:
             yo = _yunchang_layer(u, r)(ql, kl, vl, softmax_scale=softmax_scale, causal=causal)
             res["yunchang"] = getattr(yunchang, "__version__", "?")
-            res["yunchang_err"] = _rel(out, yo)
+            res["yunchang_err"] = rel_err(out, yo)
     return res
 
 
@@ -208,7 +206,8 @@ def check_stale(rank, world_size, *, seq=40, heads=4, kv_heads=None, head_dim=8,
     import math
 
     from streamattn.stale import StaleKV
-    from streamattn.testing.cases import make_inputs, split_lengths
+    from streamattn.sharding import split_lengths
+    from streamattn.testing.cases import make_inputs
 
     kv_heads = kv_heads or heads
     lens = lens or split_lengths(seq, world_size)
@@ -247,11 +246,11 @@ def check_stale(rank, world_size, *, seq=40, heads=4, kv_heads=None, head_dim=8,
                 ref = _ref64(ql, torch.cat([joint[1], ku], 1), torch.cat([joint[2], vu], 1), scale)
                 jk_img, jv_img = (pk, pv) if stale and joint_mode == "stale" else (k, v)
                 jref = _ref64(joint[0], torch.cat([joint[1], jk_img], 1), torch.cat([joint[2], jv_img], 1), scale)
-                j_step = max(j_step, _rel(jout, jref))
+                j_step = max(j_step, rel_err(jout, jref))
                 sums.append(hashlib.sha256(jout.contiguous().numpy().tobytes()).hexdigest()[:16])
             else:
                 ref = _ref64(ql, ku, vu, scale)
-            e_step = max(e_step, _rel(out, ref))
+            e_step = max(e_step, rel_err(out, ref))
             prev[layer] = (k, v)
         errs.append(e_step)
         jerrs.append(j_step)
@@ -267,7 +266,7 @@ def check_stale_model(rank, world_size, *, model="flux", height=12, width=12, te
     import hashlib
 
     from ..integrations.diffusers import parallelize, unparallelize
-    from .models import euler_loop
+    from ..testing.models import euler_loop
 
     m, x, kw = _build(model, 0, height, width, text_len, batch, heads, head_dim)
     parallelize(m)
@@ -279,7 +278,7 @@ def check_stale_model(rank, world_size, *, model="flux", height=12, width=12, te
     for rep in range(2):  # a second generation: the timestep going up resets the state
         st = []
         euler_loop(m, x, kw, steps, on_step=lambda i, xx, v, dt: st.append(v))
-        errs.append([_rel(a, b) for a, b in zip(st, ex)])
+        errs.append([rel_err(a, b) for a, b in zip(st, ex)])
         sums.append(hashlib.sha256(st[-1].contiguous().numpy().tobytes()).hexdigest()[:16])
     unparallelize(m)
     return {"err": errs, "sums": sums}

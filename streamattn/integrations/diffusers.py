@@ -31,9 +31,11 @@ import inspect
 import torch
 
 import streamattn
+from .. import tags
+from ..sharding import split_lengths
 
-TAG_GATHER = 4996
-TAG_GRAD = 4993           # training: the joint-output gradient sum, the parameter-gradient sum
+TAG_GATHER = tags.DIFFUSERS_GATHER
+TAG_GRAD = tags.DIFFUSERS_GRAD           # training: the joint-output gradient sum, the parameter-gradient sum
 
 __all__ = ["parallelize", "unparallelize", "reset_stale_kv", "all_reduce_gradients",
            "FluxStreamAttnProcessor", "SD3StreamAttnProcessor", "split_lengths"]
@@ -49,21 +51,15 @@ def _require_diffusers():
     return diffusers
 
 
-def split_lengths(total: int, world: int) -> list:
-    """Tokens per rank: as even as possible, the first ranks take one more (4097/4: 1025,1024,...)."""
-    base, extra = divmod(total, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
-
-
 class _Context:
     """Shared by the hooks and processors of one parallelized transformer."""
 
     def __init__(self, group, kind, stale, attention_kwargs):
-        from ..api import _group_size
+        from ..api import group_size
 
         self.group = group
         self.kind = kind
-        self.size = _group_size(group)
+        self.size = group_size(group)
         self.rank = 0 if self.size == 1 else torch.distributed.get_rank(group)
         self.attention_kwargs = attention_kwargs
         self.stale = stale
@@ -95,9 +91,9 @@ class _Context:
         return self._gather(x)
 
     def _gather(self, x):
-        from ..api import _transport
+        from ..api import group_transport
 
-        tr = _transport(self.group)
+        tr = group_transport(self.group)
         x = x.contiguous()
         bufs = {p: x.new_empty(x.shape[0], self.lens[p], *x.shape[2:])
                 for p in range(self.size) if p != self.rank}
@@ -171,9 +167,9 @@ class _SumGrad(torch.autograd.Function):
 
 
 def _sum_over_group(c, t):
-    from ..api import _transport
+    from ..api import group_transport
 
-    parts = _transport(c.group).all_gather(t.contiguous(), range(c.size), TAG_GRAD)
+    parts = group_transport(c.group).all_gather(t.contiguous(), range(c.size), TAG_GRAD)
     total = parts[0].clone()
     for p in parts[1:]:
         total += p

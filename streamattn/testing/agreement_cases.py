@@ -10,7 +10,11 @@ import torch.distributed as dist
 
 import streamattn
 
-from .cases import _rel_err, _shard, make_inputs, split_lengths
+from ..reference import rel_err
+
+from ..sharding import shard, split_lengths
+
+from .cases import make_inputs
 
 
 @contextlib.contextmanager
@@ -42,8 +46,8 @@ def _call(rank, world_size, seq, *, heads=4, kv_heads=None, head_dim=8, seed=0, 
     q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
                              head_dim=head_dim)
     ref = reference_attention(q, k, v, causal=kw.get("causal", False))
-    out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), group, **kw)
-    return _rel_err(out, _shard(ref, lens, rank))
+    out = streamattn.attention(*(shard(t, lens, rank) for t in (q, k, v)), group, **kw)
+    return rel_err(out, shard(ref, lens, rank))
 
 
 def shape_sequence(rank, world_size, *, seqs, algorithm="auto", timeout_s=10):
@@ -93,11 +97,11 @@ def agreement_overhead(rank, world_size, *, seq=1024, heads=24, head_dim=32, joi
     q, k, v, joint = make_inputs(seed=0, batch=1, seq=seq, heads=heads, kv_heads=heads,
                                  head_dim=head_dim, joint_len=joint_len)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).contiguous() for t in (q, k, v))
     kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
     streamattn.attention(ql, kl, vl, **kw)
-    transport = api._transport(None)
-    fast = api._fastest(None, transport)
+    transport = api.group_transport(None)
+    fast = api.signature_transport(None, transport)
     problem, plan = api.last_plan()
     real = agreement.exchange
     memo = {}
@@ -129,5 +133,5 @@ def agreement_overhead(rank, world_size, *, seq=1024, heads=24, head_dim=32, joi
 
 def _row(agreement, api, transport, ql, kl, joint_len):
     row = agreement.signature(None, ql, kl, "bshd", False, None, joint_len, "front", "auto", None,
-                              None, agreement.Settings(), api._plans.generation(transport.plan_token))
-    return row, api._plans, transport.plan_token
+                              None, agreement.Settings(), api.plan_cache.generation(transport.plan_token))
+    return row, api.plan_cache, transport.plan_token

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 import streamattn
 from streamattn.reference import reference_attention
+from ..reference import rel_err
+from ..sharding import shard, split_lengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -18,12 +20,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def ping(rank, world_size):
     return {"rank": rank, "pid": os.getpid()}
-
-
-def split_lengths(total: int, world: int) -> list:
-    """Uneven split like 4097 on 4 ranks: 1025/1024/1024/1024."""
-    base, extra = divmod(total, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
 
 
 def make_inputs(*, seed, batch, seq, heads, kv_heads, head_dim, joint_len=0, dtype="float32"):
@@ -42,15 +38,6 @@ def make_inputs(*, seed, batch, seq, heads, kv_heads, head_dim, joint_len=0, dty
     return q, k, v, joint
 
 
-def _shard(x, lens, rank):
-    start = sum(lens[:rank])
-    return x[:, start : start + lens[rank]]
-
-
-def _rel_err(out, ref):
-    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=16, batch=1,
                     lens=None, dtype="float32", layout="bshd", causal=False, joint_len=0,
                     joint_strategy="front", algorithm="auto", ulysses_degree=None, ring_degree=None,
@@ -67,7 +54,7 @@ def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=1
     ref = reference_attention(q, k, v, scale=scale, causal=causal, **kw)
     ref, jref = ref if joint is not None else (ref, None)
 
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     if layout == "bhsd":
         ql, kl, vl = (t.transpose(1, 2).contiguous() for t in (ql, kl, vl))
         kw = {n: (t.transpose(1, 2).contiguous() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
@@ -80,20 +67,20 @@ def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=1
         out = out.transpose(1, 2)
         jout = jout.transpose(1, 2) if jout is not None else None
     assert out.dtype == q.dtype, f"output dtype {out.dtype} != input dtype {q.dtype}"
-    assert tuple(out.shape) == tuple(_shard(q, lens, rank).shape), f"output shape {tuple(out.shape)}"
-    plan = _last_plan() if world_size > 1 else None
-    result = {"err": _rel_err(out, _shard(ref, lens, rank)), "joint_err": None,
+    assert tuple(out.shape) == tuple(shard(q, lens, rank).shape), f"output shape {tuple(out.shape)}"
+    plan = last_plan() if world_size > 1 else None
+    result = {"err": rel_err(out, shard(ref, lens, rank)), "joint_err": None,
               "plan": str(plan) if plan else "Plan(local)", "shape": list(out.shape),
               "algorithm": plan.algorithm if plan else "local",
               "ulysses_degree": plan.ulysses_degree if plan else 1,
               "ring_degree": plan.ring_degree if plan else 1}
     if jref is not None:
-        result["joint_err"] = _rel_err(jout, jref)
+        result["joint_err"] = rel_err(jout, jref)
         result["joint_digest"] = float(jout.double().sum())
     return result
 
 
-def _last_plan():
+def last_plan():
     from streamattn import api
 
     return api.last_plan()[1]
@@ -104,7 +91,7 @@ def bad_input(rank, world_size, *, bad_rank, kind, seq=24, heads=8, head_dim=16)
     ValueError. Returns {"type", "error", "seconds"}."""
     q, k, v, _ = make_inputs(seed=1, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=head_dim)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).contiguous() for t in (q, k, v))
     layout = "bshd"
     if rank == bad_rank:
         if kind == "heads":
@@ -130,7 +117,7 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
     """dying_rank exits abruptly inside the call; the others must raise an error naming it."""
     q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=16)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     streamattn.attention(ql, kl, vl, algorithm=algorithm)  # warm: plan cached, metadata agreed
     if rank == dying_rank:
         from streamattn import kernels
@@ -156,7 +143,7 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
     # must be exact, never silently wrong.
     ref = reference_attention(q, k, v)
     return {"type": None, "error": None, "seconds": time.monotonic() - t0, "peer": None,
-            "err": _rel_err(out, _shard(ref, lens, rank))}
+            "err": rel_err(out, shard(ref, lens, rank))}
 
 
 def zero_lse_ring(rank, world_size, *, seq=40, heads=4):
@@ -186,7 +173,7 @@ def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batc
     lens = split_lengths(seq, world_size)
     q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=heads,
                                  head_dim=head_dim, joint_len=joint_len, dtype=dtype)
-    ql, kl, vl = (_shard(t, lens, rank).contiguous() for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).contiguous() for t in (q, k, v))
     kw = {}
     if joint is not None:
         kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
@@ -211,7 +198,7 @@ def count_metadata_exchanges(rank, world_size, *, calls=5, seq=30, heads=6):
 
     q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     real, n = Transport.all_gather_vector, [0]
 
     def counting(self, *a, **kw):
@@ -236,7 +223,7 @@ def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4):
         return {"type": None, "error": None, "seconds": 0.0}
     q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     t0 = time.monotonic()
     try:
         streamattn.attention(ql, kl, vl, algorithm="ring")
@@ -261,7 +248,7 @@ def soak(rank, world_size, *, calls=10000, seq=24, heads=4, algorithm="usp"):
         q, k, v, joint = make_inputs(seed=9 + i, batch=1, seq=s, heads=heads, kv_heads=heads // 2,
                                      head_dim=8, joint_len=3)
         lens = split_lengths(s, world_size)
-        inputs.append([_shard(t, lens, rank).contiguous() for t in (q, k, v)] + list(joint))
+        inputs.append([shard(t, lens, rank).contiguous() for t in (q, k, v)] + list(joint))
     algo = algorithm if world_size % 2 == 0 or algorithm != "usp" else "ring"
     u = 2 if algo == "usp" and world_size > 2 else None
     warm = min(1000, calls // 10)
@@ -380,13 +367,13 @@ def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses
     q, k, v, _ = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,
                              head_dim=head_dim, dtype=dtype)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     kw = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
     streamattn.attention(ql, kl, vl, **kw)
     api.reset_byte_counters()
     streamattn.attention(ql, kl, vl, **kw)
     out = api.byte_counters()
-    out["plan"] = str(_last_plan())
+    out["plan"] = str(last_plan())
     return out
 
 

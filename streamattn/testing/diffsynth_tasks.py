@@ -212,7 +212,7 @@ def tiny_wan_pipeline(seed=0):
     from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
     from diffsynth.pipelines.wan_video import WanVideoPipeline
 
-    from ..examples.pipeline import tiny_tokenizer, vocab_size
+    from .models import tiny_tokenizer, vocab_size
 
     dit = tiny_wan_model(seed)
     torch.manual_seed(seed + 100)

@@ -6,7 +6,9 @@ import torch
 
 import streamattn
 from streamattn.reference import reference_attention
-from streamattn.testing.cases import make_inputs, split_lengths
+from streamattn.sharding import split_lengths
+from streamattn.testing.cases import make_inputs
+from ..reference import rel_err
 
 
 def requires_grad_error(rank, world_size, *, seq=12, heads=4):
@@ -21,14 +23,6 @@ def requires_grad_error(rank, world_size, *, seq=12, heads=4):
     except NotImplementedError as exc:
         return str(exc)
     return None
-
-
-def _rel(a, ref):
-    """max |a - ref| / max |ref| (0 for an empty reference)."""
-    ref = ref.double()
-    if ref.numel() == 0:
-        return 0.0
-    return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def reference_grads(q, k, v, joint, dout, djout, *, scale, causal, joint_strategy):
@@ -96,15 +90,15 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
                                                                    joint_v=joint[2],
                                                                    joint_strategy=joint_strategy)))
     ref_out, ref_jout = ref_out if joint is not None else (ref_out, None)
-    result = {"out": _rel(back(out), take(ref_out)), "dq": _rel(back(ql.grad), take(rq)),
-              "dk": _rel(back(kl.grad), take(rk)), "dv": _rel(back(vl.grad), take(rv)),
-              "nograd_out": _rel(back(nograd_out), take(ref_out)),
+    result = {"out": rel_err(back(out), take(ref_out)), "dq": rel_err(back(ql.grad), take(rq)),
+              "dk": rel_err(back(kl.grad), take(rk)), "dv": rel_err(back(vl.grad), take(rv)),
+              "nograd_out": rel_err(back(nograd_out), take(ref_out)),
               "jout": None, "djq": None, "djk": None, "djv": None,
               "grad_dtype": str(ql.grad.dtype).replace("torch.", "")}
     if joint is not None:
-        result["jout"] = _rel(back(jout), ref_jout)
+        result["jout"] = rel_err(back(jout), ref_jout)
         for name, t, ref in zip(("djq", "djk", "djv"), jl, rj):
-            result[name] = _rel(back(t.grad), ref)
+            result[name] = rel_err(back(t.grad), ref)
         result["joint_digest"] = float(sum(t.grad.double().sum() for t in jl))
     return result
 
@@ -260,7 +254,7 @@ def compile_block(rank, world_size, *, seqs=(12, 14, 17, 20), text_len=3, dim=32
     worst = 0.0
     for seq in seqs:
         got, want = run(compiled, seq), run(block, seq)
-        worst = max([worst] + [_rel(a.detach(), b.detach()) for a, b in zip(got, want)])
+        worst = max([worst] + [rel_err(a.detach(), b.detach()) for a, b in zip(got, want)])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     return {"graph_breaks": explain.graph_break_count, "graphs": graphs, "rel_diff": worst,
             "break_reasons": [str(r.reason) for r in explain.break_reasons]}
@@ -272,7 +266,7 @@ def train_step(rank, world_size, *, model="flux", height=6, width=6, text_len=5,
     parallelized over the group, vs the same step on one process (computed on every rank).
     Returns the max relative differences of the loss, the gradients and the new parameters (and
     step_size, the largest relative parameter change, to show the step is not negligible)."""
-    from streamattn.examples.models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+    from .models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
     from streamattn.integrations.diffusers import all_reduce_gradients, parallelize
 
     def build():
@@ -369,5 +363,5 @@ def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq
     shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
     out = shim.LongContextAttention(ring_impl_type=ring_impl_type)(ql, kl, vl, causal=causal)
     out.backward(take(dout))
-    return {"dq": _rel(ql.grad, take(rq)), "dk": _rel(kl.grad, take(rk)),
-            "dv": _rel(vl.grad, take(rv))}
+    return {"dq": rel_err(ql.grad, take(rq)), "dk": rel_err(kl.grad, take(rk)),
+            "dv": rel_err(vl.grad, take(rv))}

@@ -6,13 +6,10 @@ import time
 
 import streamattn
 
-from .cases import make_inputs, split_lengths
+from ..sharding import split_lengths
 
-
-def _shard(x, lens, rank):
-    """Rank `rank`'s tokens of x [B, S, ...] split by `lens`."""
-    start = sum(lens[:rank])
-    return x[:, start:start + lens[rank]].contiguous()
+from .cases import make_inputs
+from ..sharding import shard
 
 
 def collective_silent_peer(rank, world_size, *, silent_rank, seq=32, heads=4):
@@ -21,7 +18,7 @@ def collective_silent_peer(rank, world_size, *, silent_rank, seq=32, heads=4):
     all-to-all naming it."""
     q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     streamattn.attention(ql, kl, vl, algorithm="ulysses")
     if rank == silent_rank:
         time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
@@ -42,11 +39,11 @@ def comm_dtype_call(rank, world_size, *, wire_ranks, seq=32, heads=4, dtype="flo
 
     q, k, v, _ = make_inputs(seed=5, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8, dtype=dtype)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     wire = torch.bfloat16 if rank in wire_ranks else None
     try:
         out = streamattn.attention(ql, kl, vl, algorithm=algorithm, comm_dtype=wire)
     except Exception as exc:
         return {"type": type(exc).__name__, "error": str(exc)}
-    ref = _shard(reference_attention(q, k, v), lens, rank)
+    ref = shard(reference_attention(q, k, v), lens, rank)
     return {"type": None, "err": float((out.double() - ref).abs().max() / ref.abs().max())}

@@ -21,11 +21,13 @@ def main(rank: int, port: int) -> None:
     import streamattn
     from streamattn.algorithms import ring
 
-    from .cases import _shard, make_inputs, split_lengths
+    from ..sharding import shard, split_lengths
+
+    from .cases import make_inputs
 
     q, k, v, _ = make_inputs(seed=2, batch=1, seq=48, heads=6, kv_heads=6, head_dim=8)
     lens = split_lengths(48, 3)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     streamattn.attention(ql, kl, vl, algorithm="ring")
     if rank == 2:
         ring.attention_with_lse = lambda *a, **kw: os._exit(17)

@@ -10,7 +10,11 @@ import torch.distributed as dist
 
 import streamattn
 
-from .cases import _last_plan, _rel_err, _shard, make_inputs, split_lengths
+from ..reference import rel_err
+
+from ..sharding import shard, split_lengths
+
+from .cases import last_plan, make_inputs
 
 
 def _masked_reference(q, k, v, causal):
@@ -39,19 +43,19 @@ def nonfinite_attention(rank, world_size, *, algorithm, where, value, pos, seq=2
                              dtype=dtype)
     {"q": q, "k": k, "v": v}[where][0, pos, 1, 3] = float(value)
     lens = split_lengths(seq, world_size)
-    out = streamattn.attention(*(_shard(t, lens, rank) for t in (q, k, v)), algorithm=algorithm,
+    out = streamattn.attention(*(shard(t, lens, rank) for t in (q, k, v)), algorithm=algorithm,
                                causal=causal)
     ref, all_neg = _masked_reference(q, k, v, causal)
-    ref, all_neg = _shard(ref, lens, rank), _shard(all_neg, lens, rank).unsqueeze(-1).expand_as(out)
+    ref, all_neg = shard(ref, lens, rank), shard(all_neg, lens, rank).unsqueeze(-1).expand_as(out)
     out = out.double()
     ref = ref.masked_fill(all_neg, 0.0)  # nonfinite.py: such a row returns 0, not NaN
     got_nan, ref_nan = out.isnan(), ref.isnan()
     fin, inf = torch.isfinite(ref), torch.isinf(ref)
-    err = _rel_err(out[fin], ref[fin]) if bool(fin.any()) else 0.0
+    err = rel_err(out[fin], ref[fin]) if bool(fin.any()) else 0.0
     return {"nan_rows": int(got_nan.any(-1).sum()), "ref_nan_rows": int(ref_nan.any(-1).sum()),
             "same_nan": bool(torch.equal(got_nan, ref_nan)) and bool(torch.equal(out[inf], ref[inf])),
             "err": err,
-            "plan": str(_last_plan())}
+            "plan": str(last_plan())}
 
 
 # -- group release ------------------------------------------------------------------------------
@@ -80,17 +84,17 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
 
     q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
-    ref = _shard(streamattn.reference_attention(q, k, v), lens, rank)
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
+    ref = shard(streamattn.reference_attention(q, k, v), lens, rank)
     old = os.environ.get("STREAMATTN_TRANSPORT")
     os.environ["STREAMATTN_TRANSPORT"] = transport
-    marks, worst = {"transports_before": len(api._transports)}, 0.0
+    marks, worst = {"transports_before": len(api.group_transports)}, 0.0
     try:
         warm = max(1, min(50, cycles // 10))
         for i in range(cycles):
             g = dist.new_group(list(range(world_size)))
             out = streamattn.attention(ql, kl, vl, g, algorithm="ring")
-            worst = max(worst, _rel_err(out, ref))
+            worst = max(worst, rel_err(out, ref))
             if explicit_release:
                 streamattn.release(g)
             dist.destroy_process_group(g)
@@ -98,10 +102,10 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
             if i + 1 == warm:
                 gc.collect()
                 marks["warm"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
-                                 "transports": len(api._transports)}
+                                 "transports": len(api.group_transports)}
         gc.collect()
         marks["end"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
-                        "transports": len(api._transports)}
+                        "transports": len(api.group_transports)}
     finally:
         if old is None:
             os.environ.pop("STREAMATTN_TRANSPORT", None)
@@ -168,7 +172,7 @@ def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dt
     jkw = {}
     if joint is not None:
         jkw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     call_jkw = jkw
     if layout == "bhsd":
         ql, kl, vl = (t.transpose(1, 2) for t in (ql, kl, vl))
@@ -185,9 +189,9 @@ def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dt
         return None
     ref = streamattn.reference_attention(q, k, v, causal=causal, **jkw)
     ref, jref = ref if joint is not None else (ref, None)
-    err = _rel_err(out, _shard(ref, lens, rank)) if out.numel() else 0.0
+    err = rel_err(out, shard(ref, lens, rank)) if out.numel() else 0.0
     if jref is not None:
-        err = max(err, _rel_err(jout, jref))
+        err = max(err, rel_err(jout, jref))
     tol = 1e-5 if dtype in ("float32", "float64") else 2e-2
     if not err < tol:
         raise AssertionError(f"call seed {seed}: S={S} lens={lens} heads={heads}/{hk} causal={causal} "
@@ -224,7 +228,7 @@ def die_and_exit(rank, world_size, *, dying_rank, out_dir, algorithm="ring", seq
 
     q, k, v, _ = make_inputs(seed=2, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
-    ql, kl, vl = (_shard(t, lens, rank) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     streamattn.attention(ql, kl, vl, algorithm=algorithm)  # warm: plan cached
     if rank == dying_rank:
         def dying(*a, **kw):
@@ -236,7 +240,7 @@ def die_and_exit(rank, world_size, *, dying_rank, out_dir, algorithm="ring", seq
     result = {"rank": rank}
     try:
         out = streamattn.attention(ql, kl, vl, algorithm=algorithm)
-        result.update(type=None, err=_rel_err(out, _shard(streamattn.reference_attention(q, k, v),
+        result.update(type=None, err=rel_err(out, shard(streamattn.reference_attention(q, k, v),
                                                             lens, rank)))
     except Exception as exc:
         result.update(type=type(exc).__name__, error=str(exc), peer=getattr(exc, "peer", None))

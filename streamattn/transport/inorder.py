@@ -26,11 +26,12 @@ from collections import deque
 
 import torch
 
+from ..tags import INORDER_BASE
 from ..config import timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
 
-GLOO_TAG_BASE = 1 << 22  # above every algorithm tag: the emulation's own tag space
+GLOO_TAG_BASE = INORDER_BASE  # above every algorithm tag: the emulation's own tag space
 _POLL_S = 0.05
 
 

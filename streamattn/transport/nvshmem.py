@@ -430,17 +430,8 @@ class NvshmemHeap(Heap):
         st = _proc_state()
         if st["ext"] is not None:
             return st["ext"]
-        try:
-            build = importlib.import_module("streamattn.csrc.build")  # setup.py installs csrc/
-        except ImportError:
-            here = os.path.dirname(os.path.abspath(__file__))
-            path = os.path.join(here, "..", "..", "csrc", "build.py")
-            if not os.path.isfile(path):
-                raise RuntimeError("csrc/ not installed (streamattn.csrc) and csrc/build.py not "
-                                   "found next to the package") from None
-            spec = importlib.util.spec_from_file_location("streamattn_csrc_build", path)
-            build = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(build)
+        from ..csrc import build  # csrc/ installs as streamattn.csrc (pyproject.toml)
+
         ext = build.load_extension(verbose=verbose)  # prebuilt _nvshmem_ext first, else JIT build
         uid = torch.frombuffer(bytearray(bytes.fromhex(st["uid_hex"])), dtype=torch.uint8)
         # nvshmemx_init_attr exits the process on most failures instead of returning a status, so

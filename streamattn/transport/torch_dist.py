@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..tags import FAIL
 from .. import trace
 from ..config import wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
@@ -78,7 +79,7 @@ class FailureMailbox:
     drain (at most DRAIN_S). A report travels on the same connection as the data, ahead of the
     sender's close, so a rank that then sees the reporter close reads the report first."""
 
-    TAG_FAIL, MAGIC, DRAIN_S = 4999, 0x4641494C, 0.5
+    TAG_FAIL, MAGIC, DRAIN_S = FAIL, 0x4641494C, 0.5
 
     def __init__(self, transport):
         self.t = transport

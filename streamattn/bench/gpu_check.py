@@ -247,7 +247,7 @@ def _backend_usable(backend, device):
         return backend in CPU_BACKENDS, "CPU self-test"
     if backend == "cpu-flash":
         return False, "CPU only"
-    if backend == "flash-attn" and kernels._flash_attn_func() is None:
+    if backend == "flash-attn" and kernels.flash_attn_func() is None:
         return False, "flash-attn not installed (or built for another torch)"
     if backend == "triton":
         from streamattn import triton_kernels
@@ -472,7 +472,9 @@ def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_di
 
     import streamattn
     from streamattn.reference import reference_attention
-    from streamattn.testing.cases import _rel_err, _shard, make_inputs, split_lengths
+    from streamattn.reference import rel_err
+    from streamattn.sharding import shard, split_lengths
+    from streamattn.testing.cases import make_inputs
 
     lens = split_lengths(seq, world)
     q, k, v, joint = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
@@ -484,15 +486,15 @@ def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_di
                                         joint_v=joint[2])
     else:
         ref, jref = reference_attention(q, k, v, causal=causal), None
-    ql, kl, vl = (_shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
     res = streamattn.attention(ql, kl, vl, causal=causal, algorithm=algorithm, **kw)
     out, jout = res if joint is not None else (res, None)
-    err = _rel_err(out.cpu(), _shard(ref, lens, rank))
+    err = rel_err(out.cpu(), shard(ref, lens, rank))
     if jref is not None:
-        err = max(err, _rel_err(jout.cpu(), jref))
-    from streamattn.testing.cases import _last_plan
+        err = max(err, rel_err(jout.cpu(), jref))
+    from streamattn.testing.cases import last_plan
 
-    plan = _last_plan()
+    plan = last_plan()
     return err, (plan.transport if plan is not None else "?")
 
 
@@ -535,7 +537,7 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
     try:
         for transport in transports:
             os.environ["STREAMATTN_TRANSPORT"] = transport
-            api._plans.clear()  # the plan records the transport chosen at its first call
+            api.plan_cache.clear()  # the plan records the transport chosen at its first call
             for algorithm in algorithms:
                 for name, kw in _dist_cases(world, dtype):
                     check = f"{transport:<7} {algorithm:<7} {name}"
@@ -575,7 +577,7 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
         if watch is not None:
             watch.cancel()
         _restore_env("STREAMATTN_TRANSPORT", saved)
-        api._plans.clear()
+        api.plan_cache.clear()
 
 
 def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, watch=None):
@@ -585,14 +587,15 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
 
     import streamattn
     from streamattn import api
-    from streamattn.testing.cases import _shard, make_inputs, split_lengths
+    from streamattn.sharding import shard, split_lengths
+    from streamattn.testing.cases import make_inputs
 
     dt = args.bench_dtype
     q, k, v, joint = make_inputs(seed=7, batch=1, seq=args.bench_seq, heads=args.bench_heads,
                                  kv_heads=args.bench_heads, head_dim=args.bench_dim,
                                  joint_len=args.bench_joint, dtype=dt)
     lens = split_lengths(args.bench_seq, world)
-    ql, kl, vl = (_shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).contiguous().to(device) for t in (q, k, v))
     kw = {}
     if joint is not None:
         kw = dict(joint_q=joint[0].to(device), joint_k=joint[1].to(device), joint_v=joint[2].to(device))
@@ -607,7 +610,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
     try:
         for transport in transports:
             os.environ["STREAMATTN_TRANSPORT"] = transport
-            api._plans.clear()
+            api.plan_cache.clear()
             for algorithm in algorithms:
                 check = f"{transport:<7} {algorithm:<7} latency"
                 why = broken.reason(transport)
@@ -639,7 +642,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
                         broken.mark(transport, bad[0].split(":", 1)[1])
                     continue
                 per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
-                plan = str(next(reversed(api._plans.values()))[1]) if api._plans else ""
+                plan = str(next(reversed(api.plan_cache.values()))[1]) if api.plan_cache else ""
                 res.add("bench", check, "PASS",
                         f"median {1e3 * statistics.median(per_call):.2f} ms "
                         f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
@@ -647,7 +650,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
         if watch is not None:
             watch.cancel()
         _restore_env("STREAMATTN_TRANSPORT", saved)
-        api._plans.clear()
+        api.plan_cache.clear()
 
 
 def prebuild_extension(res, rank, gloo, broken, seconds=900.0):
@@ -681,18 +684,10 @@ def prebuild_extension(res, rank, gloo, broken, seconds=900.0):
 
 
 def _csrc_build():
-    """csrc/build.py: installed as streamattn.csrc.build, else by path in a source tree."""
-    import importlib
-    import importlib.util
+    """csrc/build.py, installed as streamattn.csrc.build."""
+    from streamattn.csrc import build
 
-    try:
-        return importlib.import_module("streamattn.csrc.build")
-    except ImportError:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "build.py")
-        spec = importlib.util.spec_from_file_location("streamattn_csrc_build", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+    return build
 
 
 def finalise(res, rank, gloo):

@@ -12,7 +12,8 @@ _layers = {}
 
 
 def _inputs(rank, world, shape, seed=0):
-    from streamattn.testing.cases import make_inputs, split_lengths
+    from streamattn.sharding import split_lengths
+    from streamattn.testing.cases import make_inputs
 
     lens = split_lengths(shape["seq"], world)
     q, k, v, _ = make_inputs(seed=seed, batch=shape.get("batch", 1), seq=shape["seq"],
@@ -26,7 +27,8 @@ def _inputs(rank, world, shape, seed=0):
 def fwd_bwd(rank, world_size, *, shape, cfg, iters=3, warmup=1, check=True):
     """Time `iters` forward+backward calls of one configuration on this rank; returns
     {"times": [...], "err": max relative gradient error or None, "error": text or None}."""
-    from streamattn.testing.grad_cases import _rel, reference_grads
+    from streamattn.reference import rel_err
+    from streamattn.testing.grad_cases import reference_grads
 
     import streamattn
 
@@ -73,7 +75,7 @@ def fwd_bwd(rank, world_size, *, shape, cfg, iters=3, warmup=1, check=True):
     if check:
         ref = reference_grads(q, k, v, None, dout, None, scale=None, causal=causal,
                               joint_strategy="front")
-        err = max(_rel(g, r[:, sl]) for g, r in zip(grads, ref[:3]))
+        err = max(rel_err(g, r[:, sl]) for g, r in zip(grads, ref[:3]))
     return {"times": times, "err": err, "error": None}
 
 

@@ -44,6 +44,18 @@ def available() -> bool:
         return False
 
 
+def enabled_for(tensor) -> bool:
+    """The one rule for the merge and packing kernels: Triton on CUDA when it can launch there, or
+    when STREAMATTN_TRITON=1 forces it (needs TRITON_INTERPRET=1 for CPU tensors); else torch.
+    STREAMATTN_TRITON=0 turns Triton off everywhere."""
+    from .. import config  # the settings registry (the core layer; no other package import)
+
+    flag = config.triton()
+    if flag == "0" or (flag != "1" and tensor.device.type != "cuda"):
+        return False
+    return available()
+
+
 class LazyKernel:
     """``kernel[grid](...)`` like a ``triton.jit`` function, jitted at first use for the current mode."""
 

@@ -33,6 +33,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from ..reference import rel_err
+from ..sharding import split_lengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,11 +42,6 @@ _state: dict = {"key": None}  # this rank's cached inputs and references for the
 
 
 # ───────────────────────────────────────────────────────────────────────── inputs
-
-
-def split_lengths(total: int, world: int) -> list:
-    base, extra = divmod(total, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
 
 
 def _shape_key(shape: dict, seed: int) -> tuple:
@@ -97,10 +94,6 @@ def _ref_rows(st: dict, lo: int, hi: int) -> torch.Tensor:
             out[:, :, h] = torch.softmax(qh @ kh.transpose(1, 2) * scale, -1) @ vh
         st["ref"][key] = out
     return st["ref"][key]
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 # ──────────────────────────────────────────────────────── transports and kernel stubs
@@ -181,7 +174,7 @@ def _forced_auto(algorithm):
 
     from streamattn import api
 
-    forced = _state.setdefault("forced_plans", type(api._plans)())
+    forced = _state.setdefault("forced_plans", type(api.plan_cache)())
     reason = f"FORCED bad plan ({algorithm}) for a negative control"
     if hasattr(api, "make_plan"):  # the cost-model planner: make_plan(problem, topology, *, ...)
         name, real = "make_plan", api.make_plan
@@ -200,14 +193,14 @@ def _forced_auto(algorithm):
             return real(problem, node_of, algo, u, r)
 
     forced_algo = algorithm
-    real_plans = api._plans
+    real_plans = api.plan_cache
     setattr(api, name, hook)
-    api._plans = forced
+    api.plan_cache = forced
     try:
         yield
     finally:
         setattr(api, name, real)
-        api._plans = real_plans
+        api.plan_cache = real_plans
 
 
 @contextlib.contextmanager
@@ -291,8 +284,8 @@ def _transport(name="torch"):
     from streamattn import api
 
     if name == "torch":
-        return api._transport(None)
-    return api._transport(None, name)
+        return api.group_transport(None)
+    return api.group_transport(None, name)
 
 
 class _Counters:
@@ -319,7 +312,7 @@ class _Counters:
 def _last_entry():
     from streamattn import api
 
-    return next(reversed(api._plans.values())) if api._plans else (None, None)
+    return next(reversed(api.plan_cache.values())) if api.plan_cache else (None, None)
 
 
 def _wire_tx():
@@ -355,13 +348,13 @@ def _run_streamattn(st, cfg, mode, check):
     problem, plan = st["plans"][ckey]
     real = _transport(getattr(plan, "transport", "torch"))
     if mode == "compute":
-        return api._run(plan, _skip_transport(real, lambda p: False), problem, ql, kl, vl, joint)
+        return api.run_plan(plan, _skip_transport(real, lambda p: False), problem, ql, kl, vl, joint)
     with _stubbed_kernels():
         if mode == "comm":
-            return api._run(plan, real, problem, ql, kl, vl, joint)
+            return api.run_plan(plan, real, problem, ql, kl, vl, joint)
         if mode == "inter":
             me = real.node_of[real.rank]
-            return api._run(plan, _skip_transport(real, lambda p: real.node_of[p] != me), problem,
+            return api.run_plan(plan, _skip_transport(real, lambda p: real.node_of[p] != me), problem,
                             ql, kl, vl, joint)
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -427,13 +420,13 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         T = st["joint"][0].shape[1] if st["joint"] is not None else 0
         if kind == "yunchang":
             lo, hi = st["yc_rows"]
-            res["err"] = _rel_err(out, _ref_rows(st, lo, hi))
+            res["err"] = rel_err(out, _ref_rows(st, lo, hi))
         else:
             o, jo = out if st["joint"] is not None else (out, None)
             lo = T + st["img_start"]
-            err = _rel_err(o, _ref_rows(st, lo, lo + st["img_len"]))
+            err = rel_err(o, _ref_rows(st, lo, lo + st["img_len"]))
             if jo is not None:
-                err = max(err, _rel_err(jo, _ref_rows(st, 0, T)))
+                err = max(err, rel_err(jo, _ref_rows(st, 0, T)))
             res["err"] = err
     return res
 

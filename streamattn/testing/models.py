@@ -77,3 +77,28 @@ def euler_loop(model, latents, kwargs, steps, *, on_step=None):
         if on_step is not None:
             on_step(i, x, v, dt)
     return x
+
+
+# A word-level tokenizer for the tiny pipelines (streamattn.examples.pipeline)
+_WORDS = ("a photo of cat dog red blue green tree sky house on the in with under at night painting "
+          "small big").split()
+
+
+def tiny_tokenizer(max_length: int):
+    """A word-level tokenizer built in memory: ids 0 <pad>, 1 </s>, 2 <unk>, then `_WORDS`; every
+    sequence ends with </s> (what CLIP's pooled output and T5 expect of their EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in _WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length,
+                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def vocab_size() -> int:
+    return 3 + len(dict.fromkeys(_WORDS))

@@ -6,7 +6,7 @@ torch reference with the same signature (``*_reference``) for CPU use and tests.
 Kernels are jitted lazily at first launch, so ``TRITON_INTERPRET`` may be set after import, but it
 must be set before the first launch in the process.
 """
-from ._jit import available, interpreting
+from ._jit import available, enabled_for, interpreting
 from .attention import attention_fwd, attention_reference, block_sizes
 from .merge import merge_, merge_init, merge_reference
 from .pack import (
@@ -21,7 +21,7 @@ from .pack import (
 )
 
 __all__ = [
-    "available", "interpreting",
+    "available", "enabled_for", "interpreting",
     "attention_fwd", "attention_reference", "block_sizes",
     "merge_", "merge_init", "merge_reference",
     "pack_heads", "pack_heads_reference", "unpack_seq", "unpack_seq_reference",
