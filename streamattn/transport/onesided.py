@@ -12,6 +12,7 @@ same on every rank because all ranks run the same schedule.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
