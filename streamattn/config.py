@@ -155,6 +155,8 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_PERF_SEQ", "int", 0,
             "tests/test_perf.py: a fixed sequence length (unset: calibrated)", low=1, high=1 << 20,
             scope="tests"),
+    Setting("STREAMATTN_CI_VENV", "path", ".venv",
+            ".ci/run: the virtual environment it creates and installs into", scope="tests"),
     Setting("STREAMATTN_BENCH_TEST_TAG", "text", "",
             "tests/test_bench.py: marks the bench subprocesses a test started", scope="tests"),
 )}

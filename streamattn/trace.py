@@ -30,7 +30,7 @@ import contextlib
 import time
 from typing import List, Optional
 
-KINDS = ("kernel", "merge", "pack", "post", "copy", "wait")
+KINDS = ("kernel", "merge", "pack", "post", "copy", "agree", "wait")
 
 _rec: "Optional[Recorder]" = None
 now = time.perf_counter

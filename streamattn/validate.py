@@ -142,7 +142,7 @@ def _show(name, value):
     if name == "scale":
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if name == "comm_dtype":
-        return str(COMM_DTYPES[value]).replace("torch.", "")
+        return str(COMM_DTYPES[value])
     if name in ("ulysses_degree", "ring_degree"):
         return "None" if value == 0 else str(value)
     return str(value)

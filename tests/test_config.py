@@ -65,7 +65,7 @@ def test_readme_rows_show_default_and_range():
 @pytest.mark.parametrize("name,value,needle", [
     ("STREAMATTN_TIMEOUT_S", "inf", "out of range"), ("STREAMATTN_TIMEOUT_S", "nan", "out of range"),
     ("STREAMATTN_TIMEOUT_S", "0", "out of range"), ("STREAMATTN_TIMEOUT_S", "soon", "not a number"),
-    ("STREAMATTN_ULYSSES_CHUNKS", "0", "out of range"), ("STREAMATTN_ULYSSES_CHUNKS", "1.5", "integer"),
+    ("STREAMATTN_ULYSSES_CHUNKS", "-1", "out of range"), ("STREAMATTN_ULYSSES_CHUNKS", "1.5", "integer"),
     ("STREAMATTN_SHM_SLOT_MB", "-4", "out of range"), ("STREAMATTN_KERNEL", "fast", "expected one of"),
     ("STREAMATTN_TRITON", "yes", "expected one of"), ("STREAMATTN_PROBE_BYTES", "0", "out of range"),
     ("STREAMATTN_VALIDATE", "always", "expected one of"),
@@ -80,7 +80,7 @@ def test_invalid_values_raise_naming_the_variable(monkeypatch, name, value, need
 def test_defaults_and_types(monkeypatch):
     for name in config.SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    assert config.timeout_s() == 300.0 and config.ulysses_chunks() == 1
+    assert config.timeout_s() == 300.0 and config.ulysses_chunks() == 0
     assert config.transport() == "auto" and config.kernel() == "" and config.triton() == ""
     assert config.shm_slot_bytes() == 4 << 20 and config.probe_timeout_s() == 60.0
     monkeypatch.setenv("STREAMATTN_TIMEOUT_S", "7")

@@ -317,11 +317,11 @@ def test_machine_specifics():
 
 
 def test_shipped_files_match_generator():
-    gen = runpy.run_path(os.path.join(REPO, "topology", "machines", "generate.py"))
+    gen = runpy.run_path(os.path.join(REPO, "streamattn", "topology", "machines", "generate.py"))
     built = gen["build_all"]()
     assert set(built) == set(list_machines())
     for name, topo in built.items():
-        with open(os.path.join(REPO, "topology", "machines", name + ".json")) as f:
+        with open(os.path.join(REPO, "streamattn", "topology", "machines", name + ".json")) as f:
             assert f.read() == topo.to_json(indent=1) + "\n", name
 
 

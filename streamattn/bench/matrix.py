@@ -213,7 +213,7 @@ def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
         if r is None:
             continue
         lines.append(f"\nbreakdown of auto, {pick} {r['shape']} seq {r['seq']} (ms per rank):")
-        keys = ["total", "kernel", "merge", "pack", "post", "copy", "wait_intra", "wait_inter", "other"]
+        keys = ["total", "kernel", "merge", "pack", "post", "copy", "agree", "wait_intra", "wait_inter", "other"]
         lines.append("| rank | " + " | ".join(keys) + " |")
         lines.append("|" + "|".join([" --- "] * (len(keys) + 1)) + "|")
         for i, pr in enumerate(r["breakdown"]):

@@ -181,7 +181,7 @@ if __name__ == "__main__":
 
 # ─────────────────────────────────────────────────────────── breakdown, limit, timeline
 
-BREAKDOWN_COLS = ("kernel", "merge", "pack", "post", "copy", "wait_intra", "wait_inter", "other")
+BREAKDOWN_COLS = ("kernel", "merge", "pack", "post", "copy", "agree", "wait_intra", "wait_inter", "other")
 
 
 def format_breakdown(records: List[dict], hook_cost_s: Optional[float] = None) -> str:
@@ -219,7 +219,8 @@ def format_breakdown(records: List[dict], hook_cost_s: Optional[float] = None) -
     if lines:
         lines.append("\nms per rank in one traced call: kernel = local attention, merge = LSE merges, pack = "
                      "packing/concat/transposes around messages, post = handing messages to the "
-                     "transport (shm: the memcpy into the peer), copy = shm copy-out, wait_intra / "
+                     "transport (shm: the memcpy into the peer), copy = shm copy-out, agree = the per-call "
+                     "signature every rank exchanges before it runs, wait_intra / "
                      "wait_inter = blocked on a peer on this / another node, other = the rest (Python, "
                      "allocation, output layout).")
     return "\n".join(lines)
@@ -244,7 +245,7 @@ def format_limits(records: List[dict]) -> str:
 
 
 KIND_COLORS = {"kernel": "#1f77b4", "merge": "#9467bd", "pack": "#ff7f0e", "post": "#2ca02c",
-               "copy": "#bcbd22", "wait_intra": "#c7c7c7", "wait_inter": "#d62728"}
+               "copy": "#bcbd22", "agree": "#17becf", "wait_intra": "#c7c7c7", "wait_inter": "#d62728"}
 
 
 def write_timeline(path: str, rec: dict) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""Shipped topologies of well-known machines (``topology/machines/*.json``).
+"""Shipped topologies of well-known machines (``streamattn/topology/machines/*.json``).
 
 The numbers are declared vendor-spec figures (or labelled assumptions), not measurements; each
 file's ``notes`` says where they come from. Bandwidths are bytes/s per direction.

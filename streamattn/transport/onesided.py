@@ -57,6 +57,7 @@ class _OneSidedPending(Pending):
         # Metadata-sized exchanges (the per-call signature) yield instead of sleeping for their
         # first TINY_YIELD_S: a backoff sleep would add up to 1 ms to every call.
         self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
+        self.span_kind = "wait"  # "agree": a metadata exchange (count=False)
 
     def wait(self):
         t = self.t
@@ -101,7 +102,7 @@ class _OneSidedPending(Pending):
             if tracing:  # blocked on the first message that has not completed
                 m = next((m for m in self.msgs if not m.done), None)
                 if m is not None:
-                    trace.add("wait", t0, trace.now(), t.members[m.peer], False)
+                    trace.add(self.span_kind, t0, trace.now(), t.members[m.peer], False)
         if self.remote is not None:
             self.remote.wait()
 
@@ -208,7 +209,9 @@ class OneSidedTransport(Transport):
         remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
         with trace.span("post"):  # (the base transport's posting is its own span)
             self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
-        return _OneSidedPending(self, msgs, remote)
+        pending = _OneSidedPending(self, msgs, remote)
+        pending.span_kind = "wait" if count else "agree"
+        return pending
 
     def _progress(self) -> bool:
         """Advance every queued message as far as credits and signals allow. True if anything moved."""

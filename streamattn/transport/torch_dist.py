@@ -48,6 +48,7 @@ class _TorchPending(Pending):
         self.works = works  # [(peer, "send"|"recv", work)]
         self.tag = tag
         self.start = time.monotonic()
+        self.span_kind = "wait"  # "agree": a metadata exchange (count=False: the per-call signature)
 
     def wait(self) -> None:
         limit = self.transport.timeout
@@ -62,7 +63,8 @@ class _TorchPending(Pending):
                 raise _peer_error(self.transport, peer, kind, self.tag, exc) from exc
             if tracing:  # the time blocked on this peer (sequential waits: who we waited for)
                 node_of = self.transport.node_of
-                trace.add("wait", t0, trace.now(), peer, node_of[peer] != node_of[self.transport.rank])
+                trace.add(self.span_kind, t0, trace.now(), peer,
+                          node_of[peer] != node_of[self.transport.rank])
             if ok is False:
                 raise PeerTimeoutError(
                     f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
@@ -241,7 +243,9 @@ class TorchTransport(Transport):
         if self.backend == "nccl":
             return self._exchange_batched(sends, recvs, tag)
         with trace.span("post"):
-            return self._post(sends, recvs, tag, count)
+            pending = self._post(sends, recvs, tag, count)
+        pending.span_kind = "wait" if count else "agree"
+        return pending
 
     def _post(self, sends, recvs, tag, count):
         if count and trace.enabled():

@@ -1,6 +1,6 @@
-"""Writes the shipped machine topologies (``topology/machines/*.json``).
+"""Writes the shipped machine topologies (``streamattn/topology/machines/*.json``).
 
-Developer tool, not installed: ``python topology/machines/generate.py`` regenerates every JSON
+Developer tool, not installed: ``python streamattn/topology/machines/generate.py`` regenerates every JSON
 file next to this script; ``tests/test_topology.py`` checks that the shipped files equal its output,
 so edit the numbers here, never in the JSON by hand.
 
