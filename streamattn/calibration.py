@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from .files import write_private
 from .datasheet import DEVICE_MEMORY_BW
 from .schedule import as_dtype, attention_flops
 from .topology import Topology
@@ -211,21 +211,8 @@ def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
     d = os.path.dirname(path)
     try:
         os.makedirs(d, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=d)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": CACHE_FORMAT, "key": _machine_key(concurrent),
-                           "entries": merged}, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_private(path, json.dumps({"format": CACHE_FORMAT, "key": _machine_key(concurrent),
+                                        "entries": merged}, sort_keys=True), ".calibration-")
     except OSError:
         return None
     return path

@@ -1,6 +1,6 @@
 """Local attention that also returns the log-sum-exp (LSE), on whatever device the tensors live.
 
-Contract of every backend (the "LSE contract" of ALGORITHMS.md):
+Contract of every backend (the "LSE contract" of docs/algorithms.md):
     attention_with_lse(q, k, v, scale=..., causal=..., q_offset=..., k_offset=...) -> (out, lse)
     q: [B, Hq, Sq, D], k, v: [B, Hk, Sk, D] (layout "bhsd"; any strides), Hq % Hk == 0 and query head h
     uses key/value head h // (Hq // Hk) (GQA/MQA).

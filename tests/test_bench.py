@@ -85,7 +85,7 @@ def test_perf_failures_pool_only_identical_plans():
 @pytest.mark.parametrize("u,t,r,rpn,heads", [(2, 2, 1, 2, 24), (4, 2, 1, 4, 24), (1, 4, 1, 2, 24),
                                              (2, 2, 2, 2, 12), (2, 3, 1, 2, 24), (1, 2, 4, 4, 8)])
 def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):
-    """bench.perf's torus formula (written from ALGORITHMS.md) and the cost model's message list
+    """bench.perf's torus formula (written from docs/algorithms.md) and the cost model's message list
     (written from torus.py, checked against it in test_planner) agree per rank and link class."""
     import torch
 
@@ -101,7 +101,7 @@ def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):
             want[a]["inter" if a // rpn != dst // rpn else "intra"] += n
             want[a]["messages"] += 1
     assert b == want
-    if u == rpn and r == 1:  # ALGORITHMS.md's Torus row: 4 (M-1)/M E/P across nodes
+    if u == rpn and r == 1:  # docs/algorithms.md's Torus row: 4 (M-1)/M E/P across nodes
         E = seq * heads * D * 4
         assert all(x["inter"] == 4 * (t - 1) * E // (t * P) for x in b)
 

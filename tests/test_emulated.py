@@ -1,6 +1,6 @@
 """Emulated multi-node topologies (STREAMATTN_TOPOLOGY=MxG): every algorithm, Torus included, on
 the one-sided shm transport inside nodes (torch between nodes), exact against float64; and the
-bytes each rank sends per link class equal ALGORITHMS.md's formulas exactly."""
+bytes each rank sends per link class equal docs/algorithms.md's formulas exactly."""
 import pytest
 
 CASES = "streamattn.testing.cases:check_attention"
@@ -60,7 +60,7 @@ B, S, H, D, ELEM = 1, 96, 24, 8, 4  # S and H divisible by every P and u used be
 
 
 def expected_bytes(algorithm, M, G, rank):
-    """ALGORITHMS.md's per-rank volumes, exact for an even split with H_kv = H, no joint tokens."""
+    """docs/algorithms.md's per-rank volumes, exact for an even split with H_kv = H, no joint tokens."""
     P = M * G
     E = B * S * H * D * ELEM
     node = rank // G

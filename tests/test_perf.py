@@ -209,7 +209,7 @@ def test_exact_bytes_per_rank(sweep, name, algorithm, u, r, t):
                           head_dim=SHAPE["head_dim"], ranks_per_node=RPN)
     assert got == want, (name, got, want)
     assert not sweep[name].get("bytes_vary")
-    # ALGORITHMS.md volumes (elements per rank) for the node-crossing traffic
+    # docs/algorithms.md volumes (elements per rank) for the node-crossing traffic
     P, E = NODES * RPN, seq * SHAPE["heads"] * SHAPE["head_dim"]
     inter_elems = [x["inter"] / 4 for x in got]
     if algorithm == "ulysses":
@@ -217,7 +217,7 @@ def test_exact_bytes_per_rank(sweep, name, algorithm, u, r, t):
     elif algorithm == "usp":
         assert inter_elems == [doc_inter_elements_per_rank("usp", NODES, P, E, r=r)] * P
     elif algorithm == "torus":
-        if u == RPN:  # ALGORITHMS.md's Torus row (intra Ulysses over the node, t = M)
+        if u == RPN:  # docs/algorithms.md's Torus row (intra Ulysses over the node, t = M)
             assert inter_elems == [doc_inter_elements_per_rank("torus", NODES, P, E)] * P
     else:  # ring: 2(P-1)E/P per rank in all, sent only by the ranks whose next hop crosses nodes
         total = [(x["inter"] + x["intra"]) / 4 for x in got]

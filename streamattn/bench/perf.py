@@ -3,7 +3,7 @@ each algorithm sends.
 
 The bytes come from the one message schedule (streamattn.schedule), the same the cost model times;
 the tests hold the execution's transport byte counters to it, and `doc_inter_elements_per_rank`
-restates ALGORITHMS.md's closed forms only to cross-check the schedule against the design notes:
+restates docs/algorithms.md's closed forms only to cross-check the schedule against the design notes:
 
 * Ulysses over u members: per peer q, k, v of its heads then its output slice: 4(u-1)/u · E/P.
 * Ring over r members: r-1 steps of K and V stacked: 2(P-1)·E/P per rank.
@@ -39,7 +39,7 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
 
 
 def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int = 1) -> float:
-    """ALGORITHMS.md's inter-node volume per rank (elements), for cross-checking expected_bytes."""
+    """docs/algorithms.md's inter-node volume per rank (elements), for cross-checking expected_bytes."""
     if algorithm == "ulysses":
         return 4 * (M - 1) / M * E / P
     if algorithm == "usp":

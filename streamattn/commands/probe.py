@@ -108,22 +108,9 @@ def _in_group(measure: bool, timeout: float):
 
 def _write_json(path: str, doc: dict) -> None:
     """Atomic, owner-only (0600): a temp file in the same directory, then rename."""
-    import tempfile
+    from ..files import write_private
 
-    path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".streamattn-probe-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_private(path, json.dumps(doc, indent=1, sort_keys=True) + "\n", ".streamattn-probe-")
 
 
 def run(args) -> int:

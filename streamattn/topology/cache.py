@@ -14,10 +14,10 @@ import json
 import math
 import os
 import stat
-import tempfile
 import warnings
 from typing import Optional, Sequence
 
+from ..files import write_private
 from .. import config
 from .model import FORMAT, Topology
 
@@ -126,18 +126,4 @@ def store(key: str, hosts: Sequence[int], topo: Topology) -> str:
         indent=1,
         allow_nan=False,
     )
-    fd, tmp = tempfile.mkstemp(prefix=".topology-", suffix=".tmp", dir=d)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_private(path, data + "\n", ".topology-")

@@ -3,7 +3,7 @@
 Public: ``attention_fwd(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0) -> (out, lse)``
 and the float64-capable torch reference ``attention_reference`` with the same contract.
 
-Contract (shared by every local-attention backend of streamattn; see ALGORITHMS.md):
+Contract (shared by every local-attention backend of streamattn; see docs/algorithms.md):
 - ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hk, Sk, D]`` (layout "bhsd"; ANY strides, so a
   "bshd" tensor passed as ``x.transpose(1, 2)`` works without a copy). ``Hq % Hk == 0``; query
   head ``h`` reads key/value head ``h // (Hq // Hk)`` (GQA; ``Hk == 1`` is MQA).
