@@ -317,7 +317,8 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
     plan = make_plan(problem, transport.topology, algorithm=algorithm,
                      ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                      **_agreed_rates(transport, problem))
-    plan = dataclasses.replace(plan, transport=choose_transport(transport, problem))
+    ran_with = tuple(sorted((k, str(v)) for k, v in agreement.Settings().values.items()))
+    plan = dataclasses.replace(plan, transport=choose_transport(transport, problem), settings=ran_with)
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
 

@@ -124,6 +124,9 @@ class Plan:
     context: str = field(default="", compare=False, repr=False)
     torus_degree: int = 1
     chunks: int = 1  # Ulysses only: head groups whose all-to-alls pipeline with their attention
+    # ((name, value), ...): the agreed STREAMATTN_* settings the call ran with (kernel, Triton,
+    # slot size, topology, ...; config.py, agreed=True), set by the api; empty for make_plan's plans
+    settings: tuple = field(default=(), compare=False)
 
     def to_dict(self, candidates: bool = False) -> dict:
         d = {
@@ -137,6 +140,8 @@ class Plan:
             "predicted_s": self.predicted_s,
             "reason": self.reason,
         }
+        if self.settings:
+            d["settings"] = dict(self.settings)
         if candidates:
             d["candidates"] = [c.to_dict() for c in self.candidates]
             d["context"] = self.context
@@ -152,6 +157,7 @@ class Plan:
         d = json.loads(text)
         d["groups"] = tuple(tuple(g) for g in d.get("groups", ()))
         d["candidates"] = tuple(Candidate.from_dict(c) for c in d.get("candidates", ()))
+        d["settings"] = tuple(sorted(d.get("settings", {}).items()))
         return cls(**d)
 
     def explain(self) -> str:

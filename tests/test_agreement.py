@@ -62,3 +62,12 @@ def test_other_agreed_settings_differ(rank_pool, P, name, value):
 def test_invalid_setting_on_one_rank(rank_pool, P, name, value, needle):
     res = rank_pool(P).run(MISMATCH, name=name, value=value, on_rank=1, heads=12, seq=30)
     _same_error_everywhere(res, "invalid input on rank 1", name, needle)
+
+
+def test_plan_records_the_agreed_settings(rank_pool):
+    """The Plan of a call holds the agreed settings it ran with (here the forced kernel), so
+    plan.to_json() describes the run; a different kernel gives a different record."""
+    res = rank_pool(2).run("streamattn.testing.agreement_cases:plan_settings", kernel="math")
+    assert all(r["err"] < 1e-5 and r["settings"]["STREAMATTN_KERNEL"] == "math" for r in res), res
+    other = rank_pool(2).run("streamattn.testing.agreement_cases:plan_settings", kernel="cpu-flash")
+    assert all(r["settings"]["STREAMATTN_KERNEL"] == "cpu-flash" for r in other), other

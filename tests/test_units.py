@@ -163,3 +163,12 @@ def test_metadata_round_trip_and_disagreement():
     e = encode("q must be 4-D", None, None, "bshd", False, None, 0, "front", "auto", None, None)
     with pytest.raises(ValueError, match="invalid input on rank 1: q must be 4-D"):
         check_agreement([a, e])
+
+
+def test_plan_records_the_settings_it_ran_with():
+    """The agreed settings travel in the Plan and its JSON (negative control: a plan from
+    make_plan, which ran nothing, records none and writes no "settings" key)."""
+    p = Plan("ring", 1, 4, settings=(("STREAMATTN_KERNEL", "math"), ("STREAMATTN_TRITON", "0")))
+    q = Plan.from_json(p.to_json())
+    assert q.settings == p.settings and '"settings"' in p.to_json()
+    assert '"settings"' not in Plan("ring", 1, 4).to_json()

@@ -135,3 +135,12 @@ def _row(agreement, api, transport, ql, kl, joint_len):
     row = agreement.signature(None, ql, kl, "bshd", False, None, joint_len, "front", "auto", None,
                               None, agreement.Settings(), api.plan_cache.generation(transport.plan_token))
     return row, api.plan_cache, transport.plan_token
+
+
+def plan_settings(rank, world_size, *, kernel):
+    """One call with STREAMATTN_KERNEL=kernel; returns the settings its Plan recorded (JSON)."""
+    from streamattn import api
+
+    with env(STREAMATTN_KERNEL=kernel):
+        err = _call(rank, world_size, 12 * world_size + 1)
+    return {"err": err, "settings": api.last_plan()[1].to_dict()["settings"]}
