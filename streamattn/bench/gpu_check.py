@@ -43,7 +43,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -85,26 +84,20 @@ class Results:
     def add(self, section, check, status, detail=""):
         row = {"section": section, "check": check, "status": status, "detail": detail}
         self.rows.append(row)
+        self.save()  # before the print: a row on the screen is already in the JSON (kill -9 safe)
         if self.echo and len(self.rows) == 1:
             print(f"{'section':<8} {'check':<{self.WIDTH}} {'status':<6} detail", flush=True)
         if self.echo:
             print(f"{section:<8} {check:<{self.WIDTH}} {status:<6} {detail}", flush=True)
-        self.save()
 
     def save(self):
         if not self.json_path:
             return
-        path = os.path.abspath(self.json_path)
-        fd, tmp = tempfile.mkstemp(prefix=".gpu_check.", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
-                json.dump({"code": self.code, "complete": self.code is not None, "env": self.env,
-                           "rows": self.rows}, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from streamattn.files import write_private
+
+        write_private(self.json_path, json.dumps({"code": self.code, "complete": self.code is not None,
+                                                  "env": self.env, "rows": self.rows}, indent=1),
+                      ".gpu_check.")
 
     @property
     def failed(self):
