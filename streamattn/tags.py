@@ -26,6 +26,8 @@ TORUS_JOINT = 14       # torus: the same for Torus
 RING_BWD_JOINT = 6990    # ring_backward: joint-token gradient partials
 STALE_LENS = 4998        # stale: sequence lengths of the ranks, once per layer and generation
 DIFFUSERS_GATHER = 4996  # integrations.diffusers: gather of the sharded output
+SHM_BOOTSTRAP = 2       # transport/onesided: heap names and pids of the node's ranks, barrier
+DEVICE_BOOTSTRAP = 4990  # transport/device: the same for the stream-ordered transport
 DIFFUSERS_GRAD = 4993    # integrations.diffusers: joint-output and parameter gradient sums
 
 # -- families: base + index, index < HALF ---------------------------------------------------------

@@ -33,6 +33,7 @@ from collections import deque
 
 import torch
 
+from ..tags import DEVICE_BOOTSTRAP
 from ..config import shm_slot_bytes, timeout_s
 from ..errors import PeerError, PeerTimeoutError
 from .base import ByteCounters, Pending, Transport
@@ -185,7 +186,7 @@ class StreamOrderedTransport(Transport):
         data = list(text.encode())
         data += [0] * (max(96, len(data)) - len(data))
         vec = torch.tensor([pid] + data, dtype=torch.int64, device=self.base.device)
-        out = [v.cpu() for v in self.base.all_gather(vec, self.members, 3, count=False)]
+        out = [v.cpu() for v in self.base.all_gather(vec, self.members, DEVICE_BOOTSTRAP, count=False)]
         return [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out], [int(v[0]) for v in out]
 
     def _barrier(self):

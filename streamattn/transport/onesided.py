@@ -18,6 +18,7 @@ from collections import deque
 
 import torch
 
+from ..tags import SHM_BOOTSTRAP
 from .. import trace
 from ..config import shm_slot_bytes, wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
@@ -168,7 +169,7 @@ class OneSidedTransport(Transport):
         data = list(text.encode())
         data += [0] * (max(96, len(data)) - len(data))  # members send equal lengths
         vec = torch.tensor([pid] + data, dtype=torch.int64, device=self.base.device)  # NCCL: GPU
-        out = [v.cpu() for v in self.base.all_gather(vec, self.members, 2, count=False)]
+        out = [v.cpu() for v in self.base.all_gather(vec, self.members, SHM_BOOTSTRAP, count=False)]
         names = [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out]
         return names, [int(v[0]) for v in out]
 
