@@ -80,10 +80,12 @@ shopt -s nullglob
 units=("$HERE"/*.cu "$HERE"/*.cpp)
 (( ${#units[@]} > 0 )) || { echo "check_compile: no translation units in $HERE" >&2; exit 1; }
 echo "check_compile: $("$NVCC" --version | tail -1), NVSHMEM $NVSHMEM_VERSION headers, -arch=$ARCH"
+# The units compile in parallel (one per core on CI's 2 cores: bindings.cpp with torch's headers
+# takes most of the time); each one's result and log are reported in unit order afterwards.
+pids=()
 for src in "${units[@]}"; do
   name="$(basename "$src")"
   obj="$OUT/${name%.*}.o"
-  start=$SECONDS
   case "$name" in
     *.cu)   # NVSHMEM device code: relocatable device code, as the real build uses
       cmd=("$NVCC" -c -arch="$ARCH" -rdc=true -std=c++20 -Xcompiler -fPIC -Werror all-warnings
@@ -93,9 +95,16 @@ for src in "${units[@]}"; do
            -DTORCH_EXTENSION_NAME=_nvshmem_ext -DTORCH_API_INCLUDE_EXTENSION_H
            -I"$HERE" "${TORCH_FLAGS[@]}" -o "$obj" "$src") ;;
   esac
-  if "${cmd[@]}"; then
-    echo "  ok    $name ($((SECONDS - start)) s)"
+  ( start=$SECONDS; "${cmd[@]}" > "$OUT/$name.log" 2>&1; rc=$?; echo "$((SECONDS - start))" > "$OUT/$name.secs"; exit $rc ) &
+  pids+=($!)
+done
+for i in "${!units[@]}"; do
+  name="$(basename "${units[$i]}")"
+  if wait "${pids[$i]}"; then
+    cat "$OUT/$name.log"
+    echo "  ok    $name ($(cat "$OUT/$name.secs" 2>/dev/null || echo ?) s)"
   else
+    cat "$OUT/$name.log" >&2
     echo "  FAIL  $name" >&2
     fail=1
   fi

@@ -44,6 +44,10 @@ RING_BWD_DKV = 10 * BLOCK    # ring_backward: dK/dV accumulators of step t
 STALE = 11 * BLOCK           # stale: layer i at +2i (K/V) and +2i+1 (joint partials)
 
 TESTS = (5, 9)               # reserved for the tests' raw exchanges
+
+# Exchanges that agree on what a call does rather than move its data; the span recorder files
+# their waits under "agree", every other wait under "wait" (intra/inter by the peer's node).
+AGREEMENT = frozenset({META, RATE, SIG})
 INORDER_BASE = 1 << 22       # transport/inorder.py's own tags start here
 
 _SINGLES = {k: v for k, v in dict(globals()).items()

@@ -10,8 +10,10 @@ import os
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import collections
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -23,13 +25,20 @@ _CACHE = None
 if "STREAMATTN_CACHE_DIR" not in os.environ:
     _CACHE = os.environ["STREAMATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamattn-tests-")
 
-_state = {"pool": None}
+# Live pools by (P, env), least recently used first. Spawning P ranks (each imports torch and joins
+# a gloo group) costs ~1-2 s per rank on 2 cores, and the tests of one P use several environments
+# in turn, so a few idle pools stay alive (an idle rank blocks on its pipe: no CPU) instead of
+# being respawned each time the environment changes back.
+MAX_LIVE_RANKS = 20
+_pools: "collections.OrderedDict" = collections.OrderedDict()
+_stats = {"spawned": 0, "seconds": 0.0}
 
 
-def _close():
-    if _state["pool"] is not None:
-        _state["pool"].close()
-        _state["pool"] = None
+def _close(key=None):
+    for k in ([key] if key is not None else list(_pools)):
+        pool = _pools.pop(k, None)
+        if pool is not None:
+            pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +48,27 @@ def rank_pool():
 
     def get(world_size: int, env=None) -> RankPool:
         key = (world_size, tuple(sorted((env or {}).items())))
-        pool = _state["pool"]
-        if pool is None or _state.get("key") != key or not pool.alive():
-            _close()
-            _state["pool"] = RankPool(world_size, env=env)
-            _state["key"] = key
-        return _state["pool"]
+        pool = _pools.get(key)
+        if pool is not None and pool.alive():
+            _pools.move_to_end(key)
+            return pool
+        _close(key)
+        while _pools and sum(k[0] for k in _pools) + world_size > MAX_LIVE_RANKS:
+            _close(next(iter(_pools)))
+        t0 = time.monotonic()
+        _pools[key] = RankPool(world_size, env=env)
+        _stats["spawned"] += 1
+        _stats["seconds"] += time.monotonic() - t0
+        return _pools[key]
 
     yield get
     _close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _stats["spawned"]:
+        terminalreporter.write_line(f"rank pools spawned: {_stats['spawned']} "
+                                    f"({_stats['seconds']:.0f} s waiting for them)")
 
 
 def pytest_collection_modifyitems(session, config, items):

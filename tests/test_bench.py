@@ -277,6 +277,26 @@ def test_traced_call_breakdown_adds_up_and_bytes_equal_the_schedule(rank_pool):
         assert all(e[3] == (e[2] // 2 != rank // 2) for e in posts)  # inter flag = other node
 
 
+def test_shm_transport_files_inter_node_waits_as_waits(rank_pool):
+    """With the one-sided shm transport, inter-node messages ride the base transport (counted by
+    the shm transport, so count=False there). Their waits are "wait" on the other node's peer, not
+    "agree": "agree" is only the agreement exchange (tags.AGREEMENT). The mislabel this guards
+    against made a 200 Mbit/s run's breakdown show 80 ms of "agree" and 0 ms of wait_inter."""
+    from streamattn import trace
+
+    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "shm"})
+    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
+    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
+           "ring_degree": 2}
+    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
+    res = pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+    for rank, r in enumerate(res):
+        inter_waits = {s[3] for s in r["spans"] if s[0] == "wait" and s[4]}
+        assert inter_waits == {rank ^ 2}, (rank, inter_waits)  # the ring partner on the other node
+        summ = trace.summarize(r["spans"], r["t_rank"])
+        assert set(summ["wait_by_peer"]) <= {str(rank ^ 1), str(rank ^ 2)}
+
+
 def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
     """The limit is timed and every record carries measured/limit; the bfloat16 wire runs as an
     extra auto configuration, sends fewer bytes and reports its (larger, bounded) error."""
@@ -349,15 +369,16 @@ def test_matrix_rows_and_checks_from_records():
                rec("yunchang 2x2", "yunchang", None, [0.16, 0.17]),
                rec("auto bfloat16 wire", "streamattn", "usp", [0.09, 0.09], err=4e-3,
                    cfg={"comm_dtype": "bfloat16"})]
-    run = {"cell": "2x2:200mbit", "shape": "flux", "load_before": 0.1, "load_after": 0.2, "seconds": 60, "rc": 0}
-    (row,) = summarize(records, run, 0.5)
+    run = {"cell": "2x2:200mbit", "shape": "flux", "busy_before": 0.02, "load_before": 2.9,
+           "load_after": 0.2, "seconds": 60, "rc": 0}  # the load average still carries the last run
+    (row,) = summarize(records, run, 0.10)
     assert row["best_fixed"] == "usp 2x2" and row["yunchang_best"] == "yunchang 2x2"
     assert row["auto_over_limit"] == pytest.approx(1.06, abs=0.01)
     assert row["auto_vs_yunchang"] == pytest.approx(0.17 / 0.106, rel=1e-3)
     assert row["bf16_wire_err"] == 4e-3
     assert row["checks"] == []  # within 1.10x of the limit, 1.56x over yunchang
     slow = [dict(records[0], latency_s={"median": 0.2, "all": [0.2, 0.2]})] + records[1:]
-    (bad,) = summarize(slow, dict(run, load_before=3.0), 0.5)
+    (bad,) = summarize(slow, dict(run, busy_before=0.4), 0.10)
     assert any("limit" in c for c in bad["checks"]) and any("LOADED" in c for c in bad["checks"])
     assert any("1.4x yunchang" in c for c in bad["checks"])
     text = format_matrix([row, bad], [run], 60.0)

@@ -18,8 +18,8 @@ from streamattn.bench.cluster import (
     cleanup_stale,
     format_tc_rate,
     measure_throughput,
-    parse_bandwidth,
-    parse_duration,
+    parse_rate_bits,
+    parse_seconds,
     preflight,
     tbf_burst_bytes,
     unavailable_reason,
@@ -38,24 +38,27 @@ needs_netns = pytest.mark.skipif(_REASON is not None,
 
 @pytest.mark.parametrize("text,bits", [
     ("200mbit", 200e6), ("1gbit", 1e9), ("1Gbit/s", 1e9), ("500Mbit/s", 500e6), ("2GB/s", 16e9),
-    ("100Mbps", 100e6), ("2GBps", 16e9), ("1.5 gbit", 1.5e9), ("64kibit", 65536.0),
+    ("1.5 gbit", 1.5e9), ("64kibit", 65536.0),
     ("10MiB/s", 10 * 2**20 * 8), ("1e9", 1e9), ("1e9bit", 1e9), (3e8, 3e8), (1000, 1000.0),
 ])
-def test_parse_bandwidth(text, bits):
-    assert parse_bandwidth(text) == pytest.approx(bits)
+def test_parse_rate_bits(text, bits):
+    assert parse_rate_bits(text) == pytest.approx(bits)
 
 
-@pytest.mark.parametrize("bad", ["", "fast", "10 furlongs", "-5mbit", "0gbit", "1xbit"])
-def test_parse_bandwidth_rejects(bad):
+@pytest.mark.parametrize("bad", ["", "fast", "10 furlongs", "-5mbit", "0gbit", "1xbit",
+                                 "100Mbps", "2GBps", "1Gb/s"])
+def test_parse_rate_bits_rejects(bad):
+    """Ambiguous units (tc reads mbps as megabytes, most people as megabits) are refused here as
+    in the topology specs: the bench and the specs share one parser."""
     with pytest.raises(ValueError):
-        parse_bandwidth(bad)
+        parse_rate_bits(bad)
 
 
 def test_tc_syntax_and_burst():
-    assert format_tc_rate(parse_bandwidth("200mbit")) == "200000000bit"
-    assert format_tc_rate(parse_bandwidth("2GB/s")) == "16000000000bit"
-    assert parse_duration("5ms") == pytest.approx(0.005)
-    assert parse_duration(0.1) == pytest.approx(0.1)
+    assert format_tc_rate(parse_rate_bits("200mbit")) == "200000000bit"
+    assert format_tc_rate(parse_rate_bits("2GB/s")) == "16000000000bit"
+    assert parse_seconds("5ms") == pytest.approx(0.005)
+    assert parse_seconds(0.1) == pytest.approx(0.1)
     # one 4 ms tick at the rate, never less than a GSO super-packet or two lo MTUs
     assert tbf_burst_bytes(1e9) == 500_000
     assert tbf_burst_bytes(1e6) >= 65536

@@ -75,7 +75,7 @@ def test_gpu_watchdog_names_the_peer(monkeypatch):
     t.timeout, t.slot_bytes, t.inflight = 0.2, 4096, __import__("collections").deque()
     t.local_index, t.members, t.ops = {0: 0, 1: 1}, [0, 1], NeverOps(None, None)
     t.steps_out, t.steps_in = [0, 0], [0, 0]
-    t.counters = device.ByteCounters()
+    t.counters = __import__("streamattn.transport.base", fromlist=["ByteCounters"]).ByteCounters()
     monkeypatch.setenv("STREAMATTN_TIMEOUT_S", "0.2")
     t.base = type("B", (), {"node_of": [0, 0], "describe_peer": lambda self, p: f"rank {p}"})()
     t.rank, t.size = 0, 2

@@ -392,10 +392,12 @@ def test_deferred_put_flushes_and_bounds(fake):
     def fn(rank, base, world):
 
         def gather(text, pid):
-            from streamattn.transport.onesided import OneSidedTransport
+            from streamattn.tags import SHM_BOOTSTRAP
+            from streamattn.transport.node_heap import NodeHeapTransport
 
-            return OneSidedTransport._all_gather_text(types.SimpleNamespace(
-                members=list(range(base.size)), rank=rank, base=base), text, pid)
+            return NodeHeapTransport.all_gather_text(types.SimpleNamespace(
+                members=list(range(base.size)), rank=rank, base=base, bootstrap_tag=SHM_BOOTSTRAP),
+                text, pid)
 
         heap = nv.NvshmemHeap(rank, base.size, 1024, 2 * base.size, gather, lambda: gather("b", 0))
         peer = 1 - rank

@@ -235,15 +235,15 @@ def _run_local(args, spec, preset) -> int:
 
 def _run_emulated(args, spec, preset) -> int:
     from ..testing import RankError
-    from .cluster import ClusterUnavailable, EmulatedCluster, measure_throughput, parse_bandwidth
+    from .cluster import ClusterUnavailable, EmulatedCluster, measure_throughput, parse_rate_bits
     from .launch import emulated_pool
     from .report import environment
     from .runner import PoolExecutor
 
     try:
         nodes, rpn = (int(x) for x in args.emulate.lower().split("x"))
-        inter = parse_bandwidth(args.inter_bw)
-        intra = parse_bandwidth(args.intra_bw) if args.intra_bw else None
+        inter = parse_rate_bits(args.inter_bw)
+        intra = parse_rate_bits(args.intra_bw) if args.intra_bw else None
     except ValueError as exc:
         print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw: {exc}", file=sys.stderr)
         return 2

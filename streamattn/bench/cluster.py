@@ -48,14 +48,33 @@ import ipaddress
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+from ..topology import units
+from .netns import (
+    NS_PREFIX,
+    ClusterUnavailable,
+    GlobalLock,
+    cleanup_stale,
+    cleanup_stale_locked,
+    delete_link,
+    delete_netns,
+    describe_failure,
+    free_subnet,
+    list_links,
+    lock_path,
+    preflight,
+    run_cmd,
+    unavailable_reason,
+)
+from .signals import deferred_signals, exited_unreaped, signal_proc
+from .throughput import measure_throughput
 
 __all__ = [
     "ClusterUnavailable",
@@ -64,108 +83,54 @@ __all__ = [
     "cleanup_stale",
     "format_tc_rate",
     "measure_throughput",
-    "parse_bandwidth",
-    "parse_duration",
+    "parse_rate_bits",
+    "parse_seconds",
     "preflight",
     "tbf_burst_bytes",
+    "unavailable_reason",
 ]
 
-NS_PREFIX = "streamattn-"
-STATE_DIR = "/run/streamattn"
-NET_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range, nothing else
 MAX_NODES = 100  # 198.18.S.(10+k) must stay < 255 and k fits the 2-digit link suffix
 TC_HZ = 250  # burst covers at least one 4 ms tick at the configured rate
 DEFAULT_TBF_LATENCY = 0.05  # tbf queue bound (seconds of data at the rate)
 
-_NS_RE = re.compile(r"^streamattn-(\d+)-([0-9a-f]{4})-(n\d+|probe)$")
-_LINK_RE = re.compile(r"^sa([bhnp])([0-9a-f]{6})([0-9a-f]{4})(\d{2})?$")
-_SIGNALS = tuple(
-    s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None
-)
-
 Bandwidth = Union[str, float, int]
+_NUMBER = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*")
 
 
-class ClusterUnavailable(RuntimeError):
-    """The emulated cluster cannot be built here (reason in ``.reason``). Callers exit non-zero."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+# ──────────────────────────────────────────────────────────────────── rates for tc
 
 
-# ─────────────────────────────────────────────────────────────────────────── units
+def parse_rate_bits(value: Bandwidth) -> float:
+    """A link rate in bits/s, as tc takes it.
 
-
-_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_IPREFIX = {"ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
-
-
-def parse_bandwidth(value: Bandwidth) -> float:
-    """Bandwidth in bits/s.
-
-    Numbers are bits/s. Strings: ``200mbit``, ``1gbit``, ``1Gbit/s``, ``500Mbit/s``, ``100Mbps``,
-    ``2GB/s``, ``2GBps``, ``1.5 gbit``, ``64kibit``. Prefixes k/M/G/T are decimal (case-insensitive),
-    ki/Mi/Gi/Ti binary. A lowercase ``b`` (or ``bit``) means bits, an uppercase ``B`` (or ``byte``)
-    means bytes. Note: unlike tc, ``mbps`` here means megabits/s (tc reads it as megabytes/s).
+    A number (or a string that is only a number) is bits/s, as in tc; a string with a unit goes
+    through the one bandwidth parser (`topology.units`: ``200mbit``, ``1Gbit/s``, ``2GB/s``,
+    ``64kibit``; ``100Mbps`` is rejected as ambiguous).
     """
-    if isinstance(value, bool):
-        raise TypeError("bandwidth must be a number or a string, not bool")
-    if isinstance(value, (int, float)):
-        bits = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z/]*)\s*", value)
-        if not m:
-            raise ValueError(f"cannot parse bandwidth {value!r} (try '200mbit', '1Gbit/s', '2GB/s')")
-        number, unit = float(m.group(1)), m.group(2)
-        if unit.lower().endswith("/s"):
-            unit = unit[:-2]
-        elif unit.lower().endswith("ps"):
-            unit = unit[:-2]
-        scale, rest = None, unit
-        for p, f in _IPREFIX.items():
-            if unit.lower().startswith(p) and len(unit) > 2:
-                scale, rest = f, unit[2:]
-                break
-        if scale is None:
-            if unit and unit[0].lower() in "kmgt" and len(unit) > 1:
-                scale, rest = _PREFIX[unit[0].lower()], unit[1:]
-            else:
-                scale, rest = 1.0, unit
-        if rest in ("", "b") or rest.lower() in ("bit", "bits"):
-            per = 1.0
-        elif rest == "B" or rest.lower() in ("byte", "bytes"):
-            per = 8.0
-        else:
-            raise ValueError(f"cannot parse bandwidth {value!r}: unknown unit {unit!r}")
-        bits = number * scale * per
-    else:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(f"bandwidth must be a number or a string, got {type(value).__name__}")
-    if not bits > 0 or bits != bits or bits == float("inf"):
+    if isinstance(value, str) and not _NUMBER.fullmatch(value):
+        return 8.0 * units.parse_bandwidth(value)
+    bits = float(value)
+    if not 0 < bits < float("inf"):
         raise ValueError(f"bandwidth must be positive and finite, got {value!r}")
     return bits
+
+
+def parse_seconds(value: Union[str, float, int]) -> float:
+    """Seconds from a number (or a bare number string) or a string with a unit (``'5ms'``)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"duration must be a number or a string, got {type(value).__name__}")
+    secs = units.parse_time(value) if isinstance(value, str) and not _NUMBER.fullmatch(value) else float(value)
+    if not secs >= 0:
+        raise ValueError(f"duration must be >= 0, got {value!r}")
+    return secs
 
 
 def format_tc_rate(bits_per_s: float) -> str:
     """tc's syntax for a rate in bits/s (integer bits, which tc accepts for any magnitude)."""
     return f"{max(1, int(round(bits_per_s)))}bit"
-
-
-def parse_duration(value: Union[str, float, int]) -> float:
-    """Seconds from a number (seconds) or a string like ``'5ms'``, ``'200us'``, ``'0.1s'``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        secs = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|ms|us|µs|ns)?\s*", value)
-        if not m:
-            raise ValueError(f"cannot parse duration {value!r} (try '5ms')")
-        secs = float(m.group(1)) * {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6,
-                                     "ns": 1e-9}[m.group(2)]
-    else:
-        raise TypeError(f"duration must be a number or a string, got {type(value).__name__}")
-    if secs < 0:
-        raise ValueError(f"duration must be >= 0, got {value!r}")
-    return secs
 
 
 def tbf_burst_bytes(bits_per_s: float, mtu: int = 1500) -> int:
@@ -178,233 +143,6 @@ def tbf_burst_bytes(bits_per_s: float, mtu: int = 1500) -> int:
     i.e. the line rate minus TCP/IP/Ethernet headers (1448/1514 = 95.6%).
     """
     return int(max(bits_per_s / 8.0 / TC_HZ, 2 * mtu, 65536 + 2 * 1514))
-
-
-# ──────────────────────────────────────────────────────────────────────── commands
-
-
-def _run(argv: Sequence[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    p = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise subprocess.CalledProcessError(p.returncode, list(argv), p.stdout, p.stderr)
-    return p
-
-
-def _err(e: BaseException) -> str:
-    if isinstance(e, subprocess.CalledProcessError):
-        return f"`{' '.join(e.cmd)}` failed (exit {e.returncode}): {(e.stderr or '').strip()}"
-    return f"{type(e).__name__}: {e}"
-
-
-def _list_netns() -> List[str]:
-    out = _run(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _list_links() -> List[str]:
-    out = _run(["ip", "-o", "link", "show"], check=False).stdout
-    names = []
-    for line in out.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) >= 2:
-            names.append(parts[1].strip().split("@")[0])
-    return names
-
-
-def _netns_pids(ns: str) -> List[int]:
-    out = _run(["ip", "netns", "pids", ns], check=False).stdout
-    return [int(x) for x in out.split() if x.isdigit()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lock_path(pid: int, tok: str) -> str:
-    return os.path.join(STATE_DIR, f"{pid}-{tok}.lock")
-
-
-def _owner_alive(pid: int, tok: str) -> bool:
-    """Is the cluster (pid, tok) still owned by a live process?
-
-    The owner holds an flock on its lock file for its whole life (released by the kernel on any
-    death, kill -9 included), which also survives PID reuse and PID namespaces. Without a lock file
-    (e.g. a preflight probe) the owner's PID decides.
-    """
-    path = _lock_path(pid, tok)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return _pid_alive(pid)
-    except OSError:
-        return True  # cannot tell: keep it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return True  # held (EWOULDBLOCK) or undecidable: the owner is alive
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-    return False
-
-
-class _GlobalLock:
-    """Serialises cluster creation and stale cleanup between processes on this host."""
-
-    def __enter__(self):
-        os.makedirs(STATE_DIR, exist_ok=True)
-        self.fd = os.open(os.path.join(STATE_DIR, "global.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def _kill_pids(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
-    for pid in pids:
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _delete_netns(ns: str, deadline: float = 5.0) -> Optional[str]:
-    """Kill everything inside ``ns`` and delete it; returns an error string or None."""
-    end = time.monotonic() + deadline
-    while True:
-        pids = [p for p in _netns_pids(ns) if p != os.getpid()]
-        if not pids or time.monotonic() > end:
-            break
-        _kill_pids(pids)
-        time.sleep(0.05)
-    p = _run(["ip", "netns", "del", ns], check=False)
-    if p.returncode != 0 and ns in _list_netns():
-        return f"ip netns del {ns}: {p.stderr.strip()}"
-    return None
-
-
-def _delete_link(name: str) -> Optional[str]:
-    p = _run(["ip", "link", "del", name], check=False)
-    if p.returncode != 0 and name in _list_links():
-        return f"ip link del {name}: {p.stderr.strip()}"
-    return None
-
-
-def _cleanup_stale_locked(verbose: bool = False) -> List[str]:
-    removed: List[str] = []
-    owners = set()
-    for ns in _list_netns():
-        m = _NS_RE.match(ns)
-        if m and not _owner_alive(int(m.group(1)), m.group(2)):
-            owners.add((int(m.group(1)), m.group(2)))
-            if _delete_netns(ns) is None:
-                removed.append(ns)
-    for link in _list_links():
-        m = _LINK_RE.match(link)
-        if m and not _owner_alive(int(m.group(2), 16), m.group(3)):
-            owners.add((int(m.group(2), 16), m.group(3)))
-            if _delete_link(link) is None:
-                removed.append(link)
-    try:
-        lockfiles = os.listdir(STATE_DIR)
-    except OSError:
-        lockfiles = []
-    for fname in lockfiles:
-        m = re.fullmatch(r"(\d+)-([0-9a-f]{4})\.lock", fname)
-        if m and not _owner_alive(int(m.group(1)), m.group(2)):
-            try:
-                os.unlink(os.path.join(STATE_DIR, fname))
-            except OSError:
-                pass
-    if verbose and removed:
-        print(f"streamattn: removed stale emulated-cluster objects: {' '.join(removed)}",
-              file=sys.stderr)
-    return removed
-
-
-def cleanup_stale(verbose: bool = False) -> List[str]:
-    """Remove namespaces and links of emulated clusters whose owner process is gone.
-
-    Processes still running inside a stale namespace are killed first. Returns the removed names.
-    Requires root; a no-op (empty list) when nothing is stale.
-    """
-    with _GlobalLock():
-        return _cleanup_stale_locked(verbose)
-
-
-# ─────────────────────────────────────────────────────────────────────── preflight
-
-_preflight_ok: Dict[bool, bool] = {}
-
-
-def unavailable_reason(need_netem: bool = False) -> Optional[str]:
-    """Why an emulated cluster cannot be built here (preflight's reason), or None if it can."""
-    try:
-        preflight(need_netem)
-    except ClusterUnavailable as e:
-        return e.reason
-    return None
-
-
-def preflight(need_netem: bool = False) -> None:
-    """Raise ``ClusterUnavailable`` unless namespaces, veths, a bridge and tbf all work here.
-
-    Everything is tried inside a throw-away namespace, so the root namespace is never touched.
-    The result is cached per process.
-    """
-    if _preflight_ok.get(need_netem):
-        return
-    if not sys.platform.startswith("linux"):
-        raise ClusterUnavailable(f"emulated cluster needs Linux network namespaces (this is {sys.platform})")
-    if os.geteuid() != 0:
-        raise ClusterUnavailable("emulated cluster needs root (network namespaces, veths, tc); run as root")
-    for tool, pkg in (("ip", "iproute2"), ("tc", "iproute2")):
-        if shutil.which(tool) is None:
-            raise ClusterUnavailable(f"`{tool}` not found; install {pkg} (apt-get install -y iproute2)")
-    try:
-        os.makedirs(STATE_DIR, exist_ok=True)
-    except OSError as e:
-        raise ClusterUnavailable(f"cannot create {STATE_DIR}: {e}")
-    tok = secrets.token_hex(2)
-    ns = f"{NS_PREFIX}{os.getpid()}-{tok}-probe"
-    a, b = f"sap{os.getpid():06x}{tok}00", f"sap{os.getpid():06x}{tok}01"
-    steps = [
-        (["ip", "netns", "add", ns], "cannot create a network namespace"),
-        (["ip", "-n", ns, "link", "set", "lo", "up"], "cannot bring up lo in a namespace"),
-        (["ip", "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b],
-         "cannot create a veth pair"),
-        (["ip", "-n", ns, "link", "add", "name", "sapbr", "type", "bridge"],
-         "cannot create a Linux bridge"),
-        (["ip", "-n", ns, "link", "set", a, "master", "sapbr"], "cannot enslave a veth to a bridge"),
-        (["tc", "-n", ns, "qdisc", "add", "dev", b, "root", "handle", "1:", "tbf", "rate", "100mbit",
-          "burst", "68564", "latency", "50ms"], "tc tbf is unavailable (sch_tbf)"),
-    ]
-    if need_netem:
-        steps.append((["tc", "-n", ns, "qdisc", "add", "dev", b, "parent", "1:1", "handle", "10:",
-                       "netem", "delay", "1ms"],
-                      "tc netem is unavailable in this kernel, so inter_latency cannot be emulated"))
-    with _deferred_signals():  # a Ctrl-C now is delivered after the probe namespace is gone
-        try:
-            for argv, what in steps:
-                try:
-                    _run(argv)
-                except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
-                    raise ClusterUnavailable(f"{what}: {_err(e)}") from None
-        finally:
-            if ns in _list_netns():
-                _run(["ip", "netns", "del", ns], check=False)
-    _preflight_ok[need_netem] = True
 
 
 # ───────────────────────────────────────────────────────────────────────── cluster
@@ -480,12 +218,12 @@ class EmulatedCluster:
         self.nodes = nodes
         self.ranks_per_node = ranks_per_node
         self.world_size = nodes * ranks_per_node
-        self.inter_bw = parse_bandwidth(inter_bw)
-        self.intra_bw = None if intra_bw is None else parse_bandwidth(intra_bw)
-        self.inter_latency = None if inter_latency is None else parse_duration(inter_latency)
+        self.inter_bw = parse_rate_bits(inter_bw)
+        self.intra_bw = None if intra_bw is None else parse_rate_bits(intra_bw)
+        self.inter_latency = None if inter_latency is None else parse_seconds(inter_latency)
         if self.inter_latency == 0:
             self.inter_latency = None
-        self.tbf_latency = parse_duration(tbf_latency)
+        self.tbf_latency = parse_seconds(tbf_latency)
         self.mtu = int(mtu)
         self.install_signal_handlers = install_signal_handlers
         self.kill_grace = kill_grace
@@ -593,13 +331,13 @@ class EmulatedCluster:
             raise RuntimeError(f"cluster is {self._state}; create a new EmulatedCluster")
         # Signals arriving while the cluster is built are held back and re-delivered afterwards,
         # by which time our tear-down handler is installed (or everything is already undone).
-        with _deferred_signals() as deferred:
+        with deferred_signals() as deferred:
             preflight(need_netem=self.inter_latency is not None)
             try:
-                with _GlobalLock():
-                    _cleanup_stale_locked(verbose=True)
+                with GlobalLock():
+                    cleanup_stale_locked(verbose=True)
                     self._take_owner_lock()
-                    self.subnet = _free_subnet()
+                    self.subnet = free_subnet()
                     self._state = "up"  # from here on, close() undoes whatever was made
                     atexit.register(self.close)
                     self._build()
@@ -607,7 +345,7 @@ class EmulatedCluster:
             except BaseException as e:
                 self._teardown()
                 if isinstance(e, (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired)):
-                    raise ClusterUnavailable(f"building the emulated cluster failed: {_err(e)}") from e
+                    raise ClusterUnavailable(f"building the emulated cluster failed: {describe_failure(e)}") from e
                 raise
             if self.install_signal_handlers:
                 for s, prev in deferred.saved.items():  # what the deferral restores on exit
@@ -620,7 +358,7 @@ class EmulatedCluster:
         with self._close_lock:
             if self._state != "up":
                 return
-            with _deferred_signals() as deferred:
+            with deferred_signals() as deferred:
                 self._teardown()
                 for s, prev in self._prev_handlers.items():  # put the caller's handlers back
                     if deferred.saved.get(s) == self._on_signal:
@@ -628,7 +366,7 @@ class EmulatedCluster:
                 self._prev_handlers.clear()
 
     def _take_owner_lock(self) -> None:
-        path = _lock_path(self.pid, self.token)
+        path = lock_path(self.pid, self.token)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
@@ -650,37 +388,37 @@ class EmulatedCluster:
 
     def _build(self) -> None:
         net = self.subnet
-        _run(["ip", "link", "add", "name", self.bridge, "type", "bridge",
+        run_cmd(["ip", "link", "add", "name", self.bridge, "type", "bridge",
               "forward_delay", "0", "stp_state", "0"])
         self._created_links.append(self.bridge)
-        _run(["ip", "addr", "add", f"{net.network_address + 1}/{net.prefixlen}", "dev", self.bridge])
-        _run(["ip", "link", "set", self.bridge, "up"])
+        run_cmd(["ip", "addr", "add", f"{net.network_address + 1}/{net.prefixlen}", "dev", self.bridge])
+        run_cmd(["ip", "link", "set", self.bridge, "up"])
         for k in range(self.nodes):
             ns, host, inner = self.netns[k], self.host_ifnames[k], self.ifnames[k]
-            _run(["ip", "netns", "add", ns])
+            run_cmd(["ip", "netns", "add", ns])
             self._created_ns.append(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "link", "add", host, "mtu", str(self.mtu), "type", "veth",
+            run_cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run_cmd(["ip", "link", "add", host, "mtu", str(self.mtu), "type", "veth",
                   "peer", "name", inner, "mtu", str(self.mtu), "netns", ns])
             self._created_links.append(host)
-            _run(["ip", "link", "set", host, "master", self.bridge])
-            _run(["ip", "link", "set", host, "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{net.network_address + 10 + k}/{net.prefixlen}",
+            run_cmd(["ip", "link", "set", host, "master", self.bridge])
+            run_cmd(["ip", "link", "set", host, "up"])
+            run_cmd(["ip", "-n", ns, "addr", "add", f"{net.network_address + 10 + k}/{net.prefixlen}",
                   "dev", inner])
-            _run(["ip", "-n", ns, "link", "set", inner, "up"])
+            run_cmd(["ip", "-n", ns, "link", "set", inner, "up"])
             cmds = self._tbf(ns, inner, self.inter_bw, self.mtu) + self._tbf(None, host, self.inter_bw, self.mtu)
             if self.inter_latency is not None:
                 cmds += self._netem(ns, inner) + self._netem(None, host)
             if self.intra_bw is not None:
                 cmds += self._tbf(ns, "lo", self.intra_bw, 65536)
             for c in cmds:
-                _run(c)
+                run_cmd(c)
 
     def _verify(self) -> None:
         """Refuse to run unshaped: every expected tbf must be there with the configured rate."""
         def check(ns: Optional[str], dev: str) -> None:
             tc = ["tc"] if ns is None else ["tc", "-n", ns]
-            out = _run(tc + ["qdisc", "show", "dev", dev]).stdout
+            out = run_cmd(tc + ["qdisc", "show", "dev", dev]).stdout
             if " tbf " not in f" {out} ":
                 raise ClusterUnavailable(f"tbf missing on {dev} after setup: {out.strip()!r}")
         for k in range(self.nodes):
@@ -695,12 +433,12 @@ class EmulatedCluster:
         #    after its group got SIGKILL, so its PID (= the group id) cannot have been reused.
         live = [p for p in self._procs if p.returncode is None]
         for p in live:
-            _signal_proc(p, signal.SIGTERM)
+            signal_proc(p, signal.SIGTERM)
         end = time.monotonic() + self.kill_grace
-        while live and time.monotonic() < end and not all(_exited_unreaped(p) for p in live):
+        while live and time.monotonic() < end and not all(exited_unreaped(p) for p in live):
             time.sleep(0.02)
         for p in live:
-            _signal_proc(p, signal.SIGKILL)  # also whatever is left of its group
+            signal_proc(p, signal.SIGKILL)  # also whatever is left of its group
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -708,21 +446,21 @@ class EmulatedCluster:
         self._procs.clear()
         # 2. namespaces (anything still inside is killed); their veth ends and qdiscs go with them
         for ns in reversed(self._created_ns):
-            e = _delete_netns(ns)
+            e = delete_netns(ns)
             if e:
                 errors.append(e)
         # 3. root-side links (normally already gone with their peers) and the bridge
-        present = set(_list_links())
+        present = set(list_links())
         for link in reversed(self._created_links):
             if link in present:
-                e = _delete_link(link)
+                e = delete_link(link)
                 if e:
                     errors.append(e)
         self._created_ns.clear()
         self._created_links.clear()
         if self._lock_fd is not None:
             try:
-                os.unlink(_lock_path(self.pid, self.token))
+                os.unlink(lock_path(self.pid, self.token))
             except OSError:
                 pass
             os.close(self._lock_fd)
@@ -746,161 +484,6 @@ class EmulatedCluster:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_proc(p: subprocess.Popen, sig: int) -> None:
-    """Signal an unreaped child and its process group (its own group when start_new_session)."""
-    if p.returncode is not None:
-        return  # reaped: its PID may belong to someone else now
-    _killpg(p.pid, sig)
-    try:
-        os.kill(p.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _exited_unreaped(p: subprocess.Popen) -> bool:
-    """Has the child exited? Checked without reaping it (waitid WNOWAIT)."""
-    if p.returncode is not None:
-        return True
-    try:
-        r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return r is not None
-
-
-class _deferred_signals:
-    """Hold back SIGINT/SIGTERM/SIGHUP for the duration of a critical section (main thread only).
-
-    Python-level rather than ``pthread_sigmask``: a process-directed signal may be taken by any
-    thread (torch starts several), and Python then runs the handler in the main thread anyway.
-    On exit the handlers in ``saved`` are installed (callers may edit it) and held signals are
-    re-delivered with ``signal.raise_signal``. Ignored signals are left alone.
-    """
-
-    def __enter__(self):
-        self.saved: Dict[int, object] = {}
-        self.pending: List[int] = []
-        if threading.current_thread() is threading.main_thread():
-            for s in _SIGNALS:
-                prev = signal.getsignal(s)
-                if prev is signal.SIG_IGN or prev is None:
-                    continue
-                self.saved[s] = prev
-                signal.signal(s, self._hold)
-        return self
-
-    def _hold(self, signum, frame) -> None:
-        self.pending.append(signum)
-
-    def __exit__(self, *exc):
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(self.pending):
-            signal.raise_signal(s)
-
-
-def _free_subnet() -> ipaddress.IPv4Network:
-    """First /24 of 198.18.0.0/15 with no address of the root namespace in it."""
-    out = _run(["ip", "-4", "-o", "addr", "show"], check=False).stdout
-    used = set()
-    for m in re.finditer(r"\binet\s+(\d+\.\d+\.\d+\.\d+)/(\d+)", out):
-        addr = ipaddress.ip_address(m.group(1))
-        if addr in NET_RANGE:
-            used.add(ipaddress.ip_network(f"{addr}/24", strict=False))
-    for net in NET_RANGE.subnets(new_prefix=24):
-        if net not in used:
-            return net
-    raise ClusterUnavailable("no free /24 left in 198.18.0.0/15 for another emulated cluster")
-
-
-# ──────────────────────────────────────────────────────────────────── throughput
-
-_RECEIVER = r"""
-import socket, sys, time
-ip, warm, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ip, 0)); s.listen(1)
-print(s.getsockname()[1], flush=True)
-s.settimeout(timeout)
-c, _ = s.accept(); c.settimeout(timeout)
-buf = bytearray(1 << 20); view = memoryview(buf)
-n = 0; t0 = None; tw = None; nw = 0
-while True:
-    k = c.recv_into(view)
-    now = time.perf_counter()
-    if not k:
-        break
-    if t0 is None:
-        t0 = now
-    n += k
-    if tw is None and now - t0 >= warm:
-        tw, nw = now, n
-t1 = time.perf_counter()
-if tw is None or t1 <= tw:
-    tw, nw = t0, 0
-print(n, n - nw, t1 - tw, flush=True)
-"""
-
-_SENDER = r"""
-import socket, sys, time
-ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.create_connection((ip, port), timeout=30)
-buf = b"\0" * (1 << 16)
-end = time.perf_counter() + seconds
-while time.perf_counter() < end:
-    s.sendall(buf)
-s.shutdown(socket.SHUT_WR)
-s.recv(1)
-s.close()
-"""
-
-
-def measure_throughput(cluster: EmulatedCluster, src_node: int, dst_node: int,
-                       seconds: float = 2.0, warmup: Optional[float] = None) -> float:
-    """TCP goodput in bits/s from ``src_node`` to ``dst_node`` (plain sockets, one stream).
-
-    A receiver in ``dst_node``'s namespace binds the node's address; a sender in ``src_node``'s
-    namespace streams zeros for ``seconds`` and closes. The rate counts the bytes received after
-    ``warmup`` (default 10% of ``seconds``, skipping the tbf's initial burst and TCP slow start)
-    until EOF. ``src_node == dst_node`` measures the node's loopback (intra-node) path.
-    """
-    if warmup is None:
-        warmup = 0.1 * seconds
-    py = sys.executable
-    timeout = seconds + 30.0
-    recv = cluster.popen(dst_node, [py, "-c", _RECEIVER, cluster.node_ip(dst_node), str(warmup),
-                                    str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    send = None
-    try:
-        port_line = recv.stdout.readline().strip()
-        if not port_line.isdigit():
-            recv.wait(timeout=5)
-            raise RuntimeError(f"throughput receiver failed: {recv.stderr.read().strip()}")
-        send = cluster.popen(src_node, [py, "-c", _SENDER, cluster.node_ip(dst_node), port_line,
-                                        str(seconds)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        out, err = recv.communicate(timeout=timeout)
-        _, serr = send.communicate(timeout=10)
-        if recv.returncode != 0 or send.returncode != 0:
-            raise RuntimeError(f"throughput test failed: receiver: {err.strip()} sender: {serr.strip()}")
-        total, counted, elapsed = out.split()
-        return int(counted) * 8.0 / float(elapsed)
-    finally:
-        for p in (recv, send):
-            if p is not None and p.returncode is None:
-                _signal_proc(p, signal.SIGKILL)
-                p.wait()
 
 
 # ──────────────────────────────────────────────────────────────────────────── CLI
@@ -929,7 +512,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             n, r = (int(x) for x in a.measure.lower().split("x"))
             with EmulatedCluster(n, r, a.inter_bw, a.intra_bw) as c:
                 print(c)
-                rate = parse_bandwidth(a.inter_bw)
+                rate = parse_rate_bits(a.inter_bw)
                 for src, dst in [(0, 1 % n), (1 % n, 0)]:
                     bps = measure_throughput(c, src, dst, a.seconds)
                     print(f"node{src}→node{dst}: {bps / 1e6:.1f} Mbit/s "
@@ -937,7 +520,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 if a.intra_bw:
                     bps = measure_throughput(c, 0, 0, a.seconds)
                     print(f"node0 lo: {bps / 1e6:.1f} Mbit/s "
-                          f"({100 * bps / parse_bandwidth(a.intra_bw):.0f}% of {a.intra_bw})")
+                          f"({100 * bps / parse_rate_bits(a.intra_bw):.0f}% of {a.intra_bw})")
     except ClusterUnavailable as e:
         print(f"emulated cluster unavailable: {e.reason}", file=sys.stderr)
         return 2

@@ -821,4 +821,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamattn.bench.exiting import exit_command
+
+    exit_command(main())

@@ -9,9 +9,11 @@ It then writes matrix.json and matrix.md (in --out): per cell and sequence lengt
 fixed plan, yunchang's best, the limit and what bounds it, the prediction, the ratios, and the
 acceptance checks; plus each run's own bench.json / PNGs in --out/<cell>-<shape>/.
 
-Idle machine: the 1-minute load average is recorded before and after every run; a run that
-started above `--max-load` (default 0.5 plus nothing of ours) is flagged "LOADED" in the
-table (rerun it: numbers from a loaded 2-core machine are not valid).
+Idle machine: before every run the CPU time used by anything else is sampled for 3 s from
+/proc/stat (the previous run has exited by then, so it does not count, unlike the 1-minute load
+average, which still carries it for minutes); a run that starts with more than `--max-busy`
+(default 10%) of the machine's CPU busy is flagged "LOADED" in the table (rerun it: numbers from a
+loaded 2-core machine are not valid). The load average before and after is recorded as well.
 
 Needs root and network namespaces (the emulated cluster); yunchang (`pip install
 "streamattn[bench]"`) for the baseline.
@@ -43,12 +45,31 @@ def add_arguments(p) -> None:
                    help=f"NODESxRANKS:RATE cells (default {','.join(CELLS)})")
     m.add_argument("--matrix-shapes", default=",".join(SHAPES),
                    help=f"subset of {','.join(SHAPES)} (default both)")
-    m.add_argument("--max-load", type=float, default=0.5,
-                   help="flag runs that start with a 1-minute load average above this")
+    m.add_argument("--max-busy", type=float, default=0.10,
+                   help="flag runs that start while other processes use more than this fraction of "
+                        "the machine's CPU (sampled for 3 s)")
 
 
 def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _cpu_times() -> tuple:
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+
+def busy_fraction(seconds: float = 3.0) -> float:
+    """Fraction of all cores' time that other processes used over the next `seconds` (NaN when
+    /proc/stat is unreadable)."""
+    try:
+        t0, i0 = _cpu_times()
+        time.sleep(seconds)
+        t1, i1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
 def run_matrix(args) -> int:
@@ -73,12 +94,15 @@ def run_matrix(args) -> int:
                    "--threads", str(args.threads), "--timeout", str(args.timeout)]
             if args.no_progress:
                 cmd.append("--no-progress")
-            load0, t0 = _load(), time.monotonic()
-            print(f"\n=== {cell} {shape}: {' '.join(cmd[1:])}  (load {load0:.2f})", flush=True)
+            busy, load0 = busy_fraction(), _load()
+            t0 = time.monotonic()
+            print(f"\n=== {cell} {shape}: {' '.join(cmd[1:])}  (other processes used {busy:.0%} "
+                  f"of the CPU; load {load0:.2f})", flush=True)
             # the kernel calibration is measured in this run (idle), never read from an older one
             env = dict(os.environ, STREAMATTN_CACHE_DIR=os.path.join(out, "cache"))
             rc = subprocess.call(cmd, env=env)
-            runs.append({"cell": cell, "shape": shape, "dir": sub, "rc": rc, "load_before": load0,
+            runs.append({"cell": cell, "shape": shape, "dir": sub, "rc": rc, "busy_before": busy,
+                         "load_before": load0,
                          "load_after": _load(), "seconds": time.monotonic() - t0})
             print(f"=== {cell} {shape}: exit {rc} after {runs[-1]['seconds']:.0f} s "
                   f"(load {runs[-1]['load_after']:.2f})", flush=True)
@@ -89,7 +113,7 @@ def run_matrix(args) -> int:
             continue
         with open(path) as f:
             data = json.load(f)
-        rows += summarize(data["runs"], run, args.max_load)
+        rows += summarize(data["runs"], run, args.max_busy)
     total = time.monotonic() - t_all
     _copy_timeline(runs, out)
     text = format_matrix(rows, runs, total)
@@ -123,7 +147,7 @@ def _paired(a: dict, b: dict) -> Optional[float]:
     return statistics.median(x / y for x, y in zip(xa[:n], xb[:n])) if n else None
 
 
-def summarize(records: List[dict], run: dict, max_load: float) -> List[dict]:
+def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
     """One row per sequence length of one run: auto, best fixed, yunchang's best, limit, ratios."""
     rows = []
     for seq in sorted({r["shape"]["seq"] for r in records}):
@@ -153,7 +177,7 @@ def summarize(records: List[dict], run: dict, max_load: float) -> List[dict]:
             "yunchang_best_s": med(best_yc) if best_yc else None,
             "auto_err": auto.get("err"),
             "bf16_wire_s": med(wire) if wire else None, "bf16_wire_err": wire.get("err") if wire else None,
-            "loaded": run["load_before"] > max_load,
+            "loaded": run.get("busy_before", 0.0) > max_busy,
         }
         row["auto_over_limit"] = row["auto_s"] / row["limit_s"] if row["limit_s"] else None
         row["yunchang_over_limit"] = (row["yunchang_best_s"] / row["limit_s"]
@@ -173,7 +197,7 @@ def summarize(records: List[dict], run: dict, max_load: float) -> List[dict]:
         if run["cell"] == "2x2:200mbit" and row["auto_vs_yunchang"] is not None and row["auto_vs_yunchang"] < 1.4:
             checks.append("< 1.4x yunchang (wire-bound cell)")
         if row["loaded"]:
-            checks.append(f"LOADED (load {run['load_before']:.2f} at start)")
+            checks.append(f"LOADED (others used {run['busy_before']:.0%} of the CPU at start)")
         row["checks"] = checks
         row["breakdown"] = [{k: v for k, v in pr.items() if k != "wait_by_peer"}
                             for pr in (auto.get("breakdown") or {}).get("per_rank", [])]
@@ -220,7 +244,9 @@ def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
             lines.append(f"| {i} | " + " | ".join(f"{pr.get(k, 0) * 1e3:.1f}" for k in keys) + " |")
     lines.append("")
     for run in runs:
-        lines.append(f"run {run['cell']} {run['shape']}: exit {run['rc']}, {run['seconds']:.0f} s, load "
-                     f"{run['load_before']:.2f} -> {run['load_after']:.2f}")
+        busy = run.get("busy_before")
+        lines.append(f"run {run['cell']} {run['shape']}: exit {run['rc']}, {run['seconds']:.0f} s, "
+                     + ("" if busy is None else f"others' CPU before {busy:.0%}, ")
+                     + f"load {run['load_before']:.2f} -> {run['load_after']:.2f}")
     lines.append(f"total {total_s / 60:.1f} min")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+from ..testing.faults import break_ring_lse
 from ..testing.models import tiny_tokenizer, vocab_size
 
 PROMPT = "a photo of a red cat on the tree"
@@ -174,25 +175,6 @@ def _diffusers_cp_baseline(pipe, model, world_size, image_1, kw):
             "max_abs_pixel_diff": float(abs(img - image_1).max())}
 
 
-def _break_ring_lse():
-    """Make Ring's local kernel return LSE = 0; returns the undo function."""
-    import torch
-
-    import streamattn.algorithms.ring as ring_mod
-
-    real = ring_mod.attention_with_lse
-
-    def zero_lse(*a, **kw):
-        out, lse = real(*a, **kw)
-        return out, torch.zeros_like(lse)
-
-    ring_mod.attention_with_lse = zero_lse
-
-    def undo():
-        ring_mod.attention_with_lse = real
-    return undo
-
-
 def compare(rank, world_size, *, model="flux", steps=4, size=64, prompt=PROMPT, seed=0,
             algorithm="auto", out=None, baseline=True, negative_control=False):
     """RankPool task / torchrun body. Every rank builds the pipeline; rank 0 makes the 1-rank image,
@@ -215,7 +197,7 @@ def compare(rank, world_size, *, model="flux", steps=4, size=64, prompt=PROMPT, 
         t1 = time.perf_counter() - t0
     dist.barrier()
     parallelize(pipe.transformer, algorithm="ring" if negative_control else algorithm)
-    undo = _break_ring_lse() if negative_control else (lambda: None)
+    undo = break_ring_lse() if negative_control else (lambda: None)
     try:
         t0 = time.perf_counter()
         image_n = generate(pipe, model, **kw)

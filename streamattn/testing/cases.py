@@ -13,6 +13,7 @@ import streamattn
 from streamattn.reference import reference_attention
 from ..reference import rel_err
 from ..sharding import shard, split_lengths
+from .faults import break_ring_lse
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -122,8 +123,6 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
     if rank == dying_rank:
         from streamattn import kernels
 
-        real = kernels.attention_with_lse
-
         def dying(*a, **kw):
             os._exit(17)
 
@@ -149,19 +148,11 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
 def zero_lse_ring(rank, world_size, *, seq=40, heads=4):
     """Negative control: a kernel that returns LSE = 0 (the known CPU bug of a peer library) must
     make the ring visibly wrong, proving the checks can fail."""
-    import streamattn.algorithms.ring as ring_mod
-
-    real = ring_mod.attention_with_lse
-
-    def zero_lse(*a, **kw):
-        out, lse = real(*a, **kw)
-        return out, torch.zeros_like(lse)
-
-    ring_mod.attention_with_lse = zero_lse
+    undo = break_ring_lse()
     try:
         return check_attention(rank, world_size, seq=seq, heads=heads, algorithm="ring", seed=5)
     finally:
-        ring_mod.attention_with_lse = real
+        undo()
 
 
 def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batch=1, algorithm="auto",

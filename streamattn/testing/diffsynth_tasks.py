@@ -22,6 +22,8 @@ import types
 
 import torch
 
+from .faults import break_ring_lse
+
 STUBBED = ("torchvision", "imageio", "modelscope", "pandas", "peft", "accelerate", "ftfy")
 
 
@@ -112,22 +114,6 @@ def tiny_wan_model(seed=0, *, dim=48, heads=4, layers=2, in_dim=16, text_dim=32)
                     has_image_input=False).eval().float()
 
 
-def _break_ring_lse():
-    import streamattn.algorithms.ring as ring_mod
-
-    real = ring_mod.attention_with_lse
-
-    def zero_lse(*a, **kw):
-        out, lse = real(*a, **kw)
-        return out, torch.zeros_like(lse)
-
-    ring_mod.attention_with_lse = zero_lse
-
-    def undo():
-        ring_mod.attention_with_lse = real
-    return undo
-
-
 def _init_model_parallel(world_size, ulysses_degree, ring_degree):
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
@@ -156,7 +142,7 @@ def wan_model(rank, world_size, *, ulysses_degree, ring_degree=1, frames=2, heig
     pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
     pipe.dit = model
     pipe.enable_usp()  # DiffSynth's own switch: patches every block's self_attn.forward
-    undo = _break_ring_lse() if negative_control else (lambda: None)
+    undo = break_ring_lse() if negative_control else (lambda: None)
     try:
         with torch.no_grad(), cpu_blockers_patched():
             out = model_fn_wan_video(dit=pipe.dit, latents=x, timestep=t, context=ctx,
@@ -254,7 +240,7 @@ def wan_pipeline(rank, world_size, *, ulysses_degree, ring_degree=1, steps=3, si
         dist.barrier()
         _init_model_parallel(world_size, ulysses_degree, ring_degree)  # initialize_usp, on gloo
         pipe.enable_usp()
-        undo = _break_ring_lse() if negative_control else (lambda: None)
+        undo = break_ring_lse() if negative_control else (lambda: None)
         try:
             out = pipe(**kw)
         finally:

@@ -11,11 +11,8 @@ Keys (case-insensitive, each at most once):
   ``intra_kind=<kind>``    a `LinkKind` value, e.g. ``nvlink`` (default ``shm``)
   ``inter_kind=<kind>``    e.g. ``infiniband`` (default ``ethernet``)
 
-Bandwidth units (case-insensitive; stored as bytes/s per direction, decimal prefixes):
-  bytes: ``B/s KB/s MB/s GB/s TB/s``; bits: ``bit/s Kbit/s Mbit/s Gbit/s Tbit/s`` and the ``tc``
-  shorthands ``kbit mbit gbit tbit``. ``Gb/s``, ``Mb/s`` (capital prefix, small b) and ``*bps`` are
-  rejected as ambiguous: write ``GB/s`` for bytes or ``Gbit/s`` for bits.
-Time units: ``s ms us µs ns``.
+Bandwidths are stored as bytes/s per direction; units as in `units.py` (``20GB/s``, ``1Gbit/s``,
+``200mbit``; ``Gb/s`` and ``*bps`` are rejected as ambiguous). Times: ``s ms us µs ns``.
 
 Defaults for an emulated CPU node (all labelled ``source="declared"``, never measured):
   intra = SHM, 10 GB/s, 1 us  -- an order-of-magnitude figure for a shared-memory copy between two
@@ -29,32 +26,15 @@ import re
 from typing import Dict, Tuple
 
 from .model import Link, LinkKind, Topology
+from .units import parse_bandwidth, parse_time
+
+__all__ = ["DEFAULT_INTER", "DEFAULT_INTRA", "is_spec", "parse_bandwidth", "parse_shape", "parse_spec",
+           "parse_time"]
 
 DEFAULT_INTRA = Link(LinkKind.SHM, 10e9, 1e-6, source="declared")
 DEFAULT_INTER = Link(LinkKind.ETHERNET, 125e6, 50e-6, source="declared")
 
 _SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-# multiplier to bytes/s, keyed by lower-case unit
-_BW_UNITS: Dict[str, float] = {
-    "b/s": 1.0,
-    "kb/s": 1e3,
-    "mb/s": 1e6,
-    "gb/s": 1e9,
-    "tb/s": 1e12,
-    "bit/s": 1 / 8,
-    "kbit/s": 1e3 / 8,
-    "mbit/s": 1e6 / 8,
-    "gbit/s": 1e9 / 8,
-    "tbit/s": 1e12 / 8,
-    "kbit": 1e3 / 8,
-    "mbit": 1e6 / 8,
-    "gbit": 1e9 / 8,
-    "tbit": 1e12 / 8,
-}
-# divisor to seconds (dividing keeps "5us" == 5e-06 exactly)
-_TIME_UNITS: Dict[str, float] = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6, "μs": 1e6, "ns": 1e9}
-_NUM_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([^\s0-9].*?)?\s*$")
 
 
 def is_spec(text: str) -> bool:
@@ -62,46 +42,6 @@ def is_spec(text: str) -> bool:
     if not isinstance(text, str):
         return False
     return bool(_SHAPE.match(text.split(":", 1)[0]))
-
-
-def parse_bandwidth(text: str) -> float:
-    """``"20GB/s"`` -> 2e10 bytes/s; ``"1Gbit/s"`` -> 1.25e8 bytes/s. Raises ValueError."""
-    m = _NUM_UNIT.match(text)
-    if not m or not m.group(2):
-        raise ValueError(
-            f"bad bandwidth {text!r}: expected a number and a unit such as 20GB/s or 1Gbit/s"
-        )
-    value, unit = float(m.group(1)), m.group(2).strip()
-    low = unit.lower()
-    if low.endswith("bps"):
-        raise ValueError(
-            f"ambiguous bandwidth unit {unit!r} in {text!r}: write GB/s (bytes) or Gbit/s (bits)"
-        )
-    if re.fullmatch(r"[KMGT]b/s", unit):
-        raise ValueError(
-            f"ambiguous bandwidth unit {unit!r} in {text!r}: write {unit[0]}B/s (bytes) or "
-            f"{unit[0]}bit/s (bits)"
-        )
-    if low not in _BW_UNITS:
-        raise ValueError(
-            f"unknown bandwidth unit {unit!r} in {text!r}; known: GB/s, MB/s, Gbit/s, Mbit/s, "
-            "gbit, mbit (case-insensitive)"
-        )
-    bw = value * _BW_UNITS[low]
-    if not bw > 0:
-        raise ValueError(f"bandwidth must be > 0, got {text!r}")
-    return bw
-
-
-def parse_time(text: str) -> float:
-    """``"5us"`` -> 5e-6 seconds. Raises ValueError."""
-    m = _NUM_UNIT.match(text)
-    if not m or not m.group(2):
-        raise ValueError(f"bad latency {text!r}: expected a number and a unit such as 5us or 1ms")
-    value, unit = float(m.group(1)), m.group(2).strip().lower()
-    if unit not in _TIME_UNITS:
-        raise ValueError(f"unknown time unit {m.group(2)!r} in {text!r}; known: s, ms, us, ns")
-    return value / _TIME_UNITS[unit]
 
 
 def _parse_kind(text: str, key: str) -> LinkKind:

@@ -34,9 +34,9 @@ from collections import deque
 import torch
 
 from ..tags import DEVICE_BOOTSTRAP
-from ..config import shm_slot_bytes, timeout_s
 from ..errors import PeerError, PeerTimeoutError
-from .base import ByteCounters, Pending, Transport
+from .base import Pending
+from .node_heap import NodeHeapTransport
 
 DEPTH = 2
 NBLOCKS = 4  # thread blocks per chunk put (ring_step grid), so data counters grow by 4 per use
@@ -154,68 +154,24 @@ class _DevicePending(Pending):
             self.remote.wait()
 
 
-class StreamOrderedTransport(Transport):
+class StreamOrderedTransport(NodeHeapTransport):
     """exchange() with the device protocol among this node's ranks; `base` (two-sided, same
     group) carries other nodes' messages and bootstraps the heap. ops_cls: HostOps or
     NvshmemDeviceOps; heap_factory: ShmHeap or NvshmemHeap."""
 
     def __init__(self, base, heap_factory, ops_cls, slot_bytes=None):
-        self.base = base
-        self.rank, self.size, self.device = base.rank, base.size, base.device
-        self.counters = ByteCounters()
-        self.timeout = timeout_s()
-        mine = base.node_of[self.rank]
-        self.members = [r for r in range(self.size) if base.node_of[r] == mine]
-        self.local_index = {g: i for i, g in enumerate(self.members)}
-        n = len(self.members)
-        if slot_bytes is None:
-            slot_bytes = shm_slot_bytes()
-        self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
-        self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes,
-                                 2 * n * DEPTH, self._all_gather_text, self._barrier)
+        n = sum(1 for r in range(base.size) if base.node_of[r] == base.node_of[base.rank])
+        super().__init__(base, heap_factory, DEPTH, 2 * n * DEPTH, DEVICE_BOOTSTRAP, slot_bytes)
         self.ops = ops_cls(self, self.heap)
         self.steps_out = [0] * n  # chunks sent to / received from each member, never reset
         self.steps_in = [0] * n
         self.inflight = deque()  # (token, posted time, peers, tag)
 
-    @property
-    def node_of(self):
-        return self.base.node_of
-
-    def _all_gather_text(self, text, pid):
-        data = list(text.encode())
-        data += [0] * (max(96, len(data)) - len(data))
-        vec = torch.tensor([pid] + data, dtype=torch.int64, device=self.base.device)
-        out = [v.cpu() for v in self.base.all_gather(vec, self.members, DEVICE_BOOTSTRAP, count=False)]
-        return [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out], [int(v[0]) for v in out]
-
-    def _barrier(self):
-        self._all_gather_text("barrier", 0)
-
-    def describe_peer(self, peer):
-        return self.base.describe_peer(peer)
-
-    def begin_call(self):
-        self.base.begin_call()
-
     def exchange(self, sends, recvs, tag, count=True):
-        self.timeout = timeout_s()
-        local = self.local_index
-        remote_s = [(p, t) for p, t in sends if p not in local]
-        remote_r = [(p, t) for p, t in recvs if p not in local]
-        if count:
-            for p, t in sends:
-                self._count(p, t)
-        remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
+        remote, local_s, local_r = self.start_exchange(sends, recvs, tag, count)
         S = self.slot_bytes
-        outs = [(local[p], t.contiguous().reshape(-1).view(torch.uint8)) for p, t in sends
-                if p in local and t.numel()]
-        ins = []
-        for p, t in recvs:
-            if p in local and t.numel():
-                if not t.is_contiguous():
-                    raise ValueError("receive buffers must be contiguous")
-                ins.append((local[p], t.reshape(-1).view(torch.uint8)))
+        outs = [(p, t.contiguous().reshape(-1).view(torch.uint8)) for p, t in local_s]
+        ins = [(p, t.reshape(-1).view(torch.uint8)) for p, t in local_r]
         rounds = max([-(-b.numel() // S) for _, b in outs + ins] or [0])
         for c in range(rounds):  # round c: chunk c of every send, then chunk c of every receive
             for p, b in outs:
@@ -252,6 +208,3 @@ class StreamOrderedTransport(Transport):
             if until is None or not any(e is until for e in self.inflight):
                 return
             time.sleep(1e-4)
-
-    def close(self):
-        self.heap.close()

@@ -18,11 +18,11 @@ from collections import deque
 
 import torch
 
-from ..tags import SHM_BOOTSTRAP
+from ..tags import AGREEMENT, SHM_BOOTSTRAP
 from .. import trace
-from ..config import shm_slot_bytes, wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
-from .base import ByteCounters, Pending, Transport
+from .base import Pending
+from .node_heap import NodeHeapTransport
 
 DEPTH = 2
 TINY_YIELD_S = 0.005
@@ -58,7 +58,7 @@ class _OneSidedPending(Pending):
         # Metadata-sized exchanges (the per-call signature) yield instead of sleeping for their
         # first TINY_YIELD_S: a backoff sleep would add up to 1 ms to every call.
         self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
-        self.span_kind = "wait"  # "agree": a metadata exchange (count=False)
+        self.span_kind = "wait"  # "agree" for the agreement tags (tags.AGREEMENT)
 
     def wait(self):
         t = self.t
@@ -137,81 +137,37 @@ def _backoff(spins: int, oversubscribed: bool, tiny: bool) -> None:
         time.sleep(0)
 
 
-class OneSidedTransport(Transport):
+class OneSidedTransport(NodeHeapTransport):
     """exchange() over a symmetric heap among the ranks of this node; `base` (a TorchTransport on
     the same group) carries messages to other nodes and bootstraps the heap."""
 
     name = "onesided"
 
     def __init__(self, base, heap_factory, slot_bytes=None):
-        self.base = base
-        self.rank, self.size, self.device = base.rank, base.size, base.device
-        self.node_of = base.node_of
-        self.counters = ByteCounters()
-        self.timeout = wait_timeout_s()
-        mine = self.node_of[self.rank]
-        self.members = [r for r in range(self.size) if self.node_of[r] == mine]
-        self.local_index = {g: i for i, g in enumerate(self.members)}
-        n = len(self.members)
-        if slot_bytes is None:
-            slot_bytes = shm_slot_bytes()
-        self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)
-        self.heap = heap_factory(self.local_index[self.rank], n, n * DEPTH * self.slot_bytes, 2 * n,
-                                 self._all_gather_text, self._barrier)
+        n = sum(1 for r in range(base.size) if base.node_of[r] == base.node_of[base.rank])
+        super().__init__(base, heap_factory, DEPTH, 2 * n, SHM_BOOTSTRAP, slot_bytes)
         self.oversubscribed = n > _cores()
         self.sent = [0] * n
         self.recvd = [0] * n
         self.outq = [deque() for _ in range(n)]
         self.inq = [deque() for _ in range(n)]
 
-    # -- bootstrap over the two-sided transport (node members only) -------------------------
-    def _all_gather_text(self, text, pid):
-        data = list(text.encode())
-        data += [0] * (max(96, len(data)) - len(data))  # members send equal lengths
-        vec = torch.tensor([pid] + data, dtype=torch.int64, device=self.base.device)  # NCCL: GPU
-        out = [v.cpu() for v in self.base.all_gather(vec, self.members, SHM_BOOTSTRAP, count=False)]
-        names = [bytes(int(x) for x in v[1:] if int(x)).decode() for v in out]
-        return names, [int(v[0]) for v in out]
-
-    def _barrier(self):
-        self._all_gather_text("barrier", 0)
-
-    def describe_peer(self, peer):
-        return self.base.describe_peer(peer)
-
-    def begin_call(self):
-        self.base.begin_call()
-
     # -- the protocol ----------------------------------------------------------------------
     def exchange(self, sends, recvs, tag, count=True):
-        self.timeout = wait_timeout_s()
-        remote_s = [(p, t) for p, t in sends if p not in self.local_index]
-        remote_r = [(p, t) for p, t in recvs if p not in self.local_index]
-        if count:
-            for p, t in sends:
-                self._count(p, t)
-                if trace.enabled():
-                    trace.event("post", p, self.node_of[p] != self.node_of[self.rank],
-                                t.numel() * t.element_size())
+        remote, local_s, local_r = self.start_exchange(sends, recvs, tag, count)
         with trace.span("post"):
             msgs = []
-            for p, t in sends:
-                if p in self.local_index and t.numel():
-                    m = _Msg(self.local_index[p], t.contiguous(), tag, self.slot_bytes)
-                    self.outq[m.peer].append(m)
-                    msgs.append(m)
-            for p, t in recvs:
-                if p in self.local_index and t.numel():
-                    if not t.is_contiguous():
-                        raise ValueError("receive buffers must be contiguous")
-                    m = _Msg(self.local_index[p], t, tag, self.slot_bytes)
-                    self.inq[m.peer].append(m)
-                    msgs.append(m)
-        remote = self.base.exchange(remote_s, remote_r, tag, count=False) if (remote_s or remote_r) else None
-        with trace.span("post"):  # (the base transport's posting is its own span)
+            for p, t in local_s:
+                m = _Msg(p, t.contiguous(), tag, self.slot_bytes)
+                self.outq[p].append(m)
+                msgs.append(m)
+            for p, t in local_r:
+                m = _Msg(p, t, tag, self.slot_bytes)
+                self.inq[p].append(m)
+                msgs.append(m)
             self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
         pending = _OneSidedPending(self, msgs, remote)
-        pending.span_kind = "wait" if count else "agree"
+        pending.span_kind = "agree" if tag in AGREEMENT else "wait"
         return pending
 
     def _progress(self) -> bool:
@@ -248,6 +204,3 @@ class OneSidedTransport(Transport):
                 if m.done:
                     q.popleft()
         return moved
-
-    def close(self):
-        self.heap.close()

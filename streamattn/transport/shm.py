@@ -25,6 +25,7 @@ import struct
 import numpy as np
 import torch
 
+from ..procs import pid_alive
 from .heap import Heap
 
 PREFIX = "streamattn-"
@@ -40,14 +41,6 @@ def supported() -> tuple:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"the shm signal protocol relies on x86-64 store ordering, not {platform.machine()}"
     return True, ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def segment_header(pid: int) -> bytes:
@@ -83,7 +76,7 @@ def remove_stale_segments() -> list:
         return removed
     for name in names:
         m = re.fullmatch(re.escape(PREFIX) + r"(\d+)-[0-9a-f]+", name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         path = os.path.join(SHM_DIR, name)
         if _is_ours(path, int(m.group(1))):
@@ -161,7 +154,7 @@ class ShmHeap(Heap):
         return self._data[self.rank][offset : offset + nbytes]
 
     def peer_alive(self, peer):
-        return _pid_alive(self.pids[peer])
+        return pid_alive(self.pids[peer])
 
     def close(self):
         self._sig, self._data = [], []
