@@ -10,7 +10,7 @@ from .planner import make_plan, plan_for
 from .problem import Problem
 from .reference import reference_attention
 from .stale import StaleKV
-from .op import attention  # noqa: E402  the registered op (autograd, torch.compile)
+from .dispatch import attention  # noqa: E402  eager, or the registered op (autograd, compile)
 from .zigzag import zigzag_lengths, zigzag_shard, zigzag_unshard
 
 _lifecycle.install()

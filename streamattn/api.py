@@ -9,11 +9,12 @@ import dataclasses
 import logging
 import itertools
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
-from . import agreement, algorithms, tags
+from . import agreement, algorithms, autotune, tags
 from .config import ulysses_chunks_override
 from .planner import make_plan
 from .problem import Problem
@@ -23,9 +24,10 @@ from .validate import DTYPES, ZIGZAG, check_agreement, check_local, encode
 
 log = logging.getLogger("streamattn")
 
-TAG_META, TAG_RATE = tags.META, tags.RATE
+TAG_META, TAG_RATE, TAG_AUTOTUNE = tags.META, tags.RATE, tags.AUTOTUNE
 group_transports: dict = {}   # id(group) -> (group, {name: transport}); see release()
 plan_cache = agreement.PlanCache()  # (group token, agreed call key) -> (Problem, Plan)
+tunings = autotune.Tunings()  # autotune trials in progress, by (group token, agreed call key)
 _tokens = itertools.count(1)
 
 
@@ -94,9 +96,10 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
             "streamattn.api.attention has no backward (an input requires grad): call "
             "streamattn.attention (the registered op), or run under torch.no_grad()")
     joint = None if joint_q is None else (joint_q, joint_k, joint_v)
-    transport, problem, plan = plan_call(group, err, q, k, layout, causal, scale, joint,
-                                         joint_strategy, algorithm, ulysses_degree, ring_degree,
-                                         comm_dtype)
+    transport, problem, plan, trial = tuned_plan_call(group, err, q, k, layout, causal, scale, joint,
+                                                      joint_strategy, algorithm, ulysses_degree,
+                                                      ring_degree, comm_dtype)
+    t0 = time.perf_counter()
     if comm_dtype is not None and q.dtype != comm_dtype:
         transport = _cast(transport, comm_dtype)
 
@@ -105,6 +108,8 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         if joint is not None:
             joint = tuple(t.transpose(1, 2) for t in joint)
     out, jout = run_plan(plan, transport, problem, q, k, v, joint)
+    if trial is not None:
+        finish_trial(group, trial, time.perf_counter() - t0)
     out = _to_layout(out, layout)
     if joint is None:
         return out
@@ -117,6 +122,14 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
     the others a small signature (streamattn.agreement); from all signatures every rank takes
     the same path: the cached plan, the full metadata exchange (raising the same error everywhere
     on bad input; `err` is this rank's local error or None), or that error."""
+    return tuned_plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+                           ulysses_degree, ring_degree, comm_dtype, tune=False)[:3]
+
+
+def tuned_plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+                    ulysses_degree, ring_degree, comm_dtype=None, tune=True):
+    """plan_call, plus the call's autotune trial (streamattn.autotune) when `tune` and
+    STREAMATTN_AUTOTUNE ask for one: (transport, Problem, Plan, (tuning, token, key) or None)."""
     transport = group_transport(group)
     transport.begin_call()
     if err is None and q.device.type != transport.device.type:
@@ -131,12 +144,39 @@ def plan_call(group, err, q, k, layout, causal, scale, joint, joint_strategy, al
                               comm_dtype)
     key, full = agreement.exchange(signature_transport(group, transport), row, cache, token)
     cached = None if full else cache.lookup(token, key)
-    if cached is None:
+    fresh = cached is None
+    if fresh:
         cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
                         ulysses_degree, ring_degree, comm_dtype)
         cache.put(token, key, cached)
     problem, plan = cached
-    return group_transport(group, plan.transport), problem, plan
+    trial = None
+    if tune:
+        tuning = tunings.get(token, key)
+        reps = int(settings.values.get("STREAMATTN_AUTOTUNE", 0))
+        if (tuning is None and fresh and reps > 0 and algorithm == "auto" and not ulysses_degree
+                and not ring_degree and not problem.zigzag):
+            plans = autotune.trial_plans(plan)
+            if len(plans) > 1:
+                tuning = tunings.start(token, key, plans, reps)
+        if tuning is not None:
+            plan, trial = tuning.plan(), (tuning, token, key)
+    return group_transport(group, plan.transport), problem, plan, trial
+
+
+def finish_trial(group, trial, seconds: float) -> None:
+    """Record an autotune trial call's time; after the last one, every rank exchanges its
+    medians (tag AUTOTUNE) and the plan cache keeps the winner (the same on every rank)."""
+    tuning, token, key = trial
+    tuning.record(seconds)
+    if not tuning.done:
+        return
+    mine = torch.tensor(tuning.medians(), dtype=torch.float64)
+    rows = [r.tolist() for r in group_transport(group).all_gather_vector(mine, TAG_AUTOTUNE)]
+    tunings.finish(token, key)
+    problem, _ = plan_cache.lookup(token, key) or (None, None)
+    if problem is not None:
+        plan_cache.put(token, key, (problem, autotune.pick(tuning.plans, rows)))
 
 
 def causal_mode(causal, seq_layout):
@@ -210,6 +250,7 @@ def release(group=None) -> None:
         return
     del group_transports[id(group)]
     plan_cache.drop(entry[1]["torch"].plan_token)
+    tunings.drop(entry[1]["torch"].plan_token)
     for t in entry[1].values():
         close = getattr(t, "close", None)
         if close is not None:

@@ -92,6 +92,10 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 0,
             "head groups Ulysses pipelines over (1: one all-to-all; unset or 0: the plan's choice)",
             low=0, high=1024, agreed=True),
+    Setting("STREAMATTN_AUTOTUNE", "int", 0,
+            "measure-and-pick: with N > 0, the first calls of a shape run the planner's top "
+            "candidates N times each and keep the fastest (slowest rank, median); 0: the prediction",
+            low=0, high=16, agreed=True),
     Setting("STREAMATTN_ALLTOALL", "choice", "p2p",
             "how a Ulysses exchange over a whole gloo group travels: p2p (one send/receive per "
             "peer) or collective (one all_to_all_single)", choices=("p2p", "collective"),

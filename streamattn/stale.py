@@ -43,7 +43,7 @@ import torch
 from . import tags
 from .kernels import attention_with_lse
 from .merge import acc_dtype, update_out_and_lse
-from .op import attention as exact_attention
+from .dispatch import attention as exact_attention
 
 TAG_BASE = tags.STALE   # per layer: TAG_BASE + 2*i (K/V), TAG_BASE + 2*i + 1 (joint partials)
 TAG_LENS = tags.STALE_LENS

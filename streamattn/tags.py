@@ -29,6 +29,7 @@ DIFFUSERS_GATHER = 4996  # integrations.diffusers: gather of the sharded output
 SHM_BOOTSTRAP = 2       # transport/onesided: heap names and pids of the node's ranks, barrier
 DEVICE_BOOTSTRAP = 4990  # transport/device: the same for the stream-ordered transport
 DIFFUSERS_GRAD = 4993    # integrations.diffusers: joint-output and parameter gradient sums
+AUTOTUNE = 4991          # api: each rank's measured trial times (streamattn.autotune)
 
 # -- families: base + index, index < HALF ---------------------------------------------------------
 RING_STEP = 1 * BLOCK        # ring: K/V of step t
@@ -47,7 +48,7 @@ TESTS = (5, 9)               # reserved for the tests' raw exchanges
 
 # Exchanges that agree on what a call does rather than move its data; the span recorder files
 # their waits under "agree", every other wait under "wait" (intra/inter by the peer's node).
-AGREEMENT = frozenset({META, RATE, SIG})
+AGREEMENT = frozenset({META, RATE, SIG, AUTOTUNE})
 INORDER_BASE = 1 << 22       # transport/inorder.py's own tags start here
 
 _SINGLES = {k: v for k, v in dict(globals()).items()

@@ -303,7 +303,7 @@ def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
     rc = cli.main(["--nproc", "2", "--out", str(tmp_path), "--seq", "128", "--heads", "4",
                    "--head-dim", "8", "--joint-len", "0", "--iters", "1", "--no-overlap",
                    "--no-progress", "--algorithms", "auto,ring", "--comm-dtype", "bfloat16",
-                   "--breakdown", "--trace-iters", "1"])
+                   "--breakdown", "--trace-iters", "1", "--autotune", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
@@ -314,6 +314,8 @@ def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
     assert wire["bytes"]["intra_total"] * 2 == by["auto"]["bytes"]["intra_total"]
     assert 1e-5 < wire["err"] < 3e-2 and by["auto"]["err"] < 1e-5
     assert by["auto"]["breakdown"]["per_rank"][0]["kernel"] > 0
+    tuned = by["auto tuned"]  # STREAMATTN_AUTOTUNE=1: its trials ran in the warm-up
+    assert tuned["err"] < 1e-5 and tuned["latency_s"]["median"] > 0
     assert "measured/limit" in out and "wait_inter" in out
     assert (tmp_path / "timeline-auto-128.png").stat().st_size > 1000
 

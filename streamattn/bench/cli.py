@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "JSON; default 2, 0 = none)")
     what.add_argument("--no-limit", action="store_true",
                       help="skip timing the limit (whole attention on all cores in one process)")
+    what.add_argument("--autotune", type=int, default=0, metavar="N",
+                      help="also run 'auto tuned': STREAMATTN_AUTOTUNE=N (the planner's top candidates "
+                           "measured N calls each in the warm-up, the fastest kept)")
     what.add_argument("--comm-dtype", default=None, choices=["bfloat16"],
                       help="also run auto with this reduced-precision wire format (error vs float64 "
                            "reported; exact float32 stays the default)")
@@ -134,7 +137,7 @@ def run(args) -> int:
                      check=not args.no_check, yunchang="yunchang" in algos,
                      yunchang_native=args.yunchang_native, force_auto=args.force_auto,
                      trace_iters=max(0, args.trace_iters), limit=not args.no_limit,
-                     comm_dtype=args.comm_dtype)
+                     comm_dtype=args.comm_dtype, autotune=max(0, args.autotune))
     if args.emulate:
         return _run_emulated(args, spec, preset)
     if args.nproc is None and _in_torchrun():

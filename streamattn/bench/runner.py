@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 TASK = "streamattn.bench.tasks:"
@@ -71,7 +70,7 @@ def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
                  force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None,
-                 comm_dtype: Optional[str] = None) -> list:
+                 comm_dtype: Optional[str] = None, autotune: int = 0) -> list:
     """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
     (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
     cfgs = []
@@ -94,6 +93,9 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
                 if not degrees or (u, r) in degrees:
                     cfgs.append({"name": f"torus {u}x{t}x{r}", "kind": "streamattn", "algorithm": "torus",
                                  "ulysses_degree": u, "ring_degree": r, "torus_degree": t})
+    if autotune and "auto" in algorithms:
+        cfgs.append({"name": "auto tuned", "kind": "streamattn", "algorithm": "auto",
+                     "autotune": int(autotune)})
     if comm_dtype and "auto" in algorithms:
         cfgs.append({"name": f"auto {comm_dtype} wire", "kind": "streamattn", "algorithm": "auto",
                      "comm_dtype": comm_dtype})
@@ -135,6 +137,7 @@ class SweepSpec:
     trace_iters: int = 2   # traced calls per streamattn configuration (breakdown, timeline); 0: none
     limit: bool = True     # time the limit's compute half (whole attention, all cores, one process)
     comm_dtype: Optional[str] = None  # "bfloat16": also run auto with the reduced-precision wire
+    autotune: int = 0  # N > 0: also run "auto tuned" (STREAMATTN_AUTOTUNE=N; its trials in the warm-up)
 
 
 class _Progress:
@@ -184,7 +187,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
         cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
                             spec.yunchang_native, spec.force_auto,
                             ranks_per_node=getattr(ex, "ranks_per_node", None),
-                            comm_dtype=spec.comm_dtype)
+                            comm_dtype=spec.comm_dtype, autotune=spec.autotune)
         cfgs = [c for c in cfgs if c["kind"] != "yunchang"
                 or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
         plans.append((shape, cfgs))

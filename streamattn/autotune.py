@@ -1,0 +1,121 @@
+"""Measure-and-pick (STREAMATTN_AUTOTUNE=N): the first calls of a shape run the planner's top
+candidates, N calls each in turn, and every later call runs the fastest one.
+
+Why: the cost model ranks candidates from calibrated kernel times and link rates, but on a CPU the
+ranks share cores with the TCP stack and each other, and its predictions there were 0.3-0.95x of
+the measured times in the emulated acceptance matrix (README, "Where the time goes"); two plans
+predicted 10% apart can measure 40% apart the other way. A DiT
+calls the same shapes thousands of times (every layer, every step), so a few measured calls cost
+little and replace the guess with a measurement.
+
+Rules (the same on every rank, so every rank runs the same candidate on the same call):
+  * only for the planner's free choice (algorithm="auto", no degrees, not zigzag) of the eager,
+    inference call; a forced plan or a call that needs gradients runs its plan as before;
+  * the trials are the costed candidates predicted within WITHIN x of the best, the best first,
+    at most MAX_TRIALS; fewer than two: nothing to tune;
+  * call i of the shape runs trial i mod n until every trial ran N times; each rank times its own
+    calls; after the last trial call the ranks exchange their per-trial medians (tag AUTOTUNE),
+    a trial's time is its slowest rank's, and the smallest wins (ties: the earlier trial, i.e.
+    the better prediction). The winner's Plan says so in its reason.
+Every trial is an exact plan, so every call returns the exact result; only its speed varies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Dict, List, Sequence, Tuple
+
+from .plan import Candidate, Plan, label, torus_degree
+
+MAX_TRIALS = 3
+WITHIN = 1.5
+
+
+def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> List[Plan]:
+    """The plans to measure: `plan` (the planner's pick) first, then the next cheapest costed
+    candidates predicted within `within` x of the best, `limit` in all."""
+    chosen = next((c for c in plan.candidates if _same(c, plan)), None)
+    if chosen is None or chosen.predicted_s is None:
+        return [plan]
+    others = sorted((c for c in plan.candidates if c.valid and not _same(c, plan)
+                     and c.predicted_s <= chosen.predicted_s * within),
+                    key=lambda c: c.predicted_s)
+    return [plan] + [plan_of(plan, c) for c in others[: max(0, limit - 1)]]
+
+
+def _same(c: Candidate, plan: Plan) -> bool:
+    return (c.valid and c.algorithm == plan.algorithm and c.ulysses_degree == plan.ulysses_degree
+            and c.ring_degree == plan.ring_degree and torus_degree(c) == plan.torus_degree
+            and c.chunks == plan.chunks and tuple(c.groups) == tuple(plan.groups))
+
+
+def plan_of(plan: Plan, c: Candidate) -> Plan:
+    """`plan` (its transport, settings, candidates, context) running candidate `c` instead."""
+    return dataclasses.replace(plan, algorithm=c.algorithm, ulysses_degree=c.ulysses_degree,
+                               ring_degree=c.ring_degree, groups=c.groups,
+                               predicted_s=c.predicted_s, torus_degree=torus_degree(c),
+                               chunks=c.chunks, reason=f"autotune trial: {label(c)}")
+
+
+class Tuning:
+    """The trial calls of one (group, call shape): which plan call i runs, and what it took."""
+
+    def __init__(self, plans: Sequence[Plan], reps: int):
+        self.plans, self.reps, self.calls = list(plans), reps, 0
+        self.times: List[List[float]] = [[] for _ in self.plans]
+
+    def plan(self) -> Plan:
+        return self.plans[self.calls % len(self.plans)]
+
+    def record(self, seconds: float) -> None:
+        self.times[self.calls % len(self.plans)].append(seconds)
+        self.calls += 1
+
+    @property
+    def done(self) -> bool:
+        return self.calls >= len(self.plans) * self.reps
+
+    def medians(self) -> List[float]:
+        return [statistics.median(t) for t in self.times]
+
+
+def pick(plans: Sequence[Plan], medians_by_rank: Sequence[Sequence[float]]) -> Plan:
+    """The winner: per trial the slowest rank's median, the smallest of those (first on ties),
+    with the measurements in its reason."""
+    slowest = [max(row[i] for row in medians_by_rank) for i in range(len(plans))]
+    best = min(range(len(plans)), key=lambda i: (slowest[i], i))
+    shown = ", ".join(f"{_short(p)} {t * 1e3:.1f} ms" for p, t in zip(plans, slowest))
+    base = plans[0].reason
+    why = (f"autotune: fastest of {len(plans)} measured trials (slowest rank, median): {shown}; "
+           f"the prediction picked {_short(plans[0])}")
+    return dataclasses.replace(plans[best], reason=f"{why}. Planner: {base}")
+
+
+def _short(p: Plan) -> str:
+    if p.algorithm == "torus":
+        return f"torus {p.ulysses_degree}x{p.torus_degree}x{p.ring_degree}"
+    if p.algorithm == "ulysses" and p.chunks > 1:
+        return f"ulysses {p.ulysses_degree} in {p.chunks} chunks"
+    return f"{p.algorithm} {p.ulysses_degree}x{p.ring_degree}"
+
+
+class Tunings:
+    """Tunings in progress, by (group token, call key)."""
+
+    def __init__(self):
+        self.active: Dict[Tuple[int, object], Tuning] = {}
+
+    def get(self, token: int, key) -> "Tuning | None":
+        return self.active.get((token, key))
+
+    def start(self, token: int, key, plans: Sequence[Plan], reps: int) -> Tuning:
+        t = self.active[(token, key)] = Tuning(plans, reps)
+        return t
+
+    def finish(self, token: int, key) -> None:
+        self.active.pop((token, key), None)
+
+    def drop(self, token: int) -> None:
+        """Forget a released group's tunings."""
+        for k in [k for k in self.active if k[0] == token]:
+            del self.active[k]
