@@ -13,7 +13,8 @@ Rules (the same on every rank, so every rank runs the same candidate on the same
     inference call; a forced plan or a call that needs gradients runs its plan as before;
   * the trials are the costed candidates predicted within WITHIN x of the best, the best first,
     at most MAX_TRIALS; fewer than two: nothing to tune;
-  * call i of the shape runs trial i mod n until every trial ran N times; each rank times its own
+  * call i of the shape runs trial i mod n until every trial ran N + 1 times; the first round is
+    not timed (a plan's first call builds its buffers and transports); each rank times its own
     calls; after the last trial call the ranks exchange their per-trial medians (tag AUTOTUNE),
     a trial's time is its slowest rank's, and the smallest wins (ties: the earlier trial, i.e.
     the better prediction). The winner's Plan says so in its reason.
@@ -68,12 +69,13 @@ class Tuning:
         return self.plans[self.calls % len(self.plans)]
 
     def record(self, seconds: float) -> None:
-        self.times[self.calls % len(self.plans)].append(seconds)
+        if self.calls >= len(self.plans):  # the first round is each plan's cold call: not timed
+            self.times[self.calls % len(self.plans)].append(seconds)
         self.calls += 1
 
     @property
     def done(self) -> bool:
-        return self.calls >= len(self.plans) * self.reps
+        return self.calls >= len(self.plans) * (self.reps + 1)
 
     def medians(self) -> List[float]:
         return [statistics.median(t) for t in self.times]

@@ -43,22 +43,22 @@ def test_pick_takes_the_slowest_rank_of_each_trial():
 def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
     pool = rank_pool(P, ENV)
     pool.run(TASK + "release_group")
-    first = pool.run(TASK + "tuned_calls", calls=12, reps=2)
+    first = pool.run(TASK + "tuned_calls", calls=14, reps=2)
     for r in first:
         assert max(r["errs"]) <= 1e-5, r["errs"]
         assert r["tuning_left"] == 0 and r["reason"].startswith("autotune:"), r["reason"]
     ran = first[0]["ran"]
-    n = len(set(ran[:6]))
-    assert n >= 2, ran  # the trials cycle through several plans ...
+    n = len(set(ran[:3]))
+    assert n >= 2 and ran[:n] == ran[n:2 * n] == ran[2 * n:3 * n], ran  # the trials take turns ...
     assert all(r["ran"] == ran and r["final"] == first[0]["final"] for r in first)  # ... alike
-    assert set(ran[2 * n:]) == {first[0]["final"]}, ran  # then only the winner runs
+    assert set(ran[3 * n:]) == {first[0]["final"]}, ran  # then only the winner runs
     pick = ran[0]  # the planner's own choice runs first
     slow_algo = pick.split()[0]
     if all(x.split()[0] == slow_algo for x in ran[:n]):
         pytest.skip(f"every trial is a {slow_algo} plan here: a per-algorithm handicap cannot separate them")
 
     pool.run(TASK + "release_group")
-    handicapped = pool.run(TASK + "tuned_calls", calls=2 * n + 2, reps=2, slow=slow_algo, delay=0.15)
+    handicapped = pool.run(TASK + "tuned_calls", calls=3 * n + 2, reps=2, slow=slow_algo, delay=0.15)
     for r in handicapped:
         assert max(r["errs"]) <= 1e-5
         assert r["final"].split()[0] != slow_algo, (r["final"], r["reason"])
