@@ -293,9 +293,21 @@ def _run_in_group(args, spec, preset) -> int:
     rpn = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nodes = max(1, world // rpn)
     ex = GroupExecutor(ranks_per_node=rpn, nodes=nodes)
+    # The nodes and the inter-node rate the limit needs come from the topology streamattn resolves
+    # for the group (declared or probed), not from torchrun's LOCAL_WORLD_SIZE alone.
+    topo = ex.run("group_topology")[0]
+    if topo["nodes"] * topo["ranks_per_node"] == world:
+        nodes, rpn = topo["nodes"], topo["ranks_per_node"]
+        ex = GroupExecutor(ranks_per_node=rpn, nodes=nodes)
     say = print if ex.is_reporter else (lambda *a, **k: None)
-    say(_describe(preset, spec, f"an existing group of {world} ranks ({nodes} node(s) x {rpn})"))
+    where = f"an existing group of {world} ranks ({nodes} node(s) x {rpn})"
+    if topo["inter_bit_s"]:
+        where += f", inter-node link {topo['inter_bit_s'] / 1e6:.0f} Mbit/s ({topo['source']})"
+    say(_describe(preset, spec, where))
     env = environment("torchrun", world=world, nodes=nodes, ranks_per_node=rpn)
+    if topo["inter_bit_s"]:
+        env["inter_bw_bit_s"] = topo["inter_bit_s"]
+        env["inter_bw_source"] = topo["source"]
     args.no_progress = args.no_progress or not ex.is_reporter
     try:
         return _finish(args, ex, spec, preset, env, say)

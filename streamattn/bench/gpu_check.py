@@ -492,20 +492,10 @@ def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_di
 
 
 def _gather(obj, group):
-    """Every rank's JSON-able `obj`, in rank order (JSON over a uint8 all-gather: no pickle)."""
-    import torch
-    import torch.distributed as dist
+    """Every rank's JSON-able `obj`, in rank order (JSON over a bytes all-gather: no pickle)."""
+    from streamattn.topology.comm import all_gather_bytes
 
-    data = json.dumps(obj).encode()
-    n = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n, group=group)
-    width = int(max(int(x) for x in sizes))
-    buf = torch.zeros(width, dtype=torch.uint8)
-    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    outs = [torch.zeros(width, dtype=torch.uint8) for _ in sizes]
-    dist.all_gather(outs, buf, group=group)
-    return [json.loads(bytes(o[: int(k)].tolist()).decode()) for o, k in zip(outs, sizes)]
+    return [json.loads(b) for b in all_gather_bytes(json.dumps(obj).encode(), group=group)]
 
 
 class Broken:

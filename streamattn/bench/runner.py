@@ -42,9 +42,16 @@ class GroupExecutor:
         from . import tasks
 
         mine = getattr(tasks, fn)(self.rank, self.world, **kw)
-        out = [None] * self.world
-        self.dist.all_gather_object(out, mine)
-        return out
+        return self._all_gather_json(mine)
+
+    def _all_gather_json(self, obj) -> list:
+        """Every rank's `obj` (JSON over a bytes all-gather with a timeout: never pickle between
+        ranks; the tasks return JSON-able results, as they must for RankPool)."""
+        import json
+
+        from streamattn.topology.comm import all_gather_bytes
+
+        return [json.loads(b) for b in all_gather_bytes(json.dumps(obj).encode())]
 
 
 # ──────────────────────────────────────────────────────────────────────── configs

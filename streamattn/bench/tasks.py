@@ -486,6 +486,18 @@ def bench_limit(rank, world_size, *, shape, seed=0, iters=3):
     return res
 
 
+def group_topology(rank, world_size):
+    """The world group's topology as streamattn resolves it (declared, cached or probed;
+    collective): {"nodes", "ranks_per_node", "inter_bit_s" (None on one node), "source"}."""
+    from streamattn.topology import resolve_topology
+
+    t = resolve_topology(None)
+    nodes = len(set(t.node))
+    inter = t.inter.bandwidth_Bps * 8 if (t.inter is not None and nodes > 1) else None
+    return {"nodes": nodes, "ranks_per_node": world_size // max(1, nodes), "inter_bit_s": inter,
+            "source": (t.inter.source if t.inter is not None else t.provenance) or t.provenance}
+
+
 def trace_hook_cost(rank, world_size):
     """Seconds one disabled streamattn.trace hook costs in this process."""
     from streamattn import trace
