@@ -11,6 +11,16 @@ from streamattn.testing.cases import make_inputs
 from ..reference import rel_err
 
 
+def _rows_of(rank, world_size, lens, zigzag):
+    """x [B, S, ...] -> this rank's rows: its zigzag chunks, or its `lens[rank]` consecutive rows."""
+    if zigzag:
+        from streamattn.zigzag import zigzag_shard
+
+        return lambda x: zigzag_shard(x, rank, world_size)
+    from streamattn.sharding import shard
+
+    return lambda x: shard(x, lens, rank)
+
 def requires_grad_error(rank, world_size, *, seq=12, heads=4):
     """Calls streamattn.attention with q requiring grad; returns the error text (or None)."""
     lens = split_lengths(seq, world_size)
@@ -55,15 +65,7 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
                                                    dtype=torch.float64).to(q.dtype)
     rq, rk, rv, rj = reference_grads(q, k, v, joint, dout, djout, scale=scale, causal=causal,
                                      joint_strategy=joint_strategy)
-    if seq_layout == "zigzag":
-        from streamattn.zigzag import zigzag_shard
-        def take(x):
-            return zigzag_shard(x, rank, world_size)
-    else:
-        start = sum(lens[:rank])
-
-        def take(x):
-            return x[:, start : start + lens[rank]]
+    take = _rows_of(rank, world_size, lens, seq_layout == "zigzag")
     conv = (lambda t: t.transpose(1, 2).contiguous()) if layout == "bhsd" else (lambda t: t.contiguous())
     back = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
     ql, kl, vl = (conv(take(t)).requires_grad_() for t in (q, k, v))
@@ -349,16 +351,7 @@ def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).float()
     rq, rk, rv, _ = reference_grads(q, k, v, None, dout, None, scale=None, causal=causal,
                                     joint_strategy="front")
-    if ring_impl_type == "zigzag":
-        from streamattn.zigzag import zigzag_shard
-
-        def take(x):
-            return zigzag_shard(x, rank, world_size)
-    else:
-        start = sum(lens[:rank])
-
-        def take(x):
-            return x[:, start : start + lens[rank]]
+    take = _rows_of(rank, world_size, lens, ring_impl_type == "zigzag")
     ql, kl, vl = (take(t).clone().requires_grad_() for t in (q, k, v))
     shim.set_seq_parallel_pg(ulysses_degree, ring_degree, rank, world_size)
     out = shim.LongContextAttention(ring_impl_type=ring_impl_type)(ql, kl, vl, causal=causal)
