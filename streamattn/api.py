@@ -1,4 +1,4 @@
-"""`streamattn.attention`: the public op.
+"""The eager call behind `streamattn.attention` (streamattn.dispatch picks it for inference calls).
 
 Per call: local checks → (first call of a shape) metadata exchange, agreement check and plan →
 the plan's algorithm over the group's transport → output in the caller's layout.
