@@ -12,6 +12,7 @@ raise the same ValueError on every rank. This module imports nothing from the pa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -262,3 +263,23 @@ def probe_bytes() -> int:
 
 # Kept for callers of the old module constant.
 DEFAULT_TIMEOUT_S = SETTINGS["STREAMATTN_TIMEOUT_S"].default
+
+
+@contextlib.contextmanager
+def override(**values):
+    """Set (value str()-ed) or unset (value None) environment variables for the block, restoring
+    them after; settings are read at call time, so calls inside see the new values."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -30,7 +30,15 @@ import contextlib
 import time
 from typing import List, Optional
 
+from .tags import AGREEMENT
+
 KINDS = ("kernel", "merge", "pack", "post", "copy", "agree", "wait")
+
+
+def wait_kind(tag: int) -> str:
+    """The span kind of a wait on a message with `tag`: "agree" for the exchanges that agree on
+    what a call does (tags.AGREEMENT), "wait" for the call's data (whichever transport carries it)."""
+    return "agree" if tag in AGREEMENT else "wait"
 
 _rec: "Optional[Recorder]" = None
 now = time.perf_counter

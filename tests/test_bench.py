@@ -245,6 +245,17 @@ def test_trace_hooks_are_noops_when_off_and_cheap():
                                      "wait_inter", "other")) - 0.010) < 1e-9
 
 
+def _traced_usp_2x2(rank_pool, transport):
+    """Each rank's bench_call result for one traced USP 2x2 call (seq 256, 4 heads x 8) on 4 ranks
+    declared as 2 nodes x 2, after one checked call."""
+    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": transport})
+    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
+    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
+           "ring_degree": 2}
+    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
+    return pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+
+
 def test_traced_call_breakdown_adds_up_and_bytes_equal_the_schedule(rank_pool):
     """A traced USP 2x2 call on 4 ranks (declared 2 nodes): every rank records kernel spans and
     waits on the peers the schedule says it receives from; spans never exceed the rank's own time;
@@ -253,12 +264,7 @@ def test_traced_call_breakdown_adds_up_and_bytes_equal_the_schedule(rank_pool):
     (USP's ring over Ulysses 4x1) does not match."""
     from streamattn import trace
 
-    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "torch"})
-    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
-    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
-           "ring_degree": 2}
-    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
-    res = pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+    res = _traced_usp_2x2(rank_pool, "torch")
     want = expected_bytes("usp", 2, 2, seq=256, heads=4, head_dim=8, ranks_per_node=2)
     assert [r["bytes"] for r in res] == want
     assert [r["bytes"] for r in res] != expected_bytes("ulysses", 4, 1, seq=256, heads=4, head_dim=8,
@@ -284,12 +290,7 @@ def test_shm_transport_files_inter_node_waits_as_waits(rank_pool):
     against made a 200 Mbit/s run's breakdown show 80 ms of "agree" and 0 ms of wait_inter."""
     from streamattn import trace
 
-    pool = rank_pool(4, env={"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "shm"})
-    shape = {"seq": 256, "heads": 4, "head_dim": 8, "joint_len": 0, "batch": 1, "dtype": "float32"}
-    cfg = {"name": "usp 2x2", "kind": "streamattn", "algorithm": "usp", "ulysses_degree": 2,
-           "ring_degree": 2}
-    pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", check=True)
-    res = pool.run("streamattn.bench.tasks:bench_call", shape=shape, cfg=cfg, mode="full", trace=True)
+    res = _traced_usp_2x2(rank_pool, "shm")
     for rank, r in enumerate(res):
         inter_waits = {s[3] for s in r["spans"] if s[0] == "wait" and s[4]}
         assert inter_waits == {rank ^ 2}, (rank, inter_waits)  # the ring partner on the other node

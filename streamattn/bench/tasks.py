@@ -33,6 +33,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from ..config import override
 from ..reference import rel_err
 from ..sharding import split_lengths
 
@@ -309,23 +310,6 @@ class _Counters:
         return _transport().counters.as_dict()
 
 
-@contextlib.contextmanager
-def _autotune(reps):
-    """STREAMATTN_AUTOTUNE=reps for the calls inside (an agreed setting: every rank sets it)."""
-    if not reps:
-        yield
-        return
-    prev = os.environ.get("STREAMATTN_AUTOTUNE")
-    os.environ["STREAMATTN_AUTOTUNE"] = str(reps)
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop("STREAMATTN_AUTOTUNE", None)
-        else:
-            os.environ["STREAMATTN_AUTOTUNE"] = prev
-
-
 def _last_entry():
     from streamattn import api
 
@@ -357,8 +341,10 @@ def _run_streamattn(st, cfg, mode, check):
     if joint is not None:
         kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy="front")
     if mode == "full" or ckey not in st["plans"]:
-        with _forced_auto(cfg.get("force_auto")), _autotune(cfg.get("autotune", 0)):
-            if cfg.get("autotune") and ckey not in st["plans"]:
+        tune = cfg.get("autotune")  # an agreed setting: every rank runs this configuration alike
+        with _forced_auto(cfg.get("force_auto")), (override(STREAMATTN_AUTOTUNE=tune) if tune
+                                                   else contextlib.nullcontext()):
+            if tune and ckey not in st["plans"]:
                 for _ in range(64):  # its trial calls, in the configuration's first (warm-up) call
                     streamattn.attention(ql, kl, vl, **kw)
                     if not api.tunings.active:

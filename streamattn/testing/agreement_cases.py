@@ -2,38 +2,17 @@
 shapes repeat on some ranks only, settings that differ between ranks, invalid settings."""
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch.distributed as dist
 
 import streamattn
 
+from ..config import override
 from ..reference import rel_err
-
 from ..sharding import shard, split_lengths
 
 from .cases import make_inputs
-
-
-@contextlib.contextmanager
-def env(**values):
-    """Set (value str) or unset (value None) environment variables for the block."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _call(rank, world_size, seq, *, heads=4, kv_heads=None, head_dim=8, seed=0, group=None,
@@ -55,7 +34,7 @@ def shape_sequence(rank, world_size, *, seqs, algorithm="auto", timeout_s=10):
     17/17/17/16, so rank 3 sees a local shape it has seen before and the others do not).
     Returns every call's error; a hang shows as a PeerTimeoutError after timeout_s."""
     errs = []
-    with env(STREAMATTN_TIMEOUT_S=timeout_s):
+    with override(STREAMATTN_TIMEOUT_S=timeout_s):
         for i, s in enumerate(seqs):
             errs.append(_call(rank, world_size, s, seed=100 + i, algorithm=algorithm))
     return {"errs": errs}
@@ -71,8 +50,8 @@ def settings_mismatch(rank, world_size, *, name, value, on_rank, transport=None,
         common.pop(name)
     t0 = time.monotonic()
     result = {"type": None, "error": None}
-    with env(**common):
-        with env(**({name: value} if rank == on_rank else {})):
+    with override(**common):
+        with override(**({name: value} if rank == on_rank else {})):
             try:
                 _call(rank, world_size, seq, heads=heads, group=group, algorithm=algorithm)
             except Exception as exc:
@@ -141,6 +120,6 @@ def plan_settings(rank, world_size, *, kernel):
     """One call with STREAMATTN_KERNEL=kernel; returns the settings its Plan recorded (JSON)."""
     from streamattn import api
 
-    with env(STREAMATTN_KERNEL=kernel):
+    with override(STREAMATTN_KERNEL=kernel):
         err = _call(rank, world_size, 12 * world_size + 1)
     return {"err": err, "settings": api.last_plan()[1].to_dict()["settings"]}

@@ -1,7 +1,6 @@
 """Rank tasks for tests/test_autotune.py: STREAMATTN_AUTOTUNE on real process groups."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -9,6 +8,7 @@ import torch
 import streamattn
 from streamattn import api
 
+from ..config import override
 from ..reference import reference_attention, rel_err
 from ..sharding import shard, split_lengths
 from .cases import make_inputs
@@ -34,19 +34,18 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
             time.sleep(delay)
         return real(plan, *a, **kw)
 
-    os.environ["STREAMATTN_AUTOTUNE"] = str(reps)
     api.run_plan = recording
     errs = []
     try:
-        for _ in range(calls):
-            out, jout = streamattn.attention(ql, kl, vl, joint_q=joint[0], joint_k=joint[1],
-                                             joint_v=joint[2])
-            errs.append(max(rel_err(out, shard(ref, lens, rank)), rel_err(jout, jref)))
+        with override(STREAMATTN_AUTOTUNE=reps):
+            for _ in range(calls):
+                out, jout = streamattn.attention(ql, kl, vl, joint_q=joint[0], joint_k=joint[1],
+                                                 joint_v=joint[2])
+                errs.append(max(rel_err(out, shard(ref, lens, rank)), rel_err(jout, jref)))
         _, plan = api.last_plan(None)
         tuning_left = len(api.tunings.active)
     finally:
         api.run_plan = real
-        os.environ.pop("STREAMATTN_AUTOTUNE", None)
     return {"ran": ran, "errs": errs, "final": f"{plan.algorithm} {plan.ulysses_degree}x"
             f"{plan.torus_degree}x{plan.ring_degree}/{plan.chunks}", "reason": plan.reason,
             "tuning_left": tuning_left}

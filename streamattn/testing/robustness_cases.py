@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import streamattn
 
+from ..config import override
 from ..reference import rel_err
 
 from ..sharding import shard, split_lengths
@@ -258,17 +259,10 @@ def probe_cached(rank, world_size, *, cache_dir, timeout_s=20):
     provenance and node map, or the error, and how long it took."""
     from streamattn.topology import probe
 
-    old = {k: os.environ.get(k) for k in ("STREAMATTN_CACHE_DIR", "STREAMATTN_PROBE_BYTES")}
-    os.environ.update(STREAMATTN_CACHE_DIR=cache_dir, STREAMATTN_PROBE_BYTES=str(1 << 16))
     t0 = time.monotonic()
-    try:
-        t = probe(timeout_s=timeout_s)
-        return {"provenance": t.provenance, "node": list(t.node), "seconds": time.monotonic() - t0}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - t0}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with override(STREAMATTN_CACHE_DIR=cache_dir, STREAMATTN_PROBE_BYTES=1 << 16):
+        try:
+            t = probe(timeout_s=timeout_s)
+            return {"provenance": t.provenance, "node": list(t.node), "seconds": time.monotonic() - t0}
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - t0}

@@ -160,8 +160,9 @@ class StreamOrderedTransport(NodeHeapTransport):
     NvshmemDeviceOps; heap_factory: ShmHeap or NvshmemHeap."""
 
     def __init__(self, base, heap_factory, ops_cls, slot_bytes=None):
-        n = sum(1 for r in range(base.size) if base.node_of[r] == base.node_of[base.rank])
-        super().__init__(base, heap_factory, DEPTH, 2 * n * DEPTH, DEVICE_BOOTSTRAP, slot_bytes)
+        # per member: DEPTH data counters on the receiver, DEPTH ack counters on the producer
+        super().__init__(base, heap_factory, DEPTH, 2 * DEPTH, DEVICE_BOOTSTRAP, slot_bytes)
+        n = len(self.members)
         self.ops = ops_cls(self, self.heap)
         self.steps_out = [0] * n  # chunks sent to / received from each member, never reset
         self.steps_in = [0] * n

@@ -19,10 +19,11 @@ class NodeHeapTransport(Transport):
     """Transport over a symmetric heap among the ranks of this node, `base` for the rest.
 
     heap_factory(index, members, data_bytes, signal_slots, all_gather_text, barrier) builds the
-    heap (ShmHeap or NvshmemHeap); `data_bytes` is members x depth x slot_bytes.
+    heap (ShmHeap or NvshmemHeap); `data_bytes` is members x depth x slot_bytes, `signal_slots`
+    members x signals_per_member.
     """
 
-    def __init__(self, base, heap_factory, depth: int, signal_slots: int, bootstrap_tag: int,
+    def __init__(self, base, heap_factory, depth: int, signals_per_member: int, bootstrap_tag: int,
                  slot_bytes=None):
         self.base = base
         self.rank, self.size, self.device = base.rank, base.size, base.device
@@ -37,7 +38,7 @@ class NodeHeapTransport(Transport):
             slot_bytes = shm_slot_bytes()
         self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)  # whole cache lines
         self.heap = heap_factory(self.local_index[self.rank], n, n * depth * self.slot_bytes,
-                                 signal_slots, self.all_gather_text, self.barrier)
+                                 n * signals_per_member, self.all_gather_text, self.barrier)
 
     @property
     def node_of(self):

@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from ..tags import AGREEMENT, SHM_BOOTSTRAP
+from ..tags import SHM_BOOTSTRAP
 from .. import trace
 from ..errors import PeerError, PeerTimeoutError
 from .base import Pending
@@ -58,7 +58,7 @@ class _OneSidedPending(Pending):
         # Metadata-sized exchanges (the per-call signature) yield instead of sleeping for their
         # first TINY_YIELD_S: a backoff sleep would add up to 1 ms to every call.
         self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
-        self.span_kind = "wait"  # "agree" for the agreement tags (tags.AGREEMENT)
+        self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
 
     def wait(self):
         t = self.t
@@ -144,8 +144,8 @@ class OneSidedTransport(NodeHeapTransport):
     name = "onesided"
 
     def __init__(self, base, heap_factory, slot_bytes=None):
-        n = sum(1 for r in range(base.size) if base.node_of[r] == base.node_of[base.rank])
-        super().__init__(base, heap_factory, DEPTH, 2 * n, SHM_BOOTSTRAP, slot_bytes)
+        super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes)  # ready, credit
+        n = len(self.members)
         self.oversubscribed = n > _cores()
         self.sent = [0] * n
         self.recvd = [0] * n
@@ -167,7 +167,7 @@ class OneSidedTransport(NodeHeapTransport):
                 msgs.append(m)
             self._progress()  # puts whatever fits now: the data is in the peer's memory before compute
         pending = _OneSidedPending(self, msgs, remote)
-        pending.span_kind = "agree" if tag in AGREEMENT else "wait"
+        pending.span_kind = trace.wait_kind(tag)
         return pending
 
     def _progress(self) -> bool:

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..tags import AGREEMENT, FAIL
+from ..tags import FAIL
 from .. import trace
 from ..config import wait_timeout_s
 from ..errors import PeerError, PeerTimeoutError
@@ -48,7 +48,7 @@ class _TorchPending(Pending):
         self.works = works  # [(peer, "send"|"recv", work)]
         self.tag = tag
         self.start = time.monotonic()
-        self.span_kind = "wait"  # "agree" for the agreement tags (tags.AGREEMENT)
+        self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
 
     def wait(self) -> None:
         limit = self.transport.timeout
@@ -244,7 +244,7 @@ class TorchTransport(Transport):
             return self._exchange_batched(sends, recvs, tag)
         with trace.span("post"):
             pending = self._post(sends, recvs, tag, count)
-        pending.span_kind = "agree" if tag in AGREEMENT else "wait"
+        pending.span_kind = trace.wait_kind(tag)
         return pending
 
     def _post(self, sends, recvs, tag, count):
