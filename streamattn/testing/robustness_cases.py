@@ -87,10 +87,8 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
     lens = split_lengths(seq, world_size)
     ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     ref = shard(streamattn.reference_attention(q, k, v), lens, rank)
-    old = os.environ.get("STREAMATTN_TRANSPORT")
-    os.environ["STREAMATTN_TRANSPORT"] = transport
     marks, worst = {"transports_before": len(api.group_transports)}, 0.0
-    try:
+    with override(STREAMATTN_TRANSPORT=transport):
         warm = max(1, min(50, cycles // 10))
         for i in range(cycles):
             g = dist.new_group(list(range(world_size)))
@@ -107,11 +105,6 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
         gc.collect()
         marks["end"] = {"rss": _rss(), "fds": _fds(), "shm_maps": _maps_shm(),
                         "transports": len(api.group_transports)}
-    finally:
-        if old is None:
-            os.environ.pop("STREAMATTN_TRANSPORT", None)
-        else:
-            os.environ["STREAMATTN_TRANSPORT"] = old
     marks["err"] = worst
     marks["cycles"] = cycles
     return marks
@@ -128,9 +121,7 @@ def random_soak(rank, world_size, *, calls, seed=0, check_every=5, max_seq=4097,
     algos = ["auto", "ring", "ulysses", "usp"]
     worst, checked, done = {}, 0, 0
     t_start = time.monotonic()
-    saved = os.environ.get("STREAMATTN_TIMEOUT_S")
-    os.environ["STREAMATTN_TIMEOUT_S"] = str(timeout_s)
-    try:
+    with override(STREAMATTN_TIMEOUT_S=timeout_s):
         for i in range(calls):
             S = rng.randint(1, max_seq) if rng.random() < 0.5 else rng.randint(1, 64)
             cuts = sorted(rng.randint(0, S) for _ in range(world_size - 1))
@@ -157,11 +148,6 @@ def random_soak(rank, world_size, *, calls, seed=0, check_every=5, max_seq=4097,
             if res is not None:
                 checked += 1
                 worst[dtype] = max(worst.get(dtype, 0.0), res)
-    finally:
-        if saved is None:
-            os.environ.pop("STREAMATTN_TIMEOUT_S", None)
-        else:
-            os.environ["STREAMATTN_TIMEOUT_S"] = saved
     return {"calls": done, "checked": checked, "worst": worst,
             "seconds": time.monotonic() - t_start}
 
