@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement, algorithms, autotune, tags
-from .config import ulysses_chunks_override
+from .config import joint_fold_mode, ulysses_chunks_override
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
@@ -194,6 +194,15 @@ def needs_grad(*tensors) -> bool:
 
 
 def run_plan(plan, transport, problem, q, k, v, joint):
+    """(out, joint_out or None) of `plan` on this rank's bshd shard (forward, no LSE)."""
+    if plan.joint_fold and joint is not None:
+        return algorithms.folded_attention(
+            lambda p, fq, fk, fv: _run_algorithm(plan, transport, p, fq, fk, fv, None),
+            transport, problem, q, k, v, joint)
+    return _run_algorithm(plan, transport, problem, q, k, v, joint)
+
+
+def _run_algorithm(plan, transport, problem, q, k, v, joint):
     if problem.zigzag:
         return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint)
     if plan.algorithm == "ulysses":
@@ -357,7 +366,7 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
                              f"rank; algorithm={algorithm!r} is not available with it")
     plan = make_plan(problem, transport.topology, algorithm=algorithm,
                      ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                     **_agreed_rates(transport, problem))
+                     joint_fold=joint_fold_mode(), **_agreed_rates(transport, problem))
     ran_with = tuple(sorted((k, str(v)) for k, v in agreement.Settings().values.items()))
     plan = dataclasses.replace(plan, transport=choose_transport(transport, problem), settings=ran_with)
     log.debug("streamattn plan for %s: %s", problem, plan)

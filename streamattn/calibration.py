@@ -107,7 +107,7 @@ def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.
 # shape each candidate runs, in every rank at the same moment (the first call of a shape, right
 # after the metadata exchange), and uses rank 0's numbers (see `agreed_block_times`).
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: windowed means (2 held best-of-a-few times)
 Shape = Tuple[int, int, int, int, int]  # (batch, heads, query rows, key rows, head dim)
 
 
@@ -127,13 +127,20 @@ def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
 
 
 MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows
+WINDOW_S = 0.02  # a shape is timed over at least this long: see time_block
 
 
-def time_block(shape: Shape, dtype, reps: int = 3) -> float:
+def time_block(shape: Shape, dtype, window_s: float = WINDOW_S) -> float:
     """Seconds of one `kernels.attention_with_lse` call on `shape`, in this process with its
-    current thread count: best of `reps` after one warm-up (fewer when a call takes > 50 ms), on at
-    most MAX_ROWS query rows, scaled linearly to all of them (so planning a long sequence does not
-    cost several of its own calls)."""
+    current thread count: one warm-up call, then calls back to back until `window_s` has passed,
+    their mean; on at most MAX_ROWS query rows, scaled linearly to all of them (so planning a long
+    sequence does not cost several of its own calls).
+
+    Why a window and a mean, not the best of a few calls: on an oversubscribed CPU (an emulated
+    cluster: 8 ranks on 2 cores) a call shorter than a scheduler slice often runs while the other
+    ranks are descheduled, and the best of a few such calls is the rate of a rank that has a core
+    to itself -- 3-4x faster than what every rank gets while all compute at once. A window of
+    several slices, in every rank at the same moment, sees the share each rank really gets."""
     from .kernels import attention_with_lse
 
     B, h, sq, sk, D = shape
@@ -142,15 +149,15 @@ def time_block(shape: Shape, dtype, reps: int = 3) -> float:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, h, rows, D, generator=g).to(dt)
     k, v = (torch.randn(B, h, sk, D, generator=g).to(dt) for _ in range(2))
-    t0 = time.perf_counter()
     attention_with_lse(q, k, v, scale=D ** -0.5)
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(reps if first < 0.05 else 1):
-        t0 = time.perf_counter()
+    calls, t0 = 0, time.perf_counter()
+    while True:
         attention_with_lse(q, k, v, scale=D ** -0.5)
-        best = min(best, time.perf_counter() - t0)
-    return best * sq / rows
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= window_s:
+            break
+    return elapsed / calls * sq / rows
 
 
 def _machine_key(concurrent: int) -> str:
@@ -178,7 +185,8 @@ def cache_path(concurrent: int) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(d)), f"calibration-{_machine_key(concurrent)}.json")
 
 
-def _entry(shape: Shape, dtype) -> str:
+def cache_entry(shape: Shape, dtype) -> str:
+    """The cache's key of one shape and dtype, e.g. ``'1,6,1024,1024,32:float32'``."""
     return ",".join(map(str, shape)) + ":" + str(as_dtype(dtype)).replace("torch.", "")
 
 
@@ -221,15 +229,15 @@ def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
 def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
                 rounds: int = 2) -> Tuple[list, Dict[str, float]]:
     """Seconds of one kernel call on each shape: from this machine's cache, else measured now,
-    the missing shapes interleaved over `rounds` rounds (best per shape), so load that comes and
+    the missing shapes interleaved over `rounds` rounds (the best window per shape), so load that comes and
     goes while calibrating biases no shape against another. Returns (times, newly measured
     {entry: seconds})."""
     cached = load_cache(concurrent) if use_cache else {}
-    todo = [s for s in dict.fromkeys(shapes) if _entry(s, dtype) not in cached]
+    todo = [s for s in dict.fromkeys(shapes) if cache_entry(s, dtype) not in cached]
     new: Dict[str, float] = {}
     for _ in range(max(1, rounds)):
         for s in todo:
-            key = _entry(s, dtype)
-            new[key] = min(new.get(key, float("inf")), time_block(s, dtype, reps=1))
+            key = cache_entry(s, dtype)
+            new[key] = min(new.get(key, float("inf")), time_block(s, dtype))
     cached.update(new)
-    return [cached[_entry(s, dtype)] for s in shapes], new
+    return [cached[cache_entry(s, dtype)] for s in shapes], new

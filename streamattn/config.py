@@ -93,6 +93,11 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 0,
             "head groups Ulysses pipelines over (1: one all-to-all; unset or 0: the plan's choice)",
             low=0, high=1024, agreed=True),
+    Setting("STREAMATTN_JOINT_FOLD", "choice", "auto",
+            "joint (text) tokens folded into the sharded sequence (algorithms/joint_fold.py, "
+            "non-causal inference calls): auto (the planner's choice, algorithm='auto' only), "
+            "always (whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
+            agreed=True),
     Setting("STREAMATTN_AUTOTUNE", "int", 0,
             "measure-and-pick: with N > 0, the first calls of a shape run the planner's top "
             "candidates N times each and keep the fastest (slowest rank, median); 0: the prediction",
@@ -202,6 +207,11 @@ def ulysses_chunks() -> int:
 def ulysses_chunks_override():
     """STREAMATTN_ULYSSES_CHUNKS when set (it forces the chunk count), else None: the plan's."""
     return ulysses_chunks() or None
+
+
+def joint_fold_mode() -> str:
+    """STREAMATTN_JOINT_FOLD: "auto", "always" or "never" (planner.make_plan's joint_fold)."""
+    return get("STREAMATTN_JOINT_FOLD")
 
 
 def alltoall_mode() -> str:

@@ -47,7 +47,7 @@ from .calibration import (measure_cpu_memory_bandwidth, measure_cpu_rate, resolv
 from .datasheet import DEVICE_MEMORY_BW  # noqa: F401
 from .plan import Candidate, Step
 from .schedule import (Msg, Phase, acc_bytes, as_dtype, attention_flops, bytes_sent, call_flops,  # noqa: F401
-                       chunk_problem, consecutive_groups, dtype_bytes, groups_contiguous, merge_bytes,
+                       chunk_problem, consecutive_groups, fold_phases, folded_problem, dtype_bytes, groups_contiguous, merge_bytes,
                        messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
 from .topology import Link, LinkKind, Topology
 
@@ -181,9 +181,27 @@ class CostModel:
                          tuple(sorted(kinds.items())), tuple(steps))
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
-             torus_degree: Optional[int] = None, chunks: int = 1) -> Candidate:
+             torus_degree: Optional[int] = None, chunks: int = 1, fold: bool = False) -> Candidate:
         """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
-        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked)."""
+        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked;
+        fold: the joint tokens folded into the sequence, schedule.folded_problem -- the folding
+        copy and the joint output all-gather are blocking steps around the folded plan)."""
+        if fold:
+            inner = self.cost(folded_problem(problem), algorithm, u, groups, placement, torus_degree,
+                              chunks)
+            pre, post = fold_phases(problem)
+            cache: Dict[tuple, tuple] = {}
+            (s0, c0, m0, b0), (s1, c1, m1, b1) = (self._blocking(p, cache) for p in (pre, post))
+            steps = (s0,) + inner.steps + (s1,)
+            kinds = defaultdict(int, dict(inner.bytes_by_kind))
+            for k, n in self.comm_time(post.msgs)[2].items():
+                kinds[k] += n
+            worst = max([(inner.comm_s, inner.bottleneck), (m1, f"{post.name}: {b1}")], key=lambda x: x[0])
+            return dataclasses.replace(inner, predicted_s=sum(s.time_s for s in steps),
+                                       compute_s=inner.compute_s + c0 + c1,
+                                       comm_s=inner.comm_s + m1, bottleneck=worst[1] if worst[0] > 0 else "",
+                                       bytes_by_kind=tuple(sorted(kinds.items())), steps=steps,
+                                       joint_fold=True)
         if chunks > 1:
             return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":

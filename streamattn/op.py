@@ -28,6 +28,8 @@ rank. `stale_kv` has no backward (it raises when a gradient is required).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 import torch
@@ -98,8 +100,11 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
     causal = "zigzag" if zigzag and causal else causal
     err = check_local(q, k, v, "bshd", causal, scale, *(joint or (None, None, None)),
                       joint_strategy, algorithm, u or None, r or None)
-    return api.plan_call(group, err, q, k, "bshd", causal, scale, joint, joint_strategy, algorithm,
-                         u or None, r or None)
+    transport, problem, plan = api.plan_call(group, err, q, k, "bshd", causal, scale, joint,
+                                             joint_strategy, algorithm, u or None, r or None)
+    # the folded joint schedule (algorithms/joint_fold.py) has no backward: the op runs the same
+    # factorization with the replicated joint steps, forward and backward alike
+    return transport, problem, dataclasses.replace(plan, joint_fold=False)
 
 
 def _forward(plan, transport, problem, q, k, v, joint):

@@ -67,6 +67,7 @@ class Candidate:
     bytes_by_kind: Tuple[Tuple[str, int], ...] = ()
     steps: Tuple[Step, ...] = ()
     chunks: int = 1  # Ulysses pipelined over this many head groups (ulysses.py _pipelined)
+    joint_fold: bool = False  # the joint tokens folded into the sequence (schedule.folded_problem)
 
     @property
     def valid(self) -> bool:
@@ -124,6 +125,9 @@ class Plan:
     context: str = field(default="", compare=False, repr=False)
     torus_degree: int = 1
     chunks: int = 1  # Ulysses only: head groups whose all-to-alls pipeline with their attention
+    # the joint (text) tokens join the sharded sequence, their output rows all-gathered afterwards
+    # (algorithms/joint_fold.py); forward only: the op's backward runs the replicated schedule
+    joint_fold: bool = False
     # ((name, value), ...): the agreed STREAMATTN_* settings the call ran with (kernel, Triton,
     # slot size, topology, ...; config.py, agreed=True), set by the api; empty for make_plan's plans
     settings: tuple = field(default=(), compare=False)
@@ -135,6 +139,7 @@ class Plan:
             "ring_degree": self.ring_degree,
             "torus_degree": self.torus_degree,
             "chunks": self.chunks,
+            "joint_fold": self.joint_fold,
             "groups": [list(g) for g in self.groups],
             "transport": self.transport,
             "predicted_s": self.predicted_s,
@@ -186,7 +191,8 @@ class Plan:
         extra = f", predicted {self.predicted_s * 1e3:.3g} ms" if self.predicted_s is not None else ""
         torus = f" x torus={self.torus_degree}" if self.torus_degree > 1 else ""
         torus += f" in {self.chunks} chunks" if self.chunks > 1 else ""
-        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}, "
+        fold = ", joint folded" if self.joint_fold else ""
+        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}{fold}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 
 
@@ -228,12 +234,13 @@ def torus_degree(c: Candidate) -> int:
 
 
 def label(c: Candidate) -> str:
+    fold = ", joint folded" if c.joint_fold else ""
     if c.chunks > 1:
-        return f"{c.label} in {c.chunks} chunks"
+        return f"{c.label} in {c.chunks} chunks{fold}"
     if c.algorithm == "torus":
         return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
-                f"[{c.placement}]")
-    return c.label
+                f"[{c.placement}]{fold}")
+    return c.label + fold
 
 
 def _ms(s: Optional[float]) -> str:
@@ -265,7 +272,7 @@ def explain_plan(plan: Plan) -> str:
     def chosen(c):
         return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
                 and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
-                and c.predicted_s == plan.predicted_s)
+                and c.joint_fold == plan.joint_fold and c.predicted_s == plan.predicted_s)
 
     for c in plan.candidates:
         mark = "* " if chosen(c) else "  "
@@ -313,7 +320,7 @@ def explain_plan(plan: Plan) -> str:
 
 
 def _placement(c) -> str:
-    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "")
+    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "") + (" +fold" if c.joint_fold else "")
 
 
 def _same(a, b) -> bool:

@@ -20,14 +20,15 @@ metadata all-gather and every rank passes it as compute_rate), or have rank 0 pl
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Dict, List, Optional, Union
 
-from .calibration import block_shape, block_times, save_cache
+from .calibration import block_shape, block_times, cache_entry, save_cache
 from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
                         resolve_memory_bandwidth, resolve_rate)
-from .schedule import attention_flops, chunks_valid
+from .schedule import attention_flops, can_fold, chunks_valid, folded_problem
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import Topology
@@ -76,6 +77,8 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
                         if chunks_valid(problem, u, c)]
     if not getattr(problem, "zigzag", False):
         out += torus_candidates(problem, topology)
+    if can_fold(problem):  # each runnable candidate again with the joint tokens folded in
+        out += [dataclasses.replace(c, joint_fold=True) for c in out if not c.dropped]
     return out
 
 
@@ -107,7 +110,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
               compute_rate: Optional[float] = None,
               memory_bandwidth: Optional[float] = None,
-              block_rates: Optional[Dict[tuple, float]] = None) -> Plan:
+              block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto") -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -120,8 +123,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     LSE merges); default from the device table in costmodel, measured on CPU topologies.
     block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
-    that rate instead of compute_rate."""
+    that rate instead of compute_rate. joint_fold: "auto" (candidates with the joint tokens
+    folded into the sequence compete when algorithm="auto" and no degree is forced), "always"
+    (only folded candidates when the problem can fold: non-causal, joint tokens, contiguous) or
+    "never" (STREAMATTN_JOINT_FOLD)."""
     topology = _topology(topology)
+    if joint_fold not in ("auto", "always", "never"):
+        raise ValueError(f"streamattn: joint_fold={joint_fold!r}: expected 'auto', 'always' or 'never'")
+    folding = can_fold(problem) and joint_fold != "never"
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
         raise ValueError(f"topology {topology.name!r} describes {topology.world_size} ranks but the "
@@ -154,10 +163,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     model = CostModel(topology, rate, mbw)
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
+        # folded twins only when folding is on; with "always" the replicated candidates stay
+        # only to show why they were dropped
+        if not folding if c.joint_fold else (folding and joint_fold == "always" and not c.dropped):
+            continue
         if not c.dropped:
             model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
-                           torus_degree=torus_degree(c), chunks=c.chunks)
+                           torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold)
         cands.append(c)
     model.rate = rate
 
@@ -175,6 +188,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         ring_degree = 1
 
     def allowed(c: Candidate) -> bool:
+        if c.joint_fold and joint_fold == "auto" and (algorithm != "auto" or u_forced is not None):
+            return False  # a forced choice keeps the joint steps unless folding is asked for
         if torus:
             return (c.algorithm == "torus" and torus_u in (None, c.ulysses_degree)
                     and ring_degree in (None, c.ring_degree))
@@ -225,7 +240,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
                 context=_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates),
-                torus_degree=torus_degree(best), chunks=best.chunks)
+                torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold)
 
 
 def _calibrated(block_rates) -> str:
@@ -238,7 +253,8 @@ def _calibrated(block_rates) -> str:
 
 def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     """The kernel block shape candidate `c` runs (calibration.block_shape)."""
-    return block_shape(problem, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
+    p = folded_problem(problem) if c.joint_fold else problem
+    return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
 
 
 def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
@@ -251,19 +267,23 @@ def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
     """{"block_rates": {shape: FLOP/s}} for make_plan, identical on every rank: every rank times
     the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
-    the real call), or reads this machine's cache, and all take rank 0's numbers; rank 0 caches
-    what it measured (calibration.save_cache). Collective over the group."""
+    the real call), or reads this machine's cache, and all take the mean over the ranks (a rank
+    that finished its windows early let the last one time its final shapes with a core to spare;
+    the mean evens that out); rank 0 caches the agreed times of the shapes it measured
+    (calibration.save_cache). Collective over the group."""
     import torch
 
     shapes = calibration_shapes(problem, topology)
     if not shapes:
         return {}
     times, new = block_times(shapes, problem.dtype, transport.size)
-    theirs = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)[0]
+    every = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)
+    agreed = torch.stack(every).mean(dim=0).tolist()
     if transport.rank == 0 and new:
-        save_cache(transport.size, new)
+        save_cache(transport.size, {k: t for s, t in zip(shapes, agreed)
+                                    if (k := cache_entry(s, problem.dtype)) in new})
     rates = {}
-    for s, t in zip(shapes, theirs.tolist()):
+    for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
     return {"block_rates": rates}

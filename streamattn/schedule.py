@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .algorithms.ulysses import head_ranges
+from .sharding import can_fold, fold_lengths, folded_problem  # noqa: F401 (re-exported)
 from .topology import Topology
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -245,6 +246,32 @@ def phases(problem, u: int, groups) -> List[Phase]:
             mem = {m: 2 * e * B * T * H * D for gi, j, m in members}
             phases.append(Phase(f"Ulysses all-gather of joint output (u={u})", msgs, {}, mem=mem))
     return phases
+
+
+# ------------------------------------------------------------------------ joint tokens folded
+# The replicated text tokens can instead join the sharded sequence: rank r takes fold_lengths[r] of
+# the T text rows as extra tokens of its shard, the plan runs plain (joint-free) attention over
+# S + T tokens, and each rank's text rows of the output are all-gathered so that every rank returns
+# the whole joint output, as the replicated schedule does. Exact for non-causal attention (the keys'
+# order does not matter); it trades the replicated schedule's joint steps (joint K/V attended
+# separately, joint (out, lse) partials gathered over the ring, the joint output gathered over the
+# Ulysses group) for one all-gather of the joint output and text rows that travel with the image
+# rows -- fewer blocking steps and the text work spread evenly.
+
+def fold_phases(problem) -> Tuple[Phase, Phase]:
+    """(before, after) the folded plan: each rank concatenates its text rows to its q, k, v (read +
+    write); afterwards every rank sends its text rows of the output, B*t_r*H*D elements, to every
+    other rank and concatenates the T rows (read + write)."""
+    B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
+    e, P = dtype_bytes(problem.dtype), problem.world_size
+    lens = fold_lengths(problem)
+    seq = folded_problem(problem).seq_lens
+    pre = Phase("fold the joint rows into the local shard", [], {},
+                mem={m: 2 * e * B * seq[m] * (H + 2 * Hk) * D for m in range(P)})
+    msgs = [(a, b, B * lens[a] * H * D * e) for a in range(P) for b in range(P) if a != b and lens[a]]
+    post = Phase("all-gather of the folded joint output", msgs, {},
+                 mem={m: 2 * e * B * problem.joint_len * H * D for m in range(P)})
+    return pre, post
 
 
 # ---------------------------------------------------------------------------------- torus
@@ -467,12 +494,19 @@ def torus_messages(parts: TorusParts) -> List[Tuple[str, List[Msg]]]:
 
 
 def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
-             chunks: int = 1) -> List[Tuple[str, List[Msg]]]:
+             chunks: int = 1, fold: bool = False) -> List[Tuple[str, List[Msg]]]:
     """(step name, [(src, dst, nbytes)]) for every communication step, in order.
     torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
     groups x*t .. x*t+t-1; ring factor r = len(groups) / t). chunks > 1 (pure Ulysses): every
     step of each head-group chunk (chunk_problem), chunk by chunk (same messages and bytes as the
-    code, which posts every chunk's scatter first)."""
+    code, which posts every chunk's scatter first). fold: the joint tokens folded into the
+    sequence (folded_problem, then the joint output all-gather)."""
+    if fold:
+        if not can_fold(problem):
+            raise ValueError("no joint tokens to fold (or causal / zigzag attention)")
+        post = fold_phases(problem)[1]
+        return (messages(folded_problem(problem), u, groups, torus_degree, chunks)
+                + [(post.name, list(post.msgs))])
     if chunks > 1 and chunks_valid(problem, u, chunks):
         sub = [(p.name, list(p.msgs)) for p in phases(chunk_problem(problem, chunks), u, groups) if p.msgs]
         out = []
@@ -484,10 +518,11 @@ def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
     return [(p.name, list(p.msgs)) for p in phases(problem, u, groups) if p.msgs]
 
 
-def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None, chunks: int = 1) -> List[int]:
+def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None, chunks: int = 1,
+               fold: bool = False) -> List[int]:
     """Exact payload bytes every rank sends in one forward call."""
     out = [0] * problem.world_size
-    for _, msgs in messages(problem, u, groups, torus_degree, chunks):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold):
         for a, _, n in msgs:
             out[a] += n
     return out
@@ -510,21 +545,22 @@ def chunks_valid(problem, u: int, chunks: int) -> bool:
 
 
 def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,
-                   chunks: int = 1) -> List[Dict[str, int]]:
+                   chunks: int = 1, fold: bool = False) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call: what the transport byte counters of
     the execution must read (a message is inter-node when node_of[src] != node_of[dst])."""
     out = [{"intra": 0, "inter": 0, "messages": 0} for _ in range(problem.world_size)]
-    for _, msgs in messages(problem, u, groups, torus_degree, chunks):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold):
         for a, b, n in msgs:
             out[a]["inter" if node_of[a] != node_of[b] else "intra"] += n
             out[a]["messages"] += 1
     return out
 
 
-def node_ingress_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None) -> Dict[int, int]:
+def node_ingress_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,
+                       fold: bool = False) -> Dict[int, int]:
     """Bytes every node receives from other nodes in one call (the wire half of the limit)."""
     out: Dict[int, int] = defaultdict(int)
-    for _, msgs in messages(problem, u, groups, torus_degree):
+    for _, msgs in messages(problem, u, groups, torus_degree, fold=fold):
         for a, b, n in msgs:
             if node_of[a] != node_of[b]:
                 out[node_of[b]] += n

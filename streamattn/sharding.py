@@ -16,3 +16,26 @@ def split_lengths(total: int, world: int) -> list:
 def shard(x: torch.Tensor, lens, rank: int, dim: int = 1) -> torch.Tensor:
     """Rank `rank`'s slice of the full sequence x (sequence along `dim`) split by `lens` (a view)."""
     return x.narrow(dim, sum(lens[:rank]), lens[rank])
+
+
+# Joint (text) tokens folded into the sequence (streamattn.algorithms.joint_fold): which rows each
+# rank takes, and the joint-free problem that results.
+def can_fold(problem) -> bool:
+    """The joint tokens can be folded into the sequence: there are some, and the attention is
+    neither causal nor in the zigzag layout (both order the keys)."""
+    return problem.joint_len > 0 and not problem.causal and not problem.zigzag
+
+
+def fold_lengths(problem) -> list:
+    """Text rows rank r takes: T split as evenly as possible, the extra rows on the last ranks (the
+    contiguous image split gives its extra tokens to the first ones)."""
+    return split_lengths(problem.joint_len, problem.world_size)[::-1]
+
+
+def folded_problem(problem):
+    """The joint-free problem the folded schedule runs: rank r holds seq_lens[r] + fold_lengths[r]
+    tokens."""
+    import dataclasses
+
+    return dataclasses.replace(problem, joint_len=0, seq_lens=tuple(
+        s + t for s, t in zip(problem.seq_lens, fold_lengths(problem))))

@@ -23,6 +23,7 @@ SIG = 4                # agreement: the per-call signature
 ULYSSES_JOINT = 12     # ulysses: all-gather of the joint output heads
 RING_JOINT = 13        # ring: all-gather of the joint (out, lse) partials
 TORUS_JOINT = 14       # torus: the same for Torus
+JOINT_FOLD = 15        # joint_fold: all-gather of the folded joint output rows
 RING_BWD_JOINT = 6990    # ring_backward: joint-token gradient partials
 STALE_LENS = 4998        # stale: sequence lengths of the ranks, once per layer and generation
 DIFFUSERS_GATHER = 4996  # integrations.diffusers: gather of the sharded output

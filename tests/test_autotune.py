@@ -22,7 +22,7 @@ def test_trial_plans_are_the_pick_then_the_next_cheapest():
     assert trials[0] is plan and 2 <= len(trials) <= 3
     preds = [t.predicted_s for t in trials]
     assert preds == sorted(preds) and all(p <= plan.predicted_s * 10.0 for p in preds)
-    assert len({(t.algorithm, t.ulysses_degree, t.torus_degree, t.ring_degree, t.chunks)
+    assert len({(t.algorithm, t.ulysses_degree, t.torus_degree, t.ring_degree, t.chunks, t.joint_fold)
                 for t in trials}) == len(trials)
     assert autotune.trial_plans(plan, within=1.0) == [plan]  # nothing else predicted as fast
 

@@ -76,6 +76,55 @@ def test_exact(rank_pool, P, scenario, algorithm, u):
         assert res[0]["plan"].startswith(f"Plan({want}"), res[0]["plan"]
 
 
+JOINT_SCENARIOS = [n for n, sc in SCENARIOS.items() if sc.get("joint_len")]
+FOLD = {"STREAMATTN_JOINT_FOLD": "always"}
+
+
+def _fold_params():
+    for P in WORLD_SIZES[1:]:
+        for name in JOINT_SCENARIOS:
+            for algo, u in configs(P, SCENARIOS[name]["heads"]) + [("auto", None)]:
+                yield pytest.param(P, name, algo, u, id=f"P{P}-{name}-{algo}{u or ''}")
+
+
+@pytest.mark.parametrize("P,scenario,algorithm,u", list(_fold_params()))
+def test_exact_joint_folded(rank_pool, P, scenario, algorithm, u):
+    """The joint tokens folded into the sequence (algorithms/joint_fold.py, forced on with
+    STREAMATTN_JOINT_FOLD=always) around every algorithm: the same float64 check, the same joint
+    output on every rank, and the plan says it folded."""
+    sc = dict(SCENARIOS[scenario])
+    sc.pop("lens")
+    lens = odd_lens(P, len(scenario))
+    res = rank_pool(P).run(CASES, seq=sum(lens), lens=lens, algorithm=algorithm, ulysses_degree=u,
+                           seed=P + 1, settings=FOLD, **sc)
+    tol = TOL[sc.get("dtype", "float32")]
+    assert max(r["err"] for r in res) <= tol, res
+    assert max(r["joint_err"] for r in res) <= tol, res
+    assert len({r["joint_digest"] for r in res}) == 1, res
+    assert "joint folded" in res[0]["plan"], res[0]["plan"]
+
+
+@pytest.mark.parametrize("P,T", [(4, 3), (8, 5), (6, 1), (3, 30)])
+def test_joint_folded_torus_and_short_text(rank_pool, P, T):
+    """Fewer text rows than ranks (some ranks fold none) and more than the image tokens; Torus
+    folded too."""
+    lens = odd_lens(P, T)
+    pool = rank_pool(P)
+    for algo in ("auto", "torus") if P in (4, 8) else ("auto",):
+        res = pool.run(CASES, seq=sum(lens), lens=lens, heads=8, kv_heads=2, joint_len=T,
+                       algorithm=algo, seed=T, settings=FOLD)
+        assert max(max(r["err"], r["joint_err"]) for r in res) <= 1e-5, (algo, res)
+        assert "joint folded" in res[0]["plan"] and f"Plan({algo if algo != 'auto' else ''}" in res[0]["plan"]
+
+
+@pytest.mark.parametrize("P", [3])
+def test_negative_control_reversed_fold_rows(rank_pool, P):
+    """The folded path's joint rows in the wrong order must fail the joint check."""
+    res = rank_pool(P).run("streamattn.testing.cases:reversed_fold_rows")
+    assert min(r["joint_err"] for r in res) > 1e-2, res
+    assert max(r["err"] for r in res) <= 1e-5, res  # the image rows are untouched
+
+
 @pytest.mark.parametrize("P", [4])
 def test_uneven_4097_on_4(rank_pool, P):
     """The issue's example: 4097 tokens on 4 ranks, 1025/1024/1024/1024, every algorithm."""

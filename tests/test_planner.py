@@ -23,14 +23,15 @@ HUNYUAN = dict(seq=118800, heads=24, head_dim=128, joint_len=256)      # Hunyuan
 
 
 def _cands(plan):
-    """Ulysses / ring / USP candidates by (u, placement)."""
-    return {(c.ulysses_degree, c.placement): c for c in plan.candidates if c.algorithm != "torus"}
+    """Ulysses / ring / USP candidates by (u, placement), joint tokens replicated."""
+    return {(c.ulysses_degree, c.placement): c for c in plan.candidates
+            if c.algorithm != "torus" and not c.joint_fold}
 
 
 def _torus(plan):
-    """Torus candidates by (u, t, r)."""
+    """Torus candidates by (u, t, r), joint tokens replicated."""
     return {(c.ulysses_degree, torus_degree(c), c.ring_degree): c for c in plan.candidates
-            if c.algorithm == "torus"}
+            if c.algorithm == "torus" and not c.joint_fold}
 
 
 def _groups_inside_nodes(topo, groups):
@@ -94,10 +95,14 @@ def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
     16 ranks as Ulysses', and the block decomposition adds memory-bound LSE merges (unfused torch
     ops, as merge.py is written) that roughly double the local time on an H100 at these sizes."""
     p = plan_for(seq, heads, 128, joint_len=256, topology="h100x8-2node")
-    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 16), p.explain()
+    uly = _cands(p)[(16, "consecutive")]
+    # the pick: Ulysses 16, or a plan within 2% of it (at 16k tokens USP 8x2 with the joint tokens
+    # folded into the sequence is predicted 1.3% faster)
+    assert p.algorithm != "torus" and p.predicted_s <= uly.predicted_s, p.explain()
+    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 16) or p.predicted_s > 0.98 * uly.predicted_s
     tor = _torus(p)[(8, 2, 1)]
-    assert tor.valid and 1.05 < tor.predicted_s / p.predicted_s < 1.3
-    assert tor.compute_s > 1.3 * _cands(p)[(16, "consecutive")].compute_s
+    assert tor.valid and 1.05 < tor.predicted_s / uly.predicted_s < 1.3
+    assert tor.compute_s > 1.3 * uly.compute_s
 
 
 @pytest.mark.parametrize("seq,heads,topology,split", [

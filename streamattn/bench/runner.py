@@ -330,7 +330,8 @@ def _limit(shape, ex, inter_bw, compute_s, threads) -> dict:
             if c.dropped:
                 continue
             t = torus_degree(c) if c.algorithm == "torus" else None
-            ingress = node_ingress_bytes(problem, c.ulysses_degree, c.groups, node_of, t)
+            ingress = node_ingress_bytes(problem, c.ulysses_degree, c.groups, node_of, t,
+                                         fold=c.joint_fold)
             worst = max(ingress.values(), default=0)
             if best is None or worst < best[0]:
                 best = (worst, label(c))

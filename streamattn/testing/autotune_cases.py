@@ -29,7 +29,7 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
 
     def recording(plan, *a, **kw):
         ran.append(f"{plan.algorithm} {plan.ulysses_degree}x{plan.torus_degree}x{plan.ring_degree}"
-                   f"/{plan.chunks}")
+                   f"/{plan.chunks}{'+fold' if plan.joint_fold else ''}")
         if plan.algorithm == slow:
             time.sleep(delay)
         return real(plan, *a, **kw)
@@ -47,7 +47,8 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
     finally:
         api.run_plan = real
     return {"ran": ran, "errs": errs, "final": f"{plan.algorithm} {plan.ulysses_degree}x"
-            f"{plan.torus_degree}x{plan.ring_degree}/{plan.chunks}", "reason": plan.reason,
+            f"{plan.torus_degree}x{plan.ring_degree}/{plan.chunks}{'+fold' if plan.joint_fold else ''}",
+            "reason": plan.reason,
             "tuning_left": tuning_left}
 
 

@@ -13,7 +13,7 @@ import streamattn
 from streamattn.reference import reference_attention
 from ..reference import rel_err
 from ..sharding import shard, split_lengths
-from .faults import break_ring_lse
+from .faults import break_ring_lse, reverse_folded_joint_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -42,9 +42,23 @@ def make_inputs(*, seed, batch, seq, heads, kv_heads, head_dim, joint_len=0, dty
 def check_attention(rank, world_size, *, seq, heads=8, kv_heads=None, head_dim=16, batch=1,
                     lens=None, dtype="float32", layout="bshd", causal=False, joint_len=0,
                     joint_strategy="front", algorithm="auto", ulysses_degree=None, ring_degree=None,
-                    seed=0, scale=None, repeat=1):
+                    seed=0, scale=None, repeat=1, settings=None):
     """Run streamattn.attention on this rank's shard and compare with the float64 reference.
+    settings: {STREAMATTN_*: value} set around the call (config.override).
     Returns {"err", "joint_err", "plan", "shape"}: errors are max|out-ref| / max|ref|."""
+    from streamattn.config import override
+
+    with override(**(settings or {})):
+        return _check_attention(rank, world_size, seq=seq, heads=heads, kv_heads=kv_heads,
+                                head_dim=head_dim, batch=batch, lens=lens, dtype=dtype, layout=layout,
+                                causal=causal, joint_len=joint_len, joint_strategy=joint_strategy,
+                                algorithm=algorithm, ulysses_degree=ulysses_degree,
+                                ring_degree=ring_degree, seed=seed, scale=scale, repeat=repeat)
+
+
+def _check_attention(rank, world_size, *, seq, heads, kv_heads, head_dim, batch, lens, dtype, layout,
+                     causal, joint_len, joint_strategy, algorithm, ulysses_degree, ring_degree, seed,
+                     scale, repeat):
     kv_heads = kv_heads or heads
     lens = lens or split_lengths(seq, world_size)
     q, k, v, joint = make_inputs(seed=seed, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
@@ -151,6 +165,17 @@ def zero_lse_ring(rank, world_size, *, seq=40, heads=4):
     undo = break_ring_lse()
     try:
         return check_attention(rank, world_size, seq=seq, heads=heads, algorithm="ring", seed=5)
+    finally:
+        undo()
+
+
+def reversed_fold_rows(rank, world_size, *, seq=29, heads=4, joint_len=9):
+    """Negative control of the folded-joint path: its joint output rows put in the wrong order
+    must fail the same joint check (STREAMATTN_JOINT_FOLD=always makes the call fold)."""
+    undo = reverse_folded_joint_rows()
+    try:
+        return check_attention(rank, world_size, seq=seq, heads=heads, joint_len=joint_len, seed=6,
+                               settings={"STREAMATTN_JOINT_FOLD": "always"})
     finally:
         undo()
 

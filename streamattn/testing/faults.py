@@ -22,3 +22,21 @@ def break_ring_lse() -> Callable[[], None]:
     def undo():
         ring_mod.attention_with_lse = real
     return undo
+
+
+def reverse_folded_joint_rows() -> Callable[[], None]:
+    """Make the folded-joint path return its joint output rows in reverse order (a gather that puts
+    the ranks' text rows in the wrong places); returns the function that undoes it."""
+    import streamattn.algorithms as algorithms_pkg
+
+    real = algorithms_pkg.folded_attention
+
+    def reversed_rows(*a, **kw):
+        out, jout = real(*a, **kw)
+        return out, jout.flip(1)
+
+    algorithms_pkg.folded_attention = reversed_rows
+
+    def undo():
+        algorithms_pkg.folded_attention = real
+    return undo

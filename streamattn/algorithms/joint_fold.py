@@ -1,0 +1,47 @@
+"""Joint (text) tokens folded into the sharded sequence, around any joint-free algorithm.
+
+The replicated text tokens of an MMDiT call ([B, T, H|Hk, D] on every rank) normally take their
+own steps in every algorithm (attended separately, (out, lse) partials merged over the ring, the
+joint output gathered over the Ulysses group). Folded, rank r instead prepends its share of the
+text rows (sharding.fold_lengths) to its q, k, v shard, the plan runs plain attention over S + T
+tokens (sharding.folded_problem), and the text rows of the output are all-gathered, so every rank
+returns the whole joint output as before. Exact for non-causal attention: a query's output does
+not depend on the order of the keys, and every text query sees every key exactly once.
+
+Forward only: the op's backward runs the replicated schedule (streamattn.op).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import tags, trace
+from ..sharding import can_fold, fold_lengths, folded_problem
+
+TAG_FOLD = tags.JOINT_FOLD
+
+
+def folded_attention(run: Callable, transport, problem, q, k, v, joint):
+    """run(folded_problem, q', k', v') -> (out', None) is the plan's joint-free algorithm; q, k, v:
+    this rank's [B, S_r, H|Hk, D] shard (bshd), joint: (jq [B, T, H, D], jk, jv [B, T, Hk, D]),
+    identical on every rank. Returns (out [B, S_r, H, D], joint_out [B, T, H, D])."""
+    if not can_fold(problem):
+        raise ValueError("streamattn: the joint tokens can be folded only into non-causal attention "
+                         "in the contiguous layout")
+    lens = fold_lengths(problem)
+    me = transport.rank
+    lo, t = sum(lens[:me]), lens[me]
+    with trace.span("pack"):
+        fq, fk, fv = (torch.cat([j[:, lo:lo + t], x], 1) for j, x in zip(joint, (q, k, v)))
+    out, _ = run(folded_problem(problem), fq, fk, fv)
+    mine = out[:, :t].contiguous()
+    B, _, H, D = mine.shape
+    parts = [torch.empty(B, n, H, D, dtype=mine.dtype, device=mine.device) if p != me else mine
+             for p, n in enumerate(lens)]
+    sends = [(p, mine) for p in range(transport.size) if p != me and t]
+    recvs = [(p, parts[p]) for p in range(transport.size) if p != me and lens[p]]
+    transport.exchange(sends, recvs, TAG_FOLD).wait()
+    with trace.span("copy"):
+        jout = torch.cat(parts, 1)
+    return out[:, t:], jout
