@@ -27,6 +27,10 @@ Time model:
       the topology is what one GPU pair gets, and the k ranks of a socket that cross it at once share
       it (modelled as ``shared_by = ranks of the socket`` when the topology leaves it at 1).
     Both directions are checked (sends at the sender, receives at the receiver).
+- sync_s (CPU groups: measured by planner.agreed_calibration, 0 otherwise): what one synchronising
+  exchange costs beyond its bytes on this group -- on an oversubscribed CPU (8 ranks on 2 cores)
+  a waiting rank needs its peer to be scheduled, milliseconds, not the links' microseconds. Every
+  communication step adds it once, and so does the per-call agreement.
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
@@ -59,10 +63,12 @@ _PORTLESS = (LinkKind.NVLINK, LinkKind.LOOPBACK) + _NETWORK  # links not behind 
 class CostModel:
     """Times communication steps and whole candidates on one topology at one compute rate."""
 
-    def __init__(self, topology: Topology, rate: float, memory_bandwidth: Optional[float] = None):
+    def __init__(self, topology: Topology, rate: float, memory_bandwidth: Optional[float] = None,
+                 sync_s: float = 0.0):
         self.topology = topology
         self.rate = float(rate)
         self.mem_bw = memory_bandwidth
+        self.sync_s = float(sync_s)
         self._socket = self._sockets(topology)
         self._eff: Dict[Tuple[Link, int], Link] = {}
 
@@ -146,7 +152,7 @@ class CostModel:
         per_kind: Dict[str, int] = {}
         for (a, k), n in kind_bytes.items():
             per_kind[k] = max(per_kind.get(k, 0), n)
-        return best[0], best[1], per_kind
+        return best[0] + self.sync_s, best[1], per_kind
 
     def _local(self, flops: float, mem: float) -> float:
         return flops / self.rate + (mem / self.mem_bw if self.mem_bw else 0.0)
@@ -175,6 +181,9 @@ class CostModel:
             for k, n in per.items():
                 kinds[k] = max(kinds[k], n)
         worst = max(bott_steps, key=lambda x: x[0], default=(0.0, ""))
+        if self.sync_s and problem.world_size > 1:
+            steps = [Step("per-call agreement (every rank's signature, all-gathered)", self.sync_s,
+                          0.0, self.sync_s)] + list(steps)
         return Candidate(algorithm, u, r, tuple(tuple(g) for g in groups), placement, "",
                          sum(s.time_s for s in steps), sum(s.compute_s for s in steps),
                          sum(s.comm_s for s in steps), worst[1] if worst[0] > 0 else "",

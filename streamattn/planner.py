@@ -110,7 +110,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
               compute_rate: Optional[float] = None,
               memory_bandwidth: Optional[float] = None,
-              block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto") -> Plan:
+              block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto",
+              sync_s: float = 0.0) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -123,7 +124,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     LSE merges); default from the device table in costmodel, measured on CPU topologies.
     block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
-    that rate instead of compute_rate. joint_fold: "auto" (candidates with the joint tokens
+    that rate instead of compute_rate. sync_s: seconds one synchronising exchange costs beyond its
+    bytes on this group (CPU groups: measured, see `agreed_calibration`; costmodel). joint_fold: "auto" (candidates with the joint tokens
     folded into the sequence compete when algorithm="auto" and no degree is forced), "always"
     (only folded candidates when the problem can fold: non-causal, joint tokens, contiguous) or
     "never" (STREAMATTN_JOINT_FOLD)."""
@@ -160,7 +162,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
-    model = CostModel(topology, rate, mbw)
+    model = CostModel(topology, rate, mbw, sync_s)
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         # folded twins only when folding is on; with "always" the replicated candidates stay
@@ -239,7 +241,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                        f"{label(runner)}")
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
-                context=_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates),
+                context=(_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates)
+                         + (f"\nSynchronising exchange on this group (measured): {sync_s * 1e3:.3g} ms"
+                            if sync_s else "")),
                 torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold)
 
 
@@ -265,7 +269,8 @@ def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
 
 
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
-    """{"block_rates": {shape: FLOP/s}} for make_plan, identical on every rank: every rank times
+    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds} for make_plan, identical on every rank
+    (sync_s: `measure_sync`). Every rank times
     the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
     the real call), or reads this machine's cache, and all take the mean over the ranks (a rank
     that finished its windows early let the last one time its final shapes with a core to spare;
@@ -286,7 +291,30 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    return {"block_rates": rates}
+    return {"block_rates": rates, "sync_s": measure_sync(transport, tag)}
+
+
+SYNC_ROUNDS = 7
+
+
+def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
+    """Seconds one synchronising exchange costs on this group beyond its bytes: `rounds` all-gathers
+    of one number, back to back on the group's own transport (so through shared memory and the
+    network as a call's messages go), the median round; agreed as rank 0's value. On an idle
+    machine with a core per rank this is tens of microseconds; with more ranks than cores it is
+    the time a waiting rank needs for its peers to be scheduled. Collective over the group."""
+    import time
+
+    import torch
+
+    one = torch.zeros(1, dtype=torch.float64)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        transport.all_gather_vector(one, tag)
+        times.append(time.perf_counter() - t0)
+    mine = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
+    return float(transport.all_gather_vector(mine, tag)[0][0])
 
 
 def _request(algorithm, u, r) -> str:
