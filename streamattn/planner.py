@@ -31,7 +31,7 @@ from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguo
 from .schedule import attention_flops, can_fold, chunks_valid, folded_problem
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
-from .topology import Topology
+from .topology import Topology, kernel_hash, usable_cores
 from .sharding import split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
@@ -111,7 +111,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               compute_rate: Optional[float] = None,
               memory_bandwidth: Optional[float] = None,
               block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto",
-              sync_s: float = 0.0) -> Plan:
+              sync_s: float = 0.0, overlap: float = 1.0) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -125,7 +125,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
     that rate instead of compute_rate. sync_s: seconds one synchronising exchange costs beyond its
-    bytes on this group (CPU groups: measured, see `agreed_calibration`; costmodel). joint_fold: "auto" (candidates with the joint tokens
+    bytes on this group (CPU groups: measured, see `agreed_calibration`; costmodel). overlap: the
+    share of overlapped communication that hides behind compute (costmodel). joint_fold: "auto" (candidates with the joint tokens
     folded into the sequence compete when algorithm="auto" and no degree is forced), "always"
     (only folded candidates when the problem can fold: non-causal, joint tokens, contiguous) or
     "never" (STREAMATTN_JOINT_FOLD)."""
@@ -162,7 +163,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
-    model = CostModel(topology, rate, mbw, sync_s)
+    model = CostModel(topology, rate, mbw, sync_s, overlap)
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         # folded twins only when folding is on; with "always" the replicated candidates stay
@@ -243,7 +244,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
                 context=(_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates)
                          + (f"\nSynchronising exchange on this group (measured): {sync_s * 1e3:.3g} ms"
-                            if sync_s else "")),
+                            if sync_s else "")
+                         + (f"\nOversubscribed CPU: {overlap:.2g} of overlapped communication hides "
+                            "behind compute" if overlap < 1 else "")),
                 torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold)
 
 
@@ -291,7 +294,23 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    return {"block_rates": rates, "sync_s": measure_sync(transport, tag)}
+    return {"block_rates": rates, "sync_s": measure_sync(transport, tag),
+            "overlap": core_share(transport, tag)}
+
+
+def core_share(transport, tag: int) -> float:
+    """min(1, cores / threads computing) over the machines of the group: every rank sends its
+    kernel's boot-id hash, its usable cores and its torch threads; ranks with the same hash share
+    one machine's cores (an emulated cluster's nodes too). Collective over the group."""
+    import torch
+
+    mine = torch.tensor([kernel_hash(), usable_cores(), torch.get_num_threads()], dtype=torch.int64)
+    demand, cores = {}, {}
+    for row in transport.all_gather_vector(mine, tag):
+        k, c, t = (int(x) for x in row.tolist())
+        demand[k] = demand.get(k, 0) + max(1, t)
+        cores[k] = c
+    return min(1.0, min(cores[k] / demand[k] for k in demand))
 
 
 SYNC_ROUNDS = 7

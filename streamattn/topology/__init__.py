@@ -7,6 +7,7 @@ Units: bandwidth bytes/s per direction, latency seconds (one way), compute FLOP/
     load_machine("h100x8-2node").slowest_link(range(16))   # the InfiniBand link
     topo = resolve_topology(group)   # topology= / $STREAMATTN_TOPOLOGY / probe, same on all ranks
 """
+from .hostinfo import kernel_hash, usable_cores
 from .machines import list_machines, load_machine
 from .model import Link, LinkKind, Topology
 from .probe import probe, resolve_topology
@@ -21,4 +22,6 @@ __all__ = [
     "list_machines",
     "resolve_topology",
     "probe",
+    "kernel_hash",
+    "usable_cores",
 ]

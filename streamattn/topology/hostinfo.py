@@ -47,6 +47,26 @@ def host_hash(identity: Optional[str] = None) -> int:
     return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:8], "little", signed=True)
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def kernel_hash() -> int:
+    """Signed 64-bit hash of the running kernel's boot id: equal for every process on one machine,
+    whatever ``STREAMATTN_HOST_ID`` or network namespace says (an emulated cluster's "nodes" share
+    the cores of one kernel). 0 when the boot id cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "r") as f:
+            ident = f.read().strip()
+    except OSError:
+        return 0
+    return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:8], "little", signed=True)
+
+
 @dataclass(frozen=True)
 class IBPort:
     device: str  # e.g. mlx5_0

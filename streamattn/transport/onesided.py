@@ -12,13 +12,13 @@ same on every rank because all ranks run the same schedule.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 import torch
 
 from ..tags import SHM_BOOTSTRAP
+from ..topology import usable_cores
 from .. import trace
 from ..errors import PeerError, PeerTimeoutError
 from .base import Pending
@@ -26,13 +26,6 @@ from .node_heap import NodeHeapTransport
 
 DEPTH = 2
 TINY_YIELD_S = 0.005
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class _Msg:
@@ -146,7 +139,7 @@ class OneSidedTransport(NodeHeapTransport):
     def __init__(self, base, heap_factory, slot_bytes=None):
         super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes)  # ready, credit
         n = len(self.members)
-        self.oversubscribed = n > _cores()
+        self.oversubscribed = n > usable_cores()
         self.sent = [0] * n
         self.recvd = [0] * n
         self.outq = [deque() for _ in range(n)]
