@@ -43,7 +43,7 @@ Time model:
   two agree).
 
 Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
-that moving bytes costs (shm memcpy, the kernel's TCP stack), the backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
+that moving bytes costs (shm memcpy, the kernel's TCP stack; only through sync_s and overlap), the backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ from .calibration import (measure_cpu_memory_bandwidth, measure_cpu_rate, resolv
 from .datasheet import DEVICE_MEMORY_BW  # noqa: F401
 from .plan import Candidate, Step
 from .schedule import (Msg, Phase, acc_bytes, as_dtype, attention_flops, bytes_sent, call_flops,  # noqa: F401
-                       chunk_problem, consecutive_groups, fold_phases, folded_problem, dtype_bytes, groups_contiguous, merge_bytes,
-                       messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
+                       chunk_problem, consecutive_groups, dtype_bytes, fold_phases, folded_problem,
+                       groups_contiguous, merge_bytes, messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -215,10 +215,11 @@ class CostModel:
             kinds = defaultdict(int, dict(inner.bytes_by_kind))
             for k, n in self.comm_time(post.msgs)[2].items():
                 kinds[k] += n
-            worst = max([(inner.comm_s, inner.bottleneck), (m1, f"{post.name}: {b1}")], key=lambda x: x[0])
+            worst = max([(inner.comm_s, inner.bottleneck), (m1, f"{post.name}: {b1}")],
+                        key=lambda x: x[0])
             return dataclasses.replace(inner, predicted_s=sum(s.time_s for s in steps),
-                                       compute_s=inner.compute_s + c0 + c1,
-                                       comm_s=inner.comm_s + m1, bottleneck=worst[1] if worst[0] > 0 else "",
+                                       compute_s=inner.compute_s + c0 + c1, comm_s=inner.comm_s + m1,
+                                       bottleneck=worst[1] if worst[0] > 0 else "",
                                        bytes_by_kind=tuple(sorted(kinds.items())), steps=steps,
                                        joint_fold=True)
         if chunks > 1:

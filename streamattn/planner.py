@@ -125,11 +125,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
     that rate instead of compute_rate. sync_s: seconds one synchronising exchange costs beyond its
-    bytes on this group (CPU groups: measured, see `agreed_calibration`; costmodel). overlap: the
-    share of overlapped communication that hides behind compute (costmodel). joint_fold: "auto" (candidates with the joint tokens
-    folded into the sequence compete when algorithm="auto" and no degree is forced), "always"
-    (only folded candidates when the problem can fold: non-causal, joint tokens, contiguous) or
-    "never" (STREAMATTN_JOINT_FOLD)."""
+    bytes on this group; overlap: the share of an overlapped step's communication that hides behind
+    compute (both measured on CPU groups, see `agreed_calibration`; their use: costmodel).
+    joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
+    algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
+    can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD)."""
     topology = _topology(topology)
     if joint_fold not in ("auto", "always", "never"):
         raise ValueError(f"streamattn: joint_fold={joint_fold!r}: expected 'auto', 'always' or 'never'")
@@ -272,8 +272,8 @@ def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
 
 
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
-    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds} for make_plan, identical on every rank
-    (sync_s: `measure_sync`). Every rank times
+    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share} for make_plan,
+    identical on every rank (sync_s: `measure_sync`, overlap: `core_share`). Every rank times
     the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
     the real call), or reads this machine's cache, and all take the mean over the ranks (a rank
     that finished its windows early let the last one time its final shapes with a core to spare;

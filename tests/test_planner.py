@@ -624,3 +624,76 @@ def test_block_rates_steer_the_plan():
     fast[candidate_block_shape(problem, uly)] = 1e11
     assert make_plan(problem, topo, block_rates=slow, **kw).algorithm != "ulysses"
     assert make_plan(problem, topo, block_rates=fast, **kw).algorithm == "ulysses"
+
+
+# ------------------------------------------------- CPU terms: sync cost, core share, calibration
+def _usp_problem(P=4, seq=4096, T=0):
+    return Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                   seq_lens=(seq // P,) * P, scale=0.125, joint_len=T)
+
+
+def test_sync_cost_is_added_once_per_communication_step_and_once_per_call():
+    from streamattn.topology import resolve_topology
+
+    topo = resolve_topology(topology="2x2")
+    prob = _usp_problem()
+    groups = ((0, 1), (2, 3))
+    base = CostModel(topo, 5e10, 5e9).cost(prob, "usp", 2, groups)
+    sync = CostModel(topo, 5e10, 5e9, sync_s=0.01).cost(prob, "usp", 2, groups)
+    comm_steps = sum(1 for _, msgs in messages(prob, 2, groups) if msgs)
+    agreement = [s for s in sync.steps if s.name.startswith("per-call agreement")]
+    assert len(agreement) == 1 and agreement[0].time_s == 0.01
+    # blocking steps grow by exactly sync_s; an overlapped ring step by at most sync_s
+    assert base.predicted_s + 0.01 < sync.predicted_s <= base.predicted_s + 0.01 * (comm_steps + 1) + 1e-12
+    assert len(base.steps) + 1 == len(sync.steps)
+
+
+def test_overlap_share_adds_back_the_hidden_communication():
+    from streamattn.topology import resolve_topology
+
+    topo = resolve_topology(topology="2x2:inter=1Gbit/s")
+    prob = _usp_problem(seq=8192)
+    full = CostModel(topo, 5e10, 5e9).cost(prob, "ring", 1, ((0,), (1,), (2,), (3,)))
+    none = CostModel(topo, 5e10, 5e9, overlap=0.0).cost(prob, "ring", 1, ((0,), (1,), (2,), (3,)))
+    half = CostModel(topo, 5e10, 5e9, overlap=0.5).cost(prob, "ring", 1, ((0,), (1,), (2,), (3,)))
+    ring_steps = [s for s in full.steps if s.overlapped]
+    assert ring_steps, full.steps
+    hidden = sum(s.compute_s + s.comm_s - s.time_s for s in ring_steps)
+    assert hidden > 0
+    assert math.isclose(none.predicted_s, full.predicted_s + hidden, rel_tol=1e-9)
+    assert math.isclose(half.predicted_s, full.predicted_s + hidden / 2, rel_tol=1e-9)
+    # blocking-only plans do not change
+    uly_full = CostModel(topo, 5e10, 5e9).cost(prob, "ulysses", 4, ((0, 1, 2, 3),))
+    uly_none = CostModel(topo, 5e10, 5e9, overlap=0.0).cost(prob, "ulysses", 4, ((0, 1, 2, 3),))
+    assert uly_full.predicted_s == uly_none.predicted_s
+
+
+def test_calibration_times_a_window_not_one_call(monkeypatch):
+    """time_block runs calls back to back for its window and returns their mean."""
+    from streamattn import calibration
+
+    calls = []
+    import streamattn.kernels as kernels
+
+    real = kernels.attention_with_lse
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "attention_with_lse", counting)
+    t0 = __import__("time").perf_counter()
+    t = calibration.time_block((1, 1, 16, 16, 8), torch.float32, window_s=0.02)
+    assert __import__("time").perf_counter() - t0 >= 0.02
+    assert len(calls) > 3 and 0 < t < 0.02  # a tiny block: many calls in the window, the mean of them
+
+
+@pytest.mark.parametrize("P", [4])
+def test_cpu_group_measures_sync_cost_and_core_share(rank_pool, P):
+    """Every rank gets the same measured sync cost and core share; the share is cores / threads of
+    the ranks on this machine (all P ranks share one kernel here)."""
+    res = rank_pool(P).run("streamattn.testing.cases:cpu_plan_terms")
+    assert len({r["sync_s"] for r in res}) == 1 and len({r["overlap"] for r in res}) == 1, res
+    r = res[0]
+    assert 0 < r["sync_s"] < 1.0 and r["shapes"] > 0
+    assert math.isclose(r["overlap"], min(1.0, r["cores"] / (P * r["threads"])))

@@ -180,6 +180,27 @@ def reversed_fold_rows(rank, world_size, *, seq=29, heads=4, joint_len=9):
         undo()
 
 
+def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16):
+    """The numbers a CPU group measures when it plans a shape (planner.agreed_calibration): the
+    synchronising-exchange cost and the core share, as this rank got them."""
+    import torch
+
+    from streamattn import api
+    from streamattn.planner import agreed_calibration
+    from streamattn.problem import Problem
+    from streamattn.tags import RATE
+    from streamattn.topology import usable_cores
+
+    from streamattn.topology import resolve_topology
+
+    transport = api.group_transport(None)  # the group's two-sided transport
+    lens = split_lengths(seq, world_size)
+    problem = Problem(1, heads, heads, head_dim, torch.float32, tuple(lens), head_dim ** -0.5)
+    got = agreed_calibration(transport, problem, resolve_topology(topology=f"1x{world_size}"), RATE)
+    return {"sync_s": got["sync_s"], "overlap": got["overlap"], "cores": usable_cores(),
+            "threads": torch.get_num_threads(), "shapes": len(got["block_rates"])}
+
+
 def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batch=1, algorithm="auto",
                     ulysses_degree=None, ring_degree=None, iters=5, warmup=1, dtype="float32", seed=0):
     """Median latency (s) of streamattn.attention over iters, plus the max error vs float64."""
