@@ -2,9 +2,10 @@
 candidates, N calls each in turn, and every later call runs the fastest one.
 
 Why: the cost model ranks candidates from calibrated kernel times and link rates, but on a CPU the
-ranks share cores with the TCP stack and each other, and its predictions there were 0.23-0.94x of
-the measured times in the emulated acceptance matrix (README, "Where the time goes"); two plans
-predicted 10% apart can measure 40% apart the other way. A DiT
+ranks share cores with the TCP stack and each other, and its predictions there were 0.42-1.16x of
+the measured times in the emulated acceptance matrix (docs/matrix-2026-12-03-cpu-terms.md; 0.23-0.94x
+before the measured sync cost and core share); two plans predicted 10% apart can measure 40% apart
+the other way. A DiT
 calls the same shapes thousands of times (every layer, every step), so a few measured calls cost
 little and replace the guess with a measurement.
 

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import List, Optional
 
+from .report import plan_label
+
 CELLS = ["2x2:200mbit", "2x2:1gbit", "2x4:200mbit", "2x4:1gbit"]
 SHAPES = {
     "flux": ["--preset", "flux-1024-cpu"],
@@ -170,8 +172,7 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
         row = {
             "cell": run["cell"], "shape": run["shape"], "seq": seq,
             "joint_len": auto["shape"].get("joint_len", 0),
-            "auto_plan": f"{auto.get('algorithm')} {auto.get('ulysses_degree')}x"
-                         f"{auto.get('torus_degree', 1)}x{auto.get('ring_degree')}",
+            "auto_plan": plan_label(auto),
             "auto_s": med(auto), "predicted_s": auto.get("predicted_s"),
             "limit_s": lim.get("limit_s"), "bound_by": lim.get("bound_by"),
             "limit_compute_s": lim.get("compute_s"), "limit_wire_s": lim.get("wire_s"),
@@ -182,8 +183,7 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
             "auto_err": auto.get("err"),
             "bf16_wire_s": med(wire) if wire else None, "bf16_wire_err": wire.get("err") if wire else None,
             "tuned_s": med(tuned) if tuned else None,
-            "tuned_plan": (f"{tuned.get('algorithm')} {tuned.get('ulysses_degree')}x"
-                           f"{tuned.get('torus_degree', 1)}x{tuned.get('ring_degree')}") if tuned else None,
+            "tuned_plan": plan_label(tuned) if tuned else None,
             "loaded": run.get("busy_before", 0.0) > max_busy,
         }
         row["auto_over_limit"] = row["auto_s"] / row["limit_s"] if row["limit_s"] else None

@@ -15,6 +15,18 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / 1e6:.2f}"
 
 
+def plan_label(r: dict) -> str:
+    """A run's plan in a few characters: "usp 4x2", "torus 2x2x1", "ulysses 4x1 /2ch" (head-group
+    chunks), "+fold" (joint tokens folded into the sequence)."""
+    if r.get("torus_degree", 1) > 1:
+        text = f"{r['algorithm']} {r['ulysses_degree']}x{r['torus_degree']}x{r['ring_degree']}"
+    else:
+        text = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
+    if r.get("chunks", 1) > 1:
+        text += f" /{r['chunks']}ch"
+    return text + (" +fold" if r.get("joint_fold") else "")
+
+
 def format_table(records: List[dict]) -> str:
     """One line per run, grouped by shape; ratios against the fastest configuration of the shape."""
     cols = ["config", "plan", "median ms", "min", "max", "vs best", "/limit", "pred ms", "intra MB", "inter MB",
@@ -39,9 +51,7 @@ def format_table(records: List[dict]) -> str:
             b = r.get("bytes") or {}
             plan = "-"
             if r.get("algorithm"):
-                plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
-                if r.get("torus_degree", 1) > 1:
-                    plan = f"{r['algorithm']} {r['ulysses_degree']}x{r['torus_degree']}x{r['ring_degree']}"
+                plan = plan_label(r)
                 if r.get("transport") not in (None, "torch"):
                     plan += f" [{r['transport']}]"
             elif r["kind"] == "yunchang":
