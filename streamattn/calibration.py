@@ -127,14 +127,17 @@ def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
 
 
 MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows
-WINDOW_S = 0.02  # a shape is timed over at least this long: see time_block
+WINDOW_S = 0.02  # a shape is timed over this long (see time_block) ...
+WINDOW_CALLS = 20  # ... or over this many calls when they take less, but never under MIN_WINDOW_S
+MIN_WINDOW_S = 0.002
 
 
 def time_block(shape: Shape, dtype, window_s: float = WINDOW_S) -> float:
     """Seconds of one `kernels.attention_with_lse` call on `shape`, in this process with its
-    current thread count: one warm-up call, then calls back to back until `window_s` has passed,
-    their mean; on at most MAX_ROWS query rows, scaled linearly to all of them (so planning a long
-    sequence does not cost several of its own calls).
+    current thread count: one warm-up call, then calls back to back for a window -- `window_s`, or
+    WINDOW_CALLS calls when those take less (tiny blocks, whose rate hardly decides a plan), never
+    under MIN_WINDOW_S -- and their mean; on at most MAX_ROWS query rows, scaled linearly to all of
+    them (so planning a long sequence does not cost several of its own calls).
 
     Why a window and a mean, not the best of a few calls: on an oversubscribed CPU (an emulated
     cluster: 8 ranks on 2 cores) a call shorter than a scheduler slice often runs while the other
@@ -149,7 +152,9 @@ def time_block(shape: Shape, dtype, window_s: float = WINDOW_S) -> float:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, h, rows, D, generator=g).to(dt)
     k, v = (torch.randn(B, h, sk, D, generator=g).to(dt) for _ in range(2))
+    t0 = time.perf_counter()
     attention_with_lse(q, k, v, scale=D ** -0.5)
+    window_s = min(window_s, max(MIN_WINDOW_S, WINDOW_CALLS * (time.perf_counter() - t0)))
     calls, t0 = 0, time.perf_counter()
     while True:
         attention_with_lse(q, k, v, scale=D ** -0.5)

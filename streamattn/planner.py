@@ -313,7 +313,7 @@ def core_share(transport, tag: int) -> float:
     return min(1.0, min(cores[k] / demand[k] for k in demand))
 
 
-SYNC_ROUNDS = 7
+SYNC_ROUNDS = 5
 
 
 def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:

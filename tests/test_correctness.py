@@ -81,8 +81,12 @@ FOLD = {"STREAMATTN_JOINT_FOLD": "always"}
 
 
 def _fold_params():
-    for P in WORLD_SIZES[1:]:
+    # largest groups first: test_exact just left those pools alive (the harness keeps 20 ranks);
+    # every joint scenario on 3 and 8 ranks, the GQA and bf16 ones on every P
+    for P in WORLD_SIZES[1:][::-1]:
         for name in JOINT_SCENARIOS:
+            if P not in (3, 8) and name not in ("joint_front", "bf16_joint"):
+                continue
             for algo, u in configs(P, SCENARIOS[name]["heads"]) + [("auto", None)]:
                 yield pytest.param(P, name, algo, u, id=f"P{P}-{name}-{algo}{u or ''}")
 
@@ -104,7 +108,7 @@ def test_exact_joint_folded(rank_pool, P, scenario, algorithm, u):
     assert "joint folded" in res[0]["plan"], res[0]["plan"]
 
 
-@pytest.mark.parametrize("P,T", [(4, 3), (8, 5), (6, 1), (3, 30)])
+@pytest.mark.parametrize("P,T", [(3, 30), (8, 5), (6, 1), (4, 3)])
 def test_joint_folded_torus_and_short_text(rank_pool, P, T):
     """Fewer text rows than ranks (some ranks fold none) and more than the image tokens; Torus
     folded too."""
