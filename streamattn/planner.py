@@ -36,6 +36,13 @@ from .sharding import split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
+CPU_TIE = 0.08  # see make_plan: candidates predicted this close count as tied on CPU groups
+_NETWORK_KINDS = ("ethernet", "infiniband", "roce")
+
+
+def _network_bytes(c: Candidate) -> int:
+    """Bytes the busiest rank of candidate `c` sends over network links in one call."""
+    return sum(n for kind, n in c.bytes_by_kind if kind in _NETWORK_KINDS)
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
 COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
@@ -209,6 +216,17 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     for c in pool:
         if c.valid and (best is None or c.predicted_s < best.predicted_s * (1 - _REL_TIE)):
             best = c
+    if best is not None and (sync_s > 0 or overlap < 1):
+        # CPU groups: predictions within CPU_TIE of the cheapest are not told apart by the model
+        # (its measured error there is larger); among them take the fewest bytes over the network
+        # -- the plan whose time depends least on the shared, noisiest resource
+        close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
+        cheapest, best = best, min(close, key=lambda c: (_network_bytes(c), c.predicted_s))
+        tie_note = "" if best is cheapest else (
+            f"; the fewest network bytes among those predicted within {CPU_TIE:.0%} of the cheapest "
+            f"({label(cheapest)}; this one {best.predicted_s / cheapest.predicted_s:.3f}x of it)")
+    else:
+        tie_note = ""
     if best is None and torus:
         why = "; ".join(sorted({c.dropped for c in pool})) or "no torus split matches"
         ok = [f"{c.ulysses_degree}x{torus_degree(c)}x{c.ring_degree}" for c in cands
@@ -236,10 +254,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                        f"{best.predicted_s / auto_best.predicted_s:.2f}x faster")
     else:
         n = sum(c.valid for c in cands)
-        reason = f"auto: cheapest of {n} costed candidates"
-        if runner is not None:
+        reason = f"auto: {'chosen' if tie_note else 'cheapest'} of {n} costed candidates"
+        if runner is not None and not tie_note:
             reason += (f"; {runner.predicted_s / best.predicted_s:.3f}x faster than the runner-up "
                        f"{label(runner)}")
+        reason += tie_note
     return Plan(best.algorithm, best.ulysses_degree, best.ring_degree, groups=best.groups,
                 predicted_s=best.predicted_s, reason=reason, candidates=tuple(cands),
                 context=(_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates)

@@ -705,3 +705,24 @@ def test_cpu_group_measures_sync_cost_and_core_share(rank_pool, P):
     r = res[0]
     assert 0 < r["sync_s"] < 1.0 and r["shapes"] > 0
     assert math.isclose(r["overlap"], min(1.0, r["cores"] / (P * r["threads"])))
+
+
+def test_cpu_tie_band_prefers_fewer_network_bytes():
+    """On CPU groups (sync cost or core share measured) candidates predicted within CPU_TIE of the
+    cheapest are ties, and the one sending the fewest bytes over the network wins; without the CPU
+    terms the cheapest wins (negative control)."""
+    from streamattn.planner import CPU_TIE
+
+    p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
+                seq_lens=(1536,) * 4, scale=32 ** -0.5)
+    kw = dict(compute_rate=3e10, memory_bandwidth=5e9, block_rates={(1, 24, 1536, 1536, 32): 4e10})
+    topo = "2x2:inter=300Mbit/s,intra=5GB/s"
+    plain = make_plan(p, topo, **kw)
+    cpu = make_plan(p, topo, sync_s=0.003, overlap=0.5, **kw)
+    cheapest = min((c for c in cpu.candidates if c.valid), key=lambda c: c.predicted_s)
+    net = {c.label: sum(n for k, n in c.bytes_by_kind if k == "ethernet") for c in cpu.candidates if c.valid}
+    assert plain.predicted_s == min(c.predicted_s for c in plain.candidates if c.valid)
+    assert cpu.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)
+    close = [c for c in cpu.candidates if c.valid and c.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)]
+    assert net[f"{cpu.algorithm} u={cpu.ulysses_degree} x r={cpu.ring_degree} [consecutive]"] == min(
+        net[c.label] for c in close)
