@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .. import tags, trace
-from ..sharding import can_fold, fold_lengths, folded_problem
+from ..sharding import can_fold, fold_lengths, folded_problem, shard
 
 TAG_FOLD = tags.JOINT_FOLD
 
@@ -31,9 +31,9 @@ def folded_attention(run: Callable, transport, problem, q, k, v, joint):
                          "in the contiguous layout")
     lens = fold_lengths(problem)
     me = transport.rank
-    lo, t = sum(lens[:me]), lens[me]
+    t = lens[me]
     with trace.span("pack"):
-        fq, fk, fv = (torch.cat([j[:, lo:lo + t], x], 1) for j, x in zip(joint, (q, k, v)))
+        fq, fk, fv = (torch.cat([shard(j, lens, me), x], 1) for j, x in zip(joint, (q, k, v)))
     out, _ = run(folded_problem(problem), fq, fk, fv)
     mine = out[:, :t].contiguous()
     B, _, H, D = mine.shape
