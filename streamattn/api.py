@@ -378,7 +378,7 @@ def _agreed_rates(transport, problem) -> dict:
     topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE)."""
     if transport.topology.peak_flops is not None:
         return {}
-    from .costmodel import measure_cpu_memory_bandwidth, measure_cpu_rate
+    from .calibration import measure_cpu_memory_bandwidth, measure_cpu_rate
 
     mine = torch.tensor([measure_cpu_rate(problem.dtype), measure_cpu_memory_bandwidth()],
                         dtype=torch.float64)

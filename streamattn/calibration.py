@@ -96,7 +96,7 @@ def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.
         return float(compute_rate), "given"
     if topology.peak_flops:
         return float(topology.peak_flops), topology.peak_flops_source or "topology peak_flops"
-    return measure_cpu_rate(dtype), "measured:local CPU kernel (streamattn.costmodel.measure_cpu_rate)"
+    return measure_cpu_rate(dtype), "measured:local CPU kernel (streamattn.calibration.measure_cpu_rate)"
 
 
 

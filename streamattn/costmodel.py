@@ -2,7 +2,7 @@
 
 The schedule module states what every algorithm sends and computes; the calibration module
 (streamattn.calibration) what the local work costs on a CPU; streamattn.datasheet the vendor
-figures. This module only times them. The names below are re-exported for existing callers.
+figures. This module only times them.
 
 One-sided (shm, nvshmem) and two-sided (torch) transports are costed alike: both put every posted
 message in flight at once (gloo's send/recv threads progress inter-node messages during compute;
@@ -51,18 +51,14 @@ import dataclasses
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .calibration import (measure_cpu_memory_bandwidth, measure_cpu_rate, resolve_memory_bandwidth,  # noqa: F401
-                          resolve_rate)
-from .datasheet import DEVICE_MEMORY_BW  # noqa: F401
 from .plan import Candidate, Step
-from .schedule import (Msg, Phase, acc_bytes, as_dtype, attention_flops, bytes_sent, call_flops,  # noqa: F401
-                       chunk_problem, consecutive_groups, dtype_bytes, fold_phases, folded_problem,
-                       groups_contiguous, merge_bytes, messages, per_node_groups, per_rank_bytes, phases, torus_parts, visible_pairs)
+from .schedule import Msg, Phase, chunk_problem, fold_phases, phases, torus_parts
+from .sharding import folded_problem
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
-_NETWORK = (LinkKind.INFINIBAND, LinkKind.ROCE, LinkKind.ETHERNET)
-_PORTLESS = (LinkKind.NVLINK, LinkKind.LOOPBACK) + _NETWORK  # links not behind a shared port
+# links not behind a shared port
+_PORTLESS = (LinkKind.NVLINK, LinkKind.LOOPBACK) + tuple(k for k in LinkKind if k.is_network)
 
 
 class CostModel:
@@ -98,7 +94,7 @@ class CostModel:
         return tuple(find(r) for r in range(t.world_size))
 
     def _domain(self, link: Link, rank: int):
-        return self.topology.node[rank] if link.kind in _NETWORK else self._socket[rank]
+        return self.topology.node[rank] if link.kind.is_network else self._socket[rank]
 
     def _effective(self, link: Link, domain_size: int) -> Link:
         if link.kind == LinkKind.PCIE_CROSS_SOCKET and link.shared_by == 1 and domain_size > 1:
@@ -136,14 +132,14 @@ class CostModel:
                     p[0] += n
                     if p[1] is None or (lk.bandwidth_Bps, -lk.latency_s) > (p[1].bandwidth_Bps, -p[1].latency_s):
                         p[1] = lk
-                if lk.kind in _NETWORK or lk.kind == LinkKind.PCIE_CROSS_SOCKET:
+                if lk.kind.is_network or lk.kind == LinkKind.PCIE_CROSS_SOCKET:
                     users[(lk, self._domain(lk, rank))].add(rank)
             for rank, (n, lk) in port.items():
                 tt = lk.transfer_time(n)
                 if tt > best[0]:
                     best = (tt, f"port of rank {rank} ({side}): {_mb(n)} at {_gbs(lk.bandwidth_Bps)}")
             for (rank, lk), n in table.items():
-                if lk.kind not in _NETWORK and lk.kind != LinkKind.PCIE_CROSS_SOCKET:
+                if not lk.kind.is_network and lk.kind != LinkKind.PCIE_CROSS_SOCKET:
                     continue
                 dom = self._domain(lk, rank)
                 conc = len(users[(lk, dom)])
@@ -152,7 +148,7 @@ class CostModel:
                 tt = eff.transfer_time(n, concurrent=conc)
                 if tt > best[0]:
                     share = min(conc, eff.shared_by)
-                    what = "uplink" if lk.kind in _NETWORK else "inter-socket path"
+                    what = "uplink" if lk.kind.is_network else "inter-socket path"
                     best = (tt, f"{lk.kind.value} {what} of rank {rank} ({side}): {_mb(n)} at "
                                 f"{_gbs(lk.bandwidth_Bps)}" + (f" / {share} sharing" if share > 1 else ""))
         per_kind: Dict[str, int] = {}

@@ -25,24 +25,24 @@ import math
 import os
 from typing import Dict, List, Optional, Union
 
-from .calibration import block_shape, block_times, cache_entry, save_cache
-from .costmodel import (CostModel, as_dtype, consecutive_groups, groups_contiguous, per_node_groups,
-                        resolve_memory_bandwidth, resolve_rate)
-from .schedule import attention_flops, can_fold, chunks_valid, folded_problem
+from .calibration import (block_shape, block_times, cache_entry, resolve_memory_bandwidth, resolve_rate,
+                          save_cache)
+from .costmodel import CostModel
+from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
+                       per_node_groups)
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
-from .topology import Topology, kernel_hash, usable_cores
-from .sharding import split_lengths
+from .topology import LinkKind, Topology, kernel_hash, usable_cores
+from .sharding import can_fold, folded_problem, split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
 CPU_TIE = 0.08  # see make_plan: candidates predicted this close count as tied on CPU groups
-_NETWORK_KINDS = ("ethernet", "infiniband", "roce")
 
 
 def _network_bytes(c: Candidate) -> int:
     """Bytes the busiest rank of candidate `c` sends over network links in one call."""
-    return sum(n for kind, n in c.bytes_by_kind if kind in _NETWORK_KINDS)
+    return sum(n for kind, n in c.bytes_by_kind if LinkKind(kind).is_network)
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
 COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")

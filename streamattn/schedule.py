@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .algorithms.ulysses import head_ranges
-from .sharding import can_fold, fold_lengths, folded_problem  # noqa: F401 (re-exported)
+from .sharding import can_fold, fold_lengths, folded_problem
 from .topology import Topology
 
 # ------------------------------------------------------------------------------------------ dtypes

@@ -148,7 +148,7 @@ def test_ring_backward_memory_grows_with_shard_not_P(rank_pool):
 
 
 def test_zigzag_shard_roundtrip_and_balance():
-    from streamattn.costmodel import visible_pairs
+    from streamattn.schedule import visible_pairs
     from streamattn.zigzag import zigzag_lengths, zigzag_segments
 
     x = torch.arange(2 * 29 * 3).view(2, 29, 3)

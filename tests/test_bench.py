@@ -89,7 +89,7 @@ def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):
     (written from torus.py, checked against it in test_planner) agree per rank and link class."""
     import torch
 
-    from streamattn.costmodel import consecutive_groups, messages
+    from streamattn.schedule import consecutive_groups, messages
     from streamattn.problem import Problem
 
     P, seq, D = u * t * r, 96, 8

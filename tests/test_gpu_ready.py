@@ -44,7 +44,7 @@ def test_torch_streams_without_cuda_stream_protocol_are_wrapped():
 
 
 def test_h200_in_device_tables():
-    from streamattn.costmodel import DEVICE_MEMORY_BW
+    from streamattn.datasheet import DEVICE_MEMORY_BW
     from streamattn.topology import gpulinks
 
     assert gpulinks.peak_flops_for("NVIDIA H200")[0] == 989e12

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from streamattn import algorithms
-from streamattn.costmodel import (CostModel, bytes_sent, call_flops, messages, visible_pairs,
-                                  consecutive_groups)
+from streamattn.costmodel import CostModel
+from streamattn.schedule import bytes_sent, call_flops, consecutive_groups, messages, visible_pairs
 from streamattn.plan import Plan
 from streamattn.planner import (COSTED_ALGORITHMS, enumerate_candidates, make_plan, plan_for,
                                 torus_degree)
@@ -277,7 +277,7 @@ def test_deterministic():
 
 
 def test_no_measurement_when_rate_is_known(monkeypatch):
-    import streamattn.costmodel as cm
+    import streamattn.calibration as cm  # where resolve_rate looks them up
 
     def boom(*a, **k):
         raise AssertionError("measured although a rate was given")
@@ -291,7 +291,7 @@ def test_no_measurement_when_rate_is_known(monkeypatch):
 
 
 def test_measure_cpu_rate_cached():
-    from streamattn.costmodel import measure_cpu_rate
+    from streamattn.calibration import measure_cpu_rate
 
     r = measure_cpu_rate()
     assert r > 1e6 and measure_cpu_rate() == r

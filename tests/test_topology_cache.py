@@ -1,7 +1,6 @@
 """Issue 11, finding 6: the on-disk topology cache is validated, never trusted blindly."""
 import json
 import os
-import warnings
 
 import pytest
 

@@ -1,5 +1,4 @@
 """Single-process checks of the pieces: the LSE merge, the kernel contract, plans, metadata."""
-import math
 
 import pytest
 import torch

@@ -35,13 +35,5 @@ def folded_attention(run: Callable, transport, problem, q, k, v, joint):
     with trace.span("pack"):
         fq, fk, fv = (torch.cat([shard(j, lens, me), x], 1) for j, x in zip(joint, (q, k, v)))
     out, _ = run(folded_problem(problem), fq, fk, fv)
-    mine = out[:, :t].contiguous()
-    B, _, H, D = mine.shape
-    parts = [torch.empty(B, n, H, D, dtype=mine.dtype, device=mine.device) if p != me else mine
-             for p, n in enumerate(lens)]
-    sends = [(p, mine) for p in range(transport.size) if p != me and t]
-    recvs = [(p, parts[p]) for p in range(transport.size) if p != me and lens[p]]
-    transport.exchange(sends, recvs, TAG_FOLD).wait()
-    with trace.span("copy"):
-        jout = torch.cat(parts, 1)
+    jout = transport.all_gather_rows(out[:, :t], lens, TAG_FOLD)
     return out[:, t:], jout

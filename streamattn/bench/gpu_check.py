@@ -232,8 +232,6 @@ def reference_lse(q, k, v, scale, causal, q_offset, k_offset):
 
 
 def _backend_usable(backend, device):
-    import torch
-
     from streamattn import kernels
 
     if device.type == "cpu":
@@ -250,80 +248,71 @@ def _backend_usable(backend, device):
     return True, ""
 
 
-def _restore_env(name, saved):
-    """Put environment variable `name` back to `saved` (None: it was unset)."""
-    if saved is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = saved
-
-
 def check_kernels(res, device, dtypes, backends, watch=None):
     import torch
 
-    from streamattn import kernels
+    from streamattn import config, kernels
 
-    saved = os.environ.get("STREAMATTN_KERNEL")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    try:
-        for backend in backends:
-            ok, why = _backend_usable(backend, device)
-            if not ok:
-                res.add("kernel", backend, "N/A", why)
-                continue
-            os.environ["STREAMATTN_KERNEL"] = backend
-            kernels.select_backend.cache_clear()
-            for dname in dtypes:
-                dt = getattr(torch, dname)
-                if backend in HALF_ONLY and dname == "float32":
-                    res.add("kernel", f"{backend} {dname}", "N/A", "fp16/bf16 only")
+    with config.override(STREAMATTN_KERNEL=os.environ.get("STREAMATTN_KERNEL")):  # restored after
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        try:
+            for backend in backends:
+                ok, why = _backend_usable(backend, device)
+                if not ok:
+                    res.add("kernel", backend, "N/A", why)
                     continue
-                tol_out, tol_lse = KERNEL_TOL[dname]
-                for name, B, Hq, Hk, Sq, Sk, D, causal, qo, ko in KERNEL_CASES:
-                    check = f"{backend} {dname} {name}"
-                    if watch is not None:
-                        watch("kernel", check)
-                    try:
-                        q = torch.randn(B, Hq, Sq, D, generator=gen).to(device, dt)
-                        k = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
-                        v = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
-                        scale = D ** -0.5
-                        out, lse = kernels.attention_with_lse(q, k, v, scale=scale, causal=causal,
-                                                              q_offset=qo, k_offset=ko)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        ro, rl, dead = reference_lse(q, k, v, scale, causal, qo, ko)
-                        problems = []
-                        if tuple(out.shape) != tuple(q.shape) or out.dtype != dt:
-                            problems.append(f"out {tuple(out.shape)} {out.dtype}")
-                        if tuple(lse.shape) != (B, Hq, Sq) or lse.dtype != torch.float32:
-                            problems.append(f"lse {tuple(lse.shape)} {lse.dtype} (want float32)")
-                        live = ~dead
-                        e_out = e_lse = 0.0
-                        if bool(live.any()):
-                            ref_live = ro[live]
-                            e_out = float((out.double()[live] - ref_live).abs().max()
-                                          / ref_live.abs().max().clamp_min(1e-30))
-                            e_lse = float((lse.double()[live] - rl[live]).abs().max())
-                        if bool(dead.any()):
-                            if not bool(torch.isneginf(lse[dead]).all()):
-                                problems.append("dead rows: lse not -inf")
-                            if not bool((out[dead] == 0).all()):
-                                problems.append("dead rows: out not 0")
-                        if not math.isfinite(e_out) or e_out > tol_out:
-                            problems.append(f"out err {e_out:.2e} > {tol_out:.0e}")
-                        if not math.isfinite(e_lse) or e_lse > tol_lse:
-                            problems.append(f"lse err {e_lse:.2e} > {tol_lse:.0e}")
-                        detail = f"out {e_out:.1e} lse {e_lse:.1e} dead rows {int(dead.sum())}"
-                        res.add("kernel", check, "FAIL" if problems else "PASS",
-                                "; ".join(problems) + (" | " if problems else "") + detail)
-                    except Exception as exc:  # noqa: BLE001 - reported in the table
-                        res.add("kernel", check, "ERROR", _short(exc))
-    finally:
-        if watch is not None:
-            watch.cancel()
-        _restore_env("STREAMATTN_KERNEL", saved)
-        kernels.select_backend.cache_clear()
+                os.environ["STREAMATTN_KERNEL"] = backend
+                kernels.select_backend.cache_clear()
+                for dname in dtypes:
+                    dt = getattr(torch, dname)
+                    if backend in HALF_ONLY and dname == "float32":
+                        res.add("kernel", f"{backend} {dname}", "N/A", "fp16/bf16 only")
+                        continue
+                    tol_out, tol_lse = KERNEL_TOL[dname]
+                    for name, B, Hq, Hk, Sq, Sk, D, causal, qo, ko in KERNEL_CASES:
+                        check = f"{backend} {dname} {name}"
+                        if watch is not None:
+                            watch("kernel", check)
+                        try:
+                            q = torch.randn(B, Hq, Sq, D, generator=gen).to(device, dt)
+                            k = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
+                            v = torch.randn(B, Hk, Sk, D, generator=gen).to(device, dt)
+                            scale = D ** -0.5
+                            out, lse = kernels.attention_with_lse(q, k, v, scale=scale, causal=causal,
+                                                                  q_offset=qo, k_offset=ko)
+                            if device.type == "cuda":
+                                torch.cuda.synchronize(device)
+                            ro, rl, dead = reference_lse(q, k, v, scale, causal, qo, ko)
+                            problems = []
+                            if tuple(out.shape) != tuple(q.shape) or out.dtype != dt:
+                                problems.append(f"out {tuple(out.shape)} {out.dtype}")
+                            if tuple(lse.shape) != (B, Hq, Sq) or lse.dtype != torch.float32:
+                                problems.append(f"lse {tuple(lse.shape)} {lse.dtype} (want float32)")
+                            live = ~dead
+                            e_out = e_lse = 0.0
+                            if bool(live.any()):
+                                ref_live = ro[live]
+                                e_out = float((out.double()[live] - ref_live).abs().max()
+                                              / ref_live.abs().max().clamp_min(1e-30))
+                                e_lse = float((lse.double()[live] - rl[live]).abs().max())
+                            if bool(dead.any()):
+                                if not bool(torch.isneginf(lse[dead]).all()):
+                                    problems.append("dead rows: lse not -inf")
+                                if not bool((out[dead] == 0).all()):
+                                    problems.append("dead rows: out not 0")
+                            if not math.isfinite(e_out) or e_out > tol_out:
+                                problems.append(f"out err {e_out:.2e} > {tol_out:.0e}")
+                            if not math.isfinite(e_lse) or e_lse > tol_lse:
+                                problems.append(f"lse err {e_lse:.2e} > {tol_lse:.0e}")
+                            detail = f"out {e_out:.1e} lse {e_lse:.1e} dead rows {int(dead.sum())}"
+                            res.add("kernel", check, "FAIL" if problems else "PASS",
+                                    "; ".join(problems) + (" | " if problems else "") + detail)
+                        except Exception as exc:  # noqa: BLE001 - reported in the table
+                            res.add("kernel", check, "ERROR", _short(exc))
+        finally:
+            if watch is not None:
+                watch.cancel()
+            kernels.select_backend.cache_clear()
 
 
 def check_triton_helpers(res, device, watch=None):
@@ -461,8 +450,6 @@ def _dist_cases(world, dtype):
 def _one_dist_case(rank, world, device, algorithm, seq, heads, kv_heads, head_dim, joint_len,
                    causal, dtype, seed=0):
     """This rank's error vs the float64 reference (streamattn.testing.cases helpers, on `device`)."""
-    import torch
-
     import streamattn
     from streamattn.reference import reference_attention
     from streamattn.reference import rel_err
@@ -514,53 +501,52 @@ class Broken:
 
 
 def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo, broken, watch=None):
-    from streamattn import api
+    from streamattn import api, config
 
-    saved = os.environ.get("STREAMATTN_TRANSPORT")
-    try:
-        for transport in transports:
-            os.environ["STREAMATTN_TRANSPORT"] = transport
-            api.plan_cache.clear()  # the plan records the transport chosen at its first call
-            for algorithm in algorithms:
-                for name, kw in _dist_cases(world, dtype):
-                    check = f"{transport:<7} {algorithm:<7} {name}"
-                    why = broken.reason(transport)
-                    if why:
-                        res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
-                        continue
-                    if watch is not None:
-                        watch("dist", check)
-                    t0 = time.monotonic()
-                    try:
-                        mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
-                    except ValueError as exc:
-                        mine = ("na", _short(exc))
-                    except Exception as exc:  # noqa: BLE001
-                        mine = ("error", _short(exc))
-                        if os.environ.get("STREAMATTN_GPU_CHECK_TRACE"):
-                            traceback.print_exc()
-                    allr = _gather(mine, gloo)
-                    secs = time.monotonic() - t0
-                    if all(k == "ok" for k, _ in allr):
-                        err = max(v[0] for _, v in allr)
-                        used = sorted({v[1] for _, v in allr})
-                        tol = DIST_TOL[dtype]
-                        ok = math.isfinite(err) and err <= tol and used == [transport]
-                        res.add("dist", check, "PASS" if ok else "FAIL",
-                                f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
-                                + ("" if used == [transport] else f"; plan used transport {used}"))
-                    elif all(k == "na" for k, _ in allr):
-                        res.add("dist", check, "N/A", allr[0][1])
-                    else:
-                        bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
-                        text = f"rank {bad[0][0]}: {bad[0][1]}"
-                        res.add("dist", check, "ERROR", text)
-                        broken.mark(transport, text)
-    finally:
-        if watch is not None:
-            watch.cancel()
-        _restore_env("STREAMATTN_TRANSPORT", saved)
-        api.plan_cache.clear()
+    with config.override(STREAMATTN_TRANSPORT=os.environ.get("STREAMATTN_TRANSPORT")):  # restored after
+        try:
+            for transport in transports:
+                os.environ["STREAMATTN_TRANSPORT"] = transport
+                api.plan_cache.clear()  # the plan records the transport chosen at its first call
+                for algorithm in algorithms:
+                    for name, kw in _dist_cases(world, dtype):
+                        check = f"{transport:<7} {algorithm:<7} {name}"
+                        why = broken.reason(transport)
+                        if why:
+                            res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                            continue
+                        if watch is not None:
+                            watch("dist", check)
+                        t0 = time.monotonic()
+                        try:
+                            mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
+                        except ValueError as exc:
+                            mine = ("na", _short(exc))
+                        except Exception as exc:  # noqa: BLE001
+                            mine = ("error", _short(exc))
+                            if os.environ.get("STREAMATTN_GPU_CHECK_TRACE"):
+                                traceback.print_exc()
+                        allr = _gather(mine, gloo)
+                        secs = time.monotonic() - t0
+                        if all(k == "ok" for k, _ in allr):
+                            err = max(v[0] for _, v in allr)
+                            used = sorted({v[1] for _, v in allr})
+                            tol = DIST_TOL[dtype]
+                            ok = math.isfinite(err) and err <= tol and used == [transport]
+                            res.add("dist", check, "PASS" if ok else "FAIL",
+                                    f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
+                                    + ("" if used == [transport] else f"; plan used transport {used}"))
+                        elif all(k == "na" for k, _ in allr):
+                            res.add("dist", check, "N/A", allr[0][1])
+                        else:
+                            bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
+                            text = f"rank {bad[0][0]}: {bad[0][1]}"
+                            res.add("dist", check, "ERROR", text)
+                            broken.mark(transport, text)
+        finally:
+            if watch is not None:
+                watch.cancel()
+            api.plan_cache.clear()
 
 
 def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, watch=None):
@@ -569,7 +555,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
     import torch.distributed as dist
 
     import streamattn
-    from streamattn import api
+    from streamattn import api, config
     from streamattn.sharding import shard, split_lengths
     from streamattn.testing.cases import make_inputs
 
@@ -589,51 +575,50 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    saved = os.environ.get("STREAMATTN_TRANSPORT")
-    try:
-        for transport in transports:
-            os.environ["STREAMATTN_TRANSPORT"] = transport
+    with config.override(STREAMATTN_TRANSPORT=os.environ.get("STREAMATTN_TRANSPORT")):  # restored after
+        try:
+            for transport in transports:
+                os.environ["STREAMATTN_TRANSPORT"] = transport
+                api.plan_cache.clear()
+                for algorithm in algorithms:
+                    check = f"{transport:<7} {algorithm:<7} latency"
+                    why = broken.reason(transport)
+                    if why:
+                        res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                        continue
+                    if watch is not None:
+                        watch("bench", check)
+                    times, status = [], "ok"
+                    try:
+                        for i in range(args.bench_warmup + args.bench_iters):
+                            dist.barrier(group=gloo)
+                            sync()
+                            t0 = time.perf_counter()
+                            streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
+                            sync()
+                            if i >= args.bench_warmup:
+                                times.append(time.perf_counter() - t0)
+                    except ValueError as exc:
+                        status = "na:" + _short(exc)
+                    except Exception as exc:  # noqa: BLE001
+                        status = "error:" + _short(exc)
+                    allr = _gather([status, times], gloo)
+                    bad = [s for s, _ in allr if s != "ok"]
+                    if bad:
+                        kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
+                        res.add("bench", check, kind, bad[0].split(":", 1)[1])
+                        if kind == "ERROR":
+                            broken.mark(transport, bad[0].split(":", 1)[1])
+                        continue
+                    per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
+                    plan = str(next(reversed(api.plan_cache.values()))[1]) if api.plan_cache else ""
+                    res.add("bench", check, "PASS",
+                            f"median {1e3 * statistics.median(per_call):.2f} ms "
+                            f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
+        finally:
+            if watch is not None:
+                watch.cancel()
             api.plan_cache.clear()
-            for algorithm in algorithms:
-                check = f"{transport:<7} {algorithm:<7} latency"
-                why = broken.reason(transport)
-                if why:
-                    res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
-                    continue
-                if watch is not None:
-                    watch("bench", check)
-                times, status = [], "ok"
-                try:
-                    for i in range(args.bench_warmup + args.bench_iters):
-                        dist.barrier(group=gloo)
-                        sync()
-                        t0 = time.perf_counter()
-                        streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
-                        sync()
-                        if i >= args.bench_warmup:
-                            times.append(time.perf_counter() - t0)
-                except ValueError as exc:
-                    status = "na:" + _short(exc)
-                except Exception as exc:  # noqa: BLE001
-                    status = "error:" + _short(exc)
-                allr = _gather([status, times], gloo)
-                bad = [s for s, _ in allr if s != "ok"]
-                if bad:
-                    kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
-                    res.add("bench", check, kind, bad[0].split(":", 1)[1])
-                    if kind == "ERROR":
-                        broken.mark(transport, bad[0].split(":", 1)[1])
-                    continue
-                per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
-                plan = str(next(reversed(api.plan_cache.values()))[1]) if api.plan_cache else ""
-                res.add("bench", check, "PASS",
-                        f"median {1e3 * statistics.median(per_call):.2f} ms "
-                        f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
-    finally:
-        if watch is not None:
-            watch.cancel()
-        _restore_env("STREAMATTN_TRANSPORT", saved)
-        api.plan_cache.clear()
 
 
 def prebuild_extension(res, rank, gloo, broken, seconds=900.0):

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 def _host(measure: bool) -> dict:
     import torch
 
-    from ..costmodel import measure_cpu_memory_bandwidth, measure_cpu_rate
+    from ..calibration import measure_cpu_memory_bandwidth, measure_cpu_rate
 
     d = {
         "hostname": platform.node(),

@@ -2,7 +2,6 @@
 vs sequence-parallel, exact vs stale K/V. Each is fn(rank, world_size, **json_kwargs) -> JSON."""
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.distributed as dist

@@ -93,13 +93,7 @@ class _Context:
     def _gather(self, x):
         from ..api import group_transport
 
-        tr = group_transport(self.group)
-        x = x.contiguous()
-        bufs = {p: x.new_empty(x.shape[0], self.lens[p], *x.shape[2:])
-                for p in range(self.size) if p != self.rank}
-        tr.exchange([(p, x) for p in bufs], list(bufs.items()), TAG_GATHER).wait()
-        bufs[self.rank] = x
-        return torch.cat([bufs[p] for p in range(self.size)], dim=1)
+        return group_transport(self.group).all_gather_rows(x, self.lens, TAG_GATHER)
 
     def note_timestep(self, timestep):
         if self.stale is None or timestep is None:

@@ -69,8 +69,6 @@ def agreement_overhead(rank, world_size, *, seq=1024, heads=24, head_dim=32, joi
     """Per-call cost of the agreement (settings read, signature, its exchange, cache lookup)
     against whole calls of the same shape (flux-1024-cpu: 24 heads x 32, 256 text tokens),
     interleaved in one run. Returns both medians (s) and their ratio."""
-    import torch
-
     from streamattn import agreement, api
 
     q, k, v, joint = make_inputs(seed=0, batch=1, seq=seq, heads=heads, kv_heads=heads,

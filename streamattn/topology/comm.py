@@ -6,7 +6,6 @@ the CPU for gloo and other CPU backends, on the current CUDA device for NCCL.
 from __future__ import annotations
 
 import datetime
-import os
 from typing import List, Optional, Sequence
 
 import torch

@@ -37,7 +37,7 @@ from . import comm
 from .gpulinks import gpu_rows, import_nvml, local_gpu_bus_id, peak_flops_for
 from .hostinfo import host_hash, network_link, read_infiniband, read_net_interface
 from .machines import list_machines, load_machine
-from .measure import DEFAULT_NBYTES, DEFAULT_REPS, measure_pair
+from .measure import DEFAULT_REPS, measure_pair
 from .model import Link, LinkKind, Topology
 from .spec import DEFAULT_INTRA, is_spec, parse_spec
 

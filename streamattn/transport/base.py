@@ -7,7 +7,7 @@ same calls, so an algorithm is written once. Peers are ranks *of the transport's
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -82,6 +82,19 @@ class Transport(ABC):
             recvs.append((p, out[-1]))
         self.exchange(sends, recvs, tag, count=count).wait()
         return out
+
+    def all_gather_rows(self, tensor: torch.Tensor, lens, tag: int) -> torch.Tensor:
+        """Variable-length all-gather along dim 1 over the whole group: this rank's tensor is
+        [B, lens[rank], ...]; returns [B, sum(lens), ...], rank p's rows at sum(lens[:p]), on every
+        rank. Ranks with no rows send nothing."""
+        tensor = tensor.contiguous()
+        me, shape = self.rank, tensor.shape
+        parts = [tensor if p == me else tensor.new_empty(shape[0], n, *shape[2:])
+                 for p, n in enumerate(lens)]
+        sends = [(p, tensor) for p in range(self.size) if p != me and lens[me]]
+        recvs = [(p, parts[p]) for p in range(self.size) if p != me and lens[p]]
+        self.exchange(sends, recvs, tag).wait()
+        return torch.cat(parts, 1)
 
     def all_gather_vector(self, vec: torch.Tensor, tag: int) -> list:
         """Every rank's copy of a small 1-D tensor (metadata: not counted as payload), on the CPU."""
