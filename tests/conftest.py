@@ -31,7 +31,8 @@ if "STREAMATTN_CACHE_DIR" not in os.environ:
 # being respawned each time the environment changes back.
 MAX_LIVE_RANKS = 20
 _pools: "collections.OrderedDict" = collections.OrderedDict()
-_stats = {"spawned": 0, "seconds": 0.0}
+_stats = {"spawned": 0, "seconds": 0.0, "again": 0}
+_seen = set()
 
 
 def _close(key=None):
@@ -61,6 +62,8 @@ def rank_pool():
         t0 = time.monotonic()
         _pools[key] = RankPool(world_size, env=env)
         _stats["spawned"] += 1
+        _stats["again"] += key in _seen  # spawned before, then evicted (or died)
+        _seen.add(key)
         _stats["seconds"] += time.monotonic() - t0
         return _pools[key]
 
@@ -70,8 +73,8 @@ def rank_pool():
 
 def pytest_terminal_summary(terminalreporter):
     if _stats["spawned"]:
-        terminalreporter.write_line(f"rank pools spawned: {_stats['spawned']} "
-                                    f"({_stats['seconds']:.0f} s waiting for them)")
+        terminalreporter.write_line(f"rank pools spawned: {_stats['spawned']}, {_stats['again']} of them "
+                                    f"again after an eviction ({_stats['seconds']:.0f} s waiting for them)")
 
 
 def pytest_collection_modifyitems(session, config, items):
