@@ -18,6 +18,7 @@ import time
 import pytest
 
 from streamattn.testing import RankPool
+from streamattn.testing.pool import close_zygote
 
 # Kernel calibrations and probed topologies of this session stay in a directory of its own (the
 # workers inherit it), never read from or written to the developer's ~/.cache/streamattn.
@@ -25,10 +26,11 @@ _CACHE = None
 if "STREAMATTN_CACHE_DIR" not in os.environ:
     _CACHE = os.environ["STREAMATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamattn-tests-")
 
-# Live pools by (P, env), least recently used first. Spawning P ranks (each imports torch and joins
-# a gloo group) costs ~1-2 s per rank on 2 cores, and the tests of one P use several environments
-# in turn, so a few idle pools stay alive (an idle rank blocks on its pipe: no CPU) instead of
-# being respawned each time the environment changes back.
+# Live pools by (P, env), least recently used first. Ranks are forked from a zygote that imported
+# torch once (streamattn.testing.zygote: a 4-rank pool starts in ~0.1 s; started as processes,
+# each rank spent ~2 s of CPU importing torch, 194 s of waiting over a suite run), and the tests
+# of one P use several environments in turn, so a few idle pools stay alive (an idle rank blocks
+# on its pipe: no CPU) instead of being respawned each time the environment changes back.
 MAX_LIVE_RANKS = 20
 _pools: "collections.OrderedDict" = collections.OrderedDict()
 _stats = {"spawned": 0, "seconds": 0.0, "again": 0}
@@ -60,7 +62,7 @@ def rank_pool():
         while _pools and sum(k[0] for k in _pools) + world_size > MAX_LIVE_RANKS:
             _close(next(iter(_pools)))
         t0 = time.monotonic()
-        _pools[key] = RankPool(world_size, env=env)
+        _pools[key] = RankPool(world_size, env=env, fork=True)  # forked from a pre-imported zygote
         _stats["spawned"] += 1
         _stats["again"] += key in _seen  # spawned before, then evicted (or died)
         _seen.add(key)
@@ -91,5 +93,6 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     _close()
+    close_zygote()
     if _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
