@@ -500,53 +500,62 @@ class Broken:
         return self.why.get(transport)
 
 
-def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo, broken, watch=None):
+def _each_transport(transports):
+    """Each transport name in turn with STREAMATTN_TRANSPORT set to it and a fresh plan cache (a
+    plan records the transport chosen at its first call); the variable is restored after."""
     from streamattn import api, config
 
-    with config.override(STREAMATTN_TRANSPORT=os.environ.get("STREAMATTN_TRANSPORT")):  # restored after
+    with config.override(STREAMATTN_TRANSPORT=os.environ.get("STREAMATTN_TRANSPORT")):
         try:
             for transport in transports:
                 os.environ["STREAMATTN_TRANSPORT"] = transport
-                api.plan_cache.clear()  # the plan records the transport chosen at its first call
-                for algorithm in algorithms:
-                    for name, kw in _dist_cases(world, dtype):
-                        check = f"{transport:<7} {algorithm:<7} {name}"
-                        why = broken.reason(transport)
-                        if why:
-                            res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
-                            continue
-                        if watch is not None:
-                            watch("dist", check)
-                        t0 = time.monotonic()
-                        try:
-                            mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
-                        except ValueError as exc:
-                            mine = ("na", _short(exc))
-                        except Exception as exc:  # noqa: BLE001
-                            mine = ("error", _short(exc))
-                            if os.environ.get("STREAMATTN_GPU_CHECK_TRACE"):
-                                traceback.print_exc()
-                        allr = _gather(mine, gloo)
-                        secs = time.monotonic() - t0
-                        if all(k == "ok" for k, _ in allr):
-                            err = max(v[0] for _, v in allr)
-                            used = sorted({v[1] for _, v in allr})
-                            tol = DIST_TOL[dtype]
-                            ok = math.isfinite(err) and err <= tol and used == [transport]
-                            res.add("dist", check, "PASS" if ok else "FAIL",
-                                    f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
-                                    + ("" if used == [transport] else f"; plan used transport {used}"))
-                        elif all(k == "na" for k, _ in allr):
-                            res.add("dist", check, "N/A", allr[0][1])
-                        else:
-                            bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
-                            text = f"rank {bad[0][0]}: {bad[0][1]}"
-                            res.add("dist", check, "ERROR", text)
-                            broken.mark(transport, text)
+                api.plan_cache.clear()
+                yield transport
         finally:
-            if watch is not None:
-                watch.cancel()
             api.plan_cache.clear()
+
+
+def check_distributed(res, rank, world, device, transports, algorithms, dtype, gloo, broken, watch=None):
+    try:
+        for transport in _each_transport(transports):
+            for algorithm in algorithms:
+                for name, kw in _dist_cases(world, dtype):
+                    check = f"{transport:<7} {algorithm:<7} {name}"
+                    why = broken.reason(transport)
+                    if why:
+                        res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                        continue
+                    if watch is not None:
+                        watch("dist", check)
+                    t0 = time.monotonic()
+                    try:
+                        mine = ("ok", _one_dist_case(rank, world, device, algorithm, **kw))
+                    except ValueError as exc:
+                        mine = ("na", _short(exc))
+                    except Exception as exc:  # noqa: BLE001
+                        mine = ("error", _short(exc))
+                        if os.environ.get("STREAMATTN_GPU_CHECK_TRACE"):
+                            traceback.print_exc()
+                    allr = _gather(mine, gloo)
+                    secs = time.monotonic() - t0
+                    if all(k == "ok" for k, _ in allr):
+                        err = max(v[0] for _, v in allr)
+                        used = sorted({v[1] for _, v in allr})
+                        tol = DIST_TOL[dtype]
+                        ok = math.isfinite(err) and err <= tol and used == [transport]
+                        res.add("dist", check, "PASS" if ok else "FAIL",
+                                f"max err {err:.2e} (tol {tol:.0e}) {secs:.1f}s"
+                                + ("" if used == [transport] else f"; plan used transport {used}"))
+                    elif all(k == "na" for k, _ in allr):
+                        res.add("dist", check, "N/A", allr[0][1])
+                    else:
+                        bad = [(r, v) for r, (k, v) in enumerate(allr) if k != "ok"]
+                        text = f"rank {bad[0][0]}: {bad[0][1]}"
+                        res.add("dist", check, "ERROR", text)
+                        broken.mark(transport, text)
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
 def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, watch=None):
@@ -555,7 +564,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
     import torch.distributed as dist
 
     import streamattn
-    from streamattn import api, config
+    from streamattn import api
     from streamattn.sharding import shard, split_lengths
     from streamattn.testing.cases import make_inputs
 
@@ -575,50 +584,46 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with config.override(STREAMATTN_TRANSPORT=os.environ.get("STREAMATTN_TRANSPORT")):  # restored after
-        try:
-            for transport in transports:
-                os.environ["STREAMATTN_TRANSPORT"] = transport
-                api.plan_cache.clear()
-                for algorithm in algorithms:
-                    check = f"{transport:<7} {algorithm:<7} latency"
-                    why = broken.reason(transport)
-                    if why:
-                        res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
-                        continue
-                    if watch is not None:
-                        watch("bench", check)
-                    times, status = [], "ok"
-                    try:
-                        for i in range(args.bench_warmup + args.bench_iters):
-                            dist.barrier(group=gloo)
-                            sync()
-                            t0 = time.perf_counter()
-                            streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
-                            sync()
-                            if i >= args.bench_warmup:
-                                times.append(time.perf_counter() - t0)
-                    except ValueError as exc:
-                        status = "na:" + _short(exc)
-                    except Exception as exc:  # noqa: BLE001
-                        status = "error:" + _short(exc)
-                    allr = _gather([status, times], gloo)
-                    bad = [s for s, _ in allr if s != "ok"]
-                    if bad:
-                        kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
-                        res.add("bench", check, kind, bad[0].split(":", 1)[1])
-                        if kind == "ERROR":
-                            broken.mark(transport, bad[0].split(":", 1)[1])
-                        continue
-                    per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
-                    plan = str(next(reversed(api.plan_cache.values()))[1]) if api.plan_cache else ""
-                    res.add("bench", check, "PASS",
-                            f"median {1e3 * statistics.median(per_call):.2f} ms "
-                            f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
-        finally:
-            if watch is not None:
-                watch.cancel()
-            api.plan_cache.clear()
+    try:
+        for transport in _each_transport(transports):
+            for algorithm in algorithms:
+                check = f"{transport:<7} {algorithm:<7} latency"
+                why = broken.reason(transport)
+                if why:
+                    res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                    continue
+                if watch is not None:
+                    watch("bench", check)
+                times, status = [], "ok"
+                try:
+                    for i in range(args.bench_warmup + args.bench_iters):
+                        dist.barrier(group=gloo)
+                        sync()
+                        t0 = time.perf_counter()
+                        streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
+                        sync()
+                        if i >= args.bench_warmup:
+                            times.append(time.perf_counter() - t0)
+                except ValueError as exc:
+                    status = "na:" + _short(exc)
+                except Exception as exc:  # noqa: BLE001
+                    status = "error:" + _short(exc)
+                allr = _gather([status, times], gloo)
+                bad = [s for s, _ in allr if s != "ok"]
+                if bad:
+                    kind = "N/A" if all(s.startswith("na:") for s in bad) else "ERROR"
+                    res.add("bench", check, kind, bad[0].split(":", 1)[1])
+                    if kind == "ERROR":
+                        broken.mark(transport, bad[0].split(":", 1)[1])
+                    continue
+                per_call = [max(ts[i] for _, ts in allr) for i in range(args.bench_iters)]
+                plan = str(next(reversed(api.plan_cache.values()))[1]) if api.plan_cache else ""
+                res.add("bench", check, "PASS",
+                        f"median {1e3 * statistics.median(per_call):.2f} ms "
+                        f"(min {1e3 * min(per_call):.2f}) [{shape}] {plan[:80]}")
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
 def prebuild_extension(res, rank, gloo, broken, seconds=900.0):

@@ -32,6 +32,15 @@ def _zygote():
     return _ZYGOTE
 
 
+def _forkable(name: str, value: str) -> bool:
+    """An extra environment variable a forked rank can take after the zygote started: streamattn's
+    settings are read at call time; process-start ones (MALLOC_*, OMP_*, LD_*) need a process, and
+    so does a TRITON_INTERPRET other than the zygote's (triton reads it when imported)."""
+    if name == "TRITON_INTERPRET":
+        return value == os.environ.get(name)
+    return name.startswith("STREAMATTN_") or name == "POOL_VARIANT"
+
+
 def close_zygote() -> None:
     """Stop the rank zygote of this process (its ranks must be closed first)."""
     global _ZYGOTE
@@ -79,7 +88,7 @@ class RankPool:
                 renv = dict(base_env)
                 if node_env is not None:
                     renv.update(node_env(rank))
-                if fork and launcher is None:
+                if fork and launcher is None and all(_forkable(k, v) for k, v in (env or {}).items()):
                     self.procs.append(_zygote().fork(flags, renv, log.fileno()))
                     continue
                 self.procs.append(subprocess.Popen(

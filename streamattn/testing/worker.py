@@ -18,7 +18,7 @@ ALLOWED = ("streamattn.testing.", "streamattn.bench.", "streamattn.examples.")
 RESULT_PREFIX = "@@streamattn-result "
 
 
-def _die_with_parent():
+def die_with_parent():
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--store-port", type=int, required=True)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
 
     import torch
     import torch.distributed as dist

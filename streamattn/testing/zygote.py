@@ -84,9 +84,9 @@ def _child(req, fds, conn):
 
 def serve(fd: int) -> None:
     """The zygote's loop on socket `fd` (its end of the socketpair)."""
-    from .worker import _die_with_parent
+    from .worker import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     import torch  # noqa: F401  the imports every rank would otherwise repeat
     import torch.distributed  # noqa: F401
 
