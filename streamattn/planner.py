@@ -39,10 +39,6 @@ DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
 CPU_TIE = 0.08  # see make_plan: candidates predicted this close count as tied on CPU groups
 
-
-def _network_bytes(c: Candidate) -> int:
-    """Bytes the busiest rank of candidate `c` sends over network links in one call."""
-    return sum(n for kind, n in c.bytes_by_kind if LinkKind(kind).is_network)
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
 COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
@@ -51,6 +47,11 @@ COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
 # on CPU topologies (no declared peak rate), where the kernel is calibrated at the chunk's shape: on
 # GPUs smaller all-to-alls and more kernel launches cost what the model does not see.
 CHUNKS = (2, 4)
+
+
+def _network_bytes(c: Candidate) -> int:
+    """Bytes the busiest rank of candidate `c` sends over network links in one call."""
+    return sum(n for kind, n in c.bytes_by_kind if LinkKind(kind).is_network)
 
 
 def _algo(u: int, world: int) -> str:
