@@ -10,14 +10,16 @@ What each algorithm sends (forward, mirroring streamattn/algorithms/ message for
   hk_i = K/V heads member i's query heads use (GQA: when kv_heads < u, K/V heads are replicated).
 - compute: attention of the group's tokens (plus the joint tokens, sliced by head locally, no
   communication) for H/u heads.
-- Ulysses gather: member i sends member j the output of j's tokens for i's heads, B*S_j*(H/u)*D.
-- joint all-gather (Ulysses): every member sends its B*T*(H/u)*D joint output to every other member.
+- Ulysses gather: member i sends member j the output of j's tokens for i's heads, B*S_j*(H/u)*D,
+  followed (joint tokens) by i's heads of the joint output, B*T*(H/u)*D: the joint output's
+  all-gather over the Ulysses group rides in the same messages (with the Triton packing kernels,
+  GPU, it is an exchange of its own, the same bytes).
 - Ring of r members: r-1 steps; in step t every member sends the K/V block it holds (stacked,
   2*B*S_src*hk*D elements) to the next member while it attends the block; the last step only
   computes. Joint tokens: the local queries attend the joint K/V once (before the loop for "front",
   after it for "rear"); then every member attends the joint queries to its own block and all-gathers
   the partial (out, lse) in the accumulation dtype: (B*h*T*D + B*h*T) elements to every other member.
-- USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather, joint all-gather.
+- USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather (with the joint output).
 - Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
   t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
   q, k, v of the group's tokens for that member's H/(u*t) heads, K/V as the raw head range of the
@@ -235,16 +237,16 @@ def phases(problem, u: int, groups) -> List[Phase]:
             phases.append(Phase(f"ring all-gather of joint (out, lse) (r={r})", msgs, {}, mem=mem))
 
     if u > 1:
-        msgs = [(g[i], g[j], B * seq[g[j]] * hq * D * e)
+        # With joint tokens every message also carries the sender's heads of the joint output
+        # (B*T*hq*D), which is how the joint output is all-gathered over the Ulysses group.
+        msgs = [(g[i], g[j], B * (seq[g[j]] + T) * hq * D * e)
                 for g in groups for j in range(u) for i in range(u) if i != j]
-        # copy every outgoing piece contiguous, then concatenate the received heads
-        mem = {m: 2 * e * B * D * (hq * (seg_lens[gi] - seq[m]) + H * seq[m]) for gi, j, m in members}
-        phases.append(Phase(f"Ulysses all-to-all output (u={u})", msgs, {}, mem=mem))
-        if T:
-            msgs = [(g[i], g[j], B * T * hq * D * e)
-                    for g in groups for j in range(u) for i in range(u) if i != j]
-            mem = {m: 2 * e * B * T * H * D for gi, j, m in members}
-            phases.append(Phase(f"Ulysses all-gather of joint output (u={u})", msgs, {}, mem=mem))
+        # copy every outgoing piece contiguous (and the joint output into each), then put the
+        # received heads side by side
+        mem = {m: 2 * e * B * D * (hq * (seg_lens[gi] - seq[m]) + H * seq[m] + T * H)
+               for gi, j, m in members}
+        phases.append(Phase(f"Ulysses all-to-all output{' and joint output' if T else ''} (u={u})",
+                             msgs, {}, mem=mem))
     return phases
 
 

@@ -89,7 +89,7 @@ def test_h100_two_nodes_no_blocking_all_to_all_over_the_network(heads, seq):
 def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
     """Recorded model finding, not a published fact. At these sizes the model picks Ulysses 16
     (a blocking all-to-all over InfiniBand). Torus 8x2 (the same inter-node bytes at M = 2) is
-    predicted 1.1-1.25x slower, not faster: with t = 2 only the local block -- a quarter of the
+    predicted 1.1-1.45x slower, not faster: with t = 2 only the local block -- a quarter of the
     block pairs -- runs while the exchange is in flight, the last block is a foreign one so its
     output goes home after all compute (exposed), the joint output is all-gathered over the same
     16 ranks as Ulysses', and the block decomposition adds memory-bound LSE merges (unfused torch
@@ -101,7 +101,7 @@ def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
     assert p.algorithm != "torus" and p.predicted_s <= uly.predicted_s, p.explain()
     assert (p.algorithm, p.ulysses_degree) == ("ulysses", 16) or p.predicted_s > 0.98 * uly.predicted_s
     tor = _torus(p)[(8, 2, 1)]
-    assert tor.valid and 1.05 < tor.predicted_s / uly.predicted_s < 1.3
+    assert tor.valid and 1.05 < tor.predicted_s / uly.predicted_s < 1.5
     assert tor.compute_s > 1.3 * uly.compute_s
 
 

@@ -66,25 +66,18 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
     # that unpack_seq turns into [B, S, hq, D] without a torch.cat. Same bytes either way.
     q_in = tk is not None
     q_len = 0 if q_in else hq
-
-    def pack(j):
-        (a, b), (c, d) = q_ranges[j], kv_ranges[j]
-        with trace.span("pack"):
-            parts = [] if q_in else [q[:, :, a:b].reshape(-1)]
-            return torch.cat(parts + [k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)])
-
-    bufs = [None] * u
-    sends, recvs = [], []
     if not q_in and _collective(transport, members):  # one all_to_all_single, packed in one copy
         return _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag,
                                    heads, kv_heads)
-    for j in range(u):
-        if j == me:
-            bufs[j] = pack(j)
-            continue
-        sends.append((members[j], pack(j)))
-        bufs[j] = torch.empty(B * lens[j] * (q_len + 2 * hk) * D, dtype=q.dtype, device=q.device)
-        recvs.append((members[j], bufs[j]))
+    with trace.span("pack"):
+        out_bufs = pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=not q_in)
+        # One receive allocation, chunk j = member j's [q | k | v] for my heads (mine is already
+        # in out_bufs).
+        sizes = [0 if j == me else B * n * (q_len + 2 * hk) * D for j, n in enumerate(lens)]
+        bufs = list(torch.empty(sum(sizes), dtype=q.dtype, device=q.device).split(sizes))
+        bufs[me] = out_bufs[me]
+    sends = [(members[j], out_bufs[j]) for j in range(u) if j != me]
+    recvs = [(members[j], bufs[j]) for j in range(u) if j != me]
     pendings = [transport.exchange(sends, recvs, tag)]
     if q_in:
         packed = tk.pack_heads(q, u)  # [u, B, S_me, hq, D]
@@ -121,6 +114,39 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
     return _Both(), assemble
 
 
+def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
+    """Every member's outgoing message in one allocation, each byte copied once: chunk j =
+    [q[:, :, q_ranges[j]] | k[:, :, kv_ranges[j]] | v[:, :, kv_ranges[j]]], each [B, S, h, D]
+    contiguous (q left out when not with_q). q: [B, S, H, D]; k, v: [B, S, Hk, D]. Returns the
+    u chunks (flat views). When the members split the K/V heads evenly (kv_heads >= u), the whole
+    tensor goes in with one strided copy per q, k, v instead of one per member."""
+    B, S, _, D = q.shape
+    u = len(q_ranges)
+    hq = [b - a for a, b in q_ranges] if with_q else [0] * u
+    hk = [d - c for c, d in kv_ranges]
+    size = [B * S * (hq[j] + 2 * hk[j]) * D for j in range(u)]
+    flat = torch.empty(sum(size), dtype=q.dtype, device=q.device)
+    even = (len(set(hq)) == 1 and len(set(hk)) == 1
+            and all(kv_ranges[j][0] == j * hk[0] for j in range(u)) and kv_ranges[-1][1] == k.shape[2])
+    if even:
+        rows = flat.view(u, size[0])
+        n_q, n_k = B * S * hq[0] * D, B * S * hk[0] * D
+        parts = ([(q, 0, hq[0])] if with_q else []) + [(k, n_q, hk[0]), (v, n_q + n_k, hk[0])]
+        for x, off, h in parts:
+            dst = rows[:, off:off + B * S * h * D].unflatten(1, (B, S, h, D))
+            dst.copy_(x.view(B, S, u, h, D).permute(2, 0, 1, 3, 4))
+        return list(rows.unbind(0))
+    chunks = list(flat.split(size))
+    for j, ((a, b), (c, d)) in enumerate(zip(q_ranges, kv_ranges)):
+        parts = ([q[:, :, a:b]] if with_q else []) + [k[:, :, c:d], v[:, :, c:d]]
+        off = 0
+        for x in parts:
+            n = x.numel()
+            chunks[j][off:off + n].view(x.shape).copy_(x)
+            off += n
+    return chunks
+
+
 def slice_joint(joint, heads, kv_heads, u, me):
     """Joint tokens are replicated on every rank, so each member takes its heads locally (no
     communication). joint: (jq [B, T, H, D], jk, jv [B, T, Hk, D])."""
@@ -135,24 +161,37 @@ def slice_joint(joint, heads, kv_heads, u, me):
     )
 
 
-def gather_heads(transport, members, me, out, lens, heads, tag=TAG_GATHER):
+def gather_heads(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_out=None):
     """Head shards -> sequence shards: the inverse of scatter_heads for the output.
-    out: [B, sum(lens), h, D] -> [B, lens[me], H, D]."""
-    pending, assemble = post_gather(transport, members, me, out, lens, heads, tag)
+    out: [B, sum(lens), h, D] -> [B, lens[me], H, D]. With joint_out ([B, T, h, D], my heads of
+    the replicated joint tokens) also the whole joint output [B, T, H, D], identical on every
+    member, carried in the same messages: returns (out, joint_out)."""
+    pending, assemble = post_gather(transport, members, me, out, lens, heads, tag, joint_out)
     pending.wait()
     return assemble()
 
 
-def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
+def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_out=None):
     """gather_heads without the wait: (pending, assemble)."""
     u = len(members)
     B, _, h, D = out.shape
     tk = _packing(out)
+    if joint_out is not None:
+        if tk is None:
+            return _post_gather_joint(transport, members, me, out, lens, joint_out, tag)
+        # The Triton packing kernels lay out the output rows only: the joint output goes in an
+        # all-gather of its own.
+        pending, assemble = post_gather(transport, members, me, out, lens, heads, tag)
+        return pending, (lambda: (assemble(), allgather_heads(transport, members, me, joint_out)))
     # One flat buffer whose chunk j is member j's tokens, [B, lens[j], h, D] contiguous.
     with trace.span("pack"):
-        flat = tk.pack_seq(out, lens) if tk else torch.cat([out[:, sum(lens[:j]) : sum(lens[: j + 1])].reshape(-1)
-                                                           for j in range(u)])
         chunk = [B * n * h * D for n in lens]
+        if tk:
+            flat = tk.pack_seq(out, lens)
+        elif B == 1 and out.is_contiguous():
+            flat = out.reshape(-1)  # member j's tokens are consecutive rows already: no copy
+        else:
+            flat = _rows_by_member(out, lens, 0)
         start = [sum(chunk[:j]) for j in range(u)]
         # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
         back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
@@ -161,12 +200,61 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER):
     recvs = [(members[j], back[j]) for j in range(u) if j != me]
     if tk is None and _collective(transport, members):
         pending = transport.all_to_all(flat, chunk, back.reshape(-1), [back[0].numel()] * u, tag)
-        return pending, (lambda: back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D))
+        return pending, (lambda: _heads_last(back))
 
     def assemble():
         with trace.span("pack"):
-            return tk.unpack_heads(back) if tk else back.permute(1, 2, 0, 3, 4).reshape(B, lens[me], u * h, D)
+            return tk.unpack_heads(back) if tk else _heads_last(back)
 
+    return transport.exchange(sends, recvs, tag), assemble
+
+
+def _rows_by_member(out, lens, extra):
+    """One flat buffer, chunk j = out[:, member j's rows] as [B, lens[j], h, D] followed by
+    `extra` more elements (left for the caller to fill); returns the buffer."""
+    B, _, h, D = out.shape
+    size = [B * n * h * D + extra for n in lens]
+    flat = torch.empty(sum(size), dtype=out.dtype, device=out.device)
+    s0 = 0
+    for c, n in zip(flat.split(size), lens):
+        c[: B * n * h * D].view(B, n, h, D).copy_(out[:, s0 : s0 + n])
+        s0 += n
+    return flat
+
+
+def _heads_last(back):
+    """[u, B, S, h, D] (member j's heads in back[j]) -> [B, S, u*h, D]."""
+    u, B, S, h, D = back.shape
+    return back.permute(1, 2, 0, 3, 4).reshape(B, S, u * h, D)
+
+
+def _post_gather_joint(transport, members, me, out, lens, joint_out, tag):
+    """post_gather with my heads' joint output appended to every message: member j receives
+    [its tokens' output for my heads | my joint output], so the joint output's all-gather costs
+    no exchange of its own."""
+    u = len(members)
+    B, _, h, D = out.shape
+    T = joint_out.shape[1]
+    nj = B * T * h * D
+    with trace.span("pack"):
+        flat = _rows_by_member(out, lens, nj)
+        size = [B * n * h * D + nj for n in lens]
+        chunks = list(flat.split(size))
+        for c in chunks:
+            c[c.numel() - nj:].view(B, T, h, D).copy_(joint_out)
+        back = torch.empty(u, size[me], dtype=out.dtype, device=out.device)
+        back[me].copy_(chunks[me])
+    n_out = size[me] - nj
+
+    def assemble():
+        with trace.span("pack"):
+            o = _heads_last(back[:, :n_out].unflatten(1, (B, lens[me], h, D)))
+            return o, _heads_last(back[:, n_out:].unflatten(1, (B, T, h, D)))
+
+    if _collective(transport, members):
+        return transport.all_to_all(flat, size, back.reshape(-1), [size[me]] * u, tag), assemble
+    sends = [(members[j], chunks[j]) for j in range(u) if j != me]
+    recvs = [(members[j], back[j]) for j in range(u) if j != me]
     return transport.exchange(sends, recvs, tag), assemble
 
 
@@ -240,9 +328,10 @@ def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chu
     jh = slice_joint(joint, H, Hk, u, me) if joint is not None else None
     out, jout, lse, jlse = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
                                   joint_strategy=problem.joint_strategy, with_lse=True)
-    out = gather_heads(transport, members, me, out, lens, H)
-    if jout is not None:
-        jout = allgather_heads(transport, members, me, jout)
+    if jout is None:
+        out = gather_heads(transport, members, me, out, lens, H)
+    else:
+        out, jout = gather_heads(transport, members, me, out, lens, H, joint_out=jout)
     if not with_lse:
         return out, jout
     return (out, jout) + lse_to_sequence(transport, members, me, lse, jlse, lens, H)
@@ -274,7 +363,7 @@ def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):
         qc, kc, vc = q.index_select(2, idx[c]), k.index_select(2, kv_idx[c]), v.index_select(2, kv_idx[c])
         posted.append(post_scatter(transport, members, me, qc, kc, vc, lens, H // chunks,
                                    Hk // chunks, tag=TAG_SCATTER + 2 * c))
-    gathers, jouts = [], []
+    gathers = []
     for c, (pending, assemble) in enumerate(posted):
         pending.wait()
         qh, kh, vh = assemble()
@@ -285,15 +374,16 @@ def _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks):
                               jv.index_select(2, kv_idx[c])), H // chunks, Hk // chunks, u, me)
         o, jo = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
                        joint_strategy=problem.joint_strategy)
-        gathers.append(post_gather(transport, members, me, o, lens, H // chunks, tag=TAG_GATHER + 2 * c))
-        jouts.append(jo)
+        gathers.append(post_gather(transport, members, me, o, lens, H // chunks, tag=TAG_GATHER + 2 * c,
+                                   joint_out=jo))
     out = torch.empty_like(q)
+    jout = None if joint is None else torch.empty_like(joint[0])
     for c, (pending, assemble) in enumerate(gathers):
         pending.wait()
-        out.index_copy_(2, idx[c], assemble())
-    if joint is None:
-        return out, None
-    jout = torch.empty_like(joint[0])
-    for c in range(chunks):
-        jout.index_copy_(2, idx[c], allgather_heads(transport, members, me, jouts[c]))
+        if joint is None:
+            out.index_copy_(2, idx[c], assemble())
+        else:
+            o, jo = assemble()
+            out.index_copy_(2, idx[c], o)
+            jout.index_copy_(2, idx[c], jo)
     return out, jout

@@ -7,7 +7,7 @@ slice j.
 from __future__ import annotations
 
 from .ring import ring_core
-from .ulysses import allgather_heads, gather_heads, lse_to_sequence, scatter_heads, slice_joint
+from .ulysses import gather_heads, lse_to_sequence, scatter_heads, slice_joint
 
 
 def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=False):
@@ -33,9 +33,12 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=Fal
                                      seg_offsets=seg_offsets, scale=problem.scale,
                                      causal=problem.causal, joint=jh,
                                      joint_strategy=problem.joint_strategy, with_lse=True)
-    out = gather_heads(transport, uly_members, j, out.transpose(1, 2).to(q.dtype), lens, H)
-    if jout is not None:
-        jout = allgather_heads(transport, uly_members, j, jout.transpose(1, 2).to(q.dtype))
+    out = out.transpose(1, 2).to(q.dtype)
+    if jout is None:
+        out = gather_heads(transport, uly_members, j, out, lens, H)
+    else:
+        out, jout = gather_heads(transport, uly_members, j, out, lens, H,
+                                 joint_out=jout.transpose(1, 2).to(q.dtype))
     if not with_lse:
         return out, jout
     return (out, jout) + lse_to_sequence(transport, uly_members, j, lse, jlse, lens, H)

@@ -29,7 +29,7 @@ TINY_YIELD_S = 0.005
 
 
 class _Msg:
-    __slots__ = ("peer", "buf", "tag", "chunks", "next")
+    __slots__ = ("peer", "buf", "tag", "chunks", "next", "done")
 
     def __init__(self, peer, tensor, tag, slot_bytes):
         self.peer = peer  # index among the node members
@@ -38,10 +38,11 @@ class _Msg:
         n = self.buf.numel()
         self.chunks = [(o, min(slot_bytes, n - o)) for o in range(0, n, slot_bytes)]
         self.next = 0
+        self.done = not self.chunks
 
-    @property
-    def done(self):
-        return self.next == len(self.chunks)
+    def advance(self):
+        self.next += 1
+        self.done = self.next == len(self.chunks)
 
 
 class _OneSidedPending(Pending):
@@ -58,19 +59,21 @@ class _OneSidedPending(Pending):
         deadline = self.start + t.timeout
         tracing = trace.enabled()
         spins, last_check, last_report = 0, time.monotonic(), time.monotonic()
-        while not all(m.done for m in self.msgs):
+        left = [m for m in self.msgs if not m.done]
+        while left:
             t0 = trace.now() if tracing else 0.0
             if t._progress():
                 spins = 0
                 if tracing:
                     trace.add("copy", t0, trace.now())
+                left = [m for m in left if not m.done]
                 continue
             spins += 1
             now = time.monotonic()
             if now - last_check > 0.05:
                 last_check = now
-                for m in self.msgs:
-                    if not m.done and not t.heap.peer_alive(m.peer):
+                for m in left:
+                    if not t.heap.peer_alive(m.peer):
                         g = t.members[m.peer]
                         culprit, report = _reported_within(t.base, 0.25)
                         if culprit is not None and culprit != g:  # g exited after seeing culprit fail
@@ -86,7 +89,7 @@ class _OneSidedPending(Pending):
                         raise PeerError(f"streamattn: abandoned an shm exchange (tag {self.msgs[0].tag}): "
                                         f"{report}", culprit)
                 if now > deadline:
-                    m = next(m for m in self.msgs if not m.done)
+                    m = left[0]
                     g = t.members[m.peer]
                     raise PeerTimeoutError(
                         f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
@@ -94,9 +97,7 @@ class _OneSidedPending(Pending):
                         "be stuck or making a different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
             _backoff(spins, t.oversubscribed, self.tiny and now - self.start < TINY_YIELD_S)
             if tracing:  # blocked on the first message that has not completed
-                m = next((m for m in self.msgs if not m.done), None)
-                if m is not None:
-                    trace.add(self.span_kind, t0, trace.now(), t.members[m.peer], False)
+                trace.add(self.span_kind, t0, trace.now(), t.members[left[0].peer], False)
         if self.remote is not None:
             self.remote.wait()
 
@@ -178,7 +179,7 @@ class OneSidedTransport(NodeHeapTransport):
                 heap.put(p, m.buf[off : off + length], (me * D + (k - 1) % D) * S)
                 heap.signal(p, me, k)
                 self.sent[p] = k
-                m.next += 1
+                m.advance()
                 moved = True
                 if m.done:
                     q.popleft()
@@ -192,7 +193,7 @@ class OneSidedTransport(NodeHeapTransport):
                 m.buf[off : off + length].copy_(heap.local((p * D + (k - 1) % D) * S, length))
                 heap.signal(p, n + me, k)
                 self.recvd[p] = k
-                m.next += 1
+                m.advance()
                 moved = True
                 if m.done:
                     q.popleft()
