@@ -8,7 +8,9 @@ data every rank holds identically:
 1. Each call, every rank sends every other rank its *signature*: a few int64s — its local shape
    and options (validate.FIELDS), the settings that change what runs (config, agreed=True), its
    plan-cache generation for the group and whether it wants a full check (STREAMATTN_VALIDATE,
-   malformed input). One small message per peer (tag TAG_SIG), on the group's two-sided transport.
+   malformed input). Transport.all_gather_small (tag TAG_SIG): on the shm transport the node's
+   rows are read from a board in shared memory (no message per peer), other nodes' rows are one
+   small message per peer; on a two-sided transport one small message per peer.
 2. The gathered signatures are identical on every rank, so the cache key (all ranks' rows) and
    the decision "cached / full metadata exchange / raise" are too.
 3. Caches are per group, filled in the same order everywhere; their generation (inserts so far)
@@ -147,7 +149,7 @@ def exchange(transport, row: torch.Tensor, cache: PlanCache, token):
     key identifies the call on every rank; full=True means every rank must run the full metadata
     exchange (a miss, a malformed input somewhere, STREAMATTN_VALIDATE=every on some rank).
     Raises the same ValueError on every rank when agreed settings differ."""
-    rows = transport.all_gather(row, range(transport.size), TAG_SIG, count=False)
+    rows = transport.all_gather_small(row, TAG_SIG)
     rows = [[int(x) for x in r.tolist()] for r in rows]
     for r, vals in enumerate(rows):
         if len(vals) != ROW or vals[0] != SIG_MAGIC or vals[1] != SIG_VERSION:

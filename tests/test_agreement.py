@@ -71,3 +71,11 @@ def test_plan_records_the_agreed_settings(rank_pool):
     assert all(r["err"] < 1e-5 and r["settings"]["STREAMATTN_KERNEL"] == "math" for r in res), res
     other = rank_pool(2).run("streamattn.testing.agreement_cases:plan_settings", kernel="cpu-flash")
     assert all(r["settings"]["STREAMATTN_KERNEL"] == "cpu-flash" for r in other), other
+
+
+def test_signature_fits_the_shm_board():
+    """A signature longer than the board silently takes the P-1-message path: keep it short."""
+    from streamattn import agreement
+    from streamattn.transport.base import SMALL_WORDS
+
+    assert agreement.ROW <= SMALL_WORDS

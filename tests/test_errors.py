@@ -89,6 +89,25 @@ def test_silent_peer_times_out_naming_it():
         pool.close()
 
 
+@pytest.mark.parametrize("exits", [False, True])
+def test_warm_shm_call_names_the_rank_missing_from_the_signature_board(exits):
+    """After a first call the per-call signature goes through the shm board: a rank that does not
+    come (silent, or its process gone) is named by every other rank, after the timeout or at once."""
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "3", "STREAMATTN_TRANSPORT": "shm"})
+    try:
+        res = pool.run_raw("streamattn.testing.cases:silent_peer", silent_rank=2, warm=True,
+                           exits=exits, timeout=60)
+        for got in (res[0]["result"], res[1]["result"]):
+            if exits:
+                assert got["type"] == "PeerError" and "rank 2" in got["error"], got
+                assert got["seconds"] < 2.5, got
+            else:
+                assert got["type"] == "PeerTimeoutError" and "rank 2" in got["error"], got
+                assert "signature board" in got["error"] and 2.5 < got["seconds"] < 15, got
+    finally:
+        pool.close()
+
+
 def test_local_errors_single_process():
     q = torch.randn(1, 8, 4, 16)
     with pytest.raises(ValueError, match="layout"):

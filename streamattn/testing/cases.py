@@ -253,14 +253,20 @@ def count_metadata_exchanges(rank, world_size, *, calls=5, seq=30, heads=6):
     return {"first": first, "later": n[0] - first}
 
 
-def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4):
-    """silent_rank never joins the call; the others must time out naming it."""
-    if rank == silent_rank:
-        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
-        return {"type": None, "error": None, "seconds": 0.0}
+def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4, warm=False, exits=False):
+    """silent_rank never joins the call; the others must time out naming it. warm: every rank
+    makes one call first (so the call's signature goes through the warm transport, the shm
+    signature board); exits: the silent rank's process exits instead (os._exit(17))."""
     q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
     ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
+    if warm:
+        streamattn.attention(ql, kl, vl, algorithm="ring")
+    if rank == silent_rank:
+        if exits:
+            os._exit(17)
+        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
+        return {"type": None, "error": None, "seconds": 0.0}
     t0 = time.monotonic()
     try:
         streamattn.attention(ql, kl, vl, algorithm="ring")

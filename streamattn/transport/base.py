@@ -27,6 +27,9 @@ class ByteCounters:
         return {"intra": self.intra, "inter": self.inter, "messages": self.messages}
 
 
+SMALL_WORDS = 63  # all_gather_small's largest vector (int64 entries)
+
+
 class Pending(ABC):
     """Handle of posted sends/receives. wait() raises PeerError/PeerTimeoutError naming the peer."""
 
@@ -95,6 +98,13 @@ class Transport(ABC):
         recvs = [(p, parts[p]) for p in range(self.size) if p != me and lens[p]]
         self.exchange(sends, recvs, tag).wait()
         return torch.cat(parts, 1)
+
+    def all_gather_small(self, vec: torch.Tensor, tag: int) -> list:
+        """all_gather_vector for the per-call signature: every rank's int64 vector (the same
+        length everywhere, at most SMALL_WORDS entries), on the CPU, in rank order. The one-sided
+        transports read their node's rows from a board in the heap instead of exchanging P-1
+        messages."""
+        return self.all_gather_vector(vec, tag)
 
     def all_gather_vector(self, vec: torch.Tensor, tag: int) -> list:
         """Every rank's copy of a small 1-D tensor (metadata: not counted as payload), on the CPU."""

@@ -19,12 +19,12 @@ class NodeHeapTransport(Transport):
     """Transport over a symmetric heap among the ranks of this node, `base` for the rest.
 
     heap_factory(index, members, data_bytes, signal_slots, all_gather_text, barrier) builds the
-    heap (ShmHeap or NvshmemHeap); `data_bytes` is members x depth x slot_bytes, `signal_slots`
-    members x signals_per_member.
+    heap (ShmHeap or NvshmemHeap); `data_bytes` is members x depth x slot_bytes (+ extra_bytes at
+    extra_offset), `signal_slots` members x signals_per_member (+ extra_signals from extra_signal0).
     """
 
     def __init__(self, base, heap_factory, depth: int, signals_per_member: int, bootstrap_tag: int,
-                 slot_bytes=None):
+                 slot_bytes=None, extra_bytes: int = 0, extra_signals: int = 0):
         self.base = base
         self.rank, self.size, self.device = base.rank, base.size, base.device
         self.counters = ByteCounters()
@@ -37,8 +37,10 @@ class NodeHeapTransport(Transport):
         if slot_bytes is None:
             slot_bytes = shm_slot_bytes()
         self.slot_bytes = max(4096, slot_bytes - slot_bytes % 64)  # whole cache lines
-        self.heap = heap_factory(self.local_index[self.rank], n, n * depth * self.slot_bytes,
-                                 n * signals_per_member, self.all_gather_text, self.barrier)
+        # extra_bytes / extra_signals: a subclass's own region after the mailboxes / signals
+        self.extra_offset, self.extra_signal0 = n * depth * self.slot_bytes, n * signals_per_member
+        self.heap = heap_factory(self.local_index[self.rank], n, self.extra_offset + extra_bytes,
+                                 self.extra_signal0 + extra_signals, self.all_gather_text, self.barrier)
 
     @property
     def node_of(self):

@@ -21,11 +21,12 @@ from ..tags import SHM_BOOTSTRAP
 from ..topology import usable_cores
 from .. import trace
 from ..errors import PeerError, PeerTimeoutError
-from .base import Pending
+from .base import SMALL_WORDS, Pending
 from .node_heap import NodeHeapTransport
 
 DEPTH = 2
 TINY_YIELD_S = 0.005
+BOARD_BYTES = (SMALL_WORDS + 1) * 8  # one signature row on the board: its length, then its words
 
 
 class _Msg:
@@ -49,57 +50,82 @@ class _OneSidedPending(Pending):
     def __init__(self, transport, msgs, remote):
         self.t, self.msgs, self.remote = transport, msgs, remote
         self.start = time.monotonic()
-        # Metadata-sized exchanges (the per-call signature) yield instead of sleeping for their
-        # first TINY_YIELD_S: a backoff sleep would add up to 1 ms to every call.
+        # Metadata-sized exchanges yield instead of sleeping for their first TINY_YIELD_S: a
+        # backoff sleep would add up to 1 ms to every call.
         self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
         self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
 
     def wait(self):
         t = self.t
-        deadline = self.start + t.timeout
-        tracing = trace.enabled()
-        spins, last_check, last_report = 0, time.monotonic(), time.monotonic()
         left = [m for m in self.msgs if not m.done]
-        while left:
-            t0 = trace.now() if tracing else 0.0
-            if t._progress():
-                spins = 0
-                if tracing:
-                    trace.add("copy", t0, trace.now())
-                left = [m for m in left if not m.done]
-                continue
-            spins += 1
-            now = time.monotonic()
-            if now - last_check > 0.05:
-                last_check = now
-                for m in left:
-                    if not t.heap.peer_alive(m.peer):
-                        g = t.members[m.peer]
-                        culprit, report = _reported_within(t.base, 0.25)
-                        if culprit is not None and culprit != g:  # g exited after seeing culprit fail
-                            raise PeerError(f"streamattn: abandoned an shm exchange (tag {m.tag}): "
-                                            f"{report}", culprit)
-                        t.base.report_failure(g, f"rank {t.rank} saw it die (shm)")
-                        raise PeerError(f"streamattn: {t.describe_peer(g)} died (its process is gone) "
-                                        f"during an shm exchange (tag {m.tag})", g)
-                if now - last_report > 0.5:  # another rank may have seen the real failure
-                    last_report = now
-                    culprit, report = t.base.reported_failure()
-                    if culprit is not None:
-                        raise PeerError(f"streamattn: abandoned an shm exchange (tag {self.msgs[0].tag}): "
-                                        f"{report}", culprit)
-                if now > deadline:
-                    m = left[0]
-                    g = t.members[m.peer]
-                    raise PeerTimeoutError(
-                        f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
-                        f"in an shm exchange (tag {m.tag}, chunk {m.next + 1}/{len(m.chunks)}); it may "
-                        "be stuck or making a different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
-            _backoff(spins, t.oversubscribed, self.tiny and now - self.start < TINY_YIELD_S)
-            if tracing:  # blocked on the first message that has not completed
-                trace.add(self.span_kind, t0, trace.now(), t.members[left[0].peer], False)
+
+        def advance():
+            nonlocal left
+            if not t._progress():
+                return False
+            left = [m for m in left if not m.done]
+            return True
+
+        def blocked():
+            if not left:
+                return None
+            m = left[0]
+            return [x.peer for x in left], m.tag, f"chunk {m.next + 1}/{len(m.chunks)}"
+
+        poll(t, advance, blocked, self.start, self.tiny, self.span_kind)
         if self.remote is not None:
             self.remote.wait()
+
+
+def poll(t, advance, blocked, start, tiny, span_kind):
+    """Poll until blocked() is None. advance() moves what it can (True when anything moved);
+    blocked() names what is still awaited: ([member indices of the peers, the first one waited
+    on], tag, detail). Raises PeerError when one of those processes is gone or another rank
+    reported a failure, and PeerTimeoutError naming the first peer after the transport's timeout."""
+    deadline = start + t.timeout
+    tracing = trace.enabled()
+    spins, last_check, last_report = 0, time.monotonic(), time.monotonic()
+    while True:
+        t0 = trace.now() if tracing else 0.0
+        if advance():
+            spins = 0
+            if tracing:
+                trace.add("copy", t0, trace.now())
+            continue
+        waiting = blocked()
+        if waiting is None:
+            return
+        peers, tag, detail = waiting
+        peer = peers[0]
+        spins += 1
+        now = time.monotonic()
+        if now - last_check > 0.05:
+            last_check = now
+            dead = next((p for p in peers if not t.heap.peer_alive(p)), None)
+            if dead is not None:
+                g = t.members[dead]
+                culprit, report = _reported_within(t.base, 0.25)
+                if culprit is not None and culprit != g:  # g exited after seeing culprit fail
+                    raise PeerError(f"streamattn: abandoned an shm exchange (tag {tag}): {report}",
+                                    culprit)
+                t.base.report_failure(g, f"rank {t.rank} saw it die (shm)")
+                raise PeerError(f"streamattn: {t.describe_peer(g)} died (its process is gone) "
+                                f"during an shm exchange (tag {tag})", g)
+            if now - last_report > 0.5:  # another rank may have seen the real failure
+                last_report = now
+                culprit, report = t.base.reported_failure()
+                if culprit is not None:
+                    raise PeerError(f"streamattn: abandoned an shm exchange (tag {tag}): {report}",
+                                    culprit)
+            if now > deadline:
+                g = t.members[peer]
+                raise PeerTimeoutError(
+                    f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
+                    f"in an shm exchange (tag {tag}, {detail}); it may be stuck or making a "
+                    "different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
+        _backoff(spins, t.oversubscribed, tiny and now - start < TINY_YIELD_S)
+        if tracing:  # blocked on that peer
+            trace.add(span_kind, t0, trace.now(), t.members[peer], False)
 
 
 def _reported_within(base, seconds):
@@ -138,8 +164,12 @@ class OneSidedTransport(NodeHeapTransport):
     name = "onesided"
 
     def __init__(self, base, heap_factory, slot_bytes=None):
-        super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes)  # ready, credit
-        n = len(self.members)
+        mine = base.node_of[base.rank]
+        n = sum(1 for r in range(base.size) if base.node_of[r] == mine)
+        # signals: ready and credit per member, then the board's one per member
+        super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes,
+                         extra_bytes=2 * n * BOARD_BYTES, extra_signals=n)
+        self.board_calls = 0
         self.oversubscribed = n > usable_cores()
         self.sent = [0] * n
         self.recvd = [0] * n
@@ -163,6 +193,57 @@ class OneSidedTransport(NodeHeapTransport):
         pending = _OneSidedPending(self, msgs, remote)
         pending.span_kind = trace.wait_kind(tag)
         return pending
+
+    def all_gather_small(self, vec, tag):
+        """Every rank's int64 vector (Transport.all_gather_small). The node's rows go through a
+        board in the heap: in call n each member puts [length, *row] into slot (n % 2, itself)
+        of every other member's board and sets that member's board signal for itself to n, then
+        reads the others' rows from its own board once their signals reach n. Two slots suffice:
+        a member can only be one call ahead (call n + 1 needs every row of call n + 1, written
+        after their writers read the rows of call n). Other nodes' rows travel over `base`."""
+        if vec.dtype != torch.int64 or vec.numel() > SMALL_WORDS or self.device.type != "cpu":
+            return super().all_gather_small(vec, tag)
+        vec = vec.reshape(-1).contiguous()
+        others = [p for p in range(self.size) if p not in self.local_index]
+        out = [None] * self.size
+        remote = None
+        if others:
+            for p in others:
+                out[p] = torch.empty_like(vec)
+            remote = self.base.exchange([(p, vec) for p in others], [(p, out[p]) for p in others],
+                                        tag, count=False)
+        self.board_calls += 1
+        call, heap, n, me = self.board_calls, self.heap, len(self.members), self.heap.rank
+        slot = lambda member: self.extra_offset + ((call % 2) * n + member) * BOARD_BYTES  # noqa: E731
+        payload = torch.cat([torch.tensor([vec.numel()], dtype=torch.int64), vec]).view(torch.uint8)
+        for p in range(n):
+            if p != me:
+                heap.put(p, payload, slot(me))
+                heap.signal(p, self.extra_signal0 + me, call)
+        sig0 = self.extra_signal0
+        left = [p for p in range(n) if p != me]
+
+        def advance():
+            nonlocal left
+            still = [p for p in left if heap.read_signal(sig0 + p) < call]
+            moved, left = len(still) < len(left), still
+            return moved
+
+        poll(self, advance, lambda: (left, tag, f"signature board, call {call}") if left else None,
+             time.monotonic(), True, trace.wait_kind(tag))
+        for p, g in enumerate(self.members):
+            if p == me:
+                out[g] = vec.clone()
+                continue
+            row = heap.local(slot(p), BOARD_BYTES).view(torch.int64)
+            k = int(row[0])
+            if k != vec.numel():
+                raise ValueError(f"streamattn: {self.describe_peer(g)} sent a signature of {k} words, "
+                                 f"this rank {vec.numel()} (different streamattn versions on the ranks?)")
+            out[g] = row[1:1 + k].clone()
+        if remote is not None:
+            remote.wait()
+        return out
 
     def _progress(self) -> bool:
         """Advance every queued message as far as credits and signals allow. True if anything moved."""
