@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--no-check", action="store_true", help="skip the float64 error check")
     what.add_argument("--yunchang-native", action="store_true",
                       help="also check yunchang with its own CPU kernel (shows its zero-LSE error)")
+    what.add_argument("--yunchang-text-local", action="store_true",
+                      help="time yunchang without broadcasting the text output to every rank "
+                           "(by default it is, so that it delivers what streamattn delivers)")
     what.add_argument("--force-auto", default=None, choices=["ulysses", "ring"],
                       help="negative control: add an 'auto' run whose planner is forced to this plan")
     what.add_argument("--trace-iters", type=int, default=2,
@@ -136,6 +139,7 @@ def run(args) -> int:
                      overlap=not args.no_overlap, overlap_iters=max(1, args.overlap_iters),
                      check=not args.no_check, yunchang="yunchang" in algos,
                      yunchang_native=args.yunchang_native, force_auto=args.force_auto,
+                     yunchang_text_local=args.yunchang_text_local,
                      trace_iters=max(0, args.trace_iters), limit=not args.no_limit,
                      comm_dtype=args.comm_dtype, autotune=max(0, args.autotune))
     if args.emulate:

@@ -77,7 +77,8 @@ def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
                  force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None,
-                 comm_dtype: Optional[str] = None, autotune: int = 0) -> list:
+                 comm_dtype: Optional[str] = None, autotune: int = 0,
+                 yunchang_text_local: bool = False) -> list:
     """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
     (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
     cfgs = []
@@ -113,7 +114,8 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
         for u in us:
             if keep(u):
                 cfgs.append({"name": f"yunchang {u}x{world // u}", "kind": "yunchang",
-                             "ulysses_degree": u, "ring_degree": world // u})
+                             "ulysses_degree": u, "ring_degree": world // u,
+                             **({"text_local": True} if yunchang_text_local else {})})
         if yunchang_native:
             rs = [u for u in us if world // u > 1 and keep(u)]
             if rs:
@@ -139,6 +141,7 @@ class SweepSpec:
     check: bool = True
     yunchang: bool = True
     yunchang_native: bool = False
+    yunchang_text_local: bool = False  # time yunchang without handing every rank the text output
     force_auto: Optional[str] = None
     seed: int = 0
     trace_iters: int = 2   # traced calls per streamattn configuration (breakdown, timeline); 0: none
@@ -194,7 +197,8 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
         cfgs = make_configs(world, shape["heads"], spec.algorithms, spec.degrees, spec.yunchang,
                             spec.yunchang_native, spec.force_auto,
                             ranks_per_node=getattr(ex, "ranks_per_node", None),
-                            comm_dtype=spec.comm_dtype, autotune=spec.autotune)
+                            comm_dtype=spec.comm_dtype, autotune=spec.autotune,
+                            yunchang_text_local=spec.yunchang_text_local)
         cfgs = [c for c in cfgs if c["kind"] != "yunchang"
                 or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
         plans.append((shape, cfgs))
@@ -278,6 +282,11 @@ def _new_record(shape, cfg, world) -> dict:
             note = "yunchang with its own CPU kernel (torch_math, LSE = 0): error only, not timed"
         if shape.get("joint_len"):
             note += "; text tokens folded into its sequence (no joint API)"
+            if cfg.get("text_local"):
+                note += ", the text output left on the ranks holding its rows"
+            else:
+                note += (", then the text output broadcast from the ranks holding its rows to "
+                         "every rank (what the next layer needs; streamattn returns it on every rank)")
     return {"shape": dict(shape), "config": label, "kind": cfg["kind"], "cfg": dict(cfg),
             "world_size": world, "note": note, "_t": []}
 

@@ -269,6 +269,22 @@ def _yunchang_layer(st, u, r, native):
     return cache[key]
 
 
+def _broadcast_text(out, rows, T):
+    """The text output on every rank, from yunchang's output shard: rows [lo, hi) of the
+    [text; image] sequence are this rank's; each rank holding text rows broadcasts them (gloo),
+    as an engine must before its next (replicated) text layer. Returns [B, T, H, D]."""
+    lo, hi = rows
+    n = hi - lo
+    parts = []
+    for src in range((T + n - 1) // n):
+        a, b = src * n, min(T, (src + 1) * n)
+        buf = out[:, : b - a].contiguous() if src == dist.get_rank() else out.new_empty(
+            out.shape[0], b - a, *out.shape[2:])
+        dist.broadcast(buf, src)
+        parts.append(buf)
+    return torch.cat(parts, 1)
+
+
 def yunchang_available(rank, world_size):
     try:
         import yunchang  # noqa: F401
@@ -383,8 +399,12 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         layer = _yunchang_layer(st, cfg["ulysses_degree"], cfg["ring_degree"], cfg.get("native"))
         ql, kl, vl = st["yc_shard"]
 
+        T = st["joint"][0].shape[1] if st["joint"] is not None else 0
+        text_local = cfg.get("text_local") or not T
+
         def call():
-            return layer(ql, kl, vl, softmax_scale=1.0 / math.sqrt(ql.shape[-1]))
+            out = layer(ql, kl, vl, softmax_scale=1.0 / math.sqrt(ql.shape[-1]))
+            return out if text_local else (out, _broadcast_text(out, st["yc_rows"], T))
         counters = None
     else:
         counters = _Counters() if world_size > 1 else None
@@ -428,7 +448,10 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         T = st["joint"][0].shape[1] if st["joint"] is not None else 0
         if kind == "yunchang":
             lo, hi = st["yc_rows"]
-            res["err"] = rel_err(out, _ref_rows(st, lo, hi))
+            o, text = out if isinstance(out, tuple) else (out, None)
+            res["err"] = rel_err(o, _ref_rows(st, lo, hi))
+            if text is not None:
+                res["err"] = max(res["err"], rel_err(text, _ref_rows(st, 0, text.shape[1])))
         else:
             o, jo = out if st["joint"] is not None else (out, None)
             lo = T + st["img_start"]
