@@ -240,17 +240,27 @@ def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
 
 
 def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
-                rounds: int = 2) -> Tuple[list, Dict[str, float]]:
+                rounds: int = 2, measure=None, before_each=None,
+                cached=None) -> Tuple[list, Dict[str, float]]:
     """Seconds of one kernel call on each shape: from this machine's cache, else measured now,
     the missing shapes interleaved over `rounds` rounds (the best window per shape), so load that comes and
     goes while calibrating biases no shape against another. Returns (times, newly measured
-    {entry: seconds})."""
-    cached = load_cache(concurrent) if use_cache else {}
-    todo = [s for s in dict.fromkeys(shapes) if cache_entry(s, dtype) not in cached]
+    {entry: seconds}). measure: the shapes to time (default: those the cache lacks; a group
+    passes the union over its ranks, so that every rank times the same shapes); before_each():
+    called before each window (a group's barrier, so that every rank times a shape while all
+    compute, not while some have finished); cached: the cache as the caller read it."""
+    if cached is None:
+        cached = load_cache(concurrent) if use_cache else {}
+    cached = dict(cached)
+    if measure is None:
+        measure = [s for s in shapes if cache_entry(s, dtype) not in cached]
+    todo = list(dict.fromkeys(measure))
     new: Dict[str, float] = {}
     for _ in range(max(1, rounds)):
         for s in todo:
             key = cache_entry(s, dtype)
+            if before_each is not None:
+                before_each()
             new[key] = min(new.get(key, float("inf")), time_block(s, dtype))
     cached.update(new)
     return [cached[cache_entry(s, dtype)] for s in shapes], new

@@ -25,8 +25,8 @@ import math
 import os
 from typing import Dict, List, Optional, Union
 
-from .calibration import (block_shape, block_times, cache_entry, resolve_memory_bandwidth, resolve_rate,
-                          save_cache)
+from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
+                          resolve_rate, save_cache)
 from .costmodel import CostModel
 from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
                        per_node_groups)
@@ -294,17 +294,27 @@ def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
     """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share} for make_plan,
     identical on every rank (sync_s: `measure_sync`, overlap: `core_share`). Every rank times
-    the kernel at the candidates' block shapes at the same moment (so the cores are shared as in
-    the real call), or reads this machine's cache, and all take the mean over the ranks (a rank
-    that finished its windows early let the last one time its final shapes with a core to spare;
-    the mean evens that out); rank 0 caches the agreed times of the shapes it measured
-    (calibration.save_cache). Collective over the group."""
+    the kernel at the candidates' block shapes at the same moment, each shape's window started by
+    a barrier (so the cores are shared as in the real call: without it, ranks that had finished
+    their windows left the others a core to spare, and a shape timed last came out up to 2x too
+    fast with 4 ranks on 2 cores), or reads this machine's cache, and all take the mean over the
+    ranks; rank 0 caches the agreed times of the shapes measured (calibration.save_cache).
+    Collective over the group."""
     import torch
 
     shapes = calibration_shapes(problem, topology)
     if not shapes:
         return {}
-    times, new = block_times(shapes, problem.dtype, transport.size)
+    # Which shapes to time: those any rank's cache lacks (ranks on other machines may hold other
+    # caches), every rank the same list, each window started together (a barrier), so each rank
+    # times a shape while all compute -- not its last shapes while the others have finished.
+    cached = load_cache(transport.size)
+    lacks = torch.tensor([cache_entry(s, problem.dtype) not in cached for s in shapes], dtype=torch.int64)
+    union = torch.stack(transport.all_gather_vector(lacks, tag)).amax(dim=0).tolist()
+    one = torch.zeros(1, dtype=torch.float64)
+    times, new = block_times(shapes, problem.dtype, transport.size,
+                             measure=[s for s, m in zip(shapes, union) if m], cached=cached,
+                             before_each=lambda: transport.all_gather_vector(one, tag))
     every = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)
     agreed = torch.stack(every).mean(dim=0).tolist()
     if transport.rank == 0 and new:
