@@ -19,10 +19,12 @@ from typing import Dict, List, Optional
 
 def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head_dim: int,
                    ranks_per_node: int, batch: int = 1, elem: int = 4,
-                   groups: Optional[List[List[int]]] = None, t: int = 1) -> List[Dict[str, int]]:
+                   groups: Optional[List[List[int]]] = None, t: int = 1,
+                   chunks: int = 1) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call (non-causal, no joint tokens,
     S divisible by P), from streamattn.schedule. groups: the plan's Ulysses groups (default
-    consecutive ranks). t: the torus degree (algorithm "torus" only). elem: bytes per element."""
+    consecutive ranks). t: the torus degree (algorithm "torus" only). elem: bytes per element.
+    chunks: Ulysses pipelined over head groups -- the same bytes in `chunks` times the messages."""
     import torch
 
     from streamattn.problem import Problem
@@ -35,7 +37,8 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
     problem = Problem(batch, heads, heads, head_dim, dtype, (seq // P,) * P, head_dim ** -0.5)
     groups = [tuple(g) for g in groups] if groups else consecutive_groups(P, u)
     node_of = [x // ranks_per_node for x in range(P)]
-    return per_rank_bytes(problem, u, groups, node_of, torus_degree=t if algorithm == "torus" else None)
+    out = per_rank_bytes(problem, u, groups, node_of, torus_degree=t if algorithm == "torus" else None)
+    return [dict(x, messages=x["messages"] * chunks) for x in out]
 
 
 def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int = 1) -> float:
