@@ -70,7 +70,7 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
         return _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag,
                                    heads, kv_heads)
     with trace.span("pack"):
-        out_bufs = pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=not q_in)
+        _, out_bufs = pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=not q_in)
         # One receive allocation, chunk j = member j's [q | k | v] for my heads (mine is already
         # in out_bufs).
         sizes = [0 if j == me else B * n * (q_len + 2 * hk) * D for j, n in enumerate(lens)]
@@ -117,8 +117,8 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
 def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
     """Every member's outgoing message in one allocation, each byte copied once: chunk j =
     [q[:, :, q_ranges[j]] | k[:, :, kv_ranges[j]] | v[:, :, kv_ranges[j]]], each [B, S, h, D]
-    contiguous (q left out when not with_q). q: [B, S, H, D]; k, v: [B, S, Hk, D]. Returns the
-    u chunks (flat views). When the members split the K/V heads evenly (kv_heads >= u), the whole
+    contiguous (q left out when not with_q). q: [B, S, H, D]; k, v: [B, S, Hk, D]. Returns
+    (the flat buffer, its u chunks as views). When the members split the K/V heads evenly (kv_heads >= u), the whole
     tensor goes in with one strided copy per q, k, v instead of one per member."""
     B, S, _, D = q.shape
     u = len(q_ranges)
@@ -135,7 +135,7 @@ def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
         for x, off, h in parts:
             dst = rows[:, off:off + B * S * h * D].unflatten(1, (B, S, h, D))
             dst.copy_(x.view(B, S, u, h, D).permute(2, 0, 1, 3, 4))
-        return list(rows.unbind(0))
+        return flat, list(rows.unbind(0))
     chunks = list(flat.split(size))
     for j, ((a, b), (c, d)) in enumerate(zip(q_ranges, kv_ranges)):
         parts = ([q[:, :, a:b]] if with_q else []) + [k[:, :, c:d], v[:, :, c:d]]
@@ -144,7 +144,7 @@ def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
             n = x.numel()
             chunks[j][off:off + n].view(x.shape).copy_(x)
             off += n
-    return chunks
+    return flat, chunks
 
 
 def slice_joint(joint, heads, kv_heads, u, me):
@@ -191,7 +191,7 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_
         elif B == 1 and out.is_contiguous():
             flat = out.reshape(-1)  # member j's tokens are consecutive rows already: no copy
         else:
-            flat = _rows_by_member(out, lens, 0)
+            flat = _rows_by_member(out, lens, 0)[0]
         start = [sum(chunk[:j]) for j in range(u)]
         # Every member holds h = heads / u heads, so the pieces coming back stack as [u, B, S_me, h, D].
         back = torch.empty(u, B, lens[me], h, D, dtype=out.dtype, device=out.device)
@@ -211,15 +211,16 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_
 
 def _rows_by_member(out, lens, extra):
     """One flat buffer, chunk j = out[:, member j's rows] as [B, lens[j], h, D] followed by
-    `extra` more elements (left for the caller to fill); returns the buffer."""
+    `extra` more elements (left for the caller to fill); returns (the buffer, its chunks)."""
     B, _, h, D = out.shape
     size = [B * n * h * D + extra for n in lens]
     flat = torch.empty(sum(size), dtype=out.dtype, device=out.device)
+    chunks = list(flat.split(size))
     s0 = 0
-    for c, n in zip(flat.split(size), lens):
+    for c, n in zip(chunks, lens):
         c[: B * n * h * D].view(B, n, h, D).copy_(out[:, s0 : s0 + n])
         s0 += n
-    return flat
+    return flat, chunks
 
 
 def _heads_last(back):
@@ -237,14 +238,12 @@ def _post_gather_joint(transport, members, me, out, lens, joint_out, tag):
     T = joint_out.shape[1]
     nj = B * T * h * D
     with trace.span("pack"):
-        flat = _rows_by_member(out, lens, nj)
-        size = [B * n * h * D + nj for n in lens]
-        chunks = list(flat.split(size))
+        flat, chunks = _rows_by_member(out, lens, nj)
         for c in chunks:
             c[c.numel() - nj:].view(B, T, h, D).copy_(joint_out)
-        back = torch.empty(u, size[me], dtype=out.dtype, device=out.device)
+        back = torch.empty(u, chunks[me].numel(), dtype=out.dtype, device=out.device)
         back[me].copy_(chunks[me])
-    n_out = size[me] - nj
+    n_out = chunks[me].numel() - nj
 
     def assemble():
         with trace.span("pack"):
@@ -252,7 +251,8 @@ def _post_gather_joint(transport, members, me, out, lens, joint_out, tag):
             return o, _heads_last(back[:, n_out:].unflatten(1, (B, T, h, D)))
 
     if _collective(transport, members):
-        return transport.all_to_all(flat, size, back.reshape(-1), [size[me]] * u, tag), assemble
+        return (transport.all_to_all(flat, [c.numel() for c in chunks], back.reshape(-1),
+                                     [back.shape[1]] * u, tag), assemble)
     sends = [(members[j], chunks[j]) for j in range(u) if j != me]
     recvs = [(members[j], back[j]) for j in range(u) if j != me]
     return transport.exchange(sends, recvs, tag), assemble
@@ -268,16 +268,13 @@ def _collective(transport, members) -> bool:
 
 
 def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag, heads, kv_heads):
-    """post_scatter over one all_to_all_single: every member's [q | k | v] head slices packed by
-    ONE torch.cat (member order), received into one buffer whose chunk j is member j's."""
+    """post_scatter over one all_to_all_single: every member's [q | k | v] head slices packed in
+    one buffer (pack_scatter, member order), received into one buffer whose chunk j is member j's."""
     B, _, _, D = q.shape
     hq = q_ranges[me][1] - q_ranges[me][0]
     with trace.span("pack"):
-        parts = []
-        for (a, b), (c, d) in zip(q_ranges, kv_ranges):
-            parts += [q[:, :, a:b].reshape(-1), k[:, :, c:d].reshape(-1), v[:, :, c:d].reshape(-1)]
-        send = torch.cat(parts)
-    send_splits = [B * lens[me] * ((b - a) + 2 * (d - c)) * D for (a, b), (c, d) in zip(q_ranges, kv_ranges)]
+        send, chunks = pack_scatter(q, k, v, q_ranges, kv_ranges)
+    send_splits = [c.numel() for c in chunks]
     recv_splits = [B * n * (hq + 2 * hk) * D for n in lens]
     recv = torch.empty(sum(recv_splits), dtype=q.dtype, device=q.device)
     pending = transport.all_to_all(send, send_splits, recv, recv_splits, tag)

@@ -395,11 +395,10 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     """
     st = _inputs(rank, world_size, shape, seed)
     kind = cfg.get("kind", "streamattn")
+    T = st["joint"][0].shape[1] if st["joint"] is not None else 0  # text tokens
     if kind == "yunchang":
         layer = _yunchang_layer(st, cfg["ulysses_degree"], cfg["ring_degree"], cfg.get("native"))
         ql, kl, vl = st["yc_shard"]
-
-        T = st["joint"][0].shape[1] if st["joint"] is not None else 0
         text_local = cfg.get("text_local") or not T
 
         def call():
@@ -445,7 +444,6 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
                        predicted_s=plan.predicted_s,
                        transport=getattr(plan, "transport", "torch"))
     if check and mode == "full":
-        T = st["joint"][0].shape[1] if st["joint"] is not None else 0
         if kind == "yunchang":
             lo, hi = st["yc_rows"]
             o, text = out if isinstance(out, tuple) else (out, None)
