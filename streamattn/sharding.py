@@ -18,6 +18,12 @@ def shard(x: torch.Tensor, lens, rank: int, dim: int = 1) -> torch.Tensor:
     return x.narrow(dim, sum(lens[:rank]), lens[rank])
 
 
+def shard_rows(lens, rank: int) -> tuple:
+    """(start, stop): the sequence rows rank `rank` holds when the sequence is split by `lens`."""
+    start = sum(lens[:rank])
+    return start, start + lens[rank]
+
+
 # Joint (text) tokens folded into the sequence (streamattn.algorithms.joint_fold): which rows each
 # rank takes, and the joint-free problem that results.
 def can_fold(problem) -> bool:

@@ -80,6 +80,13 @@ def test_perf_failures_pool_only_identical_plans():
         forced = perf_failures(forced_recs, stat=stat)
         assert any("best fixed" in f for f in forced) and any("faster than" in f for f in forced)
     assert "1.15x the best fixed" in perf_failures(fixed + [auto], stat="min", pool=False)[0]
+    # paired + pool: the rounds of auto and of the fixed run of its plan all count (6 ratios, median
+    # 1.2x); auto's own 3 rounds alone have a median of 1.09x
+    uly = rec("ulysses 4", "ulysses", 4, 1, [1.2, 1.2, 1.2])
+    twin = rec("usp 2x2", "usp", 2, 2, [1.0, 1.0, 1.0])
+    auto = rec("auto", "usp", 2, 2, [1.0, 1.1, 1.1])
+    assert perf_failures([uly, twin, auto], min_speedup=1.15) == []
+    assert "only 1.09x faster" in perf_failures([uly, twin, auto], min_speedup=1.15, pool=False)[0]
 
 
 @pytest.mark.parametrize("u,t,r,rpn,heads", [(2, 2, 1, 2, 24), (4, 2, 1, 4, 24), (1, 4, 1, 2, 24),

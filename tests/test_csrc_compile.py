@@ -2,7 +2,7 @@
 headers, device-link against libnvshmem_device.a, link the torch extension and import it.
 
 Runs csrc/check_compile.sh (which caches the ~180 MB nvidia-nvshmem-cu13 wheel under
-~/.cache/streamattn/wheels). Skips with a reason when nvcc is absent. ~40-60 s on 2 cores.
+~/.cache/streamattn/wheels). Skips with a reason when nvcc is absent. ~15-30 s on 2 cores.
 """
 import importlib.util
 import os

@@ -55,7 +55,7 @@ def _no_leftover(pool_pids):
 @pytest.mark.parametrize("transport", ["torch", "shm"])
 @pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
 def test_rank_dies_mid_call(algorithm, transport):
-    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "8", "STREAMATTN_TRANSPORT": transport})
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "8", "STREAMATTN_TRANSPORT": transport}, fork=True)
     pids = [p.pid for p in pool.procs]
     try:
         t0 = time.monotonic()
@@ -79,7 +79,7 @@ def test_rank_dies_mid_call(algorithm, transport):
 
 
 def test_silent_peer_times_out_naming_it():
-    pool = RankPool(2, env={"STREAMATTN_TIMEOUT_S": "3"})
+    pool = RankPool(2, env={"STREAMATTN_TIMEOUT_S": "3"}, fork=True)
     try:
         res = pool.run_raw("streamattn.testing.cases:silent_peer", silent_rank=1, timeout=60)
         got = res[0]["result"]
@@ -93,7 +93,7 @@ def test_silent_peer_times_out_naming_it():
 def test_warm_shm_call_names_the_rank_missing_from_the_signature_board(exits):
     """After a first call the per-call signature goes through the shm board: a rank that does not
     come (silent, or its process gone) is named by every other rank, after the timeout or at once."""
-    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "3", "STREAMATTN_TRANSPORT": "shm"})
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "3", "STREAMATTN_TRANSPORT": "shm"}, fork=True)
     try:
         res = pool.run_raw("streamattn.testing.cases:silent_peer", silent_rank=2, warm=True,
                            exits=exits, timeout=60)

@@ -28,7 +28,7 @@ def test_ordering_and_signals_10000_rounds_two_groups(rank_pool, P):
 
 
 def test_silent_peer_times_out_naming_it():
-    with RankPool(2, env={"STREAMATTN_TIMEOUT_S": "2"}) as pool:
+    with RankPool(2, env={"STREAMATTN_TIMEOUT_S": "2"}, fork=True) as pool:
         res = pool.run("streamattn.testing.cases:shm_silent_peer", silent_rank=1, timeout=60)
     assert res[0]["type"] == "PeerTimeoutError" and res[0]["peer"] == 1, res[0]
     assert "rank 1" in res[0]["error"] and 1.5 < res[0]["seconds"] < 10
@@ -36,7 +36,7 @@ def test_silent_peer_times_out_naming_it():
 
 def test_kill_9_leaves_no_segment_and_peers_notice():
     before = _segments()
-    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "20"})
+    pool = RankPool(3, env={"STREAMATTN_TIMEOUT_S": "20"}, fork=True)
     try:
         pool.submit("streamattn.testing.cases:shm_hold", seconds=6)
         time.sleep(3)

@@ -171,3 +171,34 @@ def test_plan_records_the_settings_it_ran_with():
     q = Plan.from_json(p.to_json())
     assert q.settings == p.settings and '"settings"' in p.to_json()
     assert '"settings"' not in Plan("ring", 1, 4).to_json()
+
+
+@pytest.mark.parametrize("causal,strategy", [(False, None), (True, None), (False, "front"), (False, "rear")])
+def test_reference_rows_equal_a_row_by_row_oracle(causal, strategy):
+    """reference_attention (whole sequence, and rows=(a, b): one rank's shard) against attention
+    written row by row from its definition, with GQA and joint tokens in front or behind."""
+    g = torch.Generator().manual_seed(5)
+    B, S, T, H, Hk, D = 2, 11, 3, 4, 2, 8
+    q, k, v = torch.randn(B, S, H, D, generator=g), *(torch.randn(B, S, Hk, D, generator=g) for _ in "kv")
+    joint = [torch.randn(B, T, h, D, generator=g) for h in (H, Hk, Hk)] if strategy else None
+    if joint:
+        front = strategy == "front"
+        cq, ck, cv = (torch.cat([j, x] if front else [x, j], 1).double() for j, x in zip(joint, (q, k, v)))
+    else:
+        cq, ck, cv = q.double(), k.double(), v.double()
+    want = torch.zeros_like(cq)
+    for b in range(B):
+        for h in range(H):
+            for i in range(cq.shape[1]):
+                n = i + 1 if causal else ck.shape[1]
+                w = torch.softmax(ck[b, :n, h // (H // Hk)] @ cq[b, i, h] / D ** 0.5, 0)
+                want[b, i, h] = w @ cv[b, :n, h // (H // Hk)]
+    img, txt = (want[:, T:], want[:, :T]) if strategy == "front" else (want[:, :S], want[:, S:])
+    kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy=strategy) if joint else {}
+    for rows in (None, (4, 9), (0, 1), (10, 11)):
+        got = reference_attention(q, k, v, causal=causal, rows=rows, **kw)
+        out, jout = got if joint else (got, None)
+        a, b = rows or (0, S)
+        assert (out - img[:, a:b]).abs().max() < 1e-12
+        if joint:
+            assert (jout - txt).abs().max() < 1e-12

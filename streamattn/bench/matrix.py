@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List
 
+from .perf import paired
 from .report import plan_label
 
 CELLS = ["2x2:200mbit", "2x2:1gbit", "2x4:200mbit", "2x4:1gbit"]
@@ -146,12 +146,6 @@ def _copy_timeline(runs, out) -> None:
                 return
 
 
-def _paired(a: dict, b: dict) -> Optional[float]:
-    xa, xb = a["latency_s"].get("all") or [], b["latency_s"].get("all") or []
-    n = min(len(xa), len(xb))
-    return statistics.median(x / y for x, y in zip(xa[:n], xb[:n])) if n else None
-
-
 def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
     """One row per sequence length of one run: auto, best fixed, yunchang's best, limit, ratios."""
     rows = []
@@ -190,8 +184,8 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
         row["yunchang_over_limit"] = (row["yunchang_best_s"] / row["limit_s"]
                                       if row["limit_s"] and row["yunchang_best_s"] else None)
         row["auto_vs_yunchang"] = row["yunchang_best_s"] / row["auto_s"] if row["yunchang_best_s"] else None
-        row["auto_vs_yunchang_paired"] = 1 / _paired(auto, best_yc) if best_yc else None
-        row["auto_vs_fixed_paired"] = _paired(auto, best_fixed) if best_fixed else None
+        row["auto_vs_yunchang_paired"] = 1 / paired(auto, best_yc) if best_yc else None
+        row["auto_vs_fixed_paired"] = paired(auto, best_fixed) if best_fixed else None
         row["predicted_over_measured"] = (row["predicted_s"] / row["auto_s"]) if row["predicted_s"] else None
         row["tuned_over_limit"] = (row["tuned_s"] / row["limit_s"]) if row["tuned_s"] and row["limit_s"] else None
         row["tuned_vs_yunchang"] = (row["yunchang_best_s"] / row["tuned_s"]

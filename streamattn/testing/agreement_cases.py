@@ -10,7 +10,7 @@ import streamattn
 
 from ..config import override
 from ..reference import rel_err
-from ..sharding import shard, split_lengths
+from ..sharding import shard, shard_rows, split_lengths
 
 from .cases import make_inputs
 
@@ -24,9 +24,9 @@ def _call(rank, world_size, seq, *, heads=4, kv_heads=None, head_dim=8, seed=0, 
     lens = lens or split_lengths(seq, world_size)
     q, k, v, _ = make_inputs(seed=seed, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
                              head_dim=head_dim)
-    ref = reference_attention(q, k, v, causal=kw.get("causal", False))
+    ref = reference_attention(q, k, v, causal=kw.get("causal", False), rows=shard_rows(lens, rank))
     out = streamattn.attention(*(shard(t, lens, rank) for t in (q, k, v)), group, **kw)
-    return rel_err(out, shard(ref, lens, rank))
+    return rel_err(out, ref)
 
 
 def shape_sequence(rank, world_size, *, seqs, algorithm="auto", timeout_s=10):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import streamattn
 from streamattn.reference import reference_attention
 from ..reference import rel_err
-from ..sharding import shard, split_lengths
+from ..sharding import shard, shard_rows, split_lengths
 from .faults import break_ring_lse, reverse_folded_joint_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -66,7 +66,7 @@ def _check_attention(rank, world_size, *, seq, heads, kv_heads, head_dim, batch,
     kw = {}
     if joint is not None:
         kw = dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy=joint_strategy)
-    ref = reference_attention(q, k, v, scale=scale, causal=causal, **kw)
+    ref = reference_attention(q, k, v, scale=scale, causal=causal, rows=shard_rows(lens, rank), **kw)
     ref, jref = ref if joint is not None else (ref, None)
 
     ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
@@ -84,7 +84,7 @@ def _check_attention(rank, world_size, *, seq, heads, kv_heads, head_dim, batch,
     assert out.dtype == q.dtype, f"output dtype {out.dtype} != input dtype {q.dtype}"
     assert tuple(out.shape) == tuple(shard(q, lens, rank).shape), f"output shape {tuple(out.shape)}"
     plan = last_plan() if world_size > 1 else None
-    result = {"err": rel_err(out, shard(ref, lens, rank)), "joint_err": None,
+    result = {"err": rel_err(out, ref), "joint_err": None,
               "plan": str(plan) if plan else "Plan(local)", "shape": list(out.shape),
               "algorithm": plan.algorithm if plan else "local",
               "ulysses_degree": plan.ulysses_degree if plan else 1,
@@ -154,9 +154,9 @@ def die_mid_call(rank, world_size, *, dying_rank, algorithm="ring", seq=64, head
                 "peer": getattr(exc, "peer", None)}
     # One-sided puts can deliver everything a rank needs before the peer dies: then its result
     # must be exact, never silently wrong.
-    ref = reference_attention(q, k, v)
+    ref = reference_attention(q, k, v, rows=shard_rows(lens, rank))
     return {"type": None, "error": None, "seconds": time.monotonic() - t0, "peer": None,
-            "err": rel_err(out, shard(ref, lens, rank))}
+            "err": rel_err(out, ref)}
 
 
 def zero_lse_ring(rank, world_size, *, seq=40, heads=4):

@@ -224,16 +224,16 @@ class DiTBlock(torch.nn.Module):
 
 
 def compile_block(rank, world_size, *, seqs=(12, 14, 17, 20), text_len=3, dim=32, heads=4,
-                  layout="bshd"):
-    """torch.compile(DiTBlock, fullgraph=True) vs eager on this rank's shard: graph breaks
-    (torch._dynamo.explain), max relative difference of outputs and parameter gradients, and how
-    many graphs were compiled for len(seqs) sequence lengths."""
+                  layout="bshd", backend="inductor"):
+    """torch.compile(DiTBlock, fullgraph=True, backend=backend) vs eager on this rank's shard:
+    graph breaks (torch._dynamo.explain), max relative difference of outputs and parameter
+    gradients, and how many graphs were compiled for len(seqs) sequence lengths."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = DiTBlock(dim, heads, layout)
-    compiled = torch.compile(block, fullgraph=True)
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
 
     def inputs(seq):
         g = torch.Generator().manual_seed(seq)
@@ -322,7 +322,13 @@ def _status_kb(field):
 
 def ring_backward_peak(rank, world_size, *, local_seq=2048, heads=4, head_dim=64, seed=0):
     """Peak RSS growth (KiB) of this rank during the backward of ring attention with a local
-    shard of local_seq tokens (fp32). The peak is reset first (/proc/self/clear_refs: 5)."""
+    shard of local_seq tokens (fp32). The peak is reset first (/proc/self/clear_refs: 5). Buffers
+    above 64 KiB are mmap'd (glibc mallopt, as MALLOC_MMAP_THRESHOLD_=65536 would at process start)
+    so RSS falls when they are freed and the peak tracks live memory."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # glibc malloc.h
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536)
     g = torch.Generator().manual_seed(seed + rank)
     q, k, v = (torch.randn(1, local_seq, heads, head_dim, generator=g).requires_grad_()
                for _ in range(3))

@@ -13,7 +13,7 @@ import streamattn
 from ..config import override
 from ..reference import rel_err
 
-from ..sharding import shard, split_lengths
+from ..sharding import shard, shard_rows, split_lengths
 
 from .cases import last_plan, make_inputs
 
@@ -86,7 +86,7 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
     q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
     lens = split_lengths(seq, world_size)
     ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
-    ref = shard(streamattn.reference_attention(q, k, v), lens, rank)
+    ref = streamattn.reference_attention(q, k, v, rows=shard_rows(lens, rank))
     marks, worst = {"transports_before": len(api.group_transports)}, 0.0
     with override(STREAMATTN_TRANSPORT=transport):
         warm = max(1, min(50, cycles // 10))
@@ -174,9 +174,9 @@ def _soak_call(rank, world_size, seed, S, lens, heads, hk, causal, joint_len, dt
         raise AssertionError(f"output shape {tuple(out.shape)}")
     if not check:
         return None
-    ref = streamattn.reference_attention(q, k, v, causal=causal, **jkw)
+    ref = streamattn.reference_attention(q, k, v, causal=causal, rows=shard_rows(lens, rank), **jkw)
     ref, jref = ref if joint is not None else (ref, None)
-    err = rel_err(out, shard(ref, lens, rank)) if out.numel() else 0.0
+    err = rel_err(out, ref) if out.numel() else 0.0
     if jref is not None:
         err = max(err, rel_err(jout, jref))
     tol = 1e-5 if dtype in ("float32", "float64") else 2e-2
@@ -227,8 +227,8 @@ def die_and_exit(rank, world_size, *, dying_rank, out_dir, algorithm="ring", seq
     result = {"rank": rank}
     try:
         out = streamattn.attention(ql, kl, vl, algorithm=algorithm)
-        result.update(type=None, err=rel_err(out, shard(streamattn.reference_attention(q, k, v),
-                                                            lens, rank)))
+        result.update(type=None, err=rel_err(out, streamattn.reference_attention(
+            q, k, v, rows=shard_rows(lens, rank))))
     except Exception as exc:
         result.update(type=type(exc).__name__, error=str(exc), peer=getattr(exc, "peer", None))
     path = os.path.join(out_dir, f"rank{rank}.json")
