@@ -115,7 +115,7 @@ def resolve_rate(topology: Topology, compute_rate: Optional[float], dtype=torch.
 # shape each candidate runs, in every rank at the same moment (the first call of a shape, right
 # after the metadata exchange), and uses rank 0's numbers (see `agreed_block_times`).
 
-CACHE_FORMAT = 3  # 3: windowed means (2 held best-of-a-few times)
+CACHE_FORMAT = 4  # 4: on an oversubscribed machine, at least the CPU time / core share; 3: windowed means
 Shape = Tuple[int, int, int, int, int]  # (batch, heads, query rows, key rows, head dim)
 
 
@@ -140,12 +140,17 @@ WINDOW_CALLS = 20  # ... or over this many calls when they take less, but never 
 MIN_WINDOW_S = 0.002
 
 
-def time_block(shape: Shape, dtype, window_s: float = WINDOW_S) -> float:
+def time_block(shape: Shape, dtype, window_s: float = WINDOW_S, share: float = 1.0) -> float:
     """Seconds of one `kernels.attention_with_lse` call on `shape`, in this process with its
     current thread count: one warm-up call, then calls back to back for a window -- `window_s`, or
     WINDOW_CALLS calls when those take less (tiny blocks, whose rate hardly decides a plan), never
     under MIN_WINDOW_S -- and their mean; on at most MAX_ROWS query rows, scaled linearly to all of
     them (so planning a long sequence does not cost several of its own calls).
+
+    share: the part of a core each of this machine's compute threads gets while every rank
+    computes (planner.core_share; 1 when there are cores enough). Below 1 the result is at least
+    the window's CPU time per call / (threads x share): the wall time a call takes when the cores
+    are shared fairly.
 
     Why a window and a mean, not the best of a few calls: on an oversubscribed CPU (an emulated
     cluster: 8 ranks on 2 cores) a call shorter than a scheduler slice often runs while the other
@@ -160,17 +165,26 @@ def time_block(shape: Shape, dtype, window_s: float = WINDOW_S) -> float:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, h, rows, D, generator=g).to(dt)
     k, v = (torch.randn(B, h, sk, D, generator=g).to(dt) for _ in range(2))
+    threads = torch.get_num_threads()
+    cpu_clock = time.thread_time if threads == 1 else time.process_time  # torch computes in-thread
     t0 = time.perf_counter()
     attention_with_lse(q, k, v, scale=D ** -0.5)
     window_s = min(window_s, max(MIN_WINDOW_S, WINDOW_CALLS * (time.perf_counter() - t0)))
-    calls, t0 = 0, time.perf_counter()
+    calls, t0, c0 = 0, time.perf_counter(), cpu_clock()
     while True:
         attention_with_lse(q, k, v, scale=D ** -0.5)
         calls += 1
         elapsed = time.perf_counter() - t0
         if elapsed >= window_s:
             break
-    return elapsed / calls * sq / rows
+    per_call = elapsed / calls
+    if share < 1.0:
+        # The windows of the ranks never overlap exactly (a scheduler slice is ~ a window), so a
+        # rank often ran part of its window with a core to spare: measured on 4 ranks / 2 cores,
+        # planner predictions of 0.38-0.70x the measured call. The CPU time it used does not
+        # depend on that; at the fair share it takes cpu / (threads x share) of wall time.
+        per_call = max(per_call, (cpu_clock() - c0) / calls / (threads * share))
+    return per_call * sq / rows
 
 
 def _machine_key(concurrent: int) -> str:
@@ -241,14 +255,15 @@ def save_cache(concurrent: int, entries: Dict[str, float]) -> Optional[str]:
 
 def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
                 rounds: int = 2, measure=None, before_each=None,
-                cached=None) -> Tuple[list, Dict[str, float]]:
+                cached=None, share: float = 1.0) -> Tuple[list, Dict[str, float]]:
     """Seconds of one kernel call on each shape: from this machine's cache, else measured now,
     the missing shapes interleaved over `rounds` rounds (the best window per shape), so load that comes and
     goes while calibrating biases no shape against another. Returns (times, newly measured
     {entry: seconds}). measure: the shapes to time (default: those the cache lacks; a group
     passes the union over its ranks, so that every rank times the same shapes); before_each():
     called before each window (a group's barrier, so that every rank times a shape while all
-    compute, not while some have finished); cached: the cache as the caller read it."""
+    compute, not while some have finished); cached: the cache as the caller read it; share: see
+    time_block."""
     if cached is None:
         cached = load_cache(concurrent) if use_cache else {}
     cached = dict(cached)
@@ -261,6 +276,6 @@ def block_times(shapes, dtype, concurrent: int, *, use_cache: bool = True,
             key = cache_entry(s, dtype)
             if before_each is not None:
                 before_each()
-            new[key] = min(new.get(key, float("inf")), time_block(s, dtype))
+            new[key] = min(new.get(key, float("inf")), time_block(s, dtype, share=share))
     cached.update(new)
     return [cached[cache_entry(s, dtype)] for s in shapes], new

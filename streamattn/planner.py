@@ -308,13 +308,14 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     # Which shapes to time: those any rank's cache lacks (ranks on other machines may hold other
     # caches), every rank the same list, each window started together (a barrier), so each rank
     # times a shape while all compute -- not its last shapes while the others have finished.
+    share = core_share(transport, tag)
     cached = load_cache(transport.size)
     lacks = torch.tensor([cache_entry(s, problem.dtype) not in cached for s in shapes], dtype=torch.int64)
     union = torch.stack(transport.all_gather_vector(lacks, tag)).amax(dim=0).tolist()
     one = torch.zeros(1, dtype=torch.float64)
     times, new = block_times(shapes, problem.dtype, transport.size,
                              measure=[s for s, m in zip(shapes, union) if m], cached=cached,
-                             before_each=lambda: transport.all_gather_vector(one, tag))
+                             before_each=lambda: transport.all_gather_vector(one, tag), share=share)
     every = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)
     agreed = torch.stack(every).mean(dim=0).tolist()
     if transport.rank == 0 and new:
@@ -324,8 +325,7 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    return {"block_rates": rates, "sync_s": measure_sync(transport, tag),
-            "overlap": core_share(transport, tag)}
+    return {"block_rates": rates, "sync_s": measure_sync(transport, tag), "overlap": share}
 
 
 def core_share(transport, tag: int) -> float:

@@ -696,6 +696,28 @@ def test_calibration_times_a_window_not_one_call(monkeypatch):
         assert time.perf_counter() - t0 >= 0.02 and len(calls) >= 2
 
 
+def test_calibration_on_a_shared_core_takes_cpu_time_over_the_share(monkeypatch):
+    """share < 1 (more compute threads than cores): a call costs at least its CPU time / share,
+    the wall time when the cores are shared fairly, even if the window ran with a core to spare."""
+    import time
+
+    import streamattn.kernels as kernels
+    from streamattn import calibration
+
+    def spin(*a, **k):  # ~1 ms of CPU per call, whatever the load
+        c0 = time.thread_time()
+        while time.thread_time() - c0 < 1e-3:
+            pass
+
+    monkeypatch.setattr(kernels, "attention_with_lse", spin)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the spin uses one thread
+    shape = (1, 1, 16, 16, 8)
+    alone = calibration.time_block(shape, torch.float32, window_s=0.02)
+    shared = calibration.time_block(shape, torch.float32, window_s=0.02, share=0.25)
+    assert 0.9e-3 < alone and shared > 3.5e-3, (alone, shared)
+    assert calibration.time_block(shape, torch.float32, window_s=0.02, share=1.0) < 3 * alone
+
+
 @pytest.mark.parametrize("P", [4])
 def test_cpu_group_measures_sync_cost_and_core_share(rank_pool, P):
     """Every rank gets the same measured sync cost and core share; the share is cores / threads of
