@@ -63,7 +63,8 @@ __all__ = ["ALGORITHMS", "KERNEL_CASES", "Broken", "Results", "Watchdog", "bench
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(prog="python -m streamattn.bench.gpu_check",
+                                description=next(ln for ln in __doc__.splitlines() if ln.strip()))
     p.add_argument("--cpu-selftest", action="store_true",
                    help="run the script's code paths on CPU (tests the script, not GPUs)")
     p.add_argument("--transports", default=None,
