@@ -1,5 +1,6 @@
 """`python bench/gpu_check.py ...` from a checkout: the same as `python -m streamattn.bench.gpu_check`
-(the script lives in the package, streamattn/bench/gpu_check.py, so an installed streamattn has it)."""
+(the script lives in the package, streamattn/bench/gpu_check/, so an installed streamattn has it;
+run_module runs the package's __main__.py)."""
 import runpy
 
 if __name__ == "__main__":

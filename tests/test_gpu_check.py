@@ -1,9 +1,10 @@
-"""streamattn/bench/gpu_check.py on a CPU box: it imports, skips cleanly (exit 0) without a GPU, and its own code
+"""streamattn.bench.gpu_check (the package) on a CPU box: it imports, skips cleanly (exit 0) without a GPU
+(`python -m streamattn.bench.gpu_check` and the checkout shim bench/gpu_check.py), and its own code
 paths work (--cpu-selftest: cpu-flash / math kernels, gloo with the torch and shm transports). None
 of this says anything about GPUs; the script's GPU results come only from running it on one."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import socket
 import subprocess
@@ -13,14 +14,14 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(os.path.dirname(HERE), "streamattn", "bench", "gpu_check.py")
+ROOT = os.path.dirname(HERE)
+PACKAGE = "streamattn.bench.gpu_check"
+COMMAND = [sys.executable, "-m", PACKAGE]  # its __main__.py
+SHIM = os.path.join(ROOT, "bench", "gpu_check.py")  # runpy.run_module of the package
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _load(submodule=None):
+    return importlib.import_module(PACKAGE + (f".{submodule}" if submodule else ""))
 
 
 def test_module_imports():
@@ -31,10 +32,13 @@ def test_module_imports():
 
 def test_skips_without_gpu():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "SKIP" in out.stdout and "no CUDA GPU visible" in out.stdout
-    assert "PASS" not in out.stdout  # nothing was claimed
+    # the shim imports the package from sys.path like an installed one: this checkout's first
+    shim_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    for cmd, cmd_env in ((COMMAND, env), ([sys.executable, SHIM], shim_env)):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=cmd_env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "SKIP" in out.stdout and "no CUDA GPU visible" in out.stdout
+        assert "PASS" not in out.stdout  # nothing was claimed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-box check")
@@ -78,8 +82,9 @@ def _free_port():
 
 
 def test_cpu_selftest_distributed_two_ranks(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), SCRIPT,
-           "--cpu-selftest", "--no-kernels", "--algorithms", "ulysses,ring,torus",
+    # the way main() spawns one rank per GPU: torchrun -m the package
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", PACKAGE, "--cpu-selftest", "--no-kernels", "--algorithms", "ulysses,ring,torus",
            "--bench-seq", "128", "--bench-joint", "8", "--bench-heads", "4", "--bench-dim", "16",
            "--bench-dtype", "float32", "--bench-iters", "2", "--bench-warmup", "1",
            "--json", str(tmp_path / "rows.json")]
@@ -109,7 +114,7 @@ def test_rows_survive_a_kill_mid_run(tmp_path):
     import time
 
     out = tmp_path / "rows.json"
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--cpu-selftest", "--no-bench", "--json", str(out)],
+    proc = subprocess.Popen([*COMMAND, "--cpu-selftest", "--no-bench", "--json", str(out)],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     seen = []
     deadline = time.monotonic() + 120
@@ -137,9 +142,8 @@ def test_watchdog_ends_a_hung_case(tmp_path):
 
     out = tmp_path / "rows.json"
     code = (
-        "import importlib.util, sys, time\n"
-        f"spec = importlib.util.spec_from_file_location('g', {SCRIPT!r})\n"
-        "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
+        "import importlib, sys, time\n"
+        f"g = importlib.import_module({PACKAGE!r})\n"
         "def hang(res, device, watch=None):\n"
         "    watch('local', 'a case that hangs'); time.sleep(60)\n"
         "g.check_single_rank = hang\n"
@@ -161,8 +165,9 @@ def test_transport_not_used_after_its_first_error(monkeypatch):
             raise RuntimeError("peer 1 vanished")
         return 0.0, os.environ["STREAMATTN_TRANSPORT"]
 
-    monkeypatch.setattr(mod, "_one_dist_case", case)
-    monkeypatch.setattr(mod, "_gather", lambda obj, group: [obj])
+    distributed = _load("distributed")  # check_distributed looks these up in its own module
+    monkeypatch.setattr(distributed, "_one_dist_case", case)
+    monkeypatch.setattr(distributed, "gather", lambda obj, group: [obj])
     res = mod.Results(echo=False)
     broken = mod.Broken()
     mod.check_distributed(res, 0, 2, torch.device("cpu"), ["shm", "inorder"], ["ulysses", "ring", "torus"],
@@ -187,8 +192,9 @@ def test_prebuild_failure_drops_nvshmem_device(monkeypatch):
     def fail():
         raise RuntimeError("the NVSHMEM extension needs a CUDA GPU")
 
-    monkeypatch.setattr(mod, "_csrc_build", lambda: types.SimpleNamespace(load_extension=fail))
-    monkeypatch.setattr(mod, "_gather", lambda obj, group: [obj])
+    lifecycle = _load("lifecycle")  # prebuild_extension looks these up in its own module
+    monkeypatch.setattr(lifecycle, "_csrc_build", lambda: types.SimpleNamespace(load_extension=fail))
+    monkeypatch.setattr(lifecycle, "gather", lambda obj, group: [obj])
     monkeypatch.setattr(dist, "barrier", lambda group=None: None)
     res, broken = mod.Results(echo=False), mod.Broken()
     mod.prebuild_extension(res, 0, None, broken, seconds=60)

@@ -9,7 +9,7 @@ What IS tested here:
   - NvshmemHeap under the real OneSidedTransport protocol (chunked put/signal mailbox with credits,
     the bootstrap all-gather of the 272-character uid text) against a FAKE `nvshmem.core` that
     emulates the API over CPU memory, with 2 or 3 PEs as threads of one process.
-What is NOT tested (needs GPUs; streamattn/bench/gpu_check.py covers it on the first GPU box): real NVSHMEM
+What is NOT tested (needs GPUs; streamattn.bench.gpu_check covers it on the first GPU box): real NVSHMEM
 init, symmetric allocation, on-stream ordering of put_signal / signal_op / signal_wait against
 torch's stream, signal_fetch visibility across GPUs, the csrc/ extension path. The fake executes
 every operation synchronously in program order, so it cannot find stream-ordering bugs.

@@ -1,8 +1,8 @@
 """How a command launched by torchrun ends: flush, then skip the C++ static destructors.
 
 Inside torchrun, a rank aborted in about 1 run in 3 (`python -m streamattn.bench`, and once in CI
-`bench/gpu_check.py --cpu-selftest`) with "terminate called without an active exception" after
-Python had finalised (faulthandler: no Python frame), i.e. in a C++ static destructor once the
+`streamattn.bench.gpu_check --cpu-selftest`) with "terminate called without an active exception"
+after Python had finalised (faulthandler: no Python frame), i.e. in a C++ static destructor once the
 process group was destroyed; torchrun then reports the run as failed although every rank finished
 and wrote its results. A plain 2-rank script that leaves a gloo receive pending does not reproduce
 it (12 of 12 clean), so the cause inside torch is not pinned down. Everything is written and flushed
