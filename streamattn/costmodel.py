@@ -238,7 +238,8 @@ class CostModel:
         scatter is posted at once (packing all of them first); chunk k's attention starts when its
         scatter has arrived (A_k = comm_time of scatters 1..k, in posting order) and the previous
         chunk is done; its output gather is posted right after, gathers drain one after another
-        behind the compute; the joint output all-gathers (blocking) come last."""
+        behind the compute; the joint output all-gathers (blocking) come last. Every chunk beyond
+        the first adds two exchange rounds, 2 sync_s that no compute hides."""
         sub = chunk_problem(problem, chunks)
         ph = phases(sub, u, groups)
         scatter = next(p for p in ph if p.name.startswith("Ulysses all-to-all q"))
@@ -269,6 +270,13 @@ class CostModel:
             all_msgs += scatter.msgs + gather.msgs
         steps.append(Step("gathers drain after the last chunk", g_done - end, 0.0, chunks * g_time, True,
                           g_bott, g_kind))
+        if self.sync_s and chunks > 1:
+            # every further chunk is two more exchange rounds (its scatter, its gather) that each wait
+            # for the peers to have run their part: on an oversubscribed CPU a scheduling delay per
+            # round that no compute hides (measured: 2 chunks at 512 + 256 tokens on 4 ranks / 2
+            # cores took 50 ms, predicted 31 ms without this, unchunked 40 ms)
+            extra = 2 * (chunks - 1) * self.sync_s
+            steps.append(Step(f"{chunks - 1} more chunk(s): 2 exchange rounds each", extra, 0.0, extra))
         botts.append((g_time, f"gather: {g_bott}"))
         for p in rest:
             for _ in range(chunks):

@@ -1,6 +1,7 @@
 """Planner and cost model: published facts as the oracle, exact byte accounting against the real
 algorithms, forced plans, JSON, determinism. Fast: no processes (the byte check runs the real
 algorithms in threads over an in-memory transport)."""
+import dataclasses
 import math
 import threading
 from collections import defaultdict
@@ -648,6 +649,23 @@ def test_sync_cost_is_added_once_per_communication_step_and_once_per_call():
     assert len(base.steps) + 1 == len(sync.steps)
 
 
+def test_chunked_ulysses_pays_a_sync_per_extra_exchange_round():
+    """Every chunk beyond the first adds two exchange rounds (scatter, gather) that wait for the
+    peers: 2 (chunks - 1) sync_s that no compute hides; nothing when sync_s = 0 (e.g. GPUs)."""
+    from streamattn.topology import resolve_topology
+
+    topo = resolve_topology(topology="2x2:inter=1Gbit/s")
+    groups = ((0, 1, 2, 3),)
+    for heads, chunks in ((8, 2), (24, 3)):  # chunks divide the heads a member holds
+        prob = Problem(batch=1, heads=heads, kv_heads=heads, head_dim=64, dtype=torch.float32,
+                       seq_lens=(512,) * 4, scale=0.125)
+        base = CostModel(topo, 5e10, 5e9).cost(prob, "ulysses", 4, groups, chunks=chunks)
+        sync = CostModel(topo, 5e10, 5e9, sync_s=0.01).cost(prob, "ulysses", 4, groups, chunks=chunks)
+        assert not [s for s in base.steps if "more chunk" in s.name]
+        extra = [s for s in sync.steps if "more chunk" in s.name]
+        assert len(extra) == 1 and math.isclose(extra[0].time_s, 2 * (chunks - 1) * 0.01), sync.steps
+
+
 def test_overlap_share_adds_back_the_hidden_communication():
     from streamattn.topology import resolve_topology
 
@@ -748,3 +766,12 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     close = [c for c in cpu.candidates if c.valid and c.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)]
     assert net[f"{cpu.algorithm} u={cpu.ulysses_degree} x r={cpu.ring_degree} [consecutive]"] == min(
         net[c.label] for c in close)
+    # then the fewest Ulysses chunks: on one node (no network bytes at all) with the CPU terms,
+    # whenever an unchunked plan is inside the band it wins over a cheaper chunked one
+    for seq in (512, 1536, 4096):
+        p1 = dataclasses.replace(p, seq_lens=(seq,) * 4)
+        one = make_plan(p1, "1x4:intra=2GB/s", sync_s=0.0005, overlap=0.5, compute_rate=3e10,
+                        memory_bandwidth=5e9)
+        best = min((c for c in one.candidates if c.valid), key=lambda c: c.predicted_s)
+        band = [c for c in one.candidates if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
+        assert one.chunks == min(c.chunks for c in band), (seq, one, band)
