@@ -19,11 +19,13 @@ def _segments():
 
 
 @pytest.mark.parametrize("P", [3])
-def test_ordering_and_signals_10000_rounds_two_groups(rank_pool, P):
-    res = rank_pool(P).run("streamattn.testing.cases:shm_rounds", rounds=10000, timeout=600)
+def test_ordering_and_signals_5000_rounds_two_groups(rank_pool, P):
+    # 5000 rounds (every slot of every mailbox reused hundreds of times); the 10,000-call endurance
+    # check is test_soak's. 10000 rounds took 6.5 s on an idle machine and 34 s on a slow VM stretch.
+    res = rank_pool(P).run("streamattn.testing.cases:shm_rounds", rounds=5000, timeout=600)
     for r in res:
-        assert r["checked"] == 10000 * 2 * (P - 1)
-        assert r["chunks_sent"] > 10000 * 2 * (P - 1)  # multi-chunk messages were exercised
+        assert r["checked"] == 5000 * 2 * (P - 1)
+        assert r["chunks_sent"] > 5000 * 2 * (P - 1)  # multi-chunk messages were exercised
     assert _segments() == []
 
 
