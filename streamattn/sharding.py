@@ -15,7 +15,8 @@ def split_lengths(total: int, world: int) -> list:
 
 def shard(x: torch.Tensor, lens, rank: int, dim: int = 1) -> torch.Tensor:
     """Rank `rank`'s slice of the full sequence x (sequence along `dim`) split by `lens` (a view)."""
-    return x.narrow(dim, sum(lens[:rank]), lens[rank])
+    start, stop = shard_rows(lens, rank)
+    return x.narrow(dim, start, stop - start)
 
 
 def shard_rows(lens, rank: int) -> tuple:

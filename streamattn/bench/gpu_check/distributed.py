@@ -65,6 +65,13 @@ class Broken:
             return f"NCCL (torch) failed earlier: {self.why['torch']}"
         return self.why.get(transport)
 
+    def skip(self, res, section, check, transport) -> bool:
+        """True (and a SKIP row in `section`) when `transport` is not to be used any more."""
+        why = self.reason(transport)
+        if why:
+            res.add(section, check, "SKIP", f"transport not used after its first error ({why[:120]})")
+        return bool(why)
+
 
 def each_transport(transports):
     """Each transport name in turn with STREAMATTN_TRANSPORT set to it and a fresh plan cache (a
@@ -87,9 +94,7 @@ def check_distributed(res, rank, world, device, transports, algorithms, dtype, g
             for algorithm in algorithms:
                 for name, kw in dist_cases(world, dtype):
                     check = f"{transport:<7} {algorithm:<7} {name}"
-                    why = broken.reason(transport)
-                    if why:
-                        res.add("dist", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                    if broken.skip(res, "dist", check, transport):
                         continue
                     if watch is not None:
                         watch("dist", check)

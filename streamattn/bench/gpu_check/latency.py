@@ -38,9 +38,7 @@ def bench(res, rank, world, device, transports, algorithms, args, gloo, broken, 
         for transport in each_transport(transports):
             for algorithm in algorithms:
                 check = f"{transport:<7} {algorithm:<7} latency"
-                why = broken.reason(transport)
-                if why:
-                    res.add("bench", check, "SKIP", f"transport not used after its first error ({why[:120]})")
+                if broken.skip(res, "bench", check, transport):
                     continue
                 if watch is not None:
                     watch("bench", check)
