@@ -75,7 +75,7 @@ def test_launch_bench_sweep(emulated, tmp_path):
 
 def test_launch_flux_pipeline(emulated, tmp_path):
     rc, out = _launch(["-m", "streamattn.examples.pipeline", "--out", str(tmp_path / "flux.png"),
-                       "--no-baseline"], tmp_path)
+                       "--no-baseline", "--steps", "2"], tmp_path)
     assert rc == 0, out
     assert "max |pixel difference|" in out and ": OK;" in out, out
     assert (tmp_path / "flux.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,10 +12,13 @@ peaks at 1.5x when C = X/2 and falls toward 1x when communication dominates comp
 So the "communication-bound size" is one where the inter-node transfer is about half the compute
 (measured in the same run as `inter_only_s` / `compute_only_s` and printed). Because compute time
 depends on how loaded the shared CPU is, the length is calibrated at the start of the run (see
-_calibrated_shape); 8 heads x 32, 300 Mbit/s per uplink. C/X does not depend on the head count
+_calibrated_shape); 4 heads x 32, 300 Mbit/s per uplink. C/X does not depend on the head count
 (both scale with it), so the regime is at the same length with fewer heads while every call costs
-a third of what 24 heads cost: the sweep took 62 s instead of 170 s, and the time saved buys more
-rounds (ITERS = 15: two runs of the same plan differ by up to 5% in their medians over 9 rounds).
+less: 24 heads -> 8 took the sweep from 170 s to 62 s (and bought more rounds, ITERS = 15: two runs
+of the same plan differ by up to 5% in their medians over 9 rounds); 8 -> 4 heads from 105 s to
+55-58 s with the same speedups (2026-12-03 idle: auto / USP 2x2 1.19x / 1.25x faster than
+Ulysses 4 by their medians at 8 heads; paired 1.23x, 1.20x, 1.29x at 4), so a whole-sweep re-run
+(below) no longer pushes the suite past its 15 minutes.
 
 Torus 2x2x1 runs in the same sweep (a fixed plan like the others, exact bytes checked). At M = 2 it
 moves the same inter-node bytes as Ulysses and USP but hides less: only the local block (a quarter
@@ -44,13 +47,14 @@ import pytest
 
 from streamattn import config
 from streamattn.bench.cluster import EmulatedCluster, unavailable_reason
-from streamattn.bench.perf import doc_inter_elements_per_rank, expected_bytes, perf_failures
+from streamattn.bench.perf import (doc_inter_elements_per_rank, expected_bytes, paired_summary,
+                                   perf_failures)
 
 pytestmark = pytest.mark.perf
 
 NODES, RPN = 2, 2
 INTER_BW = config.get("STREAMATTN_PERF_BW")
-SHAPE = {"seq": 2048, "heads": 8, "head_dim": 32, "joint_len": 0, "batch": 1, "dtype": "float32"}
+SHAPE = {"seq": 2048, "heads": 4, "head_dim": 32, "joint_len": 0, "batch": 1, "dtype": "float32"}
 ITERS = config.get("STREAMATTN_PERF_ITERS")
 # The speedup bar. Issue 12 asks for 1.3x (the ideal at M = 2 is 1.5x at C/X = 0.5, 1.4x at 0.4 or
 # 0.75); this machine does not hold it reliably, so CI asserts 1.15x and the issue stays open.
@@ -107,12 +111,16 @@ def sweep():
 # One-probe calibration aimed at 0.5 landed at 0.61, 0.63, 0.66 and at 0.45 at 0.60; with the two
 # probes, aimed at 0.45 (seq capped at 6144): 0.51, 0.51, 0.51; aimed at 0.42 (cap 8192): 0.47.
 TARGET_CX = 0.42
+# With 4 heads the calibration asked for 7936 and more on an idle machine (C/X 0.43 there): a cap at
+# 8192 would leave a re-run nowhere to go when the sweep's C/X came out high. 12288 tokens x 4 heads
+# cost what 8192 x 8 did.
+SEQ_CAP = 12288
 
 
 def _seq_for(seq0, c, x):
     """C grows like S and X like S^2: the S where C/X = TARGET_CX, from C/X measured at seq0,
-    rounded to 256 tokens, within [1024, 8192]."""
-    return min(8192, max(1024, int(round(seq0 * c / x / TARGET_CX / 256)) * 256))
+    rounded to 256 tokens, within [1024, SEQ_CAP]."""
+    return min(SEQ_CAP, max(1024, int(round(seq0 * c / x / TARGET_CX / 256)) * 256))
 
 
 def _calibrated_shape(ex, inter_bw):
@@ -122,7 +130,7 @@ def _calibrated_shape(ex, inter_bw):
     _seq_for, then once more AT that size: C and X are not exactly linear / quadratic in S (fixed
     per-call costs weigh more at 2048), and the one-step extrapolation landed the sweep at C/X =
     0.60 when it aimed at 0.45 (ideal gain 1.46x instead of 1.5x). The second probe costs a few
-    seconds; the whole-sweep re-run it makes rare cost 100 s."""
+    seconds; the whole-sweep re-run it makes rare costs ~55 s."""
     from streamattn.bench.runner import SweepSpec, run_sweep
 
     if config.get("STREAMATTN_PERF_SEQ"):
@@ -209,6 +217,9 @@ def test_topology_aware_plan_faster_than_ulysses_across_nodes(sweep):
     ok, cx = _in_regime([sweep["usp 2x2"]])
     ideal = (1 + cx) / (max(cx, 0.5) + 0.5)  # t_ulysses / t_usp = (X + C) / (max(C, X/2) + X/2)
     print(f"\nUSP 2x2 inter-comm / compute at the tested size: {cx:.2f} (ideal speedup {ideal:.2f}x)")
+    s = paired_summary(_records(sweep, "auto"))
+    print(f"auto vs ulysses 4: {s['speedup'][0]:.2f}x faster (bar {MIN_SPEEDUP}x); auto / "
+          f"{s['worst'][1]['config']}: {s['worst'][0]:.2f}x (bar 1.10x)")
     fails = perf_failures(_records(sweep, "auto"), min_speedup=MIN_SPEEDUP)
     assert not [f for f in fails if "faster than" in f], fails
 

@@ -145,12 +145,13 @@ def perf_failures(records: List[dict], *, auto: str = "auto", within: float = 1.
     return fails
 
 
-def _paired_failures(records, auto, within, min_speedup, pool) -> List[str]:
-    fails = []
+def paired_summary(records: List[dict], *, auto: str = "auto", pool: bool = True) -> dict:
+    """The two ratios perf_failures(stat="paired") holds against its bars, for printing and checks:
+    {"worst": (auto / the fixed plan it is slowest against, that record) or None,
+     "speedup": (Ulysses over all ranks / auto, the Ulysses record) or None}. Each ratio is the
+    median of the per-round ratios (see paired_ratios) pooled over auto's twins (pool)."""
     fixed = [r for r in records if r["kind"] == "streamattn" and r.get("latency_s")
              and r["cfg"].get("algorithm") in ("ulysses", "ring", "usp", "torus")]
-    if not fixed:
-        return ["no fixed plan was measured"]
     a = next(r for r in records if r["config"] == auto)
     # With pool, every record that ran auto's very plan (auto that chose USP 2x2 and the fixed
     # "usp 2x2") contributes its rounds: the same code on the same inputs, so twice the samples of
@@ -162,16 +163,29 @@ def _paired_failures(records, auto, within, min_speedup, pool) -> List[str]:
     def ratio(xs, ys) -> float:
         return statistics.median([q for x in xs for y in ys for q in paired_ratios(x, y)])
 
-    others = [f for f in fixed if plan_key(f) != plan_key(a)] or fixed
-    worst_ratio, worst = max(((ratio(twins, [f]), f) for f in others), key=lambda x: x[0])
+    out = {"worst": None, "speedup": None}
+    if fixed:
+        others = [f for f in fixed if plan_key(f) != plan_key(a)] or fixed
+        out["worst"] = max(((ratio(twins, [f]), f) for f in others), key=lambda x: x[0])
+    uly = next((r for r in fixed if r["cfg"].get("algorithm") == "ulysses"), None)
+    if uly is not None:
+        out["speedup"] = (ratio([uly], twins), uly)
+    return out
+
+
+def _paired_failures(records, auto, within, min_speedup, pool) -> List[str]:
+    s = paired_summary(records, auto=auto, pool=pool)
+    if s["worst"] is None:
+        return ["no fixed plan was measured"]
+    fails = []
+    worst_ratio, worst = s["worst"]
     if worst_ratio > within:
         fails.append(f"{auto} is {worst_ratio:.2f}x the best fixed plan {worst['config']} "
                      f"(median of the per-round ratios), limit {within}x")
-    uly = next((r for r in fixed if r["cfg"].get("algorithm") == "ulysses"), None)
-    if uly is None:
+    if s["speedup"] is None:
         fails.append("Ulysses over all ranks was not measured")
     else:
-        speedup = ratio([uly], twins)
+        speedup, uly = s["speedup"]
         if speedup < min_speedup:
             fails.append(f"{auto} is only {speedup:.2f}x faster than {uly['config']} across nodes "
                          f"(median of the per-round ratios), need {min_speedup}x")
