@@ -36,6 +36,13 @@ Time model:
   compute (and, below 1, a Torus' exchanges arrive together rather than in posting order). A step's hidden part (compute + comm - its time) is added back times (1 - overlap):
   when ranks outnumber cores there is no idle core, and the ring plans measured on emulated
   clusters ran up to 2x slower than fully-overlapped steps predict.
+- net_cpu (multi-node CPU groups: measured by planner.measure_net_cpu, 0 otherwise): the CPU
+  seconds one side of a network transfer spends per byte (gloo's threads, the kernel's TCP stack).
+  When ranks outnumber cores (overlap < 1) moving bytes takes cores from the compute: a last step
+  adds the busiest rank's CPU for what it sends and receives -- network bytes x net_cpu, node-local
+  (shm) bytes x one copy at the memory bandwidth (the put or the copy-out) -- divided by the core
+  share (a rank gets `overlap` of a core). Measured on the emulated 2x2 / 2x4 clusters: without
+  it the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of measured.
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
@@ -43,7 +50,8 @@ Time model:
   two agree).
 
 Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
-that moving bytes costs (shm memcpy, the kernel's TCP stack; only through sync_s and overlap), the backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
+that moving bytes costs where cores are NOT oversubscribed (it runs on idle cores there), the
+backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
 """
 from __future__ import annotations
 
@@ -65,8 +73,9 @@ class CostModel:
     """Times communication steps and whole candidates on one topology at one compute rate."""
 
     def __init__(self, topology: Topology, rate: float, memory_bandwidth: Optional[float] = None,
-                 sync_s: float = 0.0, overlap: float = 1.0):
+                 sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0):
         self.topology = topology
+        self.net_cpu = float(net_cpu)
         self.rate = float(rate)
         self.mem_bw = memory_bandwidth
         self.sync_s = float(sync_s)
@@ -187,6 +196,10 @@ class CostModel:
             steps = [dataclasses.replace(s, time_s=s.time_s + (1.0 - self.overlap) * hidden)
                      if (hidden := max(0.0, s.compute_s + s.comm_s - s.time_s)) > 0 else s
                      for s in steps]
+        moving = self.moving_cpu_s(all_msgs)
+        if moving > 0:
+            steps = list(steps) + [Step("CPU that moving the bytes takes from the shared cores "
+                                        "(TCP stack, shm copies)", moving, moving, 0.0)]
         if self.sync_s and problem.world_size > 1:
             steps = [Step("per-call agreement (every rank's signature, all-gathered)", self.sync_s,
                           0.0, self.sync_s)] + list(steps)
@@ -194,6 +207,21 @@ class CostModel:
                          sum(s.time_s for s in steps), sum(s.compute_s for s in steps),
                          sum(s.comm_s for s in steps), worst[1] if worst[0] > 0 else "",
                          tuple(sorted(kinds.items())), tuple(steps))
+
+    def moving_cpu_s(self, msgs: Sequence[Msg]) -> float:
+        """Wall seconds the busiest rank spends moving `msgs` on cores its peers compute on: per
+        side, network bytes x net_cpu and shm bytes x one copy (2 / memory bandwidth: read +
+        write), divided by the core share. 0 unless ranks outnumber cores (0 < overlap < 1)."""
+        if not 0.0 < self.overlap < 1.0 or not msgs:
+            return 0.0
+        copy = 2.0 / self.mem_bw if self.mem_bw else 0.0
+        per: Dict[int, float] = defaultdict(float)
+        for a, b, n in msgs:
+            kind = self.topology.link(a, b).kind
+            c = self.net_cpu if kind.is_network else copy if kind == LinkKind.SHM else 0.0
+            per[a] += n * c
+            per[b] += n * c
+        return max(per.values(), default=0.0) / self.overlap
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
              torus_degree: Optional[int] = None, chunks: int = 1, fold: bool = False) -> Candidate:

@@ -119,7 +119,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               compute_rate: Optional[float] = None,
               memory_bandwidth: Optional[float] = None,
               block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto",
-              sync_s: float = 0.0, overlap: float = 1.0) -> Plan:
+              sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -134,7 +134,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
     that rate instead of compute_rate. sync_s: seconds one synchronising exchange costs beyond its
     bytes on this group; overlap: the share of an overlapped step's communication that hides behind
-    compute (both measured on CPU groups, see `agreed_calibration`; their use: costmodel).
+    compute; net_cpu: CPU seconds per byte one side of a network transfer costs (all three
+    measured on CPU groups, see `agreed_calibration`; their use: costmodel).
     joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
     algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
     can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD)."""
@@ -171,7 +172,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
-    model = CostModel(topology, rate, mbw, sync_s, overlap)
+    model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu)
     cands: List[Candidate] = []
     for c in enumerate_candidates(problem, topology):
         # folded twins only when folding is on; with "always" the replicated candidates stay
@@ -270,7 +271,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                          + (f"\nSynchronising exchange on this group (measured): {sync_s * 1e3:.3g} ms"
                             if sync_s else "")
                          + (f"\nOversubscribed CPU: {overlap:.2g} of overlapped communication hides "
-                            "behind compute" if overlap < 1 else "")),
+                            "behind compute" if overlap < 1 else "")
+                         + (f"\nCPU per network byte and side (measured): {net_cpu * 1e9:.3g} ns"
+                            if net_cpu else "")),
                 torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold)
 
 
@@ -296,8 +299,9 @@ def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
 
 
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
-    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share} for make_plan,
-    identical on every rank (sync_s: `measure_sync`, overlap: `core_share`). Every rank times
+    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
+    for make_plan, identical on every rank (sync_s: `measure_sync`, overlap: `core_share`,
+    net_cpu: `measure_net_cpu`). Every rank times
     the kernel at the candidates' block shapes at the same moment, each shape's window started by
     a barrier (so the cores are shared as in the real call: without it, ranks that had finished
     their windows left the others a core to spare, and a shape timed last came out up to 2x too
@@ -329,7 +333,8 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    return {"block_rates": rates, "sync_s": measure_sync(transport, tag), "overlap": share}
+    return {"block_rates": rates, "sync_s": measure_sync(transport, tag), "overlap": share,
+            "net_cpu": measure_net_cpu(transport, topology, tag)}
 
 
 def core_share(transport, tag: int) -> float:
@@ -368,6 +373,39 @@ def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
         times.append(time.perf_counter() - t0)
     mine = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
     return float(transport.all_gather_vector(mine, tag)[0][0])
+
+
+NET_CPU_BYTES, NET_CPU_ROUNDS = 1 << 20, 2
+
+
+def measure_net_cpu(transport, topology: Topology, tag: int, nbytes: int = NET_CPU_BYTES,
+                    rounds: int = NET_CPU_ROUNDS) -> float:
+    """CPU seconds one side of a network transfer spends per byte on this group (gloo's threads
+    and the kernel's TCP stack, as this process's CPU time counts them): every rank sends `nbytes`
+    to the rank of the same index on the next node and receives as much from the previous node,
+    `rounds` times; its process CPU time over the exchange / (2 x nbytes), the least of the
+    rounds; agreed as the mean over the ranks. 0 on one node or when the nodes hold different
+    numbers of ranks. Collective over the group."""
+    import time
+
+    import torch
+
+    nodes = [topology.ranks_of_node(n) for n in topology.nodes()]
+    if len(nodes) < 2 or len({len(x) for x in nodes}) > 1:
+        return 0.0
+    me = transport.rank
+    ni = next(i for i, x in enumerate(nodes) if me in x)
+    li = nodes[ni].index(me)
+    to, frm = nodes[(ni + 1) % len(nodes)][li], nodes[(ni - 1) % len(nodes)][li]
+    out = torch.ones(nbytes // 4, dtype=torch.float32)
+    back = torch.empty_like(out)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.process_time()
+        transport.exchange([(to, out)], [(frm, back)], tag, count=False).wait()
+        best = min(best, (time.process_time() - t0) / (2 * out.numel() * 4))
+    every = transport.all_gather_vector(torch.tensor([best], dtype=torch.float64), tag)
+    return float(torch.stack(every).mean())
 
 
 def _request(algorithm, u, r) -> str:

@@ -679,11 +679,42 @@ def test_overlap_share_adds_back_the_hidden_communication():
     hidden = sum(s.compute_s + s.comm_s - s.time_s for s in ring_steps)
     assert hidden > 0
     assert math.isclose(none.predicted_s, full.predicted_s + hidden, rel_tol=1e-9)
-    assert math.isclose(half.predicted_s, full.predicted_s + hidden / 2, rel_tol=1e-9)
+    moving = sum(s.time_s for s in half.steps if s.name.startswith("CPU that moving the bytes"))
+    assert math.isclose(half.predicted_s - moving, full.predicted_s + hidden / 2, rel_tol=1e-9)
     # blocking-only plans do not change
     uly_full = CostModel(topo, 5e10, 5e9).cost(prob, "ulysses", 4, ((0, 1, 2, 3),))
     uly_none = CostModel(topo, 5e10, 5e9, overlap=0.0).cost(prob, "ulysses", 4, ((0, 1, 2, 3),))
     assert uly_full.predicted_s == uly_none.predicted_s
+
+
+@pytest.mark.parametrize("algorithm,u,groups", [("usp", 2, ((0, 1), (2, 3))), ("ring", 1, ((0,), (1,), (2,), (3,))),
+                                                 ("ulysses", 4, ((0, 1, 2, 3),))])
+def test_moving_bytes_costs_cpu_on_shared_cores(algorithm, u, groups):
+    """On an oversubscribed CPU (overlap < 1) a step adds the busiest rank's CPU for moving what it
+    sends and receives: network bytes x net_cpu, shm bytes x one copy (2 / memory bandwidth), over
+    the core share -- recomputed here from the schedule's messages; nothing with a core per rank."""
+    from streamattn.topology import resolve_topology
+
+    topo = resolve_topology(topology="2x2:inter=1Gbit/s")
+    prob = _usp_problem(T=64)
+    net_cpu, mbw, share = 2e-9, 5e9, 0.5
+    per = defaultdict(float)
+    for _, msgs in messages(prob, u, groups):
+        for a, b, n in msgs:
+            c = net_cpu if topo.node[a] != topo.node[b] else 2 / mbw
+            per[a] += n * c
+            per[b] += n * c
+    want = max(per.values()) / share
+    shared = CostModel(topo, 5e10, mbw, overlap=share, net_cpu=net_cpu).cost(prob, algorithm, u, groups)
+    step = [s for s in shared.steps if s.name.startswith("CPU that moving the bytes")]
+    assert len(step) == 1 and math.isclose(step[0].time_s, want, rel_tol=1e-12), (step, want)
+    assert want > 1e-4  # the check is not vacuous: megabytes move
+    # the step is added to the prediction, nothing else moves: without net_cpu only the shm copies count
+    bare = CostModel(topo, 5e10, mbw, overlap=share).cost(prob, algorithm, u, groups)
+    bare_step = sum(s.time_s for s in bare.steps if s.name.startswith("CPU that moving the bytes"))
+    assert math.isclose(shared.predicted_s - want, bare.predicted_s - bare_step, rel_tol=1e-9)
+    idle = CostModel(topo, 5e10, mbw, overlap=1.0, net_cpu=net_cpu).cost(prob, algorithm, u, groups)
+    assert not [s for s in idle.steps if s.name.startswith("CPU that moving")]
 
 
 def test_calibration_times_a_window_not_one_call(monkeypatch):
@@ -745,6 +776,17 @@ def test_cpu_group_measures_sync_cost_and_core_share(rank_pool, P):
     r = res[0]
     assert 0 < r["sync_s"] < 1.0 and r["shapes"] > 0
     assert math.isclose(r["overlap"], min(1.0, r["cores"] / (P * r["threads"])))
+    assert r["net_cpu"] == 0.0  # one node: no network bytes to cost
+
+
+@pytest.mark.parametrize("P", [4])
+def test_cpu_group_measures_cpu_per_network_byte(rank_pool, P):
+    """Described as 2 nodes, the group times a 1 MiB exchange with the other node and every rank
+    gets the same CPU seconds per byte: above zero (the TCP stack copies every byte) and below
+    0.1 us (10 MB/s of CPU per side would be a broken measurement)."""
+    res = rank_pool(P).run("streamattn.testing.cases:cpu_plan_terms", nodes=2)
+    assert len({r["net_cpu"] for r in res}) == 1, res
+    assert 0 < res[0]["net_cpu"] < 1e-7, res[0]
 
 
 def test_cpu_tie_band_prefers_fewer_network_bytes():

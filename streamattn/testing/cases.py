@@ -180,9 +180,10 @@ def reversed_fold_rows(rank, world_size, *, seq=29, heads=4, joint_len=9):
         undo()
 
 
-def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16):
+def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
     """The numbers a CPU group measures when it plans a shape (planner.agreed_calibration): the
-    synchronising-exchange cost and the core share, as this rank got them."""
+    synchronising-exchange cost, the core share and the CPU per network byte, as this rank got
+    them, with the group described as `nodes` nodes (the ranks all run on this machine)."""
     import torch
 
     from streamattn import api
@@ -196,8 +197,10 @@ def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16):
     transport = api.group_transport(None)  # the group's two-sided transport
     lens = split_lengths(seq, world_size)
     problem = Problem(1, heads, heads, head_dim, torch.float32, tuple(lens), head_dim ** -0.5)
-    got = agreed_calibration(transport, problem, resolve_topology(topology=f"1x{world_size}"), RATE)
-    return {"sync_s": got["sync_s"], "overlap": got["overlap"], "cores": usable_cores(),
+    topo = resolve_topology(topology=f"{nodes}x{world_size // nodes}")
+    got = agreed_calibration(transport, problem, topo, RATE)
+    return {"sync_s": got["sync_s"], "overlap": got["overlap"], "net_cpu": got["net_cpu"],
+            "cores": usable_cores(),
             "threads": torch.get_num_threads(), "shapes": len(got["block_rates"])}
 
 
