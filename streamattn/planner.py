@@ -49,9 +49,20 @@ COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
 CHUNKS = (2, 4)
 
 
-def _network_bytes(c: Candidate) -> int:
+def network_bytes(c: Candidate) -> int:
     """Bytes the busiest rank of candidate `c` sends over network links in one call."""
     return sum(n for kind, n in c.bytes_by_kind if LinkKind(kind).is_network)
+
+
+def wire_bound(c: Candidate, topology: Topology) -> bool:
+    """True when candidate `c`'s network bytes at the slowest inter-node link's rate (shared by the
+    ranks of a node) take at least its compute time: the call is bound by the wire."""
+    links = [topology.link(a, b) for a in range(topology.world_size) for b in range(topology.world_size)
+             if topology.node[a] != topology.node[b]]
+    if not links:
+        return False
+    slow = min(links, key=lambda lk: lk.bandwidth_Bps / max(1, lk.shared_by))
+    return slow.transfer_time(network_bytes(c), concurrent=topology.ranks_per_node or 1) >= c.compute_s
 
 
 def _algo(u: int, world: int) -> str:
@@ -225,10 +236,18 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # Ulysses chunks: chunking buys an overlap the model cannot tell apart inside the band, and
         # costs per-message CPU work it does not model (measured on 2x2, 4 ranks / 2 cores, at 300
         # Mbit/s: 2 chunks 1.08x slower than USP 2x2, the same network bytes, predicted cheaper)
+        # -- but only where the network is the bottleneck: in a compute-bound call (its transfer at
+        # the link rate below its compute) the network is not what is noisy, and the plan with fewer
+        # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
+        # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
+        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to fewer chunks, then
+        # the prediction
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
-        cheapest, best = best, min(close, key=lambda c: (_network_bytes(c), c.chunks, c.predicted_s))
+        wire = wire_bound(best, topology)
+        cheapest, best = best, min(close, key=lambda c: (network_bytes(c) if wire else 0, c.chunks,
+                                                          c.predicted_s))
         tie_note = "" if best is cheapest else (
-            f"; the fewest network bytes (then Ulysses chunks) among those predicted within "
+            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'Ulysses chunks'} among those predicted within "
             f"{CPU_TIE:.0%} of the cheapest ({label(cheapest)}; this one "
             f"{best.predicted_s / cheapest.predicted_s:.3f}x of it)")
     else:
