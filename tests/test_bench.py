@@ -128,6 +128,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
             continue
         lat = r["latency_s"]
         assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 2
+        assert r["cpu_s"] > 0  # CPU seconds of a call, summed over the ranks
         if r["kind"] == "streamattn":
             assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0
             assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0
@@ -318,13 +319,14 @@ def test_limit_and_comm_dtype_in_a_local_run(tmp_path, capsys):
     by = {r["config"]: r for r in runs}
     lim = by["auto"]["limit"]
     assert lim["compute_s"] > 0 and lim["bound_by"] == "compute" and by["auto"]["over_limit"] > 0
+    assert lim["compute_cpu_s"] > 0 and by["auto"]["cpu_over_limit"] > 0
     wire = by["auto bfloat16 wire"]
     assert wire["bytes"]["intra_total"] * 2 == by["auto"]["bytes"]["intra_total"]
     assert 1e-5 < wire["err"] < 3e-2 and by["auto"]["err"] < 1e-5
     assert by["auto"]["breakdown"]["per_rank"][0]["kernel"] > 0
     tuned = by["auto tuned"]  # STREAMATTN_AUTOTUNE=1: its trials ran in the warm-up
     assert tuned["err"] < 1e-5 and tuned["latency_s"]["median"] > 0
-    assert "measured/limit" in out and "wait_inter" in out
+    assert "measured/limit" in out and "wait_inter" in out and "cpu ms" in out
     assert (tmp_path / "timeline-auto-128.png").stat().st_size > 1000
 
 
@@ -373,10 +375,11 @@ def test_matrix_rows_and_checks_from_records():
                 "latency_s": {"median": sorted(ts)[len(ts) // 2], "all": ts}, **kw}
 
     lim = {"limit_s": 0.100, "bound_by": "wire", "compute_s": 0.08, "wire_s": 0.100}
-    records = [rec("auto", "streamattn", "usp", [0.105, 0.106], limit=lim, predicted_s=0.1, err=1e-7),
+    records = [rec("auto", "streamattn", "usp", [0.105, 0.106], limit=dict(lim, compute_cpu_s=0.15),
+                   predicted_s=0.1, err=1e-7, cpu_s=0.2),
                rec("usp 2x2", "streamattn", "usp", [0.104, 0.107]),
                rec("ulysses 4", "streamattn", "ulysses", [0.2, 0.21]),
-               rec("yunchang 2x2", "yunchang", None, [0.16, 0.17]),
+               rec("yunchang 2x2", "yunchang", None, [0.16, 0.17], cpu_s=0.3),
                rec("auto bfloat16 wire", "streamattn", "usp", [0.09, 0.09], err=4e-3,
                    cfg={"comm_dtype": "bfloat16"})]
     run = {"cell": "2x2:200mbit", "shape": "flux", "busy_before": 0.02, "load_before": 2.9,
@@ -393,6 +396,7 @@ def test_matrix_rows_and_checks_from_records():
     assert any("1.4x yunchang" in c for c in bad["checks"])
     text = format_matrix([row, bad], [run], 60.0)
     assert "| 2x2:200mbit | flux | 1024+0 | wire |" in text and "total 1.0 min" in text
+    assert "| 200 / - / 300 / 150 |" in text  # CPU ms: auto / best fixed (none) / yunchang / limit
 
 
 def test_comm_dtype_must_agree_and_is_bounded(rank_pool):

@@ -179,6 +179,10 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
             "tuned_s": med(tuned) if tuned else None,
             "tuned_plan": plan_label(tuned) if tuned else None,
             "loaded": run.get("busy_before", 0.0) > max_busy,
+            # CPU seconds of one call summed over the ranks, and the one-process limit call's
+            "auto_cpu_s": auto.get("cpu_s"), "best_fixed_cpu_s": best_fixed.get("cpu_s") if best_fixed else None,
+            "yunchang_cpu_s": best_yc.get("cpu_s") if best_yc else None,
+            "limit_cpu_s": lim.get("compute_cpu_s"),
         }
         row["auto_over_limit"] = row["auto_s"] / row["limit_s"] if row["limit_s"] else None
         row["yunchang_over_limit"] = (row["yunchang_best_s"] / row["limit_s"]
@@ -223,7 +227,7 @@ def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
     head = ("| cell | shape | seq | bound by | limit ms | auto (plan) ms | auto/limit | best fixed ms | "
             "yunchang best ms | yunchang/limit | auto vs yunchang | predicted ms | pred/meas | "
             "auto tuned ms (plan) | tuned/limit | tuned vs best fixed | tuned vs yunchang | "
-            "bf16 wire ms (err) | checks |")
+            "bf16 wire ms (err) | CPU ms auto / fixed / yunchang / limit | checks |")
     lines = [head, "|" + "|".join([" --- "] * (head.count("|") - 1)) + "|"]
     for r in rows:
         err = "-" if r["bf16_wire_err"] is None else f"{r['bf16_wire_err']:.1e}"
@@ -236,13 +240,17 @@ def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
             f"{_x(r.get('tuned_over_limit'))} | {_x(r.get('tuned_vs_fixed'))} | "
             f"{_x(r.get('tuned_vs_yunchang'))} | {_ms(r['bf16_wire_s'])} "
             f"({err}) | "
+            f"{' / '.join(_ms(r.get(k)) for k in ('auto_cpu_s', 'best_fixed_cpu_s', 'yunchang_cpu_s', 'limit_cpu_s'))} | "
             f"{'; '.join(r['checks']) or 'ok'} |")
     lines.append("")
     lines.append("auto vs yunchang = yunchang's best median / auto's median (> 1: auto faster). limit = "
                  "max(whole attention in one process on all cores, fewest inter-node bytes any plan "
                  "needs per node at the link rate). auto tuned: STREAMATTN_AUTOTUNE=N (the planner's top "
                  "candidates measured in the warm-up, the fastest kept; > 1 in 'vs' columns: tuned "
-                 "faster). checks: the issue's acceptance bars per row, for the default auto.")
+                 "faster). CPU ms: one call's CPU time summed over the ranks (process time, all threads; "
+                 "kernel TCP work in softirq is not in it), for auto, the best fixed plan, yunchang's best "
+                 "and the one-process limit call. checks: the issue's acceptance bars per row, for the "
+                 "default auto.")
     for pick in ("2x2:200mbit", "2x4:1gbit"):
         r = next((x for x in rows if x["cell"] == pick and x["breakdown"]), None)
         if r is None:

@@ -29,7 +29,7 @@ def plan_label(r: dict) -> str:
 
 def format_table(records: List[dict]) -> str:
     """One line per run, grouped by shape; ratios against the fastest configuration of the shape."""
-    cols = ["config", "plan", "median ms", "min", "max", "vs best", "/limit", "pred ms", "intra MB", "inter MB",
+    cols = ["config", "plan", "median ms", "min", "max", "vs best", "/limit", "cpu ms", "pred ms", "intra MB", "inter MB",
             "wire MB", "inter Mbit/s", "compute ms", "comm ms", "overlap", "max err"]
     lines = []
     shapes = []
@@ -61,7 +61,7 @@ def format_table(records: List[dict]) -> str:
                 r["config"], plan, _ms(med), _ms(lat.get("min")), _ms(lat.get("max")),
                 "-" if med is None or not best else f"{med / best:.2f}x",
                 "-" if r.get("over_limit") is None else f"{r['over_limit']:.2f}x",
-                _ms(r.get("predicted_s")),
+                _ms(r.get("cpu_s")), _ms(r.get("predicted_s")),
                 _mb(b.get("intra_total")), _mb(b.get("inter_total")),
                 _mb(sum(r["wire_tx_per_node"]) if r.get("wire_tx_per_node") else None),
                 "-" if r.get("achieved_inter_bit_s") is None else f"{r['achieved_inter_bit_s'] / 1e6:.0f}",
@@ -81,6 +81,8 @@ def format_table(records: List[dict]) -> str:
         "median/min/max: wall time of one call, slowest rank, over the timed iterations (configurations "
         "interleaved). vs best: median / fastest median of the shape. /limit: median / max(whole "
         "attention on all cores in one process, fewest inter-node bytes any plan needs at the link rate).",
+        "cpu ms: CPU time of one call summed over all ranks (process time, every thread; median), to set "
+        "against the limit's one-process CPU time: on shared cores it is what a call costs them.",
         "intra/inter MB: payload bytes sent per call, all ranks, by link class (streamattn's transport "
         "counters; yunchang has none). wire MB: bytes all node uplinks transmitted per call (emulated cluster: "
         "veth tx counters, incl. headers and ACKs; covers yunchang too). inter Mbit/s: busiest node's inter-node payload / median.",

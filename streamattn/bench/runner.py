@@ -258,7 +258,8 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
             if spec.limit:
                 bar.step("limit")
                 res = ex.run("bench_limit", shape=shape, seed=spec.seed)
-                limit = _limit(shape, ex, inter_bw, min(res[0]["t"], first_limit["t"]), res[0]["threads"])
+                fastest = min((res[0], first_limit), key=lambda x: x["t"])
+                limit = _limit(shape, ex, inter_bw, fastest["t"], res[0]["threads"], fastest.get("cpu"))
                 bar.step("limit")
             for c in cfgs:
                 records.append(_finish(recs[c["name"]], ex, inter_bw, limit))
@@ -303,6 +304,8 @@ def _absorb_first(rec, res) -> None:
 
 def _absorb_timed(rec, res) -> None:
     rec["_t"].append(res[0]["t"])
+    if all(r.get("cpu") is not None for r in res):
+        rec.setdefault("_cpu", []).append(sum(r["cpu"] for r in res))
     if res[0].get("bytes") is not None:
         per_rank = [r["bytes"] for r in res]
         if "bytes_per_rank" in rec and rec["bytes_per_rank"] != per_rank:
@@ -312,12 +315,14 @@ def _absorb_timed(rec, res) -> None:
         rec.setdefault("_wire", []).append([r["wire_tx"] for r in res])
 
 
-def _limit(shape, ex, inter_bw, compute_s, threads) -> dict:
+def _limit(shape, ex, inter_bw, compute_s, threads, compute_cpu_s=None) -> dict:
     """The limit of one shape: max(the whole attention in one process on all the machine's cores,
     the inter-node bytes at the link rate). The wire half takes the fewest bytes any node must
     receive under any costed plan (streamattn.schedule, min over the valid candidates of the busiest
-    node's ingress): no exact algorithm streamattn knows moves less."""
-    out = {"compute_s": compute_s, "compute_threads": threads, "wire_s": 0.0, "wire_bytes": 0,
+    node's ingress): no exact algorithm streamattn knows moves less. compute_cpu_s: the CPU seconds
+    that one-process call took (the least CPU the attention itself needs, for cpu_s / it)."""
+    out = {"compute_s": compute_s, "compute_threads": threads, "compute_cpu_s": compute_cpu_s,
+           "wire_s": 0.0, "wire_bytes": 0,
            "wire_plan": None}
     if ex.nodes > 1 and inter_bw:
         from streamattn.planner import enumerate_candidates, label, torus_degree
@@ -377,6 +382,9 @@ def _finish(rec, ex, inter_bw, limit=None) -> dict:
         rec["limit"] = limit
     ts = rec.pop("_t")
     rec["latency_s"] = _stats(ts) if ts else None
+    cpus = rec.pop("_cpu", None)
+    if cpus:  # CPU seconds of one call summed over the ranks (median over the timed calls)
+        rec["cpu_s"] = statistics.median(cpus)
     med = rec["latency_s"]["median"] if ts else None
     b = rec.get("bytes_per_rank")
     if b is not None:
@@ -410,4 +418,6 @@ def _finish(rec, ex, inter_bw, limit=None) -> dict:
         rec["predicted_over_measured"] = rec["predicted_s"] / med
     if limit is not None and med and limit.get("limit_s"):
         rec["over_limit"] = med / limit["limit_s"]
+    if limit is not None and rec.get("cpu_s") and limit.get("compute_cpu_s"):
+        rec["cpu_over_limit"] = rec["cpu_s"] / limit["compute_cpu_s"]
     return rec

@@ -377,7 +377,9 @@ def _run_streamattn(st, cfg, mode, check):
 def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0, trace=False):
     """One timed call of configuration `cfg` on `shape`, on every rank.
 
-    Returns this rank's {"t": seconds (the slowest rank's, same on all ranks), "bytes": payload
+    Returns this rank's {"t": seconds (the slowest rank's, same on all ranks), "cpu": this
+    process's CPU seconds in the call (all its threads, gloo's included; time.process_time: on an
+    oversubscribed CPU the sum over ranks is what the call costs the shared cores), "bytes": payload
     bytes this rank sent in the call by link class, "wire_tx": bytes its node's uplink transmitted
     (emulated cluster only), "plan", "plan_json", "predicted_s", "err" (when check)}.
     trace=True (streamattn configurations): the call runs under a streamattn.trace recorder and
@@ -410,9 +412,10 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         counters.reset()
     traced = _traced() if trace and kind != "yunchang" else contextlib.nullcontext()
     with traced as rec:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = call()
         t = time.perf_counter() - t0
+        cpu = time.process_time() - c0
     nbytes = counters.as_dict() if counters is not None else None
     tx = None
     if tx0 is not None:
@@ -420,7 +423,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         tx = _wire_tx() - tx0
     tt = torch.tensor([t], dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
-    res = {"t": float(tt), "bytes": nbytes, "wire_tx": tx}
+    res = {"t": float(tt), "cpu": cpu, "bytes": nbytes, "wire_tx": tx}
     if rec is not None:
         shift = t0 - rec.start
         res.update(t_rank=t, t0_abs=t0, hooks=rec.hooks,
@@ -454,12 +457,13 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
 def bench_limit(rank, world_size, *, shape, seed=0, iters=3):
     """The compute half of the limit: the whole attention of `shape` (image + text tokens, all
     heads) in ONE process on all of this machine's cores, no communication (rank 0 computes, the
-    other ranks wait in a barrier, so the cores are free). Returns {"t": best seconds} on rank 0.
+    other ranks wait in a barrier, so the cores are free). Returns {"t": best seconds, "cpu": that
+    call's process CPU seconds, "threads"} on rank 0.
     On an emulated cluster every node shares these cores, so this is the compute bound."""
     from streamattn.kernels import attention_with_lse
 
     st = _inputs(rank, world_size, shape, seed)
-    res = {"t": None, "threads": None}
+    res = {"t": None, "cpu": None, "threads": None}
     dist.barrier()
     if rank == 0:
         cq, ck, cv = (x.transpose(1, 2) for x in st["combined"])
@@ -474,12 +478,13 @@ def bench_limit(rank, world_size, *, shape, seed=0, iters=3):
             attention_with_lse(cq, ck, cv, scale=scale)  # warm-up
             ts = []
             for _ in range(iters):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 attention_with_lse(cq, ck, cv, scale=scale)
-                ts.append(time.perf_counter() - t0)
+                ts.append((time.perf_counter() - t0, time.process_time() - c0))
         finally:
             torch.set_num_threads(threads)
-        res = {"t": min(ts), "threads": cores}
+        t, cpu = min(ts)
+        res = {"t": t, "cpu": cpu, "threads": cores}
     dist.barrier()
     return res
 
