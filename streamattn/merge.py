@@ -38,6 +38,15 @@ def update_out_and_lse(
     lse.copy_(new_lse)
 
 
+def start_accumulator(block_out: torch.Tensor, block_lse: torch.Tensor) -> tuple:
+    """The running (out, lse) after the first partial: the partial itself in the accumulation dtype.
+    Merging it into an empty accumulator gives exactly these values (weights exp(-inf) = 0 and
+    exp(l - l) = 1), so the zero fill and that merge are skipped; the result keeps the kernel's
+    layout, which the later merges then read in step. Takes ownership of fresh kernel outputs."""
+    adt = acc_dtype(block_out.dtype)
+    return block_out.to(adt), block_lse.to(adt)
+
+
 def empty_accumulator(batch: int, heads: int, seq: int, dim: int, dtype: torch.dtype, device) -> tuple:
     """(out, lse) for a row set that has seen no key yet: out 0, lse -inf."""
     adt = acc_dtype(dtype)

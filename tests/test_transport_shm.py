@@ -54,9 +54,10 @@ def test_segment_mode_0600_and_unlinked():
     seen = {}
 
     def gather(name, pid):
-        st = os.stat(os.path.join("/dev/shm", name))
-        seen["mode"] = stat.S_IMODE(st.st_mode)
-        seen["name"] = name
+        if "name" not in seen:  # the names; the second gather agrees on doorbells
+            st = os.stat(os.path.join("/dev/shm", name))
+            seen["mode"] = stat.S_IMODE(st.st_mode)
+            seen["name"] = name
         return [name], [pid]
 
     heap = ShmHeap(0, 1, 4096, 2, gather, lambda: None)
@@ -84,3 +85,46 @@ def test_stale_segments_of_dead_creators_are_removed():
     os.close(fd)
     assert name in remove_stale_segments()
     assert name not in _segments()
+
+
+@pytest.mark.parametrize("bells", [True, False])
+def test_oversubscribed_wait_blocks_until_woken(rank_pool, bells):
+    """On an oversubscribed node a waiting rank blocks on its doorbell until the sender rings it:
+    a 300 ms wait takes a handful of looks and returns within milliseconds of the send. Negative
+    control: the same wait with the doorbells switched off polls with sleeps (hundreds of looks),
+    so the count is what separates the two."""
+    res = rank_pool(3).run("streamattn.testing.cases:shm_blocked_wait", delay=0.3, bells=bells)
+    assert all(r["usable"] for r in res), res  # every member reached every peer's doorbell
+    sent = res[0]["sent"]
+    print(f"\nbells={bells}: " + "; ".join(f"{r['looks']} looks, {r['cpu'] * 1e3:.2f} ms CPU, woke "
+                                           f"{(r['done'] - sent) * 1e3:.2f} ms after the send" for r in res[1:]))
+    for r in res[1:]:
+        assert r["ok"], r
+        if bells:
+            assert r["looks"] < 20 and r["done"] - sent < 0.025, r
+        else:
+            assert r["looks"] > 100, r
+
+
+def test_doorbell_rings_and_an_unreachable_peer_is_reported():
+    from streamattn.transport.doorbell import Doorbell
+
+    a, b = Doorbell("streamattn-test-a-%d" % os.getpid()), Doorbell("streamattn-test-b-%d" % os.getpid())
+    try:
+        names = [f"streamattn-test-a-{os.getpid()}", f"streamattn-test-b-{os.getpid()}"]
+        assert a.connect(names, 0) and b.connect(names, 1)
+        a.usable = b.usable = True
+        t0 = time.monotonic()
+        assert b.wait(0.2) and time.monotonic() - t0 < 0.1  # a's probe is pending: no blocking
+        t0 = time.monotonic()
+        assert b.wait(0.1) and time.monotonic() - t0 >= 0.09  # nothing rang: the slice passes
+        a.ring(1)
+        t0 = time.monotonic()
+        assert b.wait(1.0) and time.monotonic() - t0 < 0.5
+        # a peer nobody bound (another network namespace): the probe fails, so no doorbells
+        assert not a.connect(names + [f"streamattn-test-gone-{os.getpid()}"], 0)
+        b.usable = False
+        assert not b.wait(0.5)  # unusable: returns at once, the caller sleeps on its own
+    finally:
+        a.close()
+        b.close()

@@ -5,7 +5,7 @@ import torch
 
 import streamattn
 from streamattn.kernels import attention_with_lse, select_backend
-from streamattn.merge import empty_accumulator, merge_all, update_out_and_lse
+from streamattn.merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
 from streamattn.plan import Plan, torus_plan, valid_ulysses_degrees
 from streamattn.planner import make_plan
 from streamattn.topology import parse_spec
@@ -79,6 +79,25 @@ def test_merge_equals_joint_softmax_and_handles_empty_rows():
     o1, _ = merge_all(parts)
     o2, _ = merge_all(parts[::-1])
     assert (o1 - o2).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_first_partial_starts_the_accumulator_bit_identically(dtype):
+    """start_accumulator(o, l) (what the ring does with its first block) equals merging (o, l)
+    into an empty accumulator, bit for bit, including rows that saw no key; a different first
+    partial does not (negative control)."""
+    torch.manual_seed(3)
+    o = torch.randn(1, 3, 7, 8, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)  # kernel layout
+    l = torch.randn(1, 3, 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    o[:, :, 2] = 0
+    l[:, :, 2] = float("-inf")
+    eo, el = empty_accumulator(1, 3, 7, 8, dtype, "cpu")
+    update_out_and_lse(eo, el, o, l)
+    so, sl = start_accumulator(o.clone(), l.clone())
+    assert so.dtype == eo.dtype and sl.dtype == el.dtype
+    assert torch.equal(so, eo) and torch.equal(sl, el)
+    wrong, _ = start_accumulator(o * 1.001, l)
+    assert not torch.equal(wrong, eo)
 
 
 def test_kernel_backend_selection_is_explicit(monkeypatch):

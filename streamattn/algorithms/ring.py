@@ -13,16 +13,18 @@ import torch
 from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
-from ..merge import empty_accumulator, merge_all, update_out_and_lse
+from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
 
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
-              joint=None, joint_strategy="front", with_lse=False):
+              joint=None, joint_strategy="front", with_lse=False, kv=None):
     """The ring over `members` (group ranks, in ring order); me: my index.
 
     q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
+    kv: None, or k and v already stacked ([2, B, Sk, hk, D] with kv[0] = k, kv[1] = v): the
+    step message as it is, without the stacking copy.
     seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
     joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]).
     Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype;
@@ -32,18 +34,22 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     B, Sq, h, D = q.shape
     hk = k.shape[2]
     qb = q.transpose(1, 2)
-    out, lse = empty_accumulator(B, h, Sq, D, q.dtype, q.device)
+    acc = []  # [out, lse] once a block was attended
 
     def merge_with(kb, vb, **mask):
         o, l = attention_with_lse(qb, kb, vb, scale=scale, **mask)
-        update_out_and_lse(out, lse, o, l)
+        if acc:
+            update_out_and_lse(acc[0], acc[1], o, l)
+        else:
+            acc.extend(start_accumulator(o, l))
 
     if joint is not None and joint_strategy == "front":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
     # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
-    with trace.span("pack"):
-        kv = torch.stack([k, v])
+    if kv is None:
+        with trace.span("pack"):
+            kv = torch.stack([k, v])
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
     for t in range(r):
         src = (me - t) % r
@@ -62,6 +68,7 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
 
     if joint is not None and joint_strategy == "rear":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
+    out, lse = acc if acc else empty_accumulator(B, h, Sq, D, q.dtype, q.device)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
     jout, jlse = _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)

@@ -27,7 +27,7 @@ import torch
 
 from .. import tags
 from ..kernels import attention_with_lse
-from ..merge import empty_accumulator, merge_all, update_out_and_lse
+from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
 from .ring import merge_across
 from .ulysses import allgather_heads, fit_kv_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
@@ -80,8 +80,7 @@ class _TorusRank:
         if part is None:
             return
         if blk.acc is None:
-            o, l = part
-            blk.acc = (o.to(l.dtype), l.clone())
+            blk.acc = start_accumulator(*part)
         else:
             update_out_and_lse(blk.acc[0], blk.acc[1], *part)
 

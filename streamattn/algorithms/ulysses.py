@@ -39,21 +39,26 @@ def fit_kv_heads(k, q_range, kv_range, group_size, dim=2):
     return k.index_select(dim, torch.tensor(want, device=k.device))
 
 
-def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER):
+def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER,
+                  stack_kv=False):
     """Sequence shards -> head shards within one Ulysses group.
 
     members: group ranks of the Ulysses group in order; me: my index in it; lens[j]: tokens of member
     j. q: [B, S_me, H, D], k, v: [B, S_me, Hk, D]. Returns q, k, v: [B, sum(lens), h, D] with my
-    query heads and the K/V heads they use (already fitted to the standard GQA map).
+    query heads and the K/V heads they use (already fitted to the standard GQA map); stack_kv:
+    (q, kv) with kv [2, B, sum(lens), h_kv, D], K and V joined into one buffer as they arrive (the
+    ring's step message, so it needs no stacking copy).
     """
-    pending, assemble = post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag)
+    pending, assemble = post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag,
+                                     stack_kv)
     pending.wait()
     return assemble()
 
 
-def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER):
+def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER,
+                 stack_kv=False):
     """scatter_heads without the wait: returns (pending, assemble) — call assemble() after
-    pending.wait() to get (q, k, v)."""
+    pending.wait() to get (q, k, v), or (q, kv) with stack_kv."""
     u = len(members)
     B, _, _, D = q.shape
     q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
@@ -68,7 +73,7 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
     q_len = 0 if q_in else hq
     if not q_in and _collective(transport, members):  # one all_to_all_single, packed in one copy
         return _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag,
-                                   heads, kv_heads)
+                                   heads, kv_heads, stack_kv)
     with trace.span("pack"):
         _, out_bufs = pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=not q_in)
         # One receive allocation, chunk j = member j's [q | k | v] for my heads (mine is already
@@ -105,13 +110,24 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
             qs.append(buf[:n_q].view(B, lens[j], q_len, D))
             ks.append(buf[n_q : n_q + n_kv].view(B, lens[j], hk, D))
             vs.append(buf[n_q + n_kv :].view(B, lens[j], hk, D))
-        g = heads // kv_heads
         qo = tk.unpack_seq(q_buf, lens, B, hq, D) if q_in else torch.cat(qs, 1)
-        ko = fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g)
-        vo = fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g)
-        return qo, ko, vo
+        return (qo,) + _join_kv(ks, vs, q_ranges[me], kv_ranges[me], heads // kv_heads, stack_kv)
 
     return _Both(), assemble
+
+
+def _join_kv(ks, vs, q_range, kv_range, group_size, stack_kv):
+    """The K and V pieces received from the members ([B, lens[j], hk, D] each, member order) joined
+    along the sequence and fitted to the GQA map: (k, v), or (kv,) with kv [2, B, S, hk', D] when
+    stack_kv (one allocation, each piece copied once)."""
+    if not stack_kv:
+        return (fit_kv_heads(torch.cat(ks, 1), q_range, kv_range, group_size),
+                fit_kv_heads(torch.cat(vs, 1), q_range, kv_range, group_size))
+    B, _, hk, D = ks[0].shape
+    kv = torch.empty(2, B, sum(x.shape[1] for x in ks), hk, D, dtype=ks[0].dtype, device=ks[0].device)
+    torch.cat(ks, 1, out=kv[0])
+    torch.cat(vs, 1, out=kv[1])
+    return (fit_kv_heads(kv, q_range, kv_range, group_size, dim=3),)
 
 
 def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
@@ -267,7 +283,8 @@ def _collective(transport, members) -> bool:
             and getattr(transport, "backend", "") == "gloo" and list(members) == list(range(transport.size)))
 
 
-def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag, heads, kv_heads):
+def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, tag, heads, kv_heads,
+                        stack_kv=False):
     """post_scatter over one all_to_all_single: every member's [q | k | v] head slices packed in
     one buffer (pack_scatter, member order), received into one buffer whose chunk j is member j's."""
     B, _, _, D = q.shape
@@ -285,9 +302,8 @@ def _scatter_collective(transport, q, k, v, q_ranges, kv_ranges, lens, me, hk, t
             qs = [buf[:B * n * hq * D].view(B, n, hq, D) for buf, n in zip(bufs, lens)]
             ks = [buf[B * n * hq * D:B * n * (hq + hk) * D].view(B, n, hk, D) for buf, n in zip(bufs, lens)]
             vs = [buf[B * n * (hq + hk) * D:].view(B, n, hk, D) for buf, n in zip(bufs, lens)]
-            g = heads // kv_heads
-            return (torch.cat(qs, 1), fit_kv_heads(torch.cat(ks, 1), q_ranges[me], kv_ranges[me], g),
-                    fit_kv_heads(torch.cat(vs, 1), q_ranges[me], kv_ranges[me], g))
+            return (torch.cat(qs, 1),) + _join_kv(ks, vs, q_ranges[me], kv_ranges[me],
+                                                  heads // kv_heads, stack_kv)
 
     return pending, assemble
 

@@ -27,9 +27,10 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=Fal
     seg_offsets = [problem.offsets[grp[0]] for grp in groups]
     H, Hk = problem.heads, problem.kv_heads
 
-    qh, kh, vh = scatter_heads(transport, uly_members, j, q, k, v, lens, H, Hk)
+    qh, kvh = scatter_heads(transport, uly_members, j, q, k, v, lens, H, Hk, stack_kv=True)
     jh = slice_joint(joint, H, Hk, len(uly_members), j) if joint is not None else None
-    out, jout, lse, jlse = ring_core(transport, ring_members, g, qh, kh, vh, seg_lens=seg_lens,
+    out, jout, lse, jlse = ring_core(transport, ring_members, g, qh, kvh[0], kvh[1], kv=kvh,
+                                     seg_lens=seg_lens,
                                      seg_offsets=seg_offsets, scale=problem.scale,
                                      causal=problem.causal, joint=jh,
                                      joint_strategy=problem.joint_strategy, with_lse=True)

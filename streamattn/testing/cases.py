@@ -392,6 +392,52 @@ def shm_silent_peer(rank, world_size, *, silent_rank):
     return {"type": None, "error": None, "peer": None}
 
 
+def shm_blocked_wait(rank, world_size, *, delay=0.3, bells=True):
+    """Rank 0 sends one message `delay` seconds late to every other rank, whose wait runs as on an
+    oversubscribed node. Returns this rank's doorbell state, and for the waiters the looks their
+    wait took (time.sleep and heap.sleep_until_woken calls), its CPU time and when it returned;
+    rank 0 returns when it sent (CLOCK_MONOTONIC: one host)."""
+    from streamattn.transport import TorchTransport
+    from streamattn.transport import onesided
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    t.oversubscribed = True
+    usable = t.heap.bell is not None and t.heap.bell.usable
+    if not bells and t.heap.bell is not None:
+        t.heap.bell.usable = False
+    out = {"usable": usable}
+    try:
+        dist.barrier()
+        if rank == 0:
+            time.sleep(delay)
+            out["sent"] = time.monotonic()
+            t.exchange([(p, torch.full((64,), 1.0)) for p in range(1, world_size)], [], tag=11).wait()
+        else:
+            looks = [0]
+            real_sleep, real_woken = onesided.time.sleep, t.heap.sleep_until_woken
+
+            def counted(f):
+                def g(*a):
+                    looks[0] += 1
+                    return f(*a)
+                return g
+            onesided.time.sleep, t.heap.sleep_until_woken = counted(real_sleep), counted(real_woken)
+            buf = torch.zeros(64)
+            c0 = time.thread_time()
+            try:
+                t.exchange([], [(0, buf)], tag=11).wait()
+            finally:
+                onesided.time.sleep, t.heap.sleep_until_woken = real_sleep, real_woken
+            out.update(done=time.monotonic(), cpu=time.thread_time() - c0, looks=looks[0],
+                       ok=bool((buf == 1.0).all()))
+        dist.barrier()
+    finally:
+        t.close()
+    return out
+
+
 def shm_hold(rank, world_size, *, seconds=30.0):
     """Build an shm transport, then block: the test kills a rank with SIGKILL meanwhile."""
     from streamattn.transport import TorchTransport

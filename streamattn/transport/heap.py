@@ -43,5 +43,13 @@ class Heap(ABC):
     def quiet(self) -> None:
         """Complete every outstanding put of this member (a no-op where puts are synchronous)."""
 
+    def wake(self, peer: int) -> None:
+        """Tell peer that signals of its changed, after signal() (a no-op where peers poll)."""
+
+    def sleep_until_woken(self, timeout: float) -> bool:
+        """Block until a peer's wake() or `timeout` seconds; False at once where this heap has no
+        wake-ups (the caller then sleeps on its own)."""
+        return False
+
     @abstractmethod
     def close(self) -> None: ...

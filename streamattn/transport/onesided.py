@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 from ..tags import SHM_BOOTSTRAP
-from ..topology import usable_cores
+from ..topology import kernel_hash, usable_cores
 from .. import trace
 from ..errors import PeerError, PeerTimeoutError
 from .base import SMALL_WORDS, Pending
@@ -26,6 +26,9 @@ from .node_heap import NodeHeapTransport
 
 DEPTH = 2
 TINY_YIELD_S = 0.005
+# The longest a blocked wait sleeps before its next look: the liveness, failure-report and deadline
+# checks run between slices, and a wake-up that never comes costs at most this much.
+WAKE_SLICE_S = 0.05
 BOARD_BYTES = (SMALL_WORDS + 1) * 8  # one signature row on the board: its length, then its words
 
 
@@ -123,7 +126,7 @@ def poll(t, advance, blocked, start, tiny, span_kind):
                     f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
                     f"in an shm exchange (tag {tag}, {detail}); it may be stuck or making a "
                     "different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
-        _backoff(spins, t.oversubscribed, tiny and now - start < TINY_YIELD_S)
+        _backoff(t.heap, spins, t.oversubscribed, tiny and now - start < TINY_YIELD_S)
         if tracing:  # blocked on that peer
             trace.add(span_kind, t0, trace.now(), t.members[peer], False)
 
@@ -138,23 +141,41 @@ def _reported_within(base, seconds):
         time.sleep(0.01)
 
 
-def _backoff(spins: int, oversubscribed: bool, tiny: bool) -> None:
-    """Between polls of the mailbox signals. When the node's ranks outnumber its cores, a spinning
-    rank steals the core the peer it waits for needs, so it yields at once and then sleeps
-    (50 us .. 1 ms); otherwise it spins briefly first (lowest latency on an idle core). A tiny
-    (metadata-sized) exchange only yields: a sleep would add up to 1 ms to every call."""
-    if tiny:
-        if oversubscribed or spins > 50:
+def _backoff(heap, spins: int, oversubscribed: bool, tiny: bool) -> None:
+    """Between polls of the mailbox signals. When the node's ranks outnumber its cores, a polling
+    rank takes the core the peer it waits for needs: after one yield it blocks until a peer wakes
+    it (heap.sleep_until_woken: the shm doorbells) or, without wake-ups, sleeps (50 us .. 1 ms).
+    Otherwise it spins briefly first (lowest latency on an idle core), then yields, then blocks or
+    sleeps. A tiny (metadata-sized) exchange never sleeps on its own (a sleep would add up to 1 ms
+    to every call), so it yields where it cannot block."""
+    if oversubscribed:
+        if spins > 1 and heap.sleep_until_woken(WAKE_SLICE_S):
+            return
+        if tiny or spins <= 2:
             time.sleep(0)
-    elif oversubscribed:
-        if spins > 2:
-            time.sleep(min(1e-3, 5e-5 * (spins - 2)))
         else:
-            time.sleep(0)
+            time.sleep(min(1e-3, 5e-5 * (spins - 2)))
     elif spins > 200:
-        time.sleep(min(1e-3, 1e-6 * (spins - 200)))
+        if not heap.sleep_until_woken(WAKE_SLICE_S):
+            if tiny:
+                time.sleep(0)
+            else:
+                time.sleep(min(1e-3, 1e-6 * (spins - 200)))
     elif spins > 50:
         time.sleep(0)
+
+
+def ranks_sharing_cores(base, node_ranks: int) -> int:
+    """How many ranks of the group run on this rank's machine: the node's ranks, or more when
+    several nodes share one kernel (an emulated cluster's nodes share its cores, and a waiting
+    rank there takes a core from a peer on any of them). All-gathers the kernels' boot-id hashes
+    over the whole group (every rank builds this transport in the same call)."""
+    mine = kernel_hash()
+    if not mine or base.size == 1:
+        return node_ranks
+    vec = torch.tensor([mine], dtype=torch.int64, device=base.device)
+    rows = base.all_gather(vec, list(range(base.size)), SHM_BOOTSTRAP, count=False)
+    return max(node_ranks, sum(1 for r in rows if int(r.cpu()[0]) == mine))
 
 
 class OneSidedTransport(NodeHeapTransport):
@@ -170,7 +191,7 @@ class OneSidedTransport(NodeHeapTransport):
         super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes,
                          extra_bytes=2 * n * BOARD_BYTES, extra_signals=n)
         self.board_calls = 0
-        self.oversubscribed = n > usable_cores()
+        self.oversubscribed = ranks_sharing_cores(base, n) > usable_cores()
         self.sent = [0] * n
         self.recvd = [0] * n
         self.outq = [deque() for _ in range(n)]
@@ -220,6 +241,7 @@ class OneSidedTransport(NodeHeapTransport):
             if p != me:
                 heap.put(p, payload, slot(me))
                 heap.signal(p, self.extra_signal0 + me, call)
+                heap.wake(p)
         sig0 = self.extra_signal0
         left = [p for p in range(n) if p != me]
 
@@ -248,7 +270,7 @@ class OneSidedTransport(NodeHeapTransport):
     def _progress(self) -> bool:
         """Advance every queued message as far as credits and signals allow. True if anything moved."""
         heap, n, me, S, D = self.heap, len(self.members), self.heap.rank, self.slot_bytes, DEPTH
-        moved = False
+        moved, woken = False, set()
         for p in range(n):
             q = self.outq[p]
             while q:
@@ -259,6 +281,7 @@ class OneSidedTransport(NodeHeapTransport):
                 off, length = m.chunks[m.next]
                 heap.put(p, m.buf[off : off + length], (me * D + (k - 1) % D) * S)
                 heap.signal(p, me, k)
+                woken.add(p)
                 self.sent[p] = k
                 m.advance()
                 moved = True
@@ -273,9 +296,12 @@ class OneSidedTransport(NodeHeapTransport):
                 off, length = m.chunks[m.next]
                 m.buf[off : off + length].copy_(heap.local((p * D + (k - 1) % D) * S, length))
                 heap.signal(p, n + me, k)
+                woken.add(p)
                 self.recvd[p] = k
                 m.advance()
                 moved = True
                 if m.done:
                     q.popleft()
+        for p in woken:  # after the signals: a peer woken early would find nothing new
+            heap.wake(p)
         return moved

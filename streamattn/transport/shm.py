@@ -8,7 +8,8 @@ the next heap created on the host removes it, if the file is the current user's 
 header its creator wrote: magic, pid, uid).
 
 put is a memcpy into the peer's mapping; signal is an aligned 8-byte store into the peer's signal
-slot after it. Both are plain stores, so the ordering "data before signal" relies on the CPU's
+slot after it; wake rings the peer's doorbell (doorbell.py) so a peer blocked waiting for a signal
+need not poll. Both are plain stores, so the ordering "data before signal" relies on the CPU's
 store ordering: x86-64 (TSO) keeps stores in program order. On weaker memory models (aarch64) this
 backend refuses to start rather than risk a torn read.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from ..procs import pid_alive
+from .doorbell import Doorbell
 from .heap import Heap
 
 PREFIX = "streamattn-"
@@ -91,8 +93,9 @@ def remove_stale_segments() -> list:
 class ShmHeap(Heap):
     """Symmetric heap over /dev/shm for `size` members.
 
-    bootstrap(names_of_all, pids_of_all): a callable that all-gathers this member's segment name
-    and pid among the members, then acts as a barrier (the second call) — given by the transport.
+    all_gather_text(text, pid) -> ([text of each member], [pid of each member]), given by the
+    transport: first the segment names, then (a barrier: every member has mapped every segment)
+    whether each member reached every peer's doorbell. `barrier` is not needed here.
     """
 
     def __init__(self, rank, size, data_bytes, num_signals, all_gather_text, barrier):
@@ -105,6 +108,10 @@ class ShmHeap(Heap):
         self._sig_bytes = num_signals * 8
         self._total = _HEADER + self._sig_bytes + data_bytes
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(12)}"
+        try:
+            self.bell = Doorbell(self.name)
+        except OSError:  # no abstract Unix sockets here: peers are polled
+            self.bell = None
         path = os.path.join(SHM_DIR, self.name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         self._maps = [None] * size
@@ -130,7 +137,15 @@ class ShmHeap(Heap):
                     self._maps[peer] = mmap.mmap(pfd, self._total)
                 finally:
                     os.close(pfd)
-            barrier()  # every member has mapped every segment
+            reached = self.bell is not None and self.bell.connect(names, rank)
+            # a barrier (every member has mapped every segment) that also agrees on doorbells
+            flags, _ = all_gather_text(f"mapped bells={int(reached)}", os.getpid())
+            if self.bell is not None:
+                self.bell.usable = all(f == "mapped bells=1" for f in flags)
+        except BaseException:
+            if self.bell is not None:
+                self.bell.close()
+            raise
         finally:
             try:
                 os.unlink(path)
@@ -153,10 +168,19 @@ class ShmHeap(Heap):
     def local(self, offset, nbytes):
         return self._data[self.rank][offset : offset + nbytes]
 
+    def wake(self, peer):
+        if self.bell is not None and self.bell.usable:
+            self.bell.ring(peer)
+
+    def sleep_until_woken(self, timeout):
+        return self.bell is not None and self.bell.wait(timeout)
+
     def peer_alive(self, peer):
         return pid_alive(self.pids[peer])
 
     def close(self):
+        if self.bell is not None:
+            self.bell.close()
         self._sig, self._data = [], []
         for m in self._maps:
             if m is not None:
