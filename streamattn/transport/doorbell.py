@@ -5,7 +5,7 @@ sleeps in between) takes CPU from the very peer it waits for: measured on 2 core
 the polling loop cost 4-9 ms of CPU per rank and call, about as much as all of yunchang's
 non-kernel work. So each member of an shm heap owns a doorbell, a Unix datagram socket in the
 abstract namespace (it disappears with its process: nothing to clean up after a crash), and a
-peer rings it after every signal it sets; a waiting member blocks in select() until a ring
+peer rings it after every signal it sets; a waiting member blocks in poll() until a ring
 arrives or a time slice passes (its liveness and deadline checks run between slices).
 
 A ring carries no data. It only says "look at your signals again", so a lost, stale or foreign
@@ -35,6 +35,8 @@ class Doorbell:
         except OSError:
             self._sock.close()
             raise
+        self._poll = select.poll()  # not select.select: a process may hold fds above FD_SETSIZE
+        self._poll.register(self._sock.fileno(), select.POLLIN)
         self.peers: list = []  # peer member -> its address (None: this member)
         self.usable = False  # set by the heap once every member reached every peer
 
@@ -65,8 +67,7 @@ class Doorbell:
         False when this doorbell is not usable (the caller sleeps instead)."""
         if not self.usable:
             return False
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        if ready:
+        if self._poll.poll(max(0, int(timeout * 1000))):
             self.drain()
         return True
 
