@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement, algorithms, autotune, tags
-from .config import joint_fold_mode, ulysses_chunks_override
+from .config import joint_fold_mode, ring_chunks_override, ulysses_chunks_override
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
@@ -211,11 +211,13 @@ def _run_algorithm(plan, transport, problem, q, k, v, joint):
                                             chunks=ulysses_chunks_override() or plan.chunks)
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
-                                         members=plan.ring_group(transport.rank))
+                                         members=plan.ring_group(transport.rank),
+                                         chunks=ring_chunks_override() or plan.chunks)
     if plan.algorithm == "torus":
         return algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
     if plan.algorithm == "usp":
-        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan)
+        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan,
+                                        chunks=ring_chunks_override() or plan.chunks)
     raise AssertionError(f"no algorithm for {plan}")
 
 

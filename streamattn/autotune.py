@@ -101,7 +101,8 @@ def _short(p: Plan) -> str:
         return f"torus {p.ulysses_degree}x{p.torus_degree}x{p.ring_degree}"
     if p.algorithm == "ulysses" and p.chunks > 1:
         return f"ulysses {p.ulysses_degree} in {p.chunks} chunks"
-    return f"{p.algorithm} {p.ulysses_degree}x{p.ring_degree}"
+    runs = f" in {p.chunks} runs" if p.chunks > 1 else ""
+    return f"{p.algorithm} {p.ulysses_degree}x{p.ring_degree}{runs}"
 
 
 class Tunings:

@@ -93,6 +93,10 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_ULYSSES_CHUNKS", "int", 0,
             "head groups Ulysses pipelines over (1: one all-to-all; unset or 0: the plan's choice)",
             low=0, high=1024, agreed=True),
+    Setting("STREAMATTN_RING_CHUNKS", "int", 0,
+            "token runs every ring step's K/V block is cut into, each forwarded and attended as it "
+            "arrives (ring and USP; 1: one message per step; unset or 0: the plan's choice)",
+            low=0, high=1024, agreed=True),
     Setting("STREAMATTN_JOINT_FOLD", "choice", "auto",
             "joint (text) tokens folded into the sharded sequence (algorithms/joint_fold.py, "
             "non-causal inference calls): auto (the planner's choice, algorithm='auto' only), "
@@ -208,6 +212,11 @@ def ulysses_chunks() -> int:
 def ulysses_chunks_override():
     """STREAMATTN_ULYSSES_CHUNKS when set (it forces the chunk count), else None: the plan's."""
     return ulysses_chunks() or None
+
+
+def ring_chunks_override():
+    """STREAMATTN_RING_CHUNKS when set (it forces the token runs per ring step), else None."""
+    return int(get("STREAMATTN_RING_CHUNKS")) or None
 
 
 def joint_fold_mode() -> str:

@@ -44,7 +44,8 @@ Time model:
   share (a rank gets `overlap` of a core). Measured on the emulated 2x2 / 2x4 clusters: without
   it the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of measured.
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
-  max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
+  max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked; ring steps
+  in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
   early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
   two agree).
@@ -61,7 +62,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Candidate, Step
 from .schedule import Msg, Phase, chunk_problem, fold_phases, phases, torus_parts
-from .sharding import folded_problem
+from .sharding import folded_problem, ring_runs
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -246,6 +247,8 @@ class CostModel:
                                        bottleneck=worst[1] if worst[0] > 0 else "",
                                        bytes_by_kind=tuple(sorted(kinds.items())), steps=steps,
                                        joint_fold=True)
+        if chunks > 1 and len(groups) > 1 and algorithm in ("ring", "usp"):
+            return self.cost_ring_chunked(problem, algorithm, u, groups, chunks, placement)
         if chunks > 1:
             return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":
@@ -314,6 +317,62 @@ class CostModel:
                 all_msgs += p.msgs
         cand = self._candidate(problem, "ulysses", u, problem.world_size // u, groups, placement,
                                steps, botts, all_msgs)
+        return dataclasses.replace(cand, chunks=chunks)
+
+    def cost_ring_chunked(self, problem, algorithm: str, u: int, groups, chunks: int,
+                          placement: str = "consecutive") -> Candidate:
+        """Ring / USP with every ring step's block cut into `chunks` token runs (ring.ring_core):
+        the phases before and after the ring are blocking as usual; in the ring, my block's runs
+        are all posted at once and the block attended whole; in step t >= 1 each run is waited
+        for, forwarded (posted) and attended in turn. With c_t the slowest rank's compute of step
+        t and m_t its block's transfer: the runs of a block cross the link one after another,
+        run i of step t+1 leaving when run i of step t has arrived and been waited for (post =
+        max(its arrival, the compute before it)) and the link is free; attention of run i starts
+        at max(its arrival, the end of the run before). With one run this is the unchunked
+        sum of max(c_t, m_t) plus the last step's compute. Every run beyond the first of an
+        arriving block is one more wait on a peer: sync_s each (scheduling on an oversubscribed
+        CPU)."""
+        ph = phases(problem, u, groups, chunks)
+        cache: Dict[tuple, tuple] = {}
+        steps: List[Step] = []
+        botts, all_msgs = [], []
+        ring = [p for p in ph if p.name.startswith("ring step")]
+        r = len(ring)
+        c = [max((self._local(p.compute.get(x, 0.0), p.mem.get(x, 0.0))
+                  for x in set(p.compute) | set(p.mem)), default=0.0) for p in ring]
+        comm = [self._comm(p.msgs, cache) for p in ring[:-1]]
+        runs = ring_runs([sum(problem.seq_lens[m] for m in g) for g in groups], chunks)
+        end, arrive = c[0], [(i + 1) * (comm[0][0] - self.sync_s) / runs + self.sync_s
+                             for i in range(runs)]
+        ring_steps = [Step(f"ring step 1/{r}: post my block's {runs} runs, attend the block", c[0], c[0])]
+        for t in range(1, r):
+            start, nxt, free = end, [], 0.0
+            per_run = (comm[t][0] - self.sync_s) / runs if t < r - 1 else 0.0
+            for i in range(runs):
+                ready = max(end, arrive[i])
+                if t < r - 1:
+                    free = max(ready, free) + per_run
+                    nxt.append(free + self.sync_s)
+                end = ready + c[t] / runs
+            end += (runs - 1) * self.sync_s
+            m, bott, kinds = comm[t - 1]
+            ring_steps.append(Step(f"ring step {t + 1}/{r}: {runs} runs arrive, each forwarded and "
+                                   "attended (each further run one more wait)", end - start, c[t], m,
+                                   True, bott, tuple(sorted(kinds.items()))))
+            botts.append((m, f"ring step {t}: {bott}"))
+            arrive = nxt
+        for p in ph:
+            if p is ring[0]:
+                steps += ring_steps
+            if p in ring:
+                all_msgs += p.msgs
+                continue
+            st, cc, m, bott = self._blocking(p, cache)
+            steps.append(st)
+            botts.append((m, f"{p.name}: {bott}"))
+            all_msgs += p.msgs
+        cand = self._candidate(problem, algorithm, u, len(groups), groups, placement, steps, botts,
+                               all_msgs)
         return dataclasses.replace(cand, chunks=chunks)
 
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:

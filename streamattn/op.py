@@ -38,6 +38,7 @@ from torch import Tensor
 from . import algorithms, api
 from .algorithms.ring_backward import local_backward, ring_backward
 from .algorithms.ulysses_backward import ulysses_backward
+from .config import ring_chunks_override
 from .merge import acc_dtype
 from .validate import check_local
 
@@ -117,9 +118,11 @@ def _forward(plan, transport, problem, q, k, v, joint):
                                             members=plan.ulysses_group(me), with_lse=True)
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
-                                         members=plan.ring_group(me), with_lse=True)
+                                         members=plan.ring_group(me), with_lse=True,
+                                         chunks=ring_chunks_override() or plan.chunks)
     if plan.algorithm == "usp":
-        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan, with_lse=True)
+        return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan, with_lse=True,
+                                        chunks=ring_chunks_override() or plan.chunks)
     if plan.algorithm == "torus":
         out, jout = algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
         B, S, H, _ = q.shape

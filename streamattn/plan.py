@@ -66,7 +66,9 @@ class Candidate:
     bottleneck: str = ""
     bytes_by_kind: Tuple[Tuple[str, int], ...] = ()
     steps: Tuple[Step, ...] = ()
-    chunks: int = 1  # Ulysses pipelined over this many head groups (ulysses.py _pipelined)
+    # Ulysses: pipelined over this many head groups (ulysses.py _pipelined); ring / USP: every ring
+    # step's block in this many token runs (ring.ring_core)
+    chunks: int = 1
     joint_fold: bool = False  # the joint tokens folded into the sequence (schedule.folded_problem)
 
     @property
@@ -124,7 +126,9 @@ class Plan:
     candidates: tuple = field(default=(), compare=False, repr=False)
     context: str = field(default="", compare=False, repr=False)
     torus_degree: int = 1
-    chunks: int = 1  # Ulysses only: head groups whose all-to-alls pipeline with their attention
+    # Ulysses: head groups whose all-to-alls pipeline with their attention; ring / USP: token runs
+    # each ring step's block travels in, each forwarded and attended as it arrives
+    chunks: int = 1
     # the joint (text) tokens join the sharded sequence, their output rows all-gathered afterwards
     # (algorithms/joint_fold.py); forward only: the op's backward runs the replicated schedule
     joint_fold: bool = False
@@ -190,9 +194,11 @@ class Plan:
     def __str__(self) -> str:
         extra = f", predicted {self.predicted_s * 1e3:.3g} ms" if self.predicted_s is not None else ""
         torus = f" x torus={self.torus_degree}" if self.torus_degree > 1 else ""
-        torus += f" in {self.chunks} chunks" if self.chunks > 1 else ""
+        split = f" in {self.chunks} {chunk_unit(self.algorithm)}" if self.chunks > 1 else ""
+        torus += split if self.algorithm == "ulysses" else ""
+        ring = "" if self.algorithm == "ulysses" else split
         fold = ", joint folded" if self.joint_fold else ""
-        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}{fold}, "
+        return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}{ring}{fold}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 
 
@@ -233,10 +239,15 @@ def torus_degree(c: Candidate) -> int:
     return len(c.groups) // c.ring_degree if c.algorithm == "torus" else 1
 
 
+def chunk_unit(algorithm: str) -> str:
+    """What a plan's chunks count: Ulysses' head groups, a ring's token runs per step."""
+    return "chunks" if algorithm == "ulysses" else "runs per ring step"
+
+
 def label(c: Candidate) -> str:
     fold = ", joint folded" if c.joint_fold else ""
     if c.chunks > 1:
-        return f"{c.label} in {c.chunks} chunks{fold}"
+        return f"{c.label} in {c.chunks} {chunk_unit(c.algorithm)}{fold}"
     if c.algorithm == "torus":
         return (f"torus u={c.ulysses_degree} x t={torus_degree(c)} x r={c.ring_degree} "
                 f"[{c.placement}]{fold}")
@@ -320,7 +331,8 @@ def explain_plan(plan: Plan) -> str:
 
 
 def _placement(c) -> str:
-    return c.placement + (f" x{c.chunks}ch" if c.chunks > 1 else "") + (" +fold" if c.joint_fold else "")
+    unit = "ch" if c.algorithm == "ulysses" else "runs"
+    return c.placement + (f" x{c.chunks}{unit}" if c.chunks > 1 else "") + (" +fold" if c.joint_fold else "")
 
 
 def _same(a, b) -> bool:

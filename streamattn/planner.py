@@ -29,7 +29,7 @@ from .calibration import (block_shape, block_times, cache_entry, load_cache, res
                           resolve_rate, save_cache)
 from .costmodel import CostModel
 from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
-                       per_node_groups)
+                       per_node_groups, ring_chunks_valid)
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import LinkKind, Topology, kernel_hash, usable_cores
@@ -47,6 +47,11 @@ COSTED_ALGORITHMS = ("ulysses", "ring", "usp", "torus")
 # on CPU topologies (no declared peak rate), where the kernel is calibrated at the chunk's shape: on
 # GPUs smaller all-to-alls and more kernel launches cost what the model does not see.
 CHUNKS = (2, 4)
+# Token runs per ring step costed for ring and USP (ring.ring_core forwards and attends each run as
+# it arrives: the last block's compute hides behind its own arrival), CPU topologies only, like
+# CHUNKS. Measured on the emulated 2x2 at 200 Mbit/s (text-free 4096 tokens, USP 2x2): 1 run 434-453
+# ms, 2 runs 414, 4 runs 387-392, 8 runs 396, 16 runs 408.
+RING_CHUNKS = (2, 4, 8)
 
 
 def network_bytes(c: Candidate) -> int:
@@ -94,6 +99,9 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
             if algo == "ulysses" and not reason and topology.peak_flops is None:
                 out += [Candidate(algo, u, r, groups, name, chunks=c) for c in CHUNKS
                         if chunks_valid(problem, u, c)]
+            if algo in ("ring", "usp") and not reason and topology.peak_flops is None:
+                out += [Candidate(algo, u, r, groups, name, chunks=c) for c in RING_CHUNKS
+                        if ring_chunks_valid(problem, groups, c)]
     if not getattr(problem, "zigzag", False):
         out += torus_candidates(problem, topology)
     if can_fold(problem):  # each runnable candidate again with the joint tokens folded in
@@ -241,11 +249,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
         # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to fewer chunks, then
-        # the prediction
+        # the prediction. A ring's token runs are not chunks here: they add no all-to-all round,
+        # only waits on data already in flight, and measured they pay where predicted (2x2 at 200
+        # Mbit/s: 4 runs 1.12-1.16x faster than 1), so the prediction orders them
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         wire = wire_bound(best, topology)
-        cheapest, best = best, min(close, key=lambda c: (network_bytes(c) if wire else 0, c.chunks,
-                                                          c.predicted_s))
+        cheapest, best = best, min(close, key=lambda c: (
+            network_bytes(c) if wire else 0, c.chunks if c.algorithm == "ulysses" else 1,
+            c.predicted_s))
         tie_note = "" if best is cheapest else (
             f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'Ulysses chunks'} among those predicted within "
             f"{CPU_TIE:.0%} of the cheapest ({label(cheapest)}; this one "

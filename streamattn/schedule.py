@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .algorithms.ulysses import head_ranges
-from .sharding import can_fold, fold_lengths, folded_problem
+from .sharding import can_fold, fold_lengths, folded_problem, ring_runs, split_lengths
 from .topology import Topology
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -159,10 +159,11 @@ def fitted_kv(q_range, kv_range, group_size: int) -> int:
     return hq
 
 
-def phases(problem, u: int, groups) -> List[Phase]:
+def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
     """Every step of the call for Ulysses groups `groups` (u members each; rings = member j of
     every group, in group order), with exact message sizes, per-rank FLOPs and per-rank local
-    memory traffic (packing copies, LSE merges)."""
+    memory traffic (packing copies, LSE merges). chunks > 1 with a ring (r > 1): every ring step's
+    block travels as `chunks` token runs (ring.ring_core), one message and one merge each."""
     B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
     T, causal = problem.joint_len, problem.causal
     e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
@@ -197,7 +198,9 @@ def phases(problem, u: int, groups) -> List[Phase]:
         if front:
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local,
                                  mem=joint_merge))
-        phases.append(Phase("ring: stack K,V into one message", [], {}, mem=stack))
+        runs = 1 if problem.zigzag else ring_runs(seg_lens, chunks)
+        phases.append(Phase("ring: stack K,V into one message" + (f" per run ({runs})" if runs > 1 else ""),
+                             [], {}, mem=stack))
         for t in range(r):
             msgs, comp, mem = [], {}, {}
             for j in range(u):
@@ -212,11 +215,12 @@ def phases(problem, u: int, groups) -> List[Phase]:
                         pairs = visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
                         skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
                     comp[m] = attention_flops(B, pairs, hq, D)
-                    mem[m] = 0 if skipped else mb * B * hq * seg_lens[gi] * D
+                    mem[m] = 0 if skipped else (1 if t == 0 else runs) * mb * B * hq * seg_lens[gi] * D
                     if t == r - 1 and not rear:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
-                        msgs.append((m, ring[(gi + 1) % r], 2 * B * seg_lens[src] * hkf[j] * D * e))
+                        msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * e)
+                                 for n in split_lengths(seg_lens[src], runs)]
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
         if rear:
@@ -501,7 +505,8 @@ def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
     torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
     groups x*t .. x*t+t-1; ring factor r = len(groups) / t). chunks > 1 (pure Ulysses): every
     step of each head-group chunk (chunk_problem), chunk by chunk (same messages and bytes as the
-    code, which posts every chunk's scatter first). fold: the joint tokens folded into the
+    code, which posts every chunk's scatter first); chunks > 1 with a ring (USP, ring): every
+    ring step's block as `chunks` token-run messages. fold: the joint tokens folded into the
     sequence (folded_problem, then the joint output all-gather)."""
     if fold:
         if not can_fold(problem):
@@ -509,6 +514,8 @@ def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
         post = fold_phases(problem)[1]
         return (messages(folded_problem(problem), u, groups, torus_degree, chunks)
                 + [(post.name, list(post.msgs))])
+    if chunks > 1 and len(groups) > 1 and torus_degree is None:
+        return [(p.name, list(p.msgs)) for p in phases(problem, u, groups, chunks) if p.msgs]
     if chunks > 1 and chunks_valid(problem, u, chunks):
         sub = [(p.name, list(p.msgs)) for p in phases(chunk_problem(problem, chunks), u, groups) if p.msgs]
         out = []
@@ -541,9 +548,18 @@ def chunk_problem(problem, chunks: int):
 
 
 def chunks_valid(problem, u: int, chunks: int) -> bool:
-    """ulysses.py runs chunked only when every chunk holds whole K/V groups."""
+    """ulysses.py runs chunked only when every chunk holds whole K/V groups. (A ring's steps cut
+    into token runs, USP and ring with chunks > 1: ring_chunks_valid.)"""
     H, g = problem.heads, problem.heads // problem.kv_heads
     return chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0
+
+
+def ring_chunks_valid(problem, groups, chunks: int) -> bool:
+    """Ring steps in `chunks` token runs (USP, ring): any ring (two or more groups), except the
+    zigzag layout's own ring (algorithms/zigzag.py) and blocks shorter than the runs
+    (sharding.ring_runs)."""
+    seg_lens = [sum(problem.seq_lens[m] for m in g) for g in groups]
+    return len(groups) > 1 and not problem.zigzag and ring_runs(seg_lens, chunks) == chunks > 1
 
 
 def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,

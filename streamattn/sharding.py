@@ -13,6 +13,12 @@ def split_lengths(total: int, world: int) -> list:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
+def ring_runs(seg_lens, chunks: int) -> int:
+    """Token runs each ring step's block is cut into when `chunks` are asked for: at most the
+    shortest block's length (no empty runs), 1 = unchunked. Same on every rank (seg_lens are)."""
+    return max(1, min(chunks, min(seg_lens))) if seg_lens else 1
+
+
 def shard(x: torch.Tensor, lens, rank: int, dim: int = 1) -> torch.Tensor:
     """Rank `rank`'s slice of the full sequence x (sequence along `dim`) split by `lens` (a view)."""
     start, stop = shard_rows(lens, rank)

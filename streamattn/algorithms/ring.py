@@ -14,17 +14,20 @@ from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
+from ..sharding import ring_runs, split_lengths
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
 
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
-              joint=None, joint_strategy="front", with_lse=False, kv=None):
+              joint=None, joint_strategy="front", with_lse=False, kv=None, chunks=1):
     """The ring over `members` (group ranks, in ring order); me: my index.
 
     q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
     kv: None, or k and v already stacked ([2, B, Sk, hk, D] with kv[0] = k, kv[1] = v): the
     step message as it is, without the stacking copy.
+    chunks > 1: every step's block travels as that many token runs (sharding.split_lengths of
+    its length), each forwarded and attended as soon as it arrives (_chunked_steps).
     seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
     joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]).
     Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype;
@@ -46,25 +49,26 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     if joint is not None and joint_strategy == "front":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
-    # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
-    if kv is None:
-        with trace.span("pack"):
-            kv = torch.stack([k, v])
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
-    for t in range(r):
-        src = (me - t) % r
-        pending = None
-        if t < r - 1:
-            incoming = torch.empty(2, B, seg_lens[(me - t - 1) % r], hk, D, dtype=kv.dtype, device=kv.device)
-            pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
-        kb, vb = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
-        if not causal:
-            merge_with(kb, vb)
-        elif seg_offsets[src] <= seg_offsets[me] + Sq - 1:  # otherwise every key lies in the future
-            merge_with(kb, vb, causal=True, q_offset=seg_offsets[me], k_offset=seg_offsets[src])
-        if pending is not None:
-            pending.wait()
-            kv = incoming
+    chunks = ring_runs(seg_lens, chunks)
+    if chunks > 1 and r > 1:
+        _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
+                       chunks, merge_with)
+    else:
+        # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
+        if kv is None:
+            with trace.span("pack"):
+                kv = torch.stack([k, v])
+        for t in range(r):
+            pending = None
+            if t < r - 1:
+                incoming = torch.empty(2, B, seg_lens[(me - t - 1) % r], hk, D, dtype=kv.dtype,
+                                       device=kv.device)
+                pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
+            _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
+            if pending is not None:
+                pending.wait()
+                kv = incoming
 
     if joint is not None and joint_strategy == "rear":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
@@ -73,6 +77,52 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         return (out, None, lse, None) if with_lse else (out, None)
     jout, jlse = _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)
     return (out, jout, lse, jlse) if with_lse else (out, jout)
+
+
+def _attend_block(merge_with, kv, src, me, seg_offsets, Sq, causal, start):
+    """Merge the queries' attention to K/V (kv[0], kv[1]: [B, n, hk, D]) that begin `start`
+    tokens into member src's block."""
+    kb, vb = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    if not causal:
+        merge_with(kb, vb)
+    elif seg_offsets[src] + start <= seg_offsets[me] + Sq - 1:  # else every key lies in the future
+        merge_with(kb, vb, causal=True, q_offset=seg_offsets[me], k_offset=seg_offsets[src] + start)
+
+
+def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
+                   chunks, merge_with):
+    """The ring steps with every block cut into `chunks` token runs, one message each. Run i of
+    a block is forwarded to the next member and attended as soon as it has arrived, so the
+    call's exposed tail is one run's attention instead of one block's (the last block's compute
+    overlaps its own arrival). My own block is posted run by run, then attended whole."""
+    B, _, hk, D = k.shape
+    runs = split_lengths(seg_lens[me], chunks)
+    starts = [sum(runs[:i]) for i in range(chunks)]
+    with trace.span("pack"):  # each run one contiguous [2, B, n, hk, D] message
+        if kv is None:
+            cur = [torch.stack([k[:, a:a + n], v[:, a:a + n]]) for a, n in zip(starts, runs)]
+        else:
+            cur = [kv[:, :, a:a + n].contiguous() for a, n in zip(starts, runs)]
+    cur = [(x, None, a) for x, a in zip(cur, starts)]
+    for t in range(r):
+        src = (me - t) % r
+        if t < r - 1:
+            runs = split_lengths(seg_lens[(me - t - 1) % r], chunks)
+            starts = [sum(runs[:i]) for i in range(chunks)]
+        nxt_runs = []
+        for i, (run, pending, start) in enumerate(cur):
+            if pending is not None:
+                pending.wait()
+            if t < r - 1:
+                inc = torch.empty(2, B, runs[i], hk, D, dtype=run.dtype, device=run.device)
+                nxt_runs.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP + t),
+                                 starts[i]))
+            if t > 0:
+                _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, start)
+        if t == 0:  # every run of my block is posted: attend the block whole
+            _attend_block(merge_with, (k, v) if kv is None else kv, src, me, seg_offsets, Sq,
+                          causal, 0)
+        cur = nxt_runs
 
 
 def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
@@ -95,11 +145,11 @@ def merge_across(transport, members, out, lse, tag):
     return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
-def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False):
+def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1):
     """Ring over `members` (default: the whole group) with every member's own shard as its block.
     q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]. Returns (out [B, S_local, H, D], joint_out
     [B, T, H, D] or None) in q's dtype; with_lse: also the final LSEs, [B, H, S_local] and
-    [B, H, T] or None (accumulation dtype)."""
+    [B, H, T] or None (accumulation dtype). chunks: see ring_core."""
     members = list(range(transport.size)) if members is None else members
     me = members.index(transport.rank)
     lens = [problem.seq_lens[m] for m in members]
@@ -107,7 +157,7 @@ def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_l
     out, jout, lse, jlse = ring_core(transport, members, me, q, k, v, seg_lens=lens,
                                      seg_offsets=offsets, scale=problem.scale, causal=problem.causal,
                                      joint=joint, joint_strategy=problem.joint_strategy,
-                                     with_lse=True)
+                                     with_lse=True, chunks=chunks)
     out = out.transpose(1, 2).to(q.dtype)
     jout = jout.transpose(1, 2).to(q.dtype) if jout is not None else None
     return (out, jout, lse, jlse) if with_lse else (out, jout)

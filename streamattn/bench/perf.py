@@ -24,7 +24,8 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
     """[{"intra", "inter", "messages"}] per rank for one call (non-causal, no joint tokens,
     S divisible by P), from streamattn.schedule. groups: the plan's Ulysses groups (default
     consecutive ranks). t: the torus degree (algorithm "torus" only). elem: bytes per element.
-    chunks: Ulysses pipelined over head groups -- the same bytes in `chunks` times the messages."""
+    chunks: the plan's chunks (Ulysses' head groups, the ring's token runs per step): the same
+    bytes in more messages."""
     import torch
 
     from streamattn.problem import Problem
@@ -37,8 +38,8 @@ def expected_bytes(algorithm: str, u: int, r: int, *, seq: int, heads: int, head
     problem = Problem(batch, heads, heads, head_dim, dtype, (seq // P,) * P, head_dim ** -0.5)
     groups = [tuple(g) for g in groups] if groups else consecutive_groups(P, u)
     node_of = [x // ranks_per_node for x in range(P)]
-    out = per_rank_bytes(problem, u, groups, node_of, torus_degree=t if algorithm == "torus" else None)
-    return [dict(x, messages=x["messages"] * chunks) for x in out]
+    return per_rank_bytes(problem, u, groups, node_of, torus_degree=t if algorithm == "torus" else None,
+                          chunks=chunks)
 
 
 def doc_inter_elements_per_rank(algorithm: str, M: int, P: int, E: int, r: int = 1) -> float:
@@ -59,7 +60,7 @@ def _t(rec, stat) -> float:
 
 
 def plan_key(rec) -> Optional[tuple]:
-    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, Ulysses chunks);
+    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, chunks);
     None otherwise."""
     if rec.get("kind") != "streamattn" or not rec.get("algorithm"):
         return None

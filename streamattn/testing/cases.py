@@ -452,8 +452,19 @@ def shm_hold(rank, world_size, *, seconds=30.0):
 
 
 def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree=None,
-                   ring_degree=None, batch=1, dtype="float32"):
-    """Bytes this rank sends in one call (after a warm-up call), per link class."""
+                   ring_degree=None, batch=1, dtype="float32", settings=None):
+    """Bytes this rank sends in one call (after a warm-up call), per link class; settings:
+    {STREAMATTN_*: value} set around the calls (config.override)."""
+    from streamattn.config import override
+
+    with override(**(settings or {})):
+        return _bytes_per_call(rank, world_size, seq=seq, heads=heads, head_dim=head_dim,
+                               algorithm=algorithm, ulysses_degree=ulysses_degree,
+                               ring_degree=ring_degree, batch=batch, dtype=dtype)
+
+
+def _bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree,
+                    ring_degree, batch, dtype):
     from streamattn import api
 
     q, k, v, _ = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,

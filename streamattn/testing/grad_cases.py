@@ -106,8 +106,16 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
 
 
 def check_cases(rank, world_size, *, cases):
-    """check_grad for each case (dicts of its keyword arguments), one pool round trip."""
-    return [check_grad(rank, world_size, **c) for c in cases]
+    """check_grad for each case (dicts of its keyword arguments; "settings": {STREAMATTN_*: value}
+    set around that case, config.override), one pool round trip."""
+    from streamattn.config import override
+
+    out = []
+    for c in cases:
+        c = dict(c)
+        with override(**c.pop("settings", {})):
+            out.append(check_grad(rank, world_size, **c))
+    return out
 
 
 def check_grad_stale_backward(rank, world_size, *, seq=16, heads=4, head_dim=8, seed=3):

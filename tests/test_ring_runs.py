@@ -1,0 +1,128 @@
+"""Ring steps in token runs (plan.chunks > 1 for ring and USP, STREAMATTN_RING_CHUNKS): exact
+against float64 forward and backward on real groups, really cut into runs (the message count the
+schedule states, unlike the unchunked count), priced from the same schedule, and chosen by the
+planner where the wire is the bottleneck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+CASES = "streamattn.testing.cases:check_attention"
+RUNS = {"STREAMATTN_RING_CHUNKS": "3"}
+
+FORWARD = {
+    2: [dict(seq=13, algorithm="ring"), dict(seq=13, algorithm="ring", causal=True, kv_heads=2),
+        dict(seq=13, algorithm="ring", joint_len=3, joint_strategy="rear", batch=2),
+        dict(seq=12, algorithm="ring", dtype="bfloat16", joint_len=2)],
+    3: [dict(seq=17, heads=6, kv_heads=2, algorithm="ring", causal=True, lens=[7, 4, 6]),
+        dict(seq=17, heads=3, algorithm="ring", joint_len=2)],
+    4: [dict(seq=19, algorithm="usp", ulysses_degree=2, ring_degree=2, joint_len=3, kv_heads=2),
+        dict(seq=19, algorithm="usp", ulysses_degree=2, ring_degree=2, causal=True),
+        dict(seq=18, algorithm="ring", dtype="float16", joint_len=4, joint_strategy="rear"),
+        dict(seq=21, algorithm="ring", causal=True, layout="bhsd", lens=[9, 2, 6, 4])],
+    6: [dict(seq=25, heads=6, algorithm="usp", ulysses_degree=2, ring_degree=3, joint_len=2),
+        dict(seq=25, heads=6, kv_heads=3, algorithm="usp", ulysses_degree=3, ring_degree=2,
+             causal=True)],
+    8: [dict(seq=35, heads=8, algorithm="usp", ulysses_degree=2, ring_degree=4, joint_len=3,
+             kv_heads=2),
+        dict(seq=34, heads=4, algorithm="ring", causal=True, batch=2)],
+}
+TOL = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+@pytest.mark.parametrize("P", sorted(FORWARD))
+def test_ring_runs_exact(rank_pool, P):
+    pool = rank_pool(P)
+    for case in FORWARD[P]:
+        res = pool.run(CASES, settings=RUNS, **case)
+        tol = TOL[case.get("dtype", "float32")]
+        assert max(r["err"] for r in res) <= tol, case
+        if case.get("joint_len"):
+            assert max(r["joint_err"] for r in res) <= tol, case
+            assert len({r["joint_digest"] for r in res}) == 1, case
+
+
+def test_more_runs_than_tokens_is_clamped_and_exact(rank_pool):
+    """STREAMATTN_RING_CHUNKS above the shortest block's length runs one token per run."""
+    res = rank_pool(4).run(CASES, seq=11, algorithm="ring", lens=[2, 3, 3, 3], causal=True,
+                           settings={"STREAMATTN_RING_CHUNKS": "50"})
+    assert max(r["err"] for r in res) <= 1e-5
+
+
+@pytest.mark.parametrize("P,algorithm,u,r", [(4, "ring", 1, 4), (4, "usp", 2, 2)])
+def test_ring_runs_gradients(rank_pool, P, algorithm, u, r):
+    cases = [dict(seq=19, heads=4, kv_heads=2, algorithm=algorithm, ulysses_degree=u, ring_degree=r,
+                  joint_len=3, settings=RUNS),
+             dict(seq=19, heads=4, algorithm=algorithm, ulysses_degree=u, ring_degree=r, causal=True,
+                  settings=RUNS)]
+    per_rank = rank_pool(P).run("streamattn.testing.grad_cases:check_cases", cases=cases)
+    for res in per_rank:
+        for c in res:
+            for name in ("out", "nograd_out", "dq", "dk", "dv", "jout", "djq", "djk", "djv"):
+                assert c[name] is None or c[name] < 1e-5, (name, c[name])
+
+
+@pytest.mark.parametrize("algorithm,u,r", [("ring", 1, 4), ("usp", 2, 2)])
+def test_ring_runs_send_what_the_schedule_states(rank_pool, algorithm, u, r):
+    """The byte counters of a run-cut call equal schedule.per_rank_bytes(chunks=3): the same bytes as
+    unchunked, in more messages (the control: the unchunked count differs, so the check sees the
+    runs)."""
+    from streamattn.problem import Problem
+    from streamattn.schedule import consecutive_groups, per_rank_bytes
+
+    P, seq, heads, D = 4, 48, 4, 8
+    pool = rank_pool(P)
+    kw = dict(seq=seq, heads=heads, head_dim=D, algorithm=algorithm, ulysses_degree=u, ring_degree=r)
+    chunked = pool.run("streamattn.testing.cases:bytes_per_call", settings=RUNS, **kw)
+    plain = pool.run("streamattn.testing.cases:bytes_per_call", **kw)
+    problem = Problem(1, heads, heads, D, torch.float32, (seq // P,) * P, D ** -0.5)
+    groups = consecutive_groups(P, u)
+    node_of = [0] * P  # one node: every byte is intra-node
+    want = per_rank_bytes(problem, u, groups, node_of, chunks=3)
+    want1 = per_rank_bytes(problem, u, groups, node_of)
+    for rank in range(P):
+        assert chunked[rank]["intra"] == want[rank]["intra"] == plain[rank]["intra"]
+        assert chunked[rank]["messages"] == want[rank]["messages"]
+        assert plain[rank]["messages"] == want1[rank]["messages"] != want[rank]["messages"]
+
+
+def _problem(P, seq, heads=8, D=64):
+    from streamattn.problem import Problem
+
+    return Problem(1, heads, heads, D, torch.float32, (seq // P,) * P, D ** -0.5)
+
+
+def test_one_run_prices_as_the_unchunked_ring():
+    """cost_ring_chunked's recurrence with one run is the unchunked ring's sum of max(c, m)."""
+    from streamattn.costmodel import CostModel
+    from streamattn.schedule import consecutive_groups
+    from streamattn.topology import parse_spec
+
+    topo = parse_spec("2x2:intra=5GB/s,inter=200Mbit/s")
+    model = CostModel(topo, 4e10, 5e9)
+    for u in (1, 2):
+        groups = consecutive_groups(4, u)
+        problem = _problem(4, 4096)
+        algo = "ring" if u == 1 else "usp"
+        plain = model.cost(problem, algo, u, groups)
+        one = model.cost_ring_chunked(problem, algo, u, groups, 1)
+        assert one.predicted_s == pytest.approx(plain.predicted_s, rel=1e-9)
+        four = model.cost(problem, algo, u, groups, chunks=4)
+        assert four.chunks == 4 and four.predicted_s < plain.predicted_s
+
+
+def test_planner_cuts_ring_steps_only_where_the_wire_is_the_bottleneck():
+    """Wire-bound (200 Mbit/s): the last block's compute hides behind its own arrival, so the plan
+    runs the ring in token runs; compute-bound (a fast link): each run costs a wait and buys nothing,
+    so it does not. The control is the same problem on the two links."""
+    from streamattn.planner import make_plan
+    from streamattn.topology import parse_spec
+
+    kw = dict(compute_rate=4.5e10, memory_bandwidth=5e9, sync_s=0.002, overlap=0.5, net_cpu=0.45e-9)
+    slow = make_plan(_problem(4, 8192), parse_spec("2x2:intra=5GB/s,inter=200Mbit/s"), **kw)
+    fast = make_plan(_problem(4, 8192), parse_spec("2x2:intra=5GB/s,inter=25Gbit/s"), **kw)
+    assert slow.algorithm in ("usp", "ring") and slow.chunks > 1, slow
+    assert fast.chunks == 1, fast
+    forced = make_plan(_problem(4, 8192), parse_spec("2x2:intra=5GB/s,inter=200Mbit/s"),
+                       algorithm="usp", ulysses_degree=2, **kw)
+    assert forced.chunks == 1  # a forced configuration runs as asked
