@@ -59,6 +59,13 @@ def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
 
     pool.run(TASK + "release_group")
     handicapped = pool.run(TASK + "tuned_calls", calls=3 * n + 2, reps=2, slow=slow_algo, delay=0.15)
+    # the second tuning plans afresh (its calibration is measured again): its trials may differ
+    # from the first's, and when all of them are the handicapped algorithm the handicap cannot
+    # steer the pick either (seen on a loaded machine: Ulysses 4x1 and Ulysses 4x1 +fold)
+    again = handicapped[0]["ran"]
+    trials = list(dict.fromkeys(again[:3 * n]))
+    if all(x.split()[0] == slow_algo for x in trials):
+        pytest.skip(f"the second tuning's trials are all {slow_algo} plans ({trials})")
     for r in handicapped:
         assert max(r["errs"]) <= 1e-5
         assert r["final"].split()[0] != slow_algo, (r["final"], r["reason"])

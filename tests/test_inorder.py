@@ -64,6 +64,18 @@ def test_pipelined_ulysses_on_nccl_order(rank_pool, P):
     assert max(x["err"] for x in res) <= 1e-5 and max(x["joint_err"] for x in res) <= 1e-5
 
 
+@pytest.mark.parametrize("P", [8])
+def test_ring_runs_on_nccl_order(rank_pool, P):
+    """Ring steps in token runs (STREAMATTN_RING_CHUNKS) across emulated nodes: each run's
+    exchange is its own group, forwarded in arrival order, matched by order per pair."""
+    pool = rank_pool(P, env("2x4"))
+    for algorithm, u in (("usp", 4), ("usp", 2), ("ring", None)):
+        res = pool.run(CASES, seq=53, heads=8, kv_heads=2, head_dim=8, algorithm=algorithm,
+                       ulysses_degree=u, joint_len=3, causal=False,
+                       settings={"STREAMATTN_RING_CHUNKS": "3"})
+        assert max(x["err"] for x in res) <= 1e-5 and max(x["joint_err"] for x in res) <= 1e-5
+
+
 @pytest.mark.parametrize("P", [4])
 def test_negative_control_old_torus_order_hangs(rank_pool, P):
     """The pre-fix posting order times out on the in-order transport (it would hang on NCCL), with

@@ -798,31 +798,34 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                 seq_lens=(1536,) * 4, scale=32 ** -0.5)
     kw = dict(compute_rate=3e10, memory_bandwidth=5e9, block_rates={(1, 24, 1536, 1536, 32): 4e10})
-    topo = "2x2:inter=300Mbit/s,intra=5GB/s"
+    topo = "2x2:inter=200Mbit/s,intra=5GB/s"
     plain = make_plan(p, topo, **kw)
     cpu = make_plan(p, topo, sync_s=0.003, overlap=0.5, **kw)
     cheapest = min((c for c in cpu.candidates if c.valid), key=lambda c: c.predicted_s)
-    net = {c.label: sum(n for k, n in c.bytes_by_kind if k == "ethernet") for c in cpu.candidates if c.valid}
+    net = {(c.label, c.chunks): sum(n for k, n in c.bytes_by_kind if k == "ethernet")
+           for c in cpu.candidates if c.valid}
     assert plain.predicted_s == min(c.predicted_s for c in plain.candidates if c.valid)
     assert cpu.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)
     close = [c for c in cpu.candidates if c.valid and c.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)]
-    assert net[f"{cpu.algorithm} u={cpu.ulysses_degree} x r={cpu.ring_degree} [consecutive]"] == min(
-        net[c.label] for c in close)
-    assert len({net[c.label] for c in close}) > 1  # the band held a choice the key had to make
+    assert net[(f"{cpu.algorithm} u={cpu.ulysses_degree} x r={cpu.ring_degree} [consecutive]",
+                cpu.chunks)] == min(net[(c.label, c.chunks)] for c in close)
+    assert len({net[(c.label, c.chunks)] for c in close}) > 1  # the band held a choice the key had to make
     from streamattn.topology import resolve_topology
 
-    assert wire_bound(cheapest, resolve_topology(topology=topo))  # 300 Mbit/s: the wire decides
+    assert wire_bound(cheapest, resolve_topology(topology=topo))  # 200 Mbit/s: the wire decides
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
-    # bytes do not decide; the fewest chunks, then the cheapest prediction, win
+    # bytes do not decide; the fewest Ulysses chunks (a ring's token runs are not counted), then
+    # the cheapest prediction, win
     pf = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                  seq_lens=(256,) * 8, scale=32 ** -0.5, joint_len=256)
     fast = make_plan(pf, "2x4:inter=1Gbit/s,intra=5GB/s", sync_s=0.003, overlap=0.25,
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)
     band = [c for c in fast.candidates if c.valid and c.predicted_s <= top.predicted_s * (1 + CPU_TIE)]
-    want = min(band, key=lambda c: (c.chunks, c.predicted_s))
-    by_bytes = min(band, key=lambda c: (network_bytes(c), c.chunks, c.predicted_s))
+    uc = lambda c: c.chunks if c.algorithm == "ulysses" else 1  # noqa: E731
+    want = min(band, key=lambda c: (uc(c), c.predicted_s))
+    by_bytes = min(band, key=lambda c: (network_bytes(c), uc(c), c.predicted_s))
     assert by_bytes is not want  # the case separates the two rules
     assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks) == (
         want.algorithm, want.ulysses_degree, want.ring_degree, want.chunks), (fast, want)
