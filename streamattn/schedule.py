@@ -16,9 +16,11 @@ What each algorithm sends (forward, mirroring streamattn/algorithms/ message for
   GPU, it is an exchange of its own, the same bytes).
 - Ring of r members: r-1 steps; in step t every member sends the K/V block it holds (stacked,
   2*B*S_src*hk*D elements) to the next member while it attends the block; the last step only
-  computes. Joint tokens: the local queries attend the joint K/V once (before the loop for "front",
-  after it for "rear"); then every member attends the joint queries to its own block and all-gathers
-  the partial (out, lse) in the accumulation dtype: (B*h*T*D + B*h*T) elements to every other member.
+  computes. Joint tokens: before the loop every member attends the joint queries to its own block
+  and posts the all-gather of that partial (out, lse) in the accumulation dtype, (B*h*T*D + B*h*T)
+  elements to every other member, with the first step's messages (it is waited for after the
+  loop, where the partials are merged); the local queries attend the joint K/V once (before the
+  loop for "front", after it for "rear").
 - USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather (with the joint output).
 - Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
   t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
@@ -195,6 +197,19 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
         joint_local = {m: attention_flops(B, seg_lens[gi] * T, hq, D) for gi, j, m in members} if T else {}
         joint_merge = {m: mb * B * hq * seg_lens[gi] * D for gi, j, m in members}
         stack = {m: 2 * e * 2 * B * seg_lens[gi] * hkf[j] * D for gi, j, m in members}
+        joint_msgs = []
+        if T:
+            comp = {}
+            for gi, j, m in members:
+                fl = attention_flops(B, T * seg_lens[gi], hq, D)
+                if gi == 0:
+                    fl += attention_flops(B, T * T, hq, D)
+                comp[m] = fl
+            phases.append(Phase("joint queries to own block (its all-gather posted with step 1)",
+                                [], comp))
+            n = (B * hq * T * D + B * hq * T) * ea
+            joint_msgs = [(ring_m, other, n) for j in range(u) for ring_m in [g[j] for g in groups]
+                          for other in [g[j] for g in groups] if other != ring_m]
         if front:
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local,
                                  mem=joint_merge))
@@ -221,24 +236,17 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
                     if t < r - 1:
                         msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * e)
                                  for n in split_lengths(seg_lens[src], runs)]
+            if t == 0:  # posted first, so they share the first step's links ahead of its block
+                msgs = joint_msgs + msgs
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
         if rear:
             mem = {m: joint_merge[m] + (ea + e) * B * hq * seg_lens[gi] * D for gi, j, m in members}
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local, mem=mem))
         if T:
-            comp = {}
-            for gi, j, m in members:
-                fl = attention_flops(B, T * seg_lens[gi], hq, D)
-                if gi == 0:
-                    fl += attention_flops(B, T * T, hq, D)
-                comp[m] = fl
-            phases.append(Phase("joint queries to own block", [], comp))
-            n = (B * hq * T * D + B * hq * T) * ea
-            msgs = [(ring_m, other, n) for j in range(u) for ring_m in [g[j] for g in groups]
-                    for other in [g[j] for g in groups] if other != ring_m]
             mem = {m: (r - 1) * mb * B * hq * T * D for gi, j, m in members}
-            phases.append(Phase(f"ring all-gather of joint (out, lse) (r={r})", msgs, {}, mem=mem))
+            phases.append(Phase(f"merge the joint (out, lse) partials, all-gathered during the ring "
+                                f"(r={r})", [], {}, mem=mem))
 
     if u > 1:
         # With joint tokens every message also carries the sender's heads of the joint output

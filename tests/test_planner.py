@@ -11,7 +11,7 @@ import torch
 
 from streamattn import algorithms
 from streamattn.costmodel import CostModel
-from streamattn.schedule import bytes_sent, call_flops, consecutive_groups, messages, visible_pairs
+from streamattn.schedule import bytes_sent, call_flops, consecutive_groups, messages, phases, visible_pairs
 from streamattn.plan import Plan
 from streamattn.planner import (COSTED_ALGORITHMS, enumerate_candidates, make_plan, plan_for,
                                 torus_degree)
@@ -403,6 +403,7 @@ class _Box:
         self.cv = threading.Condition()
         self.data = defaultdict(list)  # (src, dst, tag) -> messages in posting order (FIFO, as gloo)
         self.sent = defaultdict(int)
+        self.posted = defaultdict(list)  # rank -> the tags of its exchanges, in posting order
 
 
 class _Pending(Pending):
@@ -427,6 +428,7 @@ class _ThreadTransport(Transport):
 
     def exchange(self, sends, recvs, tag, count=True):
         with self.box.cv:
+            self.box.posted[self.rank].append(tag)
             for peer, t in sends:
                 self.box.data[(self.rank, peer, tag)].append(t.detach().clone().reshape(-1))
                 if count:
@@ -438,7 +440,7 @@ class _ThreadTransport(Transport):
         return f"rank {peer}"
 
 
-def _run_threads(problem, plan, dtype):
+def _run_threads(problem, plan, dtype, with_order=False):
     P, B, H, Hk, D, T = (problem.world_size, problem.batch, problem.heads, problem.kv_heads,
                          problem.head_dim, problem.joint_len)
     g = torch.Generator().manual_seed(0)
@@ -469,7 +471,7 @@ def _run_threads(problem, plan, dtype):
     for t in threads:
         t.join(60)
     assert not errors, errors
-    return dict(box.sent)
+    return dict(box.sent) if not with_order else (dict(box.sent), dict(box.posted))
 
 
 @pytest.mark.parametrize("P,u,heads,kv_heads,lens,joint", [
@@ -494,6 +496,30 @@ def test_cost_model_bytes_equal_what_the_algorithms_send(P, u, heads, kv_heads, 
     assert dict(predicted) == sent
     per_rank = bytes_sent(problem, u, groups)
     assert per_rank == [sum(n for (a, _), n in sent.items() if a == r) for r in range(P)]
+
+
+@pytest.mark.parametrize("P,u,strategy,chunks", [(4, 1, "front", 1), (4, 2, "rear", 1),
+                                                (6, 2, "front", 2), (8, 4, "rear", 1)])
+def test_ring_joint_partials_travel_during_the_ring(P, u, strategy, chunks):
+    """Every ring member posts the all-gather of its joint (out, lse) partial before its first
+    ring step (so it travels while the ring computes), as the schedule states it: with the first
+    step's messages. The control: the schedule's phase order agrees (joint messages in step 1)."""
+    from streamattn.algorithms.ring import TAG_JOINT, TAG_STEP
+
+    problem = Problem(1, 8, 4, 8, torch.float32, (5,) * P, 8 ** -0.5, joint_len=3,
+                      joint_strategy=strategy)
+    groups = consecutive_groups(P, u)
+    plan = Plan("ring" if u == 1 else "usp", u, P // u, groups=groups, chunks=chunks)
+    _, posted = _run_threads(problem, plan, torch.float32, with_order=True)
+    for rank, tags in posted.items():
+        ring_tags = [i for i, t in enumerate(tags) if TAG_STEP <= t < TAG_STEP + P]
+        assert TAG_JOINT in tags and ring_tags, (rank, tags)
+        assert tags.index(TAG_JOINT) < ring_tags[0], (rank, tags)
+    ph = phases(problem, u, groups, chunks)
+    step1 = next(p for p in ph if p.name.startswith("ring step 1/"))
+    joint_bytes = (8 // u * 3 * 8 + 8 // u * 3) * 4
+    assert sum(1 for m in step1.msgs if m[2] == joint_bytes) == P * (P // u - 1)
+    assert not any(p.msgs for p in ph[ph.index(step1) + 1:] if "(out, lse)" in p.name)
 
 
 @pytest.mark.parametrize("P,u,t,heads,kv_heads,lens,joint,strategy,causal", [

@@ -4,7 +4,10 @@ Each of the r ring members keeps its query block and sees every member's K/V blo
 the partial outputs with the LSE (merge.update_out_and_lse). Blocks may have different lengths.
 Joint text tokens are attended once: the local queries attend the joint K/V (first for "front",
 last for "rear"); the joint queries attend each member's local K/V block there, and the r partials
-are merged in member order so every member ends with a bit-identical joint output.
+are merged in member order so every member ends with a bit-identical joint output. A member's
+partial needs only its own block, so it is computed and its all-gather posted before the ring and
+waited for after it: the exchange travels while the ring computes instead of adding a synchronising
+step at the end.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         else:
             acc.extend(start_accumulator(o, l))
 
+    joint_parts = None if joint is None else _post_joint_partial(transport, members, me, k, v, joint,
+                                                                 scale, joint_strategy)
     if joint is not None and joint_strategy == "front":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
@@ -75,7 +80,7 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     out, lse = acc if acc else empty_accumulator(B, h, Sq, D, q.dtype, q.device)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
-    jout, jlse = _joint_output(transport, members, me, k, v, joint, scale, joint_strategy)
+    jout, jlse = _joint_output(*joint_parts)
     return (out, jout, lse, jlse) if with_lse else (out, jout)
 
 
@@ -125,24 +130,45 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
         cur = nxt_runs
 
 
-def _joint_output(transport, members, me, k, v, joint, scale, joint_strategy):
-    """Joint queries against every member's block: one partial per member, merged in member order.
-    Member 0 also covers the joint keys themselves, so they count exactly once."""
+def _post_joint_partial(transport, members, me, k, v, joint, scale, joint_strategy):
+    """The joint queries against my own block (member 0 also against the joint keys themselves,
+    so they count exactly once), its all-gather over the members posted: the arguments of
+    _joint_output."""
     jq, jk, jv = (t.transpose(1, 2) for t in joint)
     parts = [attention_with_lse(jq, k.transpose(1, 2), v.transpose(1, 2), scale=scale)]
     if me == 0:
         own = attention_with_lse(jq, jk, jv, scale=scale)
         parts = [own] + parts if joint_strategy == "front" else parts + [own]
-    return merge_across(transport, members, *merge_all(parts), TAG_JOINT)
+    out, lse = merge_all(parts)
+    return (*post_merge_across(transport, members, out, lse, TAG_JOINT), out.shape)
+
+
+def _joint_output(flats, pending, shape):
+    """Every member's joint partial, waited for and merged in member order."""
+    pending.wait()
+    return merge_flats(flats, shape)
+
+
+def post_merge_across(transport, members, out, lse, tag):
+    """Post the all-gather of this member's partial (out [B, h, T, D], lse [B, h, T]) over the
+    members: (the flat partials in member order, filled once the Pending is waited for; Pending)."""
+    return transport.all_gather_post(torch.cat([out.reshape(-1), lse.reshape(-1)]), members, tag)
+
+
+def merge_flats(flats, shape):
+    """Merge the members' flat partials (post_merge_across) over disjoint keys in member order,
+    so that all members end with bit-identical (out, lse)."""
+    B, h, T, D = shape
+    n = B * h * T * D
+    return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
 def merge_across(transport, members, out, lse, tag):
     """Merge every member's partial (out [B, h, T, D], lse [B, h, T]) over disjoint keys, in member
     order, so that all members end with bit-identical (out, lse)."""
-    B, h, T, D = out.shape
-    n = B * h * T * D
-    flats = transport.all_gather(torch.cat([out.reshape(-1), lse.reshape(-1)]), members, tag)
-    return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
+    flats, pending = post_merge_across(transport, members, out, lse, tag)
+    pending.wait()
+    return merge_flats(flats, out.shape)
 
 
 def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1):

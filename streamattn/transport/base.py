@@ -74,6 +74,13 @@ class Transport(ABC):
     def all_gather(self, tensor: torch.Tensor, members, tag: int, count: bool = True) -> list:
         """Every member's `tensor` (same shape and dtype on each), in member order; this rank must
         be one of `members` (group ranks)."""
+        out, pending = self.all_gather_post(tensor, members, tag, count)
+        pending.wait()
+        return out
+
+    def all_gather_post(self, tensor: torch.Tensor, members, tag: int, count: bool = True):
+        """all_gather without blocking: (the list all_gather returns, filled once the Pending's
+        wait() returns; the Pending). `tensor` must stay alive and unmodified until then."""
         tensor = tensor.contiguous()
         out, sends, recvs = [], [], []
         for p in members:
@@ -83,8 +90,7 @@ class Transport(ABC):
             out.append(torch.empty_like(tensor))
             sends.append((p, tensor))
             recvs.append((p, out[-1]))
-        self.exchange(sends, recvs, tag, count=count).wait()
-        return out
+        return out, self.exchange(sends, recvs, tag, count=count)
 
     def all_gather_rows(self, tensor: torch.Tensor, lens, tag: int) -> torch.Tensor:
         """Variable-length all-gather along dim 1 over the whole group: this rank's tensor is
