@@ -49,8 +49,8 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         else:
             acc.extend(start_accumulator(o, l))
 
-    joint_parts = None if joint is None else _post_joint_partial(transport, members, me, k, v, joint,
-                                                                 scale, joint_strategy)
+    joint_posted = None if joint is None else _post_joint_partial(transport, members, me, k, v,
+                                                                  joint, scale, joint_strategy)
     if joint is not None and joint_strategy == "front":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
@@ -80,7 +80,7 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     out, lse = acc if acc else empty_accumulator(B, h, Sq, D, q.dtype, q.device)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
-    jout, jlse = _joint_output(*joint_parts)
+    jout, jlse = wait_merge_across(joint_posted)
     return (out, jout, lse, jlse) if with_lse else (out, jout)
 
 
@@ -132,33 +132,28 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
 
 def _post_joint_partial(transport, members, me, k, v, joint, scale, joint_strategy):
     """The joint queries against my own block (member 0 also against the joint keys themselves,
-    so they count exactly once), its all-gather over the members posted: the arguments of
-    _joint_output."""
+    so they count exactly once), its all-gather over the members posted (post_merge_across)."""
     jq, jk, jv = (t.transpose(1, 2) for t in joint)
     parts = [attention_with_lse(jq, k.transpose(1, 2), v.transpose(1, 2), scale=scale)]
     if me == 0:
         own = attention_with_lse(jq, jk, jv, scale=scale)
         parts = [own] + parts if joint_strategy == "front" else parts + [own]
-    out, lse = merge_all(parts)
-    return (*post_merge_across(transport, members, out, lse, TAG_JOINT), out.shape)
-
-
-def _joint_output(flats, pending, shape):
-    """Every member's joint partial, waited for and merged in member order."""
-    pending.wait()
-    return merge_flats(flats, shape)
+    return post_merge_across(transport, members, *merge_all(parts), TAG_JOINT)
 
 
 def post_merge_across(transport, members, out, lse, tag):
-    """Post the all-gather of this member's partial (out [B, h, T, D], lse [B, h, T]) over the
-    members: (the flat partials in member order, filled once the Pending is waited for; Pending)."""
-    return transport.all_gather_post(torch.cat([out.reshape(-1), lse.reshape(-1)]), members, tag)
+    """merge_across without blocking: post the all-gather of this member's partial (out [B, h, T,
+    D], lse [B, h, T]) over the members. Returns what wait_merge_across takes."""
+    flats, pending = transport.all_gather_post(torch.cat([out.reshape(-1), lse.reshape(-1)]),
+                                               members, tag)
+    return flats, pending, out.shape
 
 
-def merge_flats(flats, shape):
-    """Merge the members' flat partials (post_merge_across) over disjoint keys in member order,
-    so that all members end with bit-identical (out, lse)."""
-    B, h, T, D = shape
+def wait_merge_across(posted):
+    """Wait for a post_merge_across and merge every member's partial over disjoint keys in member
+    order, so that all members end with bit-identical (out, lse)."""
+    flats, pending, (B, h, T, D) = posted
+    pending.wait()
     n = B * h * T * D
     return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
@@ -166,9 +161,7 @@ def merge_flats(flats, shape):
 def merge_across(transport, members, out, lse, tag):
     """Merge every member's partial (out [B, h, T, D], lse [B, h, T]) over disjoint keys, in member
     order, so that all members end with bit-identical (out, lse)."""
-    flats, pending = post_merge_across(transport, members, out, lse, tag)
-    pending.wait()
-    return merge_flats(flats, out.shape)
+    return wait_merge_across(post_merge_across(transport, members, out, lse, tag))
 
 
 def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1):
