@@ -366,18 +366,20 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
         if algorithm not in ("auto", "ring"):
             raise ValueError(f"streamattn.attention: seq_layout='zigzag' runs the ring over every "
                              f"rank; algorithm={algorithm!r} is not available with it")
-    plan = make_plan(problem, transport.topology, algorithm=algorithm,
-                     ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                     joint_fold=joint_fold_mode(), **_agreed_rates(transport, problem))
+    request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                   joint_fold=joint_fold_mode())
+    plan = make_plan(problem, transport.topology, **request,
+                     **_agreed_rates(transport, problem, request))
     ran_with = tuple(sorted((k, str(v)) for k, v in agreement.Settings().values.items()))
     plan = dataclasses.replace(plan, transport=choose_transport(transport, problem), settings=ran_with)
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
 
 
-def _agreed_rates(transport, problem) -> dict:
+def _agreed_rates(transport, problem, request) -> dict:
     """Compute rate and memory bandwidth for the cost model, identical on every rank. Declared
-    topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE)."""
+    topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE), and time the
+    kernel at the block shapes make_plan(**request) can choose from."""
     if transport.topology.peak_flops is not None:
         return {}
     from .calibration import measure_cpu_memory_bandwidth, measure_cpu_rate
@@ -388,7 +390,7 @@ def _agreed_rates(transport, problem) -> dict:
     from .planner import agreed_calibration  # the kernel timed at each candidate's block shape
 
     return {"compute_rate": rate, "memory_bandwidth": mbw,
-            **agreed_calibration(transport, problem, transport.topology, TAG_RATE)}
+            **agreed_calibration(transport, problem, transport.topology, TAG_RATE, **request)}
 
 
 def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):

@@ -84,7 +84,12 @@ class CostModel:
         self.sync_s = float(sync_s)
         self.overlap = float(overlap)
         self._socket = self._sockets(topology)
-        self._eff: Dict[Tuple[Link, int], Link] = {}
+        self._domain_size: Dict[tuple, int] = defaultdict(int)
+        for x in range(topology.world_size):
+            for network in (True, False):
+                self._domain_size[self._domain(network, x)] += 1
+        self._eff: Dict[Tuple[int, int], Link] = {}
+        self._pairs: Dict[Tuple[int, int], tuple] = {}
 
     @staticmethod
     def _sockets(t: Topology) -> Tuple[int, ...]:
@@ -105,12 +110,24 @@ class CostModel:
                         parent[find(a)] = find(b)
         return tuple(find(r) for r in range(t.world_size))
 
-    def _domain(self, link: Link, rank: int):
-        return self.topology.node[rank] if link.kind.is_network else self._socket[rank]
+    def _pair(self, a: int, b: int):
+        """(link, facts) of ranks a -> b, looked up once per model: facts = (kind value, network?,
+        behind a shared port?, shares a domain: network or cross-socket?)."""
+        got = self._pairs.get((a, b))
+        if got is None:
+            lk = self.topology.link(a, b)
+            k = lk.kind
+            got = self._pairs[(a, b)] = (lk, (k.value, k.is_network, k not in _PORTLESS,
+                                              k.is_network or k == LinkKind.PCIE_CROSS_SOCKET))
+        return got
+
+    def _domain(self, network: bool, rank: int):
+        """The ranks sharing a network uplink (its node) or an inter-socket path (its socket)."""
+        return ("node", self.topology.node[rank]) if network else ("socket", self._socket[rank])
 
     def _effective(self, link: Link, domain_size: int) -> Link:
         if link.kind == LinkKind.PCIE_CROSS_SOCKET and link.shared_by == 1 and domain_size > 1:
-            key = (link, domain_size)
+            key = (id(link), domain_size)
             if key not in self._eff:
                 self._eff[key] = dataclasses.replace(link, shared_by=domain_size)
             return self._eff[key]
@@ -119,54 +136,60 @@ class CostModel:
     def comm_time(self, msgs: Sequence[Msg]) -> Tuple[float, str, Dict[str, int]]:
         """(seconds, bottleneck, largest bytes one rank sends per link kind) for messages that are
         all in flight at once."""
-        t = self.topology
         if not msgs:
             return 0.0, "", {}
-        best = (0.0, "")
-        out_by: Dict[Tuple[int, Link], int] = defaultdict(int)
-        in_by: Dict[Tuple[int, Link], int] = defaultdict(int)
+        # the slowest transfer so far, and how to describe it (formatted once, at the end)
+        best: list = [0.0, None]
+
+        def consider(tt, describe):
+            if tt > best[0]:
+                best[0], best[1] = tt, describe
+
+        links: Dict[int, Tuple[Link, tuple]] = {}  # id(link) -> (link, facts)
+        out_by: Dict[Tuple[int, int], int] = defaultdict(int)  # (rank, id(link)) -> bytes
+        in_by: Dict[Tuple[int, int], int] = defaultdict(int)
         kind_bytes: Dict[Tuple[int, str], int] = defaultdict(int)
         for a, b, n in msgs:
-            lk = t.link(a, b)
-            out_by[(a, lk)] += n
-            in_by[(b, lk)] += n
-            kind_bytes[(a, lk.kind.value)] += n
-            tt = lk.transfer_time(n)
-            if tt > best[0]:
-                best = (tt, f"{lk.kind.value} pair {a}->{b}: {_mb(n)} at {_gbs(lk.bandwidth_Bps)}")
+            lk, facts = self._pair(a, b)
+            links[id(lk)] = (lk, facts)
+            out_by[(a, id(lk))] += n
+            in_by[(b, id(lk))] += n
+            kind_bytes[(a, facts[0])] += n
+            consider(lk.transfer_time(n), lambda lk=lk, a=a, b=b, n=n: (
+                f"{lk.kind.value} pair {a}->{b}: {_mb(n)} at {_gbs(lk.bandwidth_Bps)}"))
         for side, table in (("sends", out_by), ("receives", in_by)):
             # ports: every non-network, non-direct-NVLink link of a rank shares its one port
             port: Dict[int, List] = defaultdict(lambda: [0, None])
-            users: Dict[Tuple[Link, object], set] = defaultdict(set)
-            for (rank, lk), n in table.items():
-                if lk.kind not in _PORTLESS:
+            users: Dict[Tuple[int, tuple], set] = defaultdict(set)
+            for (rank, li), n in table.items():
+                lk, (_, network, ported, shared) = links[li]
+                if ported:
                     p = port[rank]
                     p[0] += n
                     if p[1] is None or (lk.bandwidth_Bps, -lk.latency_s) > (p[1].bandwidth_Bps, -p[1].latency_s):
                         p[1] = lk
-                if lk.kind.is_network or lk.kind == LinkKind.PCIE_CROSS_SOCKET:
-                    users[(lk, self._domain(lk, rank))].add(rank)
+                if shared:
+                    users[(li, self._domain(network, rank))].add(rank)
             for rank, (n, lk) in port.items():
-                tt = lk.transfer_time(n)
-                if tt > best[0]:
-                    best = (tt, f"port of rank {rank} ({side}): {_mb(n)} at {_gbs(lk.bandwidth_Bps)}")
-            for (rank, lk), n in table.items():
-                if not lk.kind.is_network and lk.kind != LinkKind.PCIE_CROSS_SOCKET:
+                consider(lk.transfer_time(n), lambda rank=rank, n=n, lk=lk, side=side: (
+                    f"port of rank {rank} ({side}): {_mb(n)} at {_gbs(lk.bandwidth_Bps)}"))
+            for (rank, li), n in table.items():
+                lk, (_, network, _, shared) = links[li]
+                if not shared:
                     continue
-                dom = self._domain(lk, rank)
-                conc = len(users[(lk, dom)])
-                size = sum(1 for x in range(t.world_size) if self._domain(lk, x) == dom)
-                eff = self._effective(lk, size)
-                tt = eff.transfer_time(n, concurrent=conc)
-                if tt > best[0]:
-                    share = min(conc, eff.shared_by)
-                    what = "uplink" if lk.kind.is_network else "inter-socket path"
-                    best = (tt, f"{lk.kind.value} {what} of rank {rank} ({side}): {_mb(n)} at "
-                                f"{_gbs(lk.bandwidth_Bps)}" + (f" / {share} sharing" if share > 1 else ""))
+                dom = self._domain(network, rank)
+                conc = len(users[(li, dom)])
+                eff = self._effective(lk, self._domain_size[dom])
+                consider(eff.transfer_time(n, concurrent=conc),
+                         lambda rank=rank, n=n, lk=lk, eff=eff, conc=conc, side=side: (
+                             f"{lk.kind.value} {'uplink' if lk.kind.is_network else 'inter-socket path'}"
+                             f" of rank {rank} ({side}): {_mb(n)} at {_gbs(lk.bandwidth_Bps)}"
+                             + (f" / {min(conc, eff.shared_by)} sharing"
+                                if min(conc, eff.shared_by) > 1 else "")))
         per_kind: Dict[str, int] = {}
         for (a, k), n in kind_bytes.items():
             per_kind[k] = max(per_kind.get(k, 0), n)
-        return best[0] + self.sync_s, best[1], per_kind
+        return best[0] + self.sync_s, best[1]() if best[1] is not None else "", per_kind
 
     def _local(self, flops: float, mem: float) -> float:
         return flops / self.rate + (mem / self.mem_bw if self.mem_bw else 0.0)
@@ -189,7 +212,7 @@ class CostModel:
                    all_msgs) -> Candidate:
         busiest: Dict[int, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for a, b, n in all_msgs:
-            busiest[a][self.topology.link(a, b).kind.value] += n
+            busiest[a][self._pair(a, b)[1][0]] += n
         kinds = defaultdict(int)
         for per in busiest.values():
             for k, n in per.items():
@@ -219,7 +242,7 @@ class CostModel:
         copy = 2.0 / self.mem_bw if self.mem_bw else 0.0
         per: Dict[int, float] = defaultdict(float)
         for a, b, n in msgs:
-            kind = self.topology.link(a, b).kind
+            kind = self._pair(a, b)[0].kind
             c = self.net_cpu if kind.is_network else copy if kind == LinkKind.SHM else 0.0
             per[a] += n * c
             per[b] += n * c

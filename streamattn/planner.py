@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 from typing import Dict, List, Optional, Union
 
 from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
@@ -193,44 +194,15 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
     model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu)
     cands: List[Candidate] = []
-    for c in enumerate_candidates(problem, topology):
-        # folded twins only when folding is on; with "always" the replicated candidates stay
-        # only to show why they were dropped
-        if not folding if c.joint_fold else (folding and joint_fold == "always" and not c.dropped):
-            continue
+    for c in considered_candidates(problem, topology, joint_fold):
         if not c.dropped:
             model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
                            torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold)
         cands.append(c)
     model.rate = rate
-
-    # algorithm="torus" without ulysses_degree: Ulysses over the ranks of a node (the design, and
-    # what streamattn.plan.torus_plan defaulted to) when such a split is valid, else any u
-    torus_u = ulysses_degree
-    if torus and torus_u is None and any(
-            c.algorithm == "torus" and c.valid and c.ulysses_degree == topology.ranks_per_node
-            and ring_degree in (None, c.ring_degree) for c in cands):
-        torus_u = topology.ranks_per_node
-    # ... and without ring_degree: ring factor 1 (the README's default) when that split is valid
-    if torus and ring_degree is None and any(
-            c.algorithm == "torus" and c.valid and c.ring_degree == 1
-            and torus_u in (None, c.ulysses_degree) for c in cands):
-        ring_degree = 1
-
-    def allowed(c: Candidate) -> bool:
-        if c.joint_fold and joint_fold == "auto" and (algorithm != "auto" or u_forced is not None):
-            return False  # a forced choice keeps the joint steps unless folding is asked for
-        if torus:
-            return (c.algorithm == "torus" and torus_u in (None, c.ulysses_degree)
-                    and ring_degree in (None, c.ring_degree))
-        if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
-            return algorithm == "auto" and u_forced is None
-        if c.chunks > 1 and (algorithm != "auto" or u_forced is not None):
-            return False  # a forced choice runs the classic one-shot all-to-all
-        if u_forced is not None:
-            return c.ulysses_degree == u_forced
-        return algorithm in ("auto", "usp") or c.algorithm == algorithm
+    allowed, ring_degree = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
+                                   joint_fold, u_forced)
 
     pool = [c for c in cands if allowed(c)]
     best = None
@@ -284,7 +256,12 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         break
     if forced:
         reason = f"requested ({_request(algorithm, ulysses_degree, ring_degree)}): {label(best)}"
-        auto_best = min((c for c in cands if c.valid), key=lambda c: c.predicted_s)
+        # compared only with candidates costed at a calibrated rate when there is a calibration:
+        # a forced call times only its own block shape (agreed_calibration), and a rate measured
+        # at one shape against the generic one at another would make up the difference
+        auto_best = min((c for c in cands if c.valid and (
+            c is best or not block_rates or candidate_block_shape(problem, c) in block_rates)),
+            key=lambda c: c.predicted_s)
         if auto_best is not best and auto_best.predicted_s < best.predicted_s:
             reason += (f"; auto would pick {label(auto_best)}, predicted "
                        f"{best.predicted_s / auto_best.predicted_s:.2f}x faster")
@@ -321,38 +298,105 @@ def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
 
 
-def calibration_shapes(problem: Problem, topology: Topology) -> List[tuple]:
-    """The distinct block shapes of the valid candidates, in a fixed order (same on every rank)."""
-    shapes = {candidate_block_shape(problem, c) for c in enumerate_candidates(problem, topology)
-              if not c.dropped}
-    return sorted(shapes)
+def considered_candidates(problem: Problem, topology: Topology, joint_fold: str = "auto") -> List[Candidate]:
+    """enumerate_candidates with the folded twins only when folding is on (joint_fold "auto" or
+    "always" and a problem that can fold); with "always" the replicated candidates stay only as
+    dropped ones, to show why."""
+    folding = can_fold(problem) and joint_fold != "never"
+    return [c for c in enumerate_candidates(problem, topology)
+            if not (not folding if c.joint_fold else
+                    (folding and joint_fold == "always" and not c.dropped))]
 
 
-def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int) -> dict:
+def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, joint_fold, u_forced):
+    """(predicate: may candidate c answer the request?, the ring degree the request resolves to).
+    u_forced: _forced_u of the request (None for torus or a free choice)."""
+    torus = algorithm == "torus"
+    # algorithm="torus" without ulysses_degree: Ulysses over the ranks of a node (the design, and
+    # what streamattn.plan.torus_plan defaulted to) when such a split is valid, else any u
+    torus_u = ulysses_degree
+    if torus and torus_u is None and any(
+            c.algorithm == "torus" and c.valid and c.ulysses_degree == topology.ranks_per_node
+            and ring_degree in (None, c.ring_degree) for c in cands):
+        torus_u = topology.ranks_per_node
+    # ... and without ring_degree: ring factor 1 (the README's default) when that split is valid
+    if torus and ring_degree is None and any(
+            c.algorithm == "torus" and c.valid and c.ring_degree == 1
+            and torus_u in (None, c.ulysses_degree) for c in cands):
+        ring_degree = 1
+
+    def allowed(c: Candidate) -> bool:
+        if c.joint_fold and joint_fold == "auto" and (algorithm != "auto" or u_forced is not None):
+            return False  # a forced choice keeps the joint steps unless folding is asked for
+        if torus:
+            return (c.algorithm == "torus" and torus_u in (None, c.ulysses_degree)
+                    and ring_degree in (None, c.ring_degree))
+        if c.algorithm == "torus":  # never the answer to a forced ulysses / ring / usp request
+            return algorithm == "auto" and u_forced is None
+        if c.chunks > 1 and (algorithm != "auto" or u_forced is not None):
+            return False  # a forced choice runs the classic one-shot all-to-all
+        if u_forced is not None:
+            return c.ulysses_degree == u_forced
+        return algorithm in ("auto", "usp") or c.algorithm == algorithm
+
+    return allowed, ring_degree
+
+
+def calibration_shapes(problem: Problem, topology: Topology, *, algorithm: str = "auto",
+                       ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
+                       joint_fold: str = "auto") -> List[tuple]:
+    """The distinct block shapes of the valid candidates a make_plan request with these arguments
+    can answer with (every candidate's for "auto"; only the forced plan's for a fully forced one),
+    in a fixed order (same on every rank). [] when the request cannot run (make_plan raises)."""
+    cands = considered_candidates(problem, topology, joint_fold)
+    try:
+        u_forced = (None if algorithm == "torus"
+                    else _forced_u(problem.world_size, problem.heads, algorithm, ulysses_degree,
+                                   ring_degree))
+    except ValueError:
+        return []
+    allowed, _ = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
+                         joint_fold, u_forced)
+    return sorted({candidate_block_shape(problem, c) for c in cands if c.valid and allowed(c)})
+
+
+def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int, *,
+                       algorithm: str = "auto", ulysses_degree: Optional[int] = None,
+                       ring_degree: Optional[int] = None, joint_fold: str = "auto") -> dict:
     """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
-    for make_plan, identical on every rank (sync_s: `measure_sync`, overlap: `core_share`,
-    net_cpu: `measure_net_cpu`). Every rank times
-    the kernel at the candidates' block shapes at the same moment, each shape's window started by
-    a barrier (so the cores are shared as in the real call: without it, ranks that had finished
-    their windows left the others a core to spare, and a shape timed last came out up to 2x too
-    fast with 4 ranks on 2 cores), or reads this machine's cache, and all take the mean over the
-    ranks; rank 0 caches the agreed times of the shapes measured (calibration.save_cache).
-    Collective over the group."""
+    for make_plan with the same request arguments, identical on every rank (sync_s:
+    `measure_sync`, overlap: `core_share`, net_cpu: `measure_net_cpu`, measured once per
+    transport). Every rank times the kernel at the block shapes of the candidates the request can
+    answer with (calibration_shapes: all of them for "auto", one for a fully forced plan) at the
+    same moment, each shape's window started by a barrier (so the cores are shared as in the real
+    call: without it, ranks that had finished their windows left the others a core to spare, and a
+    shape timed last came out up to 2x too fast with 4 ranks on 2 cores), or reads this machine's
+    cache, and all take the mean over the ranks; rank 0 caches the agreed times of the shapes
+    measured (calibration.save_cache). The other candidates' shapes are rated too where every
+    rank's cache holds them (make_plan's "auto would pick" note), never timed for it: a forced
+    call timing a dozen shapes it cannot run cost ~0.3 s per new shape. Collective over the
+    group."""
     import torch
 
-    shapes = calibration_shapes(problem, topology)
-    if not shapes:
+    request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                   joint_fold=joint_fold)
+    needed = calibration_shapes(problem, topology, **request)
+    if not needed:
         return {}
-    # Which shapes to time: those any rank's cache lacks (ranks on other machines may hold other
-    # caches), every rank the same list, each window started together (a barrier), so each rank
-    # times a shape while all compute -- not its last shapes while the others have finished.
+    shapes = calibration_shapes(problem, topology, joint_fold=joint_fold) if algorithm != "auto" or (
+        ulysses_degree, ring_degree) != (None, None) else needed
+    # Which shapes to time: the needed ones any rank's cache lacks (ranks on other machines may hold
+    # other caches), every rank the same list, each window started together (a barrier), so each
+    # rank times a shape while all compute -- not its last shapes while the others have finished.
     share = core_share(transport, tag)
     cached = load_cache(transport.size)
     lacks = torch.tensor([cache_entry(s, problem.dtype) not in cached for s in shapes], dtype=torch.int64)
     union = torch.stack(transport.all_gather_vector(lacks, tag)).amax(dim=0).tolist()
+    kept = [(s, m) for s, m in zip(shapes, union) if s in needed or not m]
+    shapes = [s for s, _ in kept]
     one = torch.zeros(1, dtype=torch.float64)
     times, new = block_times(shapes, problem.dtype, transport.size,
-                             measure=[s for s, m in zip(shapes, union) if m], cached=cached,
+                             measure=[s for s, m in kept if m], cached=cached,
                              before_each=lambda: transport.all_gather_vector(one, tag), share=share)
     every = transport.all_gather_vector(torch.tensor(times, dtype=torch.float64), tag)
     agreed = torch.stack(every).mean(dim=0).tolist()
@@ -363,8 +407,19 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
+    known = _net_cpu.setdefault(transport, {})
+    nodes = tuple(topology.node)
+    if nodes not in known:
+        known[nodes] = measure_net_cpu(transport, topology, tag)
     return {"block_rates": rates, "sync_s": measure_sync(transport, tag), "overlap": share,
-            "net_cpu": measure_net_cpu(transport, topology, tag)}
+            "net_cpu": known[nodes]}
+
+
+# measure_net_cpu per transport and node assignment (a group's ranks create and drop their
+# transports together and agree on the topology, so every rank measures or reuses it at the same
+# call): it moves NET_CPU_BYTES x NET_CPU_ROUNDS over the network, ~0.1 s on a 200 Mbit/s link,
+# and the CPU cost per byte is the network stack's, not the shape's.
+_net_cpu: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def core_share(transport, tag: int) -> float:

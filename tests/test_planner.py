@@ -653,6 +653,39 @@ def test_block_rates_steer_the_plan():
     assert make_plan(problem, topo, block_rates=fast, **kw).algorithm == "ulysses"
 
 
+def test_calibration_shapes_follow_the_request():
+    """A forced request can run only its own block shape: that one is timed, not the dozen an
+    auto plan chooses from; an invalid request times nothing (make_plan raises)."""
+    from streamattn.planner import calibration_shapes, candidate_block_shape
+    from streamattn.topology import resolve_topology
+
+    problem = Problem(1, 8, 8, 32, torch.float32, (512,) * 4, 32 ** -0.5)
+    topo = resolve_topology(topology="2x2:inter=10Gbit/s")
+    every = calibration_shapes(problem, topo)
+    assert len(every) > 3, every
+    for req in (dict(algorithm="ring"), dict(algorithm="ulysses"), dict(ulysses_degree=2),
+                dict(algorithm="torus", ulysses_degree=2, ring_degree=1)):
+        plan = make_plan(problem, topo, compute_rate=1e10, memory_bandwidth=5e9, **req)
+        chosen = next(c for c in plan.candidates if (c.algorithm, c.ulysses_degree, c.ring_degree,
+                      c.chunks) == (plan.algorithm, plan.ulysses_degree, plan.ring_degree, plan.chunks))
+        assert calibration_shapes(problem, topo, **req) == [candidate_block_shape(problem, chosen)], req
+    assert calibration_shapes(problem, topo, ulysses_degree=3) == []
+
+
+@pytest.mark.parametrize("P", [4])
+def test_forced_call_times_only_its_own_shape(rank_pool, P, tmp_path):
+    """On a fresh cache a forced ring times one block shape (it timed every candidate's before:
+    ~0.3 s a new shape); auto times them all; a forced call after it rates every shape from the
+    cache and times none."""
+    res = rank_pool(P).run("streamattn.testing.cases:calibrated_shapes", requests=[
+        {"algorithm": "ring"}, {"algorithm": "auto"}, {"algorithm": "usp", "ulysses_degree": 2}],
+        cache_dir=str(tmp_path))
+    for ring, auto, usp in res:
+        assert ring == {"timed": 1, "rated": 1}, res
+        assert auto["timed"] == auto["rated"] - 1 > 2, res  # all but the ring's, now cached
+        assert usp == {"timed": 0, "rated": auto["rated"]}, res
+
+
 # ------------------------------------------------- CPU terms: sync cost, core share, calibration
 def _usp_problem(P=4, seq=4096, T=0):
     return Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,

@@ -204,6 +204,43 @@ def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
             "threads": torch.get_num_threads(), "shapes": len(got["block_rates"])}
 
 
+def calibrated_shapes(rank, world_size, *, requests, cache_dir, seq=512, heads=8, head_dim=16):
+    """planner.agreed_calibration for each request ({"algorithm", "ulysses_degree", ...}) in turn,
+    with the calibration cache in `cache_dir` (an empty directory): [{"timed": distinct block
+    shapes the kernel was timed at, "rated": shapes in block_rates}] per request."""
+    from streamattn import api, calibration
+    from streamattn.planner import agreed_calibration
+    from streamattn.problem import Problem
+    from streamattn.tags import RATE
+    from streamattn.topology import resolve_topology
+
+    transport = api.group_transport(None)
+    problem = Problem(1, heads, heads, head_dim, torch.float32, tuple(split_lengths(seq, world_size)),
+                      head_dim ** -0.5)
+    topo = resolve_topology(topology=f"1x{world_size}")
+    real, timed, out = calibration.time_block, set(), []
+
+    def counting(shape, *a, **kw):
+        timed.add(tuple(shape))
+        return real(shape, *a, **kw)
+
+    saved = os.environ.get("STREAMATTN_CACHE_DIR")
+    os.environ["STREAMATTN_CACHE_DIR"] = cache_dir
+    calibration.time_block = counting
+    try:
+        for req in requests:
+            timed.clear()
+            got = agreed_calibration(transport, problem, topo, RATE, **req)
+            out.append({"timed": len(timed), "rated": len(got.get("block_rates", {}))})
+    finally:
+        calibration.time_block = real
+        if saved is None:
+            os.environ.pop("STREAMATTN_CACHE_DIR", None)
+        else:
+            os.environ["STREAMATTN_CACHE_DIR"] = saved
+    return out
+
+
 def timed_attention(rank, world_size, *, seq, heads, head_dim, joint_len=0, batch=1, algorithm="auto",
                     ulysses_degree=None, ring_degree=None, iters=5, warmup=1, dtype="float32", seed=0):
     """Median latency (s) of streamattn.attention over iters, plus the max error vs float64."""
