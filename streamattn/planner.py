@@ -162,7 +162,6 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     topology = _topology(topology)
     if joint_fold not in ("auto", "always", "never"):
         raise ValueError(f"streamattn: joint_fold={joint_fold!r}: expected 'auto', 'always' or 'never'")
-    folding = can_fold(problem) and joint_fold != "never"
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
         raise ValueError(f"topology {topology.name!r} describes {topology.world_size} ranks but the "
