@@ -16,11 +16,11 @@ What each algorithm sends (forward, mirroring streamattn/algorithms/ message for
   GPU, it is an exchange of its own, the same bytes).
 - Ring of r members: r-1 steps; in step t every member sends the K/V block it holds (stacked,
   2*B*S_src*hk*D elements) to the next member while it attends the block; the last step only
-  computes. Joint tokens: before the loop every member attends the joint queries to its own block
-  and posts the all-gather of that partial (out, lse) in the accumulation dtype, (B*h*T*D + B*h*T)
-  elements to every other member, with the first step's messages (it is waited for after the
-  loop, where the partials are merged); the local queries attend the joint K/V once (before the
-  loop for "front", after it for "rear").
+  computes. Joint tokens: member i appends its share T_i = split_lengths(T, r)[i] of the joint
+  queries to its queries (those rows see every block like its own); all its rows attend the joint
+  K/V once (before the loop for "front", after it for "rear"); after the loop every member sends
+  its finished joint rows, out and LSE in the accumulation dtype, B*h*T_i*(D+1) elements, to
+  every other member.
 - USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather (with the joint output).
 - Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
   t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
@@ -194,22 +194,15 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
     else:
         front = T and problem.joint_strategy == "front"
         rear = T and problem.joint_strategy != "front"
-        joint_local = {m: attention_flops(B, seg_lens[gi] * T, hq, D) for gi, j, m in members} if T else {}
-        joint_merge = {m: mb * B * hq * seg_lens[gi] * D for gi, j, m in members}
+        # the joint queries split over the ring members ride with their queries (ring.ring_core)
+        jl = {m: (split_lengths(T, r)[gi] if T else 0) for gi, j, m in members}
+        rows = {m: seg_lens[gi] + jl[m] for gi, j, m in members}
+        joint_local = {m: attention_flops(B, rows[m] * T, hq, D) for m in rows} if T else {}
+        joint_merge = {m: mb * B * hq * rows[m] * D for m in rows}
         stack = {m: 2 * e * 2 * B * seg_lens[gi] * hkf[j] * D for gi, j, m in members}
-        joint_msgs = []
-        if T:
-            comp = {}
-            for gi, j, m in members:
-                fl = attention_flops(B, T * seg_lens[gi], hq, D)
-                if gi == 0:
-                    fl += attention_flops(B, T * T, hq, D)
-                comp[m] = fl
-            phases.append(Phase("joint queries to own block (its all-gather posted with step 1)",
-                                [], comp))
-            n = (B * hq * T * D + B * hq * T) * ea
-            joint_msgs = [(ring_m, other, n) for j in range(u) for ring_m in [g[j] for g in groups]
-                          for other in [g[j] for g in groups] if other != ring_m]
+        if T:  # my queries and my share of the joint queries copied into one block
+            phases.append(Phase("append my share of the joint queries to my queries", [], {},
+                                 mem={m: 2 * e * B * hq * rows[m] * D for m in rows}))
         if front:
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local,
                                  mem=joint_merge))
@@ -226,27 +219,29 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
                         pairs = sum(visible_pairs(qo, ql, ko, kl, causal)
                                     for qo, ql in problem.segments(m) for ko, kl in problem.segments(ring[src]))
                         skipped = pairs == 0
-                    else:
-                        pairs = visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
+                    else:  # joint rows see every key (joint attention is never causal)
+                        pairs = (visible_pairs(seg_offs[gi], seg_lens[gi], seg_offs[src], seg_lens[src], causal)
+                                 + jl[m] * seg_lens[src])
                         skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
                     comp[m] = attention_flops(B, pairs, hq, D)
-                    mem[m] = 0 if skipped else (1 if t == 0 else runs) * mb * B * hq * seg_lens[gi] * D
+                    mem[m] = 0 if skipped else (1 if t == 0 else runs) * mb * B * hq * rows[m] * D
                     if t == r - 1 and not rear:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
                         msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * e)
                                  for n in split_lengths(seg_lens[src], runs)]
-            if t == 0:  # posted first, so they share the first step's links ahead of its block
-                msgs = joint_msgs + msgs
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
         if rear:
             mem = {m: joint_merge[m] + (ea + e) * B * hq * seg_lens[gi] * D for gi, j, m in members}
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local, mem=mem))
-        if T:
-            mem = {m: (r - 1) * mb * B * hq * T * D for gi, j, m in members}
-            phases.append(Phase(f"merge the joint (out, lse) partials, all-gathered during the ring "
-                                f"(r={r})", [], {}, mem=mem))
+        if T:  # each member's finished joint rows (out and LSE, accumulation dtype) to the others
+            msgs = [(g[j], other[j], B * hq * jl[g[j]] * (D + 1) * ea)
+                    for j in range(u) for g in groups for other in groups
+                    if other is not g and jl[g[j]]]
+            mem = {m: 2 * ea * B * hq * T * (D + 1) for m in rows}
+            phases.append(Phase(f"all-gather the joint output rows over the ring (r={r})", msgs, {},
+                                 mem=mem))
 
     if u > 1:
         # With joint tokens every message also carries the sender's heads of the joint output

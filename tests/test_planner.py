@@ -13,6 +13,7 @@ from streamattn import algorithms
 from streamattn.costmodel import CostModel
 from streamattn.schedule import bytes_sent, call_flops, consecutive_groups, messages, phases, visible_pairs
 from streamattn.plan import Plan
+from streamattn.sharding import split_lengths
 from streamattn.planner import (COSTED_ALGORITHMS, enumerate_candidates, make_plan, plan_for,
                                 torus_degree)
 from streamattn.problem import Problem
@@ -498,28 +499,35 @@ def test_cost_model_bytes_equal_what_the_algorithms_send(P, u, heads, kv_heads, 
     assert per_rank == [sum(n for (a, _), n in sent.items() if a == r) for r in range(P)]
 
 
-@pytest.mark.parametrize("P,u,strategy,chunks", [(4, 1, "front", 1), (4, 2, "rear", 1),
-                                                (6, 2, "front", 2), (8, 4, "rear", 1)])
-def test_ring_joint_partials_travel_during_the_ring(P, u, strategy, chunks):
-    """Every ring member posts the all-gather of its joint (out, lse) partial before its first
-    ring step (so it travels while the ring computes), as the schedule states it: with the first
-    step's messages. The control: the schedule's phase order agrees (joint messages in step 1)."""
+@pytest.mark.parametrize("P,u,strategy,chunks,T", [(4, 1, "front", 1, 3), (4, 2, "rear", 1, 5),
+                                                  (6, 2, "front", 2, 2), (8, 4, "rear", 1, 7)])
+def test_ring_joint_rows_split_over_the_ring(P, u, strategy, chunks, T):
+    """The joint queries are split over the ring members and ride with their queries: after the
+    ring each member sends only its T_i = split_lengths(T, r)[i] finished rows (out + LSE) to each
+    other member -- 1/r of what all-gathering (out, lse) partials of all T rows sent -- as the
+    schedule states it, in a phase after the ring. (T=2 on a ring of 3: a member with no rows
+    sends nothing.)"""
     from streamattn.algorithms.ring import TAG_JOINT, TAG_STEP
 
-    problem = Problem(1, 8, 4, 8, torch.float32, (5,) * P, 8 ** -0.5, joint_len=3,
+    heads, D = 8, 8
+    problem = Problem(1, heads, 4, D, torch.float32, (5,) * P, D ** -0.5, joint_len=T,
                       joint_strategy=strategy)
     groups = consecutive_groups(P, u)
-    plan = Plan("ring" if u == 1 else "usp", u, P // u, groups=groups, chunks=chunks)
+    r, hq = P // u, heads // u
+    plan = Plan("ring" if u == 1 else "usp", u, r, groups=groups, chunks=chunks)
     _, posted = _run_threads(problem, plan, torch.float32, with_order=True)
-    for rank, tags in posted.items():
+    jl = split_lengths(T, r)
+    for rank, tags in posted.items():  # (a member with no rows only receives)
         ring_tags = [i for i, t in enumerate(tags) if TAG_STEP <= t < TAG_STEP + P]
-        assert TAG_JOINT in tags and ring_tags, (rank, tags)
-        assert tags.index(TAG_JOINT) < ring_tags[0], (rank, tags)
+        assert ring_tags and tags.index(TAG_JOINT) > ring_tags[-1], (rank, tags)
     ph = phases(problem, u, groups, chunks)
-    step1 = next(p for p in ph if p.name.startswith("ring step 1/"))
-    joint_bytes = (8 // u * 3 * 8 + 8 // u * 3) * 4
-    assert sum(1 for m in step1.msgs if m[2] == joint_bytes) == P * (P // u - 1)
-    assert not any(p.msgs for p in ph[ph.index(step1) + 1:] if "(out, lse)" in p.name)
+    gather = next(p for p in ph if p.name.startswith("all-gather the joint output rows"))
+    assert ph.index(gather) > max(i for i, p in enumerate(ph) if p.name.startswith("ring step"))
+    sizes = sorted(n for _, _, n in gather.msgs)
+    want = sorted(hq * n * (D + 1) * 4 for n in jl if n for _ in range(r - 1) for _ in range(u))
+    assert sizes == want, (sizes, want)
+    partials = (r - 1) * hq * T * (D + 1) * 4 * P  # what the partials' all-gather sent in all
+    assert sum(sizes) * r == partials
 
 
 @pytest.mark.parametrize("P,u,t,heads,kv_heads,lens,joint,strategy,causal", [
@@ -876,8 +884,10 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
     # bytes do not decide; the fewest Ulysses chunks (a ring's token runs are not counted), then
     # the cheapest prediction, win
+    # (4096 + 256 tokens since the ring's joint rows went from partials to 1/r of the bytes: at
+    # 2048 + 256 the fewest-bytes plan became the cheapest too, and the case no longer separated)
     pf = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
-                 seq_lens=(256,) * 8, scale=32 ** -0.5, joint_len=256)
+                 seq_lens=(512,) * 8, scale=32 ** -0.5, joint_len=256)
     fast = make_plan(pf, "2x4:inter=1Gbit/s,intra=5GB/s", sync_s=0.003, overlap=0.25,
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)

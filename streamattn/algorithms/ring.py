@@ -2,12 +2,13 @@
 
 Each of the r ring members keeps its query block and sees every member's K/V block once, merging
 the partial outputs with the LSE (merge.update_out_and_lse). Blocks may have different lengths.
-Joint text tokens are attended once: the local queries attend the joint K/V (first for "front",
-last for "rear"); the joint queries attend each member's local K/V block there, and the r partials
-are merged in member order so every member ends with a bit-identical joint output. A member's
-partial needs only its own block, so it is computed and its all-gather posted before the ring and
-waited for after it: the exchange travels while the ring computes instead of adding a synchronising
-step at the end.
+Joint text tokens (never causal): the T joint queries are split over the members
+(sharding.split_lengths(T, r)); member m appends its share to its own queries, so those rows see
+every block as the ring passes it, and all its rows attend the joint K/V once (first for "front",
+last for "rear"). After the ring the members all-gather their finished joint rows (out and LSE,
+exact), so every member holds the same joint output. Each member thus sends T/r rows to each other
+member, where all-gathering per-member (out, lse) partials of all T rows sent r times as many bytes
+(ring 8 at 2 nodes x 4: 2.3x the ring's own inter-node bytes) and merged r partials.
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     r = len(members)
     B, Sq, h, D = q.shape
     hk = k.shape[2]
+    jlens = split_lengths(joint[0].shape[1], r) if joint is not None else None
+    if jlens is not None and jlens[me]:  # my share of the joint queries rides with my queries
+        a = sum(jlens[:me])
+        with trace.span("pack"):
+            q = torch.cat([q, joint[0][:, a:a + jlens[me]]], 1)
     qb = q.transpose(1, 2)
     acc = []  # [out, lse] once a block was attended
 
@@ -49,8 +55,6 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         else:
             acc.extend(start_accumulator(o, l))
 
-    joint_posted = None if joint is None else _post_joint_partial(transport, members, me, k, v,
-                                                                  joint, scale, joint_strategy)
     if joint is not None and joint_strategy == "front":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
 
@@ -77,10 +81,12 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
 
     if joint is not None and joint_strategy == "rear":
         merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
-    out, lse = acc if acc else empty_accumulator(B, h, Sq, D, q.dtype, q.device)
+    out, lse = acc if acc else empty_accumulator(B, h, q.shape[1], D, q.dtype, q.device)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
-    jout, jlse = wait_merge_across(joint_posted)
+    jout, jlse = gather_rows(transport, members, me, out[:, :, Sq:], lse[:, :, Sq:], jlens,
+                             TAG_JOINT)
+    out, lse = out[:, :, :Sq], lse[:, :, :Sq].contiguous()
     return (out, jout, lse, jlse) if with_lse else (out, jout)
 
 
@@ -130,38 +136,31 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
         cur = nxt_runs
 
 
-def _post_joint_partial(transport, members, me, k, v, joint, scale, joint_strategy):
-    """The joint queries against my own block (member 0 also against the joint keys themselves,
-    so they count exactly once), its all-gather over the members posted (post_merge_across)."""
-    jq, jk, jv = (t.transpose(1, 2) for t in joint)
-    parts = [attention_with_lse(jq, k.transpose(1, 2), v.transpose(1, 2), scale=scale)]
-    if me == 0:
-        own = attention_with_lse(jq, jk, jv, scale=scale)
-        parts = [own] + parts if joint_strategy == "front" else parts + [own]
-    return post_merge_across(transport, members, *merge_all(parts), TAG_JOINT)
-
-
-def post_merge_across(transport, members, out, lse, tag):
-    """merge_across without blocking: post the all-gather of this member's partial (out [B, h, T,
-    D], lse [B, h, T]) over the members. Returns what wait_merge_across takes."""
-    flats, pending = transport.all_gather_post(torch.cat([out.reshape(-1), lse.reshape(-1)]),
-                                               members, tag)
-    return flats, pending, out.shape
-
-
-def wait_merge_across(posted):
-    """Wait for a post_merge_across and merge every member's partial over disjoint keys in member
-    order, so that all members end with bit-identical (out, lse)."""
-    flats, pending, (B, h, T, D) = posted
-    pending.wait()
-    n = B * h * T * D
-    return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
+def gather_rows(transport, members, me, out, lse, lens, tag):
+    """All-gather of finished rows over the members: mine are out [B, h, lens[me], D], lse [B, h,
+    lens[me]] (one message to each other member, both together, in their dtype). Returns the rows
+    of every member side by side in member order, ([B, h, sum(lens), D], [B, h, sum(lens)]), the
+    same on every member."""
+    B, h, _, D = out.shape
+    with trace.span("pack"):
+        mine = torch.cat([out.reshape(-1), lse.reshape(-1)])
+    flats = [mine if i == me else mine.new_empty(B * h * n * (D + 1)) for i, n in enumerate(lens)]
+    sends = [(p, mine) for i, p in enumerate(members) if i != me and lens[me]]
+    recvs = [(p, flats[i]) for i, p in enumerate(members) if i != me and lens[i]]
+    transport.exchange(sends, recvs, tag).wait()
+    outs = [f[:B * h * n * D].view(B, h, n, D) for f, n in zip(flats, lens)]
+    lses = [f[B * h * n * D:].view(B, h, n) for f, n in zip(flats, lens)]
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def merge_across(transport, members, out, lse, tag):
     """Merge every member's partial (out [B, h, T, D], lse [B, h, T]) over disjoint keys, in member
-    order, so that all members end with bit-identical (out, lse)."""
-    return wait_merge_across(post_merge_across(transport, members, out, lse, tag))
+    order, so that all members end with bit-identical (out, lse). (The Torus' joint tokens; the
+    ring's own joint rows are split over the members instead: gather_rows.)"""
+    B, h, T, D = out.shape
+    flats = transport.all_gather(torch.cat([out.reshape(-1), lse.reshape(-1)]), members, tag)
+    n = B * h * T * D
+    return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
 def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1):
