@@ -52,23 +52,20 @@ def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
     assert n >= 2 and ran[:n] == ran[n:2 * n] == ran[2 * n:3 * n], ran  # the trials take turns ...
     assert all(r["ran"] == ran and r["final"] == first[0]["final"] for r in first)  # ... alike
     assert set(ran[3 * n:]) == {first[0]["final"]}, ran  # then only the winner runs
-    pick = ran[0]  # the planner's own choice runs first
-    slow_algo = pick.split()[0]
-    if all(x.split()[0] == slow_algo for x in ran[:n]):
-        pytest.skip(f"every trial is a {slow_algo} plan here: a per-algorithm handicap cannot separate them")
+    slow = ran[0]  # the planner's own choice runs first: handicap exactly that plan
 
     pool.run(TASK + "release_group")
-    handicapped = pool.run(TASK + "tuned_calls", calls=3 * n + 2, reps=2, slow=slow_algo, delay=0.15)
+    handicapped = pool.run(TASK + "tuned_calls", calls=3 * n + 2, reps=2, slow=slow, delay=0.15)
     # the second tuning plans afresh (its calibration is measured again): its trials may differ
-    # from the first's, and when all of them are the handicapped algorithm the handicap cannot
-    # steer the pick either (seen on a loaded machine: Ulysses 4x1 and Ulysses 4x1 +fold)
+    # from the first's, and when the handicapped plan is not among them the handicap cannot steer
+    # the pick (the check below would pass whatever the tuning did)
     again = handicapped[0]["ran"]
     trials = list(dict.fromkeys(again[:3 * n]))
-    if all(x.split()[0] == slow_algo for x in trials):
-        pytest.skip(f"the second tuning's trials are all {slow_algo} plans ({trials})")
+    if slow not in trials or len(trials) < 2:
+        pytest.skip(f"the second tuning's trials {trials} do not race the handicapped {slow}")
     for r in handicapped:
         assert max(r["errs"]) <= 1e-5
-        assert r["final"].split()[0] != slow_algo, (r["final"], r["reason"])
+        assert r["final"] != slow, (r["final"], r["reason"])
     # negative control: STREAMATTN_AUTOTUNE=0 runs the planner's pick on every call, no trials
     pool.run(TASK + "release_group")
     plain = pool.run(TASK + "tuned_calls", calls=3, reps=0)

@@ -16,8 +16,9 @@ from .cases import make_inputs
 
 def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_len=5, slow=None,
                 delay=0.15):
-    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps, each checked against float64. slow: an
-    algorithm made `delay` s slower on every rank (a planted handicap the tuning must see).
+    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps, each checked against float64. slow: a
+    plan, as the returned labels name it ("usp 2x1x2/1"), made `delay` s slower on every rank (a
+    planted handicap the tuning must see).
     Returns per call the plan that ran and its error, and the cached plan at the end."""
     q, k, v, joint = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads // 2,
                                  head_dim=16, joint_len=joint_len)
@@ -28,9 +29,8 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
     real = api.run_plan
 
     def recording(plan, *a, **kw):
-        ran.append(f"{plan.algorithm} {plan.ulysses_degree}x{plan.torus_degree}x{plan.ring_degree}"
-                   f"/{plan.chunks}{'+fold' if plan.joint_fold else ''}")
-        if plan.algorithm == slow:
+        ran.append(_label(plan))
+        if ran[-1] == slow:
             time.sleep(delay)
         return real(plan, *a, **kw)
 
@@ -46,10 +46,13 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
         tuning_left = len(api.tunings.active)
     finally:
         api.run_plan = real
-    return {"ran": ran, "errs": errs, "final": f"{plan.algorithm} {plan.ulysses_degree}x"
-            f"{plan.torus_degree}x{plan.ring_degree}/{plan.chunks}{'+fold' if plan.joint_fold else ''}",
-            "reason": plan.reason,
+    return {"ran": ran, "errs": errs, "final": _label(plan), "reason": plan.reason,
             "tuning_left": tuning_left}
+
+
+def _label(plan) -> str:
+    return (f"{plan.algorithm} {plan.ulysses_degree}x{plan.torus_degree}x{plan.ring_degree}"
+            f"/{plan.chunks}{'+fold' if plan.joint_fold else ''}")
 
 
 def release_group(rank, world_size):
