@@ -382,8 +382,7 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     needed = calibration_shapes(problem, topology, **request)
     if not needed:
         return {}
-    shapes = calibration_shapes(problem, topology, joint_fold=joint_fold) if algorithm != "auto" or (
-        ulysses_degree, ring_degree) != (None, None) else needed
+    shapes = calibration_shapes(problem, topology, joint_fold=joint_fold)  # every candidate's
     # Which shapes to time: the needed ones any rank's cache lacks (ranks on other machines may hold
     # other caches), every rank the same list, each window started together (a barrier), so each
     # rank times a shape while all compute -- not its last shapes while the others have finished.

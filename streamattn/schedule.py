@@ -195,7 +195,8 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
         front = T and problem.joint_strategy == "front"
         rear = T and problem.joint_strategy != "front"
         # the joint queries split over the ring members ride with their queries (ring.ring_core)
-        jl = {m: (split_lengths(T, r)[gi] if T else 0) for gi, j, m in members}
+        jsplit = split_lengths(T, r) if T else [0] * r
+        jl = {m: jsplit[gi] for gi, j, m in members}
         rows = {m: seg_lens[gi] + jl[m] for gi, j, m in members}
         joint_local = {m: attention_flops(B, rows[m] * T, hq, D) for m in rows} if T else {}
         joint_merge = {m: mb * B * hq * rows[m] * D for m in rows}

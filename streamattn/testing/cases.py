@@ -209,6 +209,7 @@ def calibrated_shapes(rank, world_size, *, requests, cache_dir, seq=512, heads=8
     with the calibration cache in `cache_dir` (an empty directory): [{"timed": distinct block
     shapes the kernel was timed at, "rated": shapes in block_rates}] per request."""
     from streamattn import api, calibration
+    from streamattn.config import override
     from streamattn.planner import agreed_calibration
     from streamattn.problem import Problem
     from streamattn.tags import RATE
@@ -224,20 +225,15 @@ def calibrated_shapes(rank, world_size, *, requests, cache_dir, seq=512, heads=8
         timed.add(tuple(shape))
         return real(shape, *a, **kw)
 
-    saved = os.environ.get("STREAMATTN_CACHE_DIR")
-    os.environ["STREAMATTN_CACHE_DIR"] = cache_dir
     calibration.time_block = counting
     try:
-        for req in requests:
-            timed.clear()
-            got = agreed_calibration(transport, problem, topo, RATE, **req)
-            out.append({"timed": len(timed), "rated": len(got.get("block_rates", {}))})
+        with override(STREAMATTN_CACHE_DIR=cache_dir):
+            for req in requests:
+                timed.clear()
+                got = agreed_calibration(transport, problem, topo, RATE, **req)
+                out.append({"timed": len(timed), "rated": len(got.get("block_rates", {}))})
     finally:
         calibration.time_block = real
-        if saved is None:
-            os.environ.pop("STREAMATTN_CACHE_DIR", None)
-        else:
-            os.environ["STREAMATTN_CACHE_DIR"] = saved
     return out
 
 
