@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import config
 from .files import write_private
 from .datasheet import DEVICE_MEMORY_BW
 from .schedule import as_dtype, attention_flops
@@ -207,9 +208,7 @@ def _machine_key(concurrent: int) -> str:
 
 
 def cache_path(concurrent: int) -> str:
-    d = os.environ.get("STREAMATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                "streamattn")
-    return os.path.join(os.path.abspath(os.path.expanduser(d)), f"calibration-{_machine_key(concurrent)}.json")
+    return os.path.join(config.cache_dir(), f"calibration-{_machine_key(concurrent)}.json")
 
 
 def cache_entry(shape: Shape, dtype) -> str:
