@@ -84,7 +84,8 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     out, lse = acc if acc else empty_accumulator(B, h, q.shape[1], D, q.dtype, q.device)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
-    jout, jlse = gather_rows(transport, members, out[:, :, Sq:], lse[:, :, Sq:], jlens, TAG_JOINT)
+    jout, jlse = gather_rows(transport, members, me, out[:, :, Sq:], lse[:, :, Sq:], jlens,
+                             TAG_JOINT)
     out, lse = out[:, :, :Sq], lse[:, :, :Sq].contiguous()
     return (out, jout, lse, jlse) if with_lse else (out, jout)
 
@@ -135,16 +136,21 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
         cur = nxt_runs
 
 
-def gather_rows(transport, members, out, lse, lens, tag):
-    """All-gather of finished rows over the members (transport.all_gather_rows): mine are out
-    [B, h, n, D], lse [B, h, n] with n = lens[my index in members], sent as one message to each
-    other member. Returns every member's rows in member order, ([B, h, sum(lens), D],
-    [B, h, sum(lens)]), the same on every member."""
-    D = out.shape[-1]
-    with trace.span("pack"):  # rows first: [B, n, h, D + 1], the LSE as a last column
-        mine = torch.cat([out, lse.unsqueeze(-1)], -1).transpose(1, 2)
-    rows = transport.all_gather_rows(mine, lens, tag, members=members).transpose(1, 2)
-    return rows[..., :D].contiguous(), rows[..., D].contiguous()
+def gather_rows(transport, members, me, out, lse, lens, tag):
+    """All-gather of finished rows over the members: mine are out [B, h, lens[me], D], lse [B, h,
+    lens[me]] (one message to each other member, both together, in their dtype). Returns the rows
+    of every member side by side in member order, ([B, h, sum(lens), D], [B, h, sum(lens)]), the
+    same on every member."""
+    B, h, _, D = out.shape
+    with trace.span("pack"):
+        mine = torch.cat([out.reshape(-1), lse.reshape(-1)])
+    flats = [mine if i == me else mine.new_empty(B * h * n * (D + 1)) for i, n in enumerate(lens)]
+    sends = [(p, mine) for i, p in enumerate(members) if i != me and lens[me]]
+    recvs = [(p, flats[i]) for i, p in enumerate(members) if i != me and lens[i]]
+    transport.exchange(sends, recvs, tag).wait()
+    outs = [f[:B * h * n * D].view(B, h, n, D) for f, n in zip(flats, lens)]
+    lses = [f[B * h * n * D:].view(B, h, n) for f, n in zip(flats, lens)]
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def merge_across(transport, members, out, lse, tag):

@@ -92,18 +92,16 @@ class Transport(ABC):
             recvs.append((p, out[-1]))
         return out, self.exchange(sends, recvs, tag, count=count)
 
-    def all_gather_rows(self, tensor: torch.Tensor, lens, tag: int, members=None) -> torch.Tensor:
-        """Variable-length all-gather along dim 1 over `members` (group ranks; default the whole
-        group): this rank's tensor is [B, lens[i], ...] where i is its index in members; returns
-        [B, sum(lens), ...], member i's rows at sum(lens[:i]), on every member. Members with no
-        rows send nothing."""
-        members = range(self.size) if members is None else members
+    def all_gather_rows(self, tensor: torch.Tensor, lens, tag: int) -> torch.Tensor:
+        """Variable-length all-gather along dim 1 over the whole group: this rank's tensor is
+        [B, lens[rank], ...]; returns [B, sum(lens), ...], rank p's rows at sum(lens[:p]), on every
+        rank. Ranks with no rows send nothing."""
         tensor = tensor.contiguous()
-        me, shape = list(members).index(self.rank), tensor.shape
-        parts = [tensor if i == me else tensor.new_empty(shape[0], n, *shape[2:])
-                 for i, n in enumerate(lens)]
-        sends = [(p, tensor) for i, p in enumerate(members) if i != me and lens[me]]
-        recvs = [(p, parts[i]) for i, p in enumerate(members) if i != me and lens[i]]
+        me, shape = self.rank, tensor.shape
+        parts = [tensor if p == me else tensor.new_empty(shape[0], n, *shape[2:])
+                 for p, n in enumerate(lens)]
+        sends = [(p, tensor) for p in range(self.size) if p != me and lens[me]]
+        recvs = [(p, parts[p]) for p in range(self.size) if p != me and lens[p]]
         self.exchange(sends, recvs, tag).wait()
         return torch.cat(parts, 1)
 
