@@ -364,8 +364,8 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
                        ring_degree: Optional[int] = None, joint_fold: str = "auto") -> dict:
     """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
     for make_plan with the same request arguments, identical on every rank (sync_s:
-    `measure_sync`, overlap: `core_share`, net_cpu: `measure_net_cpu`, measured once per
-    transport). Every rank times the kernel at the block shapes of the candidates the request can
+    `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
+    `core_share`). Every rank times the kernel at the block shapes of the candidates the request can
     answer with (calibration_shapes: all of them for "auto", one for a fully forced plan) at the
     same moment, each shape's window started by a barrier (so the cores are shared as in the real
     call: without it, ranks that had finished their windows left the others a core to spare, and a
@@ -405,19 +405,26 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    known = _net_cpu.setdefault(transport, {})
+    known = _group_terms.setdefault(transport, {})
+    if "sync_s" not in known:
+        known["sync_s"] = measure_sync(transport, tag)
     nodes = tuple(topology.node)
     if nodes not in known:
         known[nodes] = measure_net_cpu(transport, topology, tag)
-    return {"block_rates": rates, "sync_s": measure_sync(transport, tag), "overlap": share,
+    return {"block_rates": rates, "sync_s": known["sync_s"], "overlap": share,
             "net_cpu": known[nodes]}
 
 
-# measure_net_cpu per transport and node assignment (a group's ranks create and drop their
-# transports together and agree on the topology, so every rank measures or reuses it at the same
-# call): it moves NET_CPU_BYTES x NET_CPU_ROUNDS over the network, ~0.1 s on a 200 Mbit/s link,
-# and the CPU cost per byte is the network stack's, not the shape's.
-_net_cpu: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# The group's terms, measured once per transport (a group's ranks create and drop their transports
+# together and agree on the topology, so every rank measures or reuses them at the same call):
+# "sync_s" (measure_sync) and, per node assignment, net_cpu (measure_net_cpu: NET_CPU_BYTES x
+# NET_CPU_ROUNDS over the network, ~0.1 s on a 200 Mbit/s link). Neither depends on the shape: the
+# network stack's CPU per byte, the scheduling delay of one exchange. sync_s was measured at every
+# planning before: on 4 ranks / 2 cores gloo's one-number all-gather takes 0.5 or 4 ms (a
+# scheduler tick) from round to round, and the same plan of the same shape was predicted 44 ms
+# when auto planned it and 29 ms when a forced request planned it next (2x2 at 1 Gbit/s, flux
+# 512 + 256): the choice among close plans followed the noise.
+_group_terms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def core_share(transport, tag: int) -> float:
@@ -435,27 +442,28 @@ def core_share(transport, tag: int) -> float:
     return min(1.0, min(cores[k] / demand[k] for k in demand))
 
 
-SYNC_ROUNDS = 5
+SYNC_ROUNDS = 20
 
 
 def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
     """Seconds one synchronising exchange costs on this group beyond its bytes: `rounds` all-gathers
     of one number, back to back on the group's own transport (so through shared memory and the
-    network as a call's messages go), the median round; agreed as rank 0's value. On an idle
+    network as a call's messages go); the mean round, agreed as the mean over the ranks. On an idle
     machine with a core per rank this is tens of microseconds; with more ranks than cores it is
-    the time a waiting rank needs for its peers to be scheduled. Collective over the group."""
+    the time a waiting rank needs for its peers to be scheduled. The mean, not the median: there
+    the rounds take either ~0.4 ms or a scheduler tick (~4 ms), in runs of either, and the median
+    of 15 rounds came out 0.36 ms in one measurement and 3.99 ms in the next (4 ranks / 2 cores,
+    gloo), the mean 1.75-4.0 ms. Collective over the group."""
     import time
 
     import torch
 
     one = torch.zeros(1, dtype=torch.float64)
-    times = []
+    t0 = time.perf_counter()
     for _ in range(rounds):
-        t0 = time.perf_counter()
         transport.all_gather_vector(one, tag)
-        times.append(time.perf_counter() - t0)
-    mine = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
-    return float(transport.all_gather_vector(mine, tag)[0][0])
+    mine = torch.tensor([(time.perf_counter() - t0) / rounds], dtype=torch.float64)
+    return float(torch.stack(transport.all_gather_vector(mine, tag)).mean())
 
 
 NET_CPU_BYTES, NET_CPU_ROUNDS = 1 << 20, 2

@@ -846,6 +846,16 @@ def test_cpu_group_measures_sync_cost_and_core_share(rank_pool, P):
     assert r["net_cpu"] == 0.0  # one node: no network bytes to cost
 
 
+def test_group_terms_are_measured_once_per_transport(rank_pool):
+    """Three shapes planned on one fresh transport measure the sync cost once and all three plans
+    get the same value (it was measured at every planning, and its noise moved the choice)."""
+    res = rank_pool(2).run("streamattn.testing.cases:group_terms_measured_once")
+    for r in res:
+        assert r["measured"] == 1, r
+        assert len(set(r["sync_s"])) == 1 and r["sync_s"][0] > 0, r
+    assert len({tuple(r["sync_s"]) for r in res}) == 1, res
+
+
 @pytest.mark.parametrize("P", [4])
 def test_cpu_group_measures_cpu_per_network_byte(rank_pool, P):
     """Described as 2 nodes, the group times a 1 MiB exchange with the other node and every rank

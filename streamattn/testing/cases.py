@@ -204,6 +204,37 @@ def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
             "threads": torch.get_num_threads(), "shapes": len(got["block_rates"])}
 
 
+def group_terms_measured_once(rank, world_size, *, seq=256, heads=8, head_dim=16, plans=3):
+    """How often planning `plans` shapes on a fresh transport measures the synchronising-exchange
+    cost (planner.measure_sync), and the sync_s each planning got."""
+    import torch
+
+    from streamattn import api, planner
+    from streamattn.problem import Problem
+    from streamattn.tags import RATE
+    from streamattn.topology import resolve_topology
+
+    api.release(None)  # a fresh transport: the group's terms are measured once per transport
+    transport = api.group_transport(None)
+    topo = resolve_topology(topology=f"1x{world_size}")
+    calls, real = [], planner.measure_sync
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    planner.measure_sync = counted
+    try:
+        got = []
+        for i in range(plans):
+            lens = split_lengths(seq + 8 * i, world_size)
+            problem = Problem(1, heads, heads, head_dim, torch.float32, tuple(lens), head_dim ** -0.5)
+            got.append(planner.agreed_calibration(transport, problem, topo, RATE)["sync_s"])
+    finally:
+        planner.measure_sync = real
+    return {"measured": len(calls), "sync_s": got}
+
+
 def calibrated_shapes(rank, world_size, *, requests, cache_dir, seq=512, heads=8, head_dim=16):
     """planner.agreed_calibration for each request ({"algorithm", "ulysses_degree", ...}) in turn,
     with the calibration cache in `cache_dir` (an empty directory): [{"timed": distinct block
