@@ -24,7 +24,9 @@ ULYSSES_JOINT = 12     # ulysses: all-gather of the joint output heads
 RING_JOINT = 13        # ring: all-gather of the finished joint rows
 TORUS_JOINT = 14       # torus: the same for Torus
 JOINT_FOLD = 15        # joint_fold: all-gather of the folded joint output rows
-RING_BWD_JOINT = 6990    # ring_backward: joint-token gradient partials
+RING_BWD_JOINT = 6990    # ring_backward: joint-token gradient partials (all-gathered, or their
+                         # chunks reduce-scattered)
+RING_BWD_JOINT_SUM = 6991  # ring_backward: all-gather of the summed chunks
 STALE_LENS = 4998        # stale: sequence lengths of the ranks, once per layer and generation
 DIFFUSERS_GATHER = 4996  # integrations.diffusers: gather of the sharded output
 SHM_BOOTSTRAP = 2       # transport/onesided: heap names and pids of the node's ranks, barrier; kernel ids

@@ -188,3 +188,20 @@ def test_yunchang_shim_backward(rank_pool, P):
         res = rank_pool(P).run("streamattn.testing.grad_cases:yunchang_shim_backward",
                                ulysses_degree=u, ring_degree=r, causal=causal, ring_impl_type=impl)
         assert max(max(x.values()) for x in res) < 1e-5, (u, r, res)
+
+
+@pytest.mark.parametrize("P", [4])
+def test_ring_joint_gradients_reduce_scatter_bytes(rank_pool, P):
+    """On a ring of 4 the joint-token gradient partials (N = T x (H + 2 Hk) x D elements) are
+    reduce-scattered then all-gathered: every rank sends 2 (r-1)/r x N elements more than the same
+    backward without joint tokens, where all-gathering the partials sent (r-1) x N."""
+    T, H, Hk, D = 6, 4, 2, 8
+    pool = rank_pool(P)
+    kw = dict(seq=26, heads=H, kv_heads=Hk, head_dim=D, algorithm="ring")
+    plain = pool.run("streamattn.testing.grad_cases:backward_bytes", **kw)
+    joint = pool.run("streamattn.testing.grad_cases:backward_bytes", joint_len=T, **kw)
+    n = T * (H + 2 * Hk) * D
+    for a, b in zip(plain, joint):
+        sent = b["intra"] + b["inter"] - a["intra"] - a["inter"]
+        assert sent == 2 * (P - 1) * (n // P) * 4, (a, b)
+        assert sent < (P - 1) * n * 4  # what the all-gather of the partials sent

@@ -13,7 +13,8 @@ the gradient contract is that the incoming joint output gradient `djout` is the 
 (identical on every rank, as it is when everything after the attention is replicated), and the
 returned djq, djk, djv are the full gradients, identical on every rank. Each rank computes the
 pairs it owns (its queries vs the joint keys; the joint queries vs its key block; member 0 the
-joint queries vs the joint keys) and the partials are summed over the ring in member order.
+joint queries vs the joint keys) and the partials are summed over the ring in member order
+(sum_over_members: reduce-scatter then all-gather on rings of three or more).
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import torch
 from .. import tags
 from ..kernels_backward import attention_block_backward
 from ..merge import acc_dtype
+from ..sharding import split_lengths
 
-TAG_KV, TAG_DKV, TAG_JOINT = tags.RING_BWD_KV, tags.RING_BWD_DKV, tags.RING_BWD_JOINT
+TAG_KV, TAG_DKV = tags.RING_BWD_KV, tags.RING_BWD_DKV
+TAG_JOINT, TAG_JOINT_SUM = tags.RING_BWD_JOINT, tags.RING_BWD_JOINT_SUM
 
 
 def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, members=None):
@@ -115,15 +118,42 @@ def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, membe
     if jd is None:
         return dq, dk, dv, None
     flat = torch.cat([jd["q"].reshape(-1), jd["k"].reshape(-1), jd["v"].reshape(-1)])
-    parts = transport.all_gather(flat, members, TAG_JOINT)
-    total = parts[0].clone()
-    for p in parts[1:]:  # member order: every rank sums identically, so the results are identical
-        total += p
+    total = sum_over_members(transport, members, me, flat)
     nq, nk = jd["q"].numel(), jd["k"].numel()
     djq = total[:nq].view(jd["q"].shape)
     djk = total[nq : nq + nk].view(jd["k"].shape)
     djv = total[nq + nk :].view(jd["v"].shape)
     return dq, dk, dv, tuple(x.transpose(1, 2).to(q.dtype) for x in (djq, djk, djv))
+
+
+def sum_over_members(transport, members, me, flat):
+    """The sum of every member's `flat` (1-D, same length everywhere), added in member order, so
+    it is bit-identical on every member. Two members all-gather their partials (one message
+    each); more reduce-scatter then all-gather (chunk j summed by member j): 2(r-1)/r partials
+    sent per member instead of r-1 (ring 8: 1.75 instead of 7)."""
+    r = len(members)
+    if r <= 2:
+        parts = transport.all_gather(flat, members, TAG_JOINT)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total
+    lens = split_lengths(flat.numel(), r)
+    offs = [sum(lens[:j]) for j in range(r)]
+    got = [flat[offs[me]:offs[me] + lens[me]] if j == me else flat.new_empty(lens[me])
+           for j in range(r)]
+    sends = [(members[j], flat[offs[j]:offs[j] + lens[j]]) for j in range(r) if j != me and lens[j]]
+    recvs = [(members[j], got[j]) for j in range(r) if j != me and lens[me]]
+    transport.exchange(sends, recvs, TAG_JOINT).wait()
+    total = flat.new_empty(flat.numel())
+    mine = total[offs[me]:offs[me] + lens[me]]
+    mine.copy_(got[0])
+    for g in got[1:]:
+        mine += g
+    sends = [(members[j], mine) for j in range(r) if j != me and lens[me]]
+    recvs = [(members[j], total[offs[j]:offs[j] + lens[j]]) for j in range(r) if j != me and lens[j]]
+    transport.exchange(sends, recvs, TAG_JOINT_SUM).wait()
+    return total
 
 
 def local_backward(dout, q, k, v, out, lse, *, scale, causal=False, joint=None,

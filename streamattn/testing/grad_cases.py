@@ -372,3 +372,24 @@ def yunchang_shim_backward(rank, world_size, *, ulysses_degree, ring_degree, seq
     out.backward(take(dout))
     return {"dq": rel_err(ql.grad, take(rq)), "dk": rel_err(kl.grad, take(rk)),
             "dv": rel_err(vl.grad, take(rv))}
+
+
+def backward_bytes(rank, world_size, *, seq=24, heads=4, kv_heads=2, head_dim=8, joint_len=0,
+                   algorithm="ring"):
+    """Bytes this rank sends in one backward pass (forward done first, counters reset between),
+    per link class; joint_len > 0 adds joint tokens."""
+    from streamattn import api
+
+    q, k, v, joint = make_inputs(seed=5, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, joint_len=joint_len)
+    lens = split_lengths(seq, world_size)
+    a = sum(lens[:rank])
+    ql, kl, vl = (t[:, a:a + lens[rank]].clone().requires_grad_() for t in (q, k, v))
+    kw = {}
+    if joint_len:
+        kw = dict(zip(("joint_q", "joint_k", "joint_v"), (t.clone().requires_grad_() for t in joint)))
+    res = streamattn.attention(ql, kl, vl, algorithm=algorithm, **kw)
+    outs = res if isinstance(res, tuple) else (res,)
+    api.reset_byte_counters()
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return api.byte_counters()
