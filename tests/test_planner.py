@@ -894,10 +894,11 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
     # bytes do not decide; the fewest Ulysses chunks (a ring's token runs are not counted), then
     # the cheapest prediction, win
-    # (4096 + 256 tokens since the ring's joint rows went from partials to 1/r of the bytes: at
-    # 2048 + 256 the fewest-bytes plan became the cheapest too, and the case no longer separated)
+    # (16384 + 256 tokens: the case must separate the two rules, and as the model changed the
+    # fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r of the
+    # bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s))
     pf = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
-                 seq_lens=(512,) * 8, scale=32 ** -0.5, joint_len=256)
+                 seq_lens=(2048,) * 8, scale=32 ** -0.5, joint_len=256)
     fast = make_plan(pf, "2x4:inter=1Gbit/s,intra=5GB/s", sync_s=0.003, overlap=0.25,
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)
@@ -917,3 +918,26 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
         best = min((c for c in one.candidates if c.valid), key=lambda c: c.predicted_s)
         band = [c for c in one.candidates if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         assert one.chunks == min(c.chunks for c in band), (seq, one, band)
+
+
+def test_torus_waits_beyond_the_first_cost_sync_each():
+    """With a measured sync cost, a Torus of t > 2 pays 2 (t - 2) more waits on peers (its t - 1
+    arrivals and t - 1 outputs home, the first of each already costed as a transfer); t = 2 pays
+    none, and without a sync cost nothing is added (negative control)."""
+    from streamattn.plan import torus_degree
+
+    p = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                seq_lens=(512,) * 8, scale=0.125)
+    topo = "2x4:inter=1Gbit/s,intra=5GB/s"
+    kw = dict(compute_rate=3e9, memory_bandwidth=5e9, overlap=0.25)
+    for sync in (0.0, 0.002):
+        plan = make_plan(p, topo, sync_s=sync, **kw)
+        tori = [c for c in plan.candidates if c.valid and c.algorithm == "torus"]
+        assert {torus_degree(c) for c in tori} >= {2, 4}
+        for c in tori:
+            t = torus_degree(c)
+            extra = [s for s in c.steps if "more waits on peers" in s.name]
+            if sync and t > 2:
+                assert len(extra) == 1 and math.isclose(extra[0].time_s, 2 * (t - 2) * sync), c
+            else:
+                assert not extra, c
