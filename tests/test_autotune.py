@@ -55,7 +55,12 @@ def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
     slow = ran[0]  # the planner's own choice runs first: handicap exactly that plan
 
     pool.run(TASK + "release_group")
-    handicapped = pool.run(TASK + "tuned_calls", calls=3 * n + 2, reps=2, slow=slow, delay=0.15)
+    # as many calls as the most trials take (3 x MAX_TRIALS: the second tuning may race more
+    # trials than the first did, and 3 x n + 2 calls then ended it mid-tuning, CI51), + 2
+    from streamattn.autotune import MAX_TRIALS
+
+    handicapped = pool.run(TASK + "tuned_calls", calls=3 * MAX_TRIALS + 2, reps=2, slow=slow,
+                           delay=0.15)
     # the second tuning plans afresh (its calibration is measured again): its trials may differ
     # from the first's, and when the handicapped plan is not among them the handicap cannot steer
     # the pick (the check below would pass whatever the tuning did)
@@ -65,6 +70,7 @@ def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
         pytest.skip(f"the second tuning's trials {trials} do not race the handicapped {slow}")
     for r in handicapped:
         assert max(r["errs"]) <= 1e-5
+        assert r["tuning_left"] == 0 and r["reason"].startswith("autotune:"), r["reason"]
         assert r["final"] != slow, (r["final"], r["reason"])
     # negative control: STREAMATTN_AUTOTUNE=0 runs the planner's pick on every call, no trials
     pool.run(TASK + "release_group")
