@@ -181,13 +181,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         return Plan("local", 1, 1, reason="group of size 1", predicted_s=pred,
                     context=_context(problem, topology, rate, src, mbw, mbw_src))
     torus = algorithm == "torus"
-    if torus:
-        for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"streamattn: {name} must be a positive int, got {v!r}")
-        u_forced = None
-    else:
-        u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
+    u_forced = _forced_u(P, H, algorithm, ulysses_degree, ring_degree)
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
@@ -349,9 +343,8 @@ def calibration_shapes(problem: Problem, topology: Topology, *, algorithm: str =
     in a fixed order (same on every rank). [] when the request cannot run (make_plan raises)."""
     cands = considered_candidates(problem, topology, joint_fold)
     try:
-        u_forced = (None if algorithm == "torus"
-                    else _forced_u(problem.world_size, problem.heads, algorithm, ulysses_degree,
-                                   ring_degree))
+        u_forced = _forced_u(problem.world_size, problem.heads, algorithm, ulysses_degree,
+                             ring_degree)
     except ValueError:
         return []
     allowed, _ = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
@@ -509,7 +502,14 @@ def _request(algorithm, u, r) -> str:
 
 
 def _forced_u(P, H, algorithm, ulysses_degree, ring_degree) -> Optional[int]:
-    """The Ulysses degree a forced choice fixes (None: free), with choose_plan's messages."""
+    """The Ulysses degree a forced choice fixes (None: free, or a Torus, whose degrees _admits
+    matches against its candidates), with choose_plan's messages. Raises ValueError for a request
+    that cannot run."""
+    if algorithm == "torus":
+        for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"streamattn: {name} must be a positive int, got {v!r}")
+        return None
     divs = divisors(P)
     valid = [u for u in divs if H % u == 0]
     for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
