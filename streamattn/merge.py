@@ -34,7 +34,7 @@ def update_out_and_lse(
     shift = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
     w_old = torch.exp(lse - shift).unsqueeze(-1)
     w_new = torch.exp(block_lse - shift).unsqueeze(-1)
-    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    out.mul_(w_old).addcmul_(block_out, w_new)  # no temporary of out's size (was * then add_)
     lse.copy_(new_lse)
 
 
