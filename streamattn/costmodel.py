@@ -50,8 +50,8 @@ Time model:
   in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
   exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
   early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
-  two agree). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home beyond the first is
-  one more wait on a peer, sync_s each.
+  two agree). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
+  sync_s each (those not already costed with a transfer).
 
 Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
 that moving bytes costs where cores are NOT oversubscribed (it runs on idle cores there), the
@@ -471,13 +471,14 @@ class CostModel:
                               done - end, 0.0, h_early + h_last, True, bott, tuple(sorted(kinds.items()))))
             botts.append((h_early + h_last, f"torus outputs home: {bott}"))
             all_msgs += parts.home_early + parts.home_last
-        if self.sync_s and t > 2:
-            # every block beyond the first that arrives, and every output beyond the first that
-            # comes home, is one more wait on a peer (the arrivals and the outputs above are costed
-            # as one transfer each): sync_s each on an oversubscribed CPU, as for a ring's runs
-            # and Ulysses' chunks
-            extra = 2 * (t - 2) * self.sync_s
-            steps.append(Step(f"{2 * (t - 2)} more waits on peers ({t - 1} blocks, {t - 1} outputs)",
+        # every block that arrives and every output that comes home is a wait on a peer: sync_s
+        # each on an oversubscribed CPU, as for a ring's runs and Ulysses' chunks. Costed above:
+        # one for the arrivals (one transfer), and for the outputs two with r = 1 (the early ones
+        # and the last block's) or one (the blocking phase after the ring of teams)
+        waits = (t - 2) + (t - 1) - (2 if r == 1 else 1)
+        if self.sync_s and waits > 0:
+            extra = waits * self.sync_s
+            steps.append(Step(f"{waits} more waits on peers ({t - 1} blocks, {t - 1} outputs)",
                               extra, 0.0, extra))
         for ph in parts.post_ring + parts.post:
             st, cc, m, bott = self._blocking(ph, cache)

@@ -452,6 +452,9 @@ def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
     import torch
 
     one = torch.zeros(1, dtype=torch.float64)
+    # untimed: the ranks leave the previous collective at different times (rank 0 may be writing
+    # the calibration cache), and the mean would keep that skew, where the median dropped it
+    transport.all_gather_vector(one, tag)
     t0 = time.perf_counter()
     for _ in range(rounds):
         transport.all_gather_vector(one, tag)
