@@ -23,7 +23,7 @@ import torch
 from .. import tags
 from ..kernels_backward import attention_block_backward
 from ..merge import acc_dtype
-from ..sharding import split_lengths
+from ..sharding import shard, split_lengths
 
 TAG_KV, TAG_DKV = tags.RING_BWD_KV, tags.RING_BWD_DKV
 TAG_JOINT, TAG_JOINT_SUM = tags.RING_BWD_JOINT, tags.RING_BWD_JOINT_SUM
@@ -139,19 +139,17 @@ def sum_over_members(transport, members, me, flat):
             total += p
         return total
     lens = split_lengths(flat.numel(), r)
-    offs = [sum(lens[:j]) for j in range(r)]
-    got = [flat[offs[me]:offs[me] + lens[me]] if j == me else flat.new_empty(lens[me])
-           for j in range(r)]
-    sends = [(members[j], flat[offs[j]:offs[j] + lens[j]]) for j in range(r) if j != me and lens[j]]
+    got = [shard(flat, lens, me, 0) if j == me else flat.new_empty(lens[me]) for j in range(r)]
+    sends = [(members[j], shard(flat, lens, j, 0)) for j in range(r) if j != me and lens[j]]
     recvs = [(members[j], got[j]) for j in range(r) if j != me and lens[me]]
     transport.exchange(sends, recvs, TAG_JOINT).wait()
     total = flat.new_empty(flat.numel())
-    mine = total[offs[me]:offs[me] + lens[me]]
+    mine = shard(total, lens, me, 0)
     mine.copy_(got[0])
     for g in got[1:]:
         mine += g
     sends = [(members[j], mine) for j in range(r) if j != me and lens[me]]
-    recvs = [(members[j], total[offs[j]:offs[j] + lens[j]]) for j in range(r) if j != me and lens[j]]
+    recvs = [(members[j], shard(total, lens, j, 0)) for j in range(r) if j != me and lens[j]]
     transport.exchange(sends, recvs, TAG_JOINT_SUM).wait()
     return total
 

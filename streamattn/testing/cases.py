@@ -384,26 +384,21 @@ def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
     qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
     scale = head_dim ** -0.5
     group = dist.new_group([rank]) if dist.is_initialized() else None
-    a, b = [], []
+
     def kernel():
         attention_with_lse(qb, kb, vb, scale=scale)
 
     def op():
         streamattn.attention(q, k, v, group)
 
+    times = {kernel: [], op: []}
     for i in range(iters + 2):
-        first, second = (kernel, op) if i % 2 else (op, kernel)
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        if i >= 2:
-            ka, oa = (t1 - t0, t2 - t1) if first is kernel else (t2 - t1, t1 - t0)
-            a.append(ka)
-            b.append(oa)
-    a.sort()
-    b.sort()
+        for fn in ((kernel, op) if i % 2 else (op, kernel)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 2:
+                times[fn].append(time.perf_counter() - t0)
+    a, b = sorted(times[kernel]), sorted(times[op])
     return {"kernel_s": a[len(a) // 2], "streamattn_s": b[len(b) // 2],
             "ratio": b[len(b) // 2] / a[len(a) // 2]}
 

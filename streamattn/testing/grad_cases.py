@@ -6,7 +6,7 @@ import torch
 
 import streamattn
 from streamattn.reference import reference_attention
-from streamattn.sharding import split_lengths
+from streamattn.sharding import shard, split_lengths
 from streamattn.testing.cases import make_inputs
 from ..reference import rel_err
 
@@ -383,8 +383,7 @@ def backward_bytes(rank, world_size, *, seq=24, heads=4, kv_heads=2, head_dim=8,
     q, k, v, joint = make_inputs(seed=5, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
                                  head_dim=head_dim, joint_len=joint_len)
     lens = split_lengths(seq, world_size)
-    a = sum(lens[:rank])
-    ql, kl, vl = (t[:, a:a + lens[rank]].clone().requires_grad_() for t in (q, k, v))
+    ql, kl, vl = (shard(t, lens, rank).clone().requires_grad_() for t in (q, k, v))
     kw = {}
     if joint_len:
         kw = dict(zip(("joint_q", "joint_k", "joint_v"), (t.clone().requires_grad_() for t in joint)))
