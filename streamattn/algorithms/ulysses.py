@@ -11,7 +11,7 @@ import torch
 
 from .. import tags
 from .. import trace
-from ..transport.base import Pending
+from ..transport.base import AllPending
 from .local import attend
 
 TAG_SCATTER, TAG_GATHER, TAG_JOINT = tags.ULYSSES, tags.ULYSSES + 1, tags.ULYSSES_JOINT
@@ -93,11 +93,6 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
             [(members[j], packed[j]) for j in range(u) if j != me],
             [(members[j], q_buf[start[j] : start[j + 1]]) for j in range(u) if j != me], tag + TAG_Q))
 
-    class _Both(Pending):
-        def wait(self):
-            for p in pendings:
-                p.wait()
-
     def assemble():
         with trace.span("pack"):
             return _assemble()
@@ -113,7 +108,7 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
         qo = tk.unpack_seq(q_buf, lens, B, hq, D) if q_in else torch.cat(qs, 1)
         return (qo,) + _join_kv(ks, vs, q_ranges[me], kv_ranges[me], heads // kv_heads, stack_kv)
 
-    return _Both(), assemble
+    return AllPending(pendings), assemble
 
 
 def _join_kv(ks, vs, q_range, kv_range, group_size, stack_kv):

@@ -374,6 +374,50 @@ def soak(rank, world_size, *, calls=10000, seq=24, heads=4, algorithm="usp"):
     return {"rss_warm": rss_warm, "rss_end": _rss_bytes(), "calls": calls}
 
 
+def cyclic_garbage(rank, world_size, *, requests, seq=37, heads=8, kv_heads=4, head_dim=8):
+    """What one call of each request leaves to the cyclic garbage collector (objects kept alive
+    only by reference cycles: their tensors stay allocated until a full collection, which at
+    large shapes is tens of calls later). requests: [{"algorithm", "ulysses_degree",
+    "ring_degree", "joint_len", "causal", "backward", "settings"}] (missing keys: defaults).
+    Each request is called twice first (planning and warm-up), then once with the collector
+    saving what it finds. Returns {request index: sorted type names of the garbage}."""
+    import gc
+
+    from streamattn.config import override
+
+    out = {}
+    for i, req in enumerate(requests):
+        jl, bwd = req.get("joint_len", 0), req.get("backward", False)
+        q, k, v, joint = make_inputs(seed=3 + i, batch=1, seq=seq, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, joint_len=jl)
+        lens = split_lengths(seq, world_size)
+        ql, kl, vl = (shard(t, lens, rank).contiguous().requires_grad_(bwd) for t in (q, k, v))
+        kw = dict(algorithm=req.get("algorithm", "auto"), ulysses_degree=req.get("ulysses_degree"),
+                  ring_degree=req.get("ring_degree"), causal=req.get("causal", False))
+        if jl:
+            kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+
+        def call():
+            o = streamattn.attention(ql, kl, vl, **kw)
+            o = o[0] if isinstance(o, tuple) else o
+            if bwd:
+                o.sum().backward()
+
+        with override(**req.get("settings", {})):
+            call()
+            call()
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                call()
+                gc.collect()
+                out[i] = sorted(type(o).__name__ for o in gc.garbage)
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+    return out
+
+
 def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
     """P=1 overhead: streamattn.attention (group of one) against the local kernel called directly,
     same inputs, interleaved (which runs first alternates: the second of a pair ran up to 2%

@@ -37,6 +37,19 @@ class Pending(ABC):
     def wait(self) -> None: ...
 
 
+class AllPending(Pending):
+    """Several pendings as one: wait() waits on each in order. (A module-level class: one defined
+    inside a function is a new class object per call, held in a reference cycle with its methods,
+    and the messages its closure holds then live until the cyclic garbage collector runs.)"""
+
+    def __init__(self, pendings):
+        self.pendings = list(pendings)
+
+    def wait(self) -> None:
+        for p in self.pendings:
+            p.wait()
+
+
 class Transport(ABC):
     """Point-to-point exchange within one group.
 
