@@ -23,6 +23,8 @@ CYCLE_REQUESTS = [
     {"algorithm": "auto"},
     {"algorithm": "ring", "joint_len": 4, "backward": True},
     {"algorithm": "usp", "ulysses_degree": 2, "backward": True},
+    {"stale": True},
+    {"stale": True, "joint_len": 3},
 ]
 
 

@@ -378,7 +378,8 @@ def cyclic_garbage(rank, world_size, *, requests, seq=37, heads=8, kv_heads=4, h
     """What one call of each request leaves to the cyclic garbage collector (objects kept alive
     only by reference cycles: their tensors stay allocated until a full collection, which at
     large shapes is tens of calls later). requests: [{"algorithm", "ulysses_degree",
-    "ring_degree", "joint_len", "causal", "backward", "settings"}] (missing keys: defaults).
+    "ring_degree", "joint_len", "causal", "backward", "stale", "settings"}] (missing keys:
+    defaults; "stale": the stale_kv path, one StaleKV state per request).
     Each request is called twice first (planning and warm-up), then once with the collector
     saving what it finds. Returns {request index: sorted type names of the garbage}."""
     import gc
@@ -394,6 +395,8 @@ def cyclic_garbage(rank, world_size, *, requests, seq=37, heads=8, kv_heads=4, h
         ql, kl, vl = (shard(t, lens, rank).contiguous().requires_grad_(bwd) for t in (q, k, v))
         kw = dict(algorithm=req.get("algorithm", "auto"), ulysses_degree=req.get("ulysses_degree"),
                   ring_degree=req.get("ring_degree"), causal=req.get("causal", False))
+        if req.get("stale"):  # the approximate path: its own exchange of the previous step's K/V
+            kw = dict(stale_kv=streamattn.StaleKV(None, warmup_steps=1), layer="l0")
         if jl:
             kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
 
