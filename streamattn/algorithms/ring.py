@@ -68,11 +68,17 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         if kv is None:
             with trace.span("pack"):
                 kv = torch.stack([k, v])
+        # Two receive buffers for the whole ring, used in turn: step t's block arrives in the one
+        # that held step t - 2's, whose send and attention are done. (A fresh buffer per step
+        # is r - 1 allocations of a block each, which the allocator hands back to the kernel and
+        # the next call faults in again.)
+        most = 2 * B * max(seg_lens[(me - t - 1) % r] for t in range(r - 1)) * hk * D if r > 1 else 0
+        bufs = [kv.new_empty(most) for _ in range(min(2, r - 1))]
         for t in range(r):
             pending = None
             if t < r - 1:
-                incoming = torch.empty(2, B, seg_lens[(me - t - 1) % r], hk, D, dtype=kv.dtype,
-                                       device=kv.device)
+                n = seg_lens[(me - t - 1) % r]
+                incoming = bufs[t % 2][:2 * B * n * hk * D].view(2, B, n, hk, D)
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
             _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
             if pending is not None:
