@@ -12,6 +12,8 @@ member, where all-gathering per-member (out, lse) partials of all T rows sent r 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import tags
@@ -68,17 +70,12 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         if kv is None:
             with trace.span("pack"):
                 kv = torch.stack([k, v])
-        # Two receive buffers for the whole ring, used in turn: step t's block arrives in the one
-        # that held step t - 2's, whose send and attention are done. (A fresh buffer per step
-        # is r - 1 allocations of a block each, which the allocator hands back to the kernel and
-        # the next call faults in again.)
-        most = 2 * B * max(seg_lens[(me - t - 1) % r] for t in range(r - 1)) * hk * D if r > 1 else 0
-        bufs = [kv.new_empty(most) for _ in range(min(2, r - 1))]
+        arriving = alternating_buffers(kv, [(2, B, seg_lens[(me - t - 1) % r], hk, D)
+                                            for t in range(r - 1)])
         for t in range(r):
             pending = None
             if t < r - 1:
-                n = seg_lens[(me - t - 1) % r]
-                incoming = bufs[t % 2][:2 * B * n * hk * D].view(2, B, n, hk, D)
+                incoming = arriving[t]
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
             _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
             if pending is not None:
@@ -94,6 +91,17 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
                              TAG_JOINT)
     out, lse = out[:, :, :Sq], lse[:, :, :Sq].contiguous()
     return (out, jout, lse, jlse) if with_lse else (out, jout)
+
+
+def alternating_buffers(like, shapes):
+    """Receive tensors for a ring's successive steps, of `shapes` (like's dtype and device), laid
+    in two buffers used in turn: step t's block arrives where step t - 2's did, whose send and use
+    are done by then (each step waits on its exchange before the next is posted). A fresh tensor
+    per step would be a block-sized allocation each, which the allocator hands back to the
+    kernel and the next call faults in again."""
+    sizes = [math.prod(s) for s in shapes]
+    bufs = [like.new_empty(max(sizes, default=0)) for _ in range(min(2, len(sizes)))]
+    return [bufs[t % 2][:n].view(s) for t, (n, s) in enumerate(zip(sizes, shapes))]
 
 
 def _attend_block(merge_with, kv, src, me, seg_offsets, Sq, causal, start):

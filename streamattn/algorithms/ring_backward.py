@@ -24,6 +24,7 @@ from .. import tags
 from ..kernels_backward import attention_block_backward
 from ..merge import acc_dtype
 from ..sharding import shard, split_lengths
+from .ring import alternating_buffers
 
 TAG_KV, TAG_DKV = tags.RING_BWD_KV, tags.RING_BWD_DKV
 TAG_JOINT, TAG_JOINT_SUM = tags.RING_BWD_JOINT, tags.RING_BWD_JOINT_SUM
@@ -85,11 +86,15 @@ def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, membe
 
     kv = torch.stack([k, v])  # [2, B, S, Hk, D]: one message per step, as in the forward
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
+    arriving = alternating_buffers(kv, [(2, B, lens[(me - t - 1) % r], Hk, D) for t in range(r - 1)])
+    # the accumulator of block (me - t) % r leaves in step t and that of the block before it arrives
+    coming_home = alternating_buffers(dkv, [(2, B, Hk, lens[(me - t - 1) % r], D)
+                                            for t in range(r if r > 1 else 0)])
     for t in range(r):
         src = (me - t) % r
         pending = None
         if t < r - 1:
-            incoming = torch.empty(2, B, lens[(me - t - 1) % r], Hk, D, dtype=kv.dtype, device=kv.device)
+            incoming = arriving[t]
             pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_KV + t)
         kb, vb = bh(kv[0]), bh(kv[1])
         for qs, qo, qn in segs[me]:
@@ -106,7 +111,7 @@ def ring_backward(transport, problem, dout, q, k, v, out, lse, joint=None, membe
         # The accumulator of block src moves on to the next rank, which holds block src next step;
         # after the last step that is the block's owner.
         if r > 1:
-            dkv_in = torch.empty(2, B, Hk, lens[(src - 1) % r], D, dtype=adt, device=q.device)
+            dkv_in = coming_home[t]
             transport.exchange([(nxt, dkv)], [(prv, dkv_in)], TAG_DKV + t).wait()
             dkv = dkv_in
         if pending is not None:
