@@ -16,6 +16,7 @@ def configs(P, G):
            ("auto", None, None)]
     if P == 8 and G == 2:
         out.append(("torus", 2, 2))  # Torus with a ring factor: 12 heads do not divide 8 ranks
+        out.append(("torus", 1, 4))  # a ring of 4 teams: its receive buffers are reused
     return out
 
 

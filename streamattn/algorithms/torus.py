@@ -28,7 +28,7 @@ import torch
 from .. import tags
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
-from .ring import merge_across
+from .ring import alternating_buffers, merge_across
 from .ulysses import allgather_heads, fit_kv_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
 TAG_QKV, TAG_OUT, TAG_RING, TAG_JOINT = tags.TORUS_QKV, tags.TORUS_OUT, tags.TORUS_RING, tags.TORUS_JOINT
@@ -218,10 +218,11 @@ def _ring_of_teams(st, blocks, arrived, joint_kv):
             if final:
                 st.finalise(blocks[i], joint_kv)
 
+    _, B, _, hk, D = kv.shape
+    arriving = alternating_buffers(kv, [(2, B, team_len[(team - step) % r], hk, D)
+                                        for step in range(1, r)])
     for step in range(1, r):
-        src = (team - step) % r
-        incoming = torch.empty(2, kv.shape[1], team_len[src], kv.shape[3], kv.shape[4],
-                               dtype=kv.dtype, device=kv.device)
+        incoming = arriving[step - 1]
         pend = st.tr.exchange([(ring[(team + 1) % r], kv)], [(ring[(team - 1) % r], incoming)],
                               TAG_RING + step)
         if step > 1:  # the K/V of team - (step - 1), being forwarded right now
