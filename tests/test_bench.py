@@ -113,8 +113,21 @@ def test_expected_torus_bytes_equal_the_cost_model(u, t, r, rpn, heads):
         assert all(x["inter"] == 4 * (t - 1) * E // (t * P) for x in b)
 
 
+def test_timed_rounds():
+    """--min-time: more rounds for cheap shapes, the slowest configuration deciding; never fewer
+    than --iters, never more than --max-iters."""
+    from streamattn.bench.runner import SweepSpec, timed_rounds
+
+    spec = SweepSpec(shapes=[], algorithms=[], iters=5, min_time=1.0, max_iters=40)
+    assert timed_rounds(spec, [0.03, 0.1]) == 10       # the slowest: 10 x 0.1 s
+    assert timed_rounds(spec, [0.4, 0.5]) == 5         # already long: --iters
+    assert timed_rounds(spec, [0.001]) == 40           # capped
+    assert timed_rounds(SweepSpec(shapes=[], algorithms=[], iters=5), [0.001]) == 5  # off by default
+
+
 def test_local_bench_end_to_end(tmp_path, capsys):
-    rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + TINY)
+    # --min-time far above what 2 calls take: every configuration gets --max-iters rounds
+    rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + TINY + ["--min-time", "600", "--max-iters", "3"])
     out = capsys.readouterr().out
     assert rc == 0, out
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -127,7 +140,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
         if r.get("cfg", {}).get("native"):
             continue
         lat = r["latency_s"]
-        assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 2
+        assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 3
         assert r["cpu_s"] > 0  # CPU seconds of a call, summed over the ranks
         if r["kind"] == "streamattn":
             assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0

@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="keep only these ulysses x ring factorizations, e.g. 2x2,4x1 (a torus "
                            "u x t x r is kept when u x r is listed)")
     what.add_argument("--iters", type=int, default=5, help="timed calls per configuration (default 5)")
+    what.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
+                      help="more timed calls for cheap shapes: rounds until the slowest configuration "
+                           "has had this many seconds of timed calls (at least --iters, at most "
+                           "--max-iters; default: --iters only, 1 s in --matrix)")
+    what.add_argument("--max-iters", type=int, default=40, help="cap for --min-time (default 40)")
     what.add_argument("--backward", action="store_true",
                       help="time forward+backward (training) instead, local ranks only")
     what.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1, min 1)")
@@ -136,6 +141,7 @@ def run(args) -> int:
         degrees = [tuple(int(x) for x in d.lower().split("x")) for d in args.degrees.split(",")]
     spec = SweepSpec(shapes=shapes, algorithms=[a for a in algos if a != "yunchang"],
                      degrees=degrees, iters=max(1, args.iters), warmup=max(1, args.warmup),
+                     min_time=max(0.0, args.min_time or 0.0), max_iters=max(1, args.iters, args.max_iters),
                      overlap=not args.no_overlap, overlap_iters=max(1, args.overlap_iters),
                      check=not args.no_check, yunchang="yunchang" in algos,
                      yunchang_native=args.yunchang_native, force_auto=args.force_auto,
@@ -219,7 +225,9 @@ def _describe(preset, spec, where) -> str:
         head += f"\npreset {preset.name}: {preset.model} ({preset.full}); scaled: {preset.scaling}"
     head += (f"\nshapes: seq {sorted({x['seq'] for x in spec.shapes})} + text {s['joint_len']}, "
              f"heads {sorted({x['heads'] for x in spec.shapes})} x {s['head_dim']}, batch {s['batch']}, "
-             f"{s['dtype']}; {spec.warmup} warm-up + {spec.iters} timed calls per configuration")
+             f"{s['dtype']}; {spec.warmup} warm-up + {spec.iters} timed calls per configuration"
+             + (f" (more, up to {spec.max_iters}, until the slowest has had {spec.min_time:g} s)"
+                if spec.min_time > 0 else ""))
     return head
 
 

@@ -38,6 +38,11 @@ SHAPES = {
 FIXED = ("ulysses", "ring", "usp", "torus")
 
 
+# seconds of timed calls each configuration gets at least (runner.timed_rounds): the cheap flux
+# cells (30-90 ms a call) otherwise rest on 5 calls, whose median moved +-10% between runs
+MIN_TIME = 1.0
+
+
 def add_arguments(p) -> None:
     m = p.add_argument_group("acceptance matrix (--matrix)")
     m.add_argument("--matrix", action="store_true",
@@ -93,6 +98,7 @@ def run_matrix(args) -> int:
             sub = os.path.join(out, f"{topo}-{bw}-{shape}")
             cmd = [sys.executable, "-m", "streamattn.bench", "--emulate", topo, "--inter-bw", bw,
                    *SHAPES[shape], "--out", sub, "--iters", str(args.iters),
+                   "--min-time", str(MIN_TIME if args.min_time is None else args.min_time), "--max-iters", str(args.max_iters),
                    "--warmup", str(args.warmup), "--no-overlap", "--breakdown",
                    "--trace-iters", str(max(1, args.trace_iters)), "--comm-dtype", "bfloat16",
                    "--autotune", str(max(1, args.matrix_autotune)),

@@ -7,6 +7,7 @@ An executor runs one task on every rank and returns the per-rank results:
 """
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class SweepSpec:
     algorithms: List[str]
     degrees: Optional[List[tuple]] = None
     iters: int = 5
+    min_time: float = 0.0  # > 0: more rounds for cheap shapes (timed_rounds), up to max_iters
+    max_iters: int = 40
     warmup: int = 1
     overlap: bool = True
     overlap_iters: int = 3
@@ -169,6 +172,12 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(desc[:40], refresh=False)
             self.bar.update(1)
+
+    def grow(self, n: int) -> None:
+        """n more calls than planned (timed_rounds raised a shape's rounds)."""
+        if self.bar is not None and n > 0:
+            self.bar.total += n
+            self.bar.refresh()
 
     def note(self, text: str) -> None:
         if not self.enabled:
@@ -226,12 +235,17 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                     _absorb_first(recs[c["name"]], res)
                     bar.step(c["name"])
             timed = [c for c in cfgs if not c.get("check_only")]
-            for i in range(spec.iters):  # interleaved, rotating order
+            i, rounds = 0, spec.iters
+            while i < rounds:  # interleaved, rotating order
                 k = i % len(timed) if timed else 0
                 for c in timed[k:] + timed[:k]:
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed)
                     _absorb_timed(recs[c["name"]], res)
                     bar.step(c["name"])
+                i += 1
+                if i == spec.iters and timed:
+                    rounds = timed_rounds(spec, [statistics.median(recs[c["name"]]["_t"]) for c in timed])
+                    bar.grow((rounds - i) * len(timed))
             if spec.overlap:
                 ocfgs = [c for c in timed if _overlap_cfg(c)]
                 for mode in modes:
@@ -300,6 +314,17 @@ def _absorb_first(rec, res) -> None:
               "predicted_s", "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
+
+
+def timed_rounds(spec: SweepSpec, medians: List[float]) -> int:
+    """Rounds of timed calls for one shape: spec.iters, raised until the slowest configuration
+    has had spec.min_time seconds of timed calls (at most spec.max_iters rounds). Cheap calls are
+    the noisiest (a scheduler tick is 10% of a 40 ms call on oversubscribed cores): their medians
+    get more samples for the same few seconds; calls that are already long keep spec.iters."""
+    if spec.min_time <= 0 or not medians:
+        return spec.iters
+    need = math.ceil(spec.min_time / max(max(medians), 1e-6))
+    return max(spec.iters, min(spec.max_iters, need))
 
 
 def _absorb_timed(rec, res) -> None:
