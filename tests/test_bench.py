@@ -145,6 +145,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
         if r["kind"] == "streamattn":
             assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0
             assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0
+            assert r["compute_only_cpu_s"] > 0 and r["comm_only_cpu_s"] > 0
             assert "predicted_s" in r
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "median ms" in out and "auto" in out and "ulysses 2" in out

@@ -257,6 +257,9 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                         for c in ocfgs[k:] + ocfgs[:k]:
                             res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
+                            if all(r.get("cpu") is not None for r in res):
+                                recs[c["name"]].setdefault("_cpu_" + mode, []).append(
+                                    sum(r["cpu"] for r in res))
                             bar.step(f"{c['name']} {mode}")
             traced = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
             for i in range(spec.trace_iters):  # calls under the recorder (not in the latency stats),
@@ -431,6 +434,9 @@ def _finish(rec, ex, inter_bw, limit=None) -> dict:
         per_node = [statistics.median(w[n * rpn] for w in wire) for n in range(nodes)]
         rec["wire_tx_per_node"] = per_node
     for mode in ("compute", "comm", "inter"):
+        ys = rec.pop("_cpu_" + mode, None)
+        if ys:  # CPU of the call summed over the ranks: what computing / moving bytes costs the cores
+            rec[f"{mode}_only_cpu_s"] = statistics.median(ys)
         xs = rec.pop("_" + mode, None)
         if xs:
             rec[f"{mode}_only_s"] = statistics.median(xs)
