@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement, algorithms, autotune, tags
-from .config import joint_fold_mode, ring_chunks_override, ulysses_chunks_override
+from .config import joint_all_mode, joint_fold_mode, ring_chunks_override, ulysses_chunks_override
 from .planner import make_plan
 from .problem import Problem
 from .transport import TorchTransport, choose_transport, make_transport
@@ -212,7 +212,8 @@ def _run_algorithm(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(transport.rank),
-                                         chunks=ring_chunks_override() or plan.chunks)
+                                         chunks=ring_chunks_override() or plan.chunks,
+                                         joint_all=plan.joint_all)
     if plan.algorithm == "torus":
         return algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
     if plan.algorithm == "usp":
@@ -367,7 +368,7 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
             raise ValueError(f"streamattn.attention: seq_layout='zigzag' runs the ring over every "
                              f"rank; algorithm={algorithm!r} is not available with it")
     request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                   joint_fold=joint_fold_mode())
+                   joint_fold=joint_fold_mode(), joint_all=joint_all_mode())
     plan = make_plan(problem, transport.topology, **request,
                      **_agreed_rates(transport, problem, request))
     ran_with = tuple(sorted((k, str(v)) for k, v in agreement.Settings().values.items()))

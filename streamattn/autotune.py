@@ -49,7 +49,7 @@ def _same(c: Candidate, plan: Plan) -> bool:
     return (c.valid and c.algorithm == plan.algorithm and c.ulysses_degree == plan.ulysses_degree
             and c.ring_degree == plan.ring_degree and torus_degree(c) == plan.torus_degree
             and c.chunks == plan.chunks and c.joint_fold == plan.joint_fold
-            and tuple(c.groups) == tuple(plan.groups))
+            and c.joint_all == plan.joint_all and tuple(c.groups) == tuple(plan.groups))
 
 
 def plan_of(plan: Plan, c: Candidate) -> Plan:
@@ -57,7 +57,7 @@ def plan_of(plan: Plan, c: Candidate) -> Plan:
     return dataclasses.replace(plan, algorithm=c.algorithm, ulysses_degree=c.ulysses_degree,
                                ring_degree=c.ring_degree, groups=c.groups,
                                predicted_s=c.predicted_s, torus_degree=torus_degree(c),
-                               chunks=c.chunks, joint_fold=c.joint_fold,
+                               chunks=c.chunks, joint_fold=c.joint_fold, joint_all=c.joint_all,
                                reason=f"autotune trial: {label(c)}")
 
 

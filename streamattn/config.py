@@ -102,6 +102,12 @@ SETTINGS = {s.name: s for s in (
             "non-causal inference calls): auto (the planner's choice, algorithm='auto' only), "
             "always (whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
             agreed=True),
+    Setting("STREAMATTN_JOINT_ALL", "choice", "auto",
+            "ring / USP with joint (text) tokens, non-causal inference calls: every ring member "
+            "attends all joint queries, so no all-gather of joint rows over the ring follows "
+            "(algorithms/ring.py): auto (the planner's choice, algorithm='auto' only), always "
+            "(whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
+            agreed=True),
     Setting("STREAMATTN_AUTOTUNE", "int", 0,
             "measure-and-pick: with N > 0, the first calls of a shape run the planner's top "
             "candidates N times each and keep the fastest (slowest rank, median); 0: the prediction",
@@ -221,6 +227,11 @@ def ring_chunks_override():
 def joint_fold_mode() -> str:
     """STREAMATTN_JOINT_FOLD: "auto", "always" or "never" (planner.make_plan's joint_fold)."""
     return get("STREAMATTN_JOINT_FOLD")
+
+
+def joint_all_mode() -> str:
+    """STREAMATTN_JOINT_ALL: "auto", "always" or "never" (planner.make_plan's joint_all)."""
+    return get("STREAMATTN_JOINT_ALL")
 
 
 def alltoall_mode() -> str:

@@ -250,11 +250,13 @@ class CostModel:
         return max(per.values(), default=0.0) / self.overlap
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
-             torus_degree: Optional[int] = None, chunks: int = 1, fold: bool = False) -> Candidate:
+             torus_degree: Optional[int] = None, chunks: int = 1, fold: bool = False,
+             joint_all: bool = False) -> Candidate:
         """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
         Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked;
         fold: the joint tokens folded into the sequence, schedule.folded_problem -- the folding
-        copy and the joint output all-gather are blocking steps around the folded plan)."""
+        copy and the joint output all-gather are blocking steps around the folded plan;
+        joint_all: a ring's members each attend all joint queries, schedule.phases)."""
         if fold:
             inner = self.cost(folded_problem(problem), algorithm, u, groups, placement, torus_degree,
                               chunks)
@@ -273,20 +275,21 @@ class CostModel:
                                        bytes_by_kind=tuple(sorted(kinds.items())), steps=steps,
                                        joint_fold=True)
         if chunks > 1 and len(groups) > 1 and algorithm in ("ring", "usp"):
-            return self.cost_ring_chunked(problem, algorithm, u, groups, chunks, placement)
+            return self.cost_ring_chunked(problem, algorithm, u, groups, chunks, placement, joint_all)
         if chunks > 1:
             return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":
             return self.cost_torus(problem, u, torus_degree, groups, placement)
         steps: List[Step] = []
         botts, all_msgs, cache = [], [], {}
-        for ph in phases(problem, u, groups):
+        for ph in phases(problem, u, groups, joint_all=joint_all):
             st, c, m, bott = self._blocking(ph, cache)
             steps.append(st)
             botts.append((m, f"{ph.name}: {bott}"))
             all_msgs += ph.msgs
-        return self._candidate(problem, algorithm, u, problem.world_size // u, groups, placement,
+        cand = self._candidate(problem, algorithm, u, problem.world_size // u, groups, placement,
                                steps, botts, all_msgs)
+        return dataclasses.replace(cand, joint_all=joint_all)
 
     def cost_ulysses_chunked(self, problem, u: int, groups, chunks: int,
                              placement: str = "consecutive") -> Candidate:
@@ -345,7 +348,7 @@ class CostModel:
         return dataclasses.replace(cand, chunks=chunks)
 
     def cost_ring_chunked(self, problem, algorithm: str, u: int, groups, chunks: int,
-                          placement: str = "consecutive") -> Candidate:
+                          placement: str = "consecutive", joint_all: bool = False) -> Candidate:
         """Ring / USP with every ring step's block cut into `chunks` token runs (ring.ring_core):
         the phases before and after the ring are blocking as usual; in the ring, my block's runs
         are all posted at once and the block attended whole; in step t >= 1 each run is waited
@@ -357,7 +360,7 @@ class CostModel:
         sum of max(c_t, m_t) plus the last step's compute. Every run beyond the first of an
         arriving block is one more wait on a peer: sync_s each (scheduling on an oversubscribed
         CPU)."""
-        ph = phases(problem, u, groups, chunks)
+        ph = phases(problem, u, groups, chunks, joint_all)
         cache: Dict[tuple, tuple] = {}
         steps: List[Step] = []
         botts, all_msgs = [], []
@@ -398,7 +401,7 @@ class CostModel:
             all_msgs += p.msgs
         cand = self._candidate(problem, algorithm, u, len(groups), groups, placement, steps, botts,
                                all_msgs)
-        return dataclasses.replace(cand, chunks=chunks)
+        return dataclasses.replace(cand, chunks=chunks, joint_all=joint_all)
 
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
         """Torus over `groups` (P/u Ulysses groups in team order, teams of t groups, r = P/(u*t)).

@@ -103,9 +103,10 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
                       joint_strategy, algorithm, u or None, r or None)
     transport, problem, plan = api.plan_call(group, err, q, k, "bshd", causal, scale, joint,
                                              joint_strategy, algorithm, u or None, r or None)
-    # the folded joint schedule (algorithms/joint_fold.py) has no backward: the op runs the same
-    # factorization with the replicated joint steps, forward and backward alike
-    return transport, problem, dataclasses.replace(plan, joint_fold=False)
+    # the folded joint schedule (algorithms/joint_fold.py) and a ring's all-joint-queries variant
+    # have no backward: the op runs the same factorization with the replicated joint steps, the
+    # joint queries split over the ring, forward and backward alike
+    return transport, problem, dataclasses.replace(plan, joint_fold=False, joint_all=False)
 
 
 def _forward(plan, transport, problem, q, k, v, joint):

@@ -70,6 +70,7 @@ class Candidate:
     # step's block in this many token runs (ring.ring_core)
     chunks: int = 1
     joint_fold: bool = False  # the joint tokens folded into the sequence (schedule.folded_problem)
+    joint_all: bool = False  # every ring member attends all joint queries (ring.ring_core)
 
     @property
     def valid(self) -> bool:
@@ -132,6 +133,9 @@ class Plan:
     # the joint (text) tokens join the sharded sequence, their output rows all-gathered afterwards
     # (algorithms/joint_fold.py); forward only: the op's backward runs the replicated schedule
     joint_fold: bool = False
+    # USP / ring with joint tokens: every ring member attends all T joint queries (no all-gather of
+    # joint rows over the ring after it; ring.ring_core); forward only, like joint_fold
+    joint_all: bool = False
     # ((name, value), ...): the agreed STREAMATTN_* settings the call ran with (kernel, Triton,
     # slot size, topology, ...; config.py, agreed=True), set by the api; empty for make_plan's plans
     settings: tuple = field(default=(), compare=False)
@@ -144,6 +148,7 @@ class Plan:
             "torus_degree": self.torus_degree,
             "chunks": self.chunks,
             "joint_fold": self.joint_fold,
+            "joint_all": self.joint_all,
             "groups": [list(g) for g in self.groups],
             "transport": self.transport,
             "predicted_s": self.predicted_s,
@@ -198,6 +203,7 @@ class Plan:
         torus += split if self.algorithm == "ulysses" else ""
         ring = "" if self.algorithm == "ulysses" else split
         fold = ", joint folded" if self.joint_fold else ""
+        fold += ", all joint queries on every ring member" if self.joint_all else ""
         return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}{ring}{fold}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 
@@ -246,6 +252,7 @@ def chunk_unit(algorithm: str) -> str:
 
 def label(c: Candidate) -> str:
     fold = ", joint folded" if c.joint_fold else ""
+    fold += ", all joint queries on every ring member" if c.joint_all else ""
     if c.chunks > 1:
         return f"{c.label} in {c.chunks} {chunk_unit(c.algorithm)}{fold}"
     if c.algorithm == "torus":
@@ -283,7 +290,8 @@ def explain_plan(plan: Plan) -> str:
     def chosen(c):
         return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
                 and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
-                and c.joint_fold == plan.joint_fold and c.predicted_s == plan.predicted_s)
+                and c.joint_fold == plan.joint_fold and c.joint_all == plan.joint_all
+                and c.predicted_s == plan.predicted_s)
 
     for c in plan.candidates:
         mark = "* " if chosen(c) else "  "
@@ -332,7 +340,8 @@ def explain_plan(plan: Plan) -> str:
 
 def _placement(c) -> str:
     unit = "ch" if c.algorithm == "ulysses" else "runs"
-    return c.placement + (f" x{c.chunks}{unit}" if c.chunks > 1 else "") + (" +fold" if c.joint_fold else "")
+    return (c.placement + (f" x{c.chunks}{unit}" if c.chunks > 1 else "")
+            + (" +fold" if c.joint_fold else "") + (" +jall" if c.joint_all else ""))
 
 
 def _same(a, b) -> bool:

@@ -107,6 +107,10 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
         out += torus_candidates(problem, topology)
     if can_fold(problem):  # each runnable candidate again with the joint tokens folded in
         out += [dataclasses.replace(c, joint_fold=True) for c in out if not c.dropped]
+    if problem.joint_len and not problem.causal and not getattr(problem, "zigzag", False):
+        # each ring again with all joint queries on every member (no joint all-gather after it)
+        out += [dataclasses.replace(c, joint_all=True) for c in out
+                if not c.dropped and not c.joint_fold and c.algorithm in ("ring", "usp")]
     return out
 
 
@@ -139,7 +143,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               compute_rate: Optional[float] = None,
               memory_bandwidth: Optional[float] = None,
               block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto",
-              sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0) -> Plan:
+              sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0,
+              joint_all: str = "auto") -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -158,10 +163,13 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     measured on CPU groups, see `agreed_calibration`; their use: costmodel).
     joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
     algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
-    can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD)."""
+    can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD).
+    joint_all: the same three for the ring / USP candidates whose ring members each attend all
+    joint queries (ring.ring_core; non-causal calls with joint tokens; STREAMATTN_JOINT_ALL)."""
     topology = _topology(topology)
-    if joint_fold not in ("auto", "always", "never"):
-        raise ValueError(f"streamattn: joint_fold={joint_fold!r}: expected 'auto', 'always' or 'never'")
+    for name, mode in (("joint_fold", joint_fold), ("joint_all", joint_all)):
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"streamattn: {name}={mode!r}: expected 'auto', 'always' or 'never'")
     P, H = problem.world_size, problem.heads
     if topology.world_size != P:
         raise ValueError(f"topology {topology.name!r} describes {topology.world_size} ranks but the "
@@ -187,15 +195,16 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
     model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu)
     cands: List[Candidate] = []
-    for c in considered_candidates(problem, topology, joint_fold):
+    for c in considered_candidates(problem, topology, joint_fold, joint_all):
         if not c.dropped:
             model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
-                           torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold)
+                           torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold,
+                           joint_all=c.joint_all)
         cands.append(c)
     model.rate = rate
     allowed, ring_degree = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
-                                   joint_fold, u_forced)
+                                   joint_fold, u_forced, joint_all)
 
     pool = [c for c in cands if allowed(c)]
     best = None
@@ -274,7 +283,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                             "behind compute" if overlap < 1 else "")
                          + (f"\nCPU per network byte and side (measured): {net_cpu * 1e9:.3g} ns"
                             if net_cpu else "")),
-                torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold)
+                torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold,
+                joint_all=best.joint_all)
 
 
 def _calibrated(block_rates) -> str:
@@ -291,17 +301,27 @@ def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
 
 
-def considered_candidates(problem: Problem, topology: Topology, joint_fold: str = "auto") -> List[Candidate]:
+def considered_candidates(problem: Problem, topology: Topology, joint_fold: str = "auto",
+                          joint_all: str = "auto") -> List[Candidate]:
     """enumerate_candidates with the folded twins only when folding is on (joint_fold "auto" or
     "always" and a problem that can fold); with "always" the replicated candidates stay only as
-    dropped ones, to show why."""
+    dropped ones, to show why. joint_all "never": without the all-joint-queries twins of the rings;
+    "always": without the rings they are twins of."""
     folding = can_fold(problem) and joint_fold != "never"
-    return [c for c in enumerate_candidates(problem, topology)
-            if not (not folding if c.joint_fold else
-                    (folding and joint_fold == "always" and not c.dropped))]
+    cands = [c for c in enumerate_candidates(problem, topology)
+             if not (not folding if c.joint_fold else
+                     (folding and joint_fold == "always" and not c.dropped))]
+    if joint_all == "never":
+        return [c for c in cands if not c.joint_all]
+    if joint_all == "always":
+        twins = {(c.algorithm, c.ulysses_degree, c.groups, c.chunks) for c in cands if c.joint_all}
+        return [c for c in cands if c.joint_all or c.joint_fold
+                or (c.algorithm, c.ulysses_degree, c.groups, c.chunks) not in twins]
+    return cands
 
 
-def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, joint_fold, u_forced):
+def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, joint_fold, u_forced,
+            joint_all="auto"):
     """(predicate: may candidate c answer the request?, the ring degree the request resolves to).
     u_forced: _forced_u of the request (None for torus or a free choice)."""
     torus = algorithm == "torus"
@@ -321,6 +341,8 @@ def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, jo
     def allowed(c: Candidate) -> bool:
         if c.joint_fold and joint_fold == "auto" and (algorithm != "auto" or u_forced is not None):
             return False  # a forced choice keeps the joint steps unless folding is asked for
+        if c.joint_all and joint_all == "auto" and (algorithm != "auto" or u_forced is not None):
+            return False  # ... and its ring's joint queries split over the members
         if torus:
             return (c.algorithm == "torus" and torus_u in (None, c.ulysses_degree)
                     and ring_degree in (None, c.ring_degree))
@@ -337,24 +359,25 @@ def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, jo
 
 def calibration_shapes(problem: Problem, topology: Topology, *, algorithm: str = "auto",
                        ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
-                       joint_fold: str = "auto") -> List[tuple]:
+                       joint_fold: str = "auto", joint_all: str = "auto") -> List[tuple]:
     """The distinct block shapes of the valid candidates a make_plan request with these arguments
     can answer with (every candidate's for "auto"; only the forced plan's for a fully forced one),
     in a fixed order (same on every rank). [] when the request cannot run (make_plan raises)."""
-    cands = considered_candidates(problem, topology, joint_fold)
+    cands = considered_candidates(problem, topology, joint_fold, joint_all)
     try:
         u_forced = _forced_u(problem.world_size, problem.heads, algorithm, ulysses_degree,
                              ring_degree)
     except ValueError:
         return []
     allowed, _ = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
-                         joint_fold, u_forced)
+                         joint_fold, u_forced, joint_all)
     return sorted({candidate_block_shape(problem, c) for c in cands if c.valid and allowed(c)})
 
 
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int, *,
                        algorithm: str = "auto", ulysses_degree: Optional[int] = None,
-                       ring_degree: Optional[int] = None, joint_fold: str = "auto") -> dict:
+                       ring_degree: Optional[int] = None, joint_fold: str = "auto",
+                       joint_all: str = "auto") -> dict:
     """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
     for make_plan with the same request arguments, identical on every rank (sync_s:
     `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
@@ -371,11 +394,11 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     import torch
 
     request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                   joint_fold=joint_fold)
+                   joint_fold=joint_fold, joint_all=joint_all)
     needed = calibration_shapes(problem, topology, **request)
     if not needed:
         return {}
-    shapes = calibration_shapes(problem, topology, joint_fold=joint_fold)  # every candidate's
+    shapes = calibration_shapes(problem, topology, joint_fold=joint_fold, joint_all=joint_all)
     # Which shapes to time: the needed ones any rank's cache lacks (ranks on other machines may hold
     # other caches), every rank the same list, each window started together (a barrier), so each
     # rank times a shape while all compute -- not its last shapes while the others have finished.

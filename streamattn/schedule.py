@@ -161,11 +161,13 @@ def fitted_kv(q_range, kv_range, group_size: int) -> int:
     return hq
 
 
-def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
+def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) -> List[Phase]:
     """Every step of the call for Ulysses groups `groups` (u members each; rings = member j of
     every group, in group order), with exact message sizes, per-rank FLOPs and per-rank local
     memory traffic (packing copies, LSE merges). chunks > 1 with a ring (r > 1): every ring step's
-    block travels as `chunks` token runs (ring.ring_core), one message and one merge each."""
+    block travels as `chunks` token runs (ring.ring_core), one message and one merge each.
+    joint_all with a ring: every member attends all T joint queries (ring.ring_core), so no
+    all-gather of joint rows over the ring; r x the joint queries' FLOPs."""
     B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
     T, causal = problem.joint_len, problem.causal
     e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
@@ -194,14 +196,15 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
     else:
         front = T and problem.joint_strategy == "front"
         rear = T and problem.joint_strategy != "front"
-        # the joint queries split over the ring members ride with their queries (ring.ring_core)
-        jsplit = split_lengths(T, r) if T else [0] * r
+        # the joint queries split over the ring members ride with their queries (ring.ring_core);
+        # joint_all: every member attends all of them, in kernel calls of their own
+        jsplit = [T] * r if joint_all else (split_lengths(T, r) if T else [0] * r)
         jl = {m: jsplit[gi] for gi, j, m in members}
         rows = {m: seg_lens[gi] + jl[m] for gi, j, m in members}
         joint_local = {m: attention_flops(B, rows[m] * T, hq, D) for m in rows} if T else {}
         joint_merge = {m: mb * B * hq * rows[m] * D for m in rows}
         stack = {m: 2 * e * 2 * B * seg_lens[gi] * hkf[j] * D for gi, j, m in members}
-        if T:  # my queries and my share of the joint queries copied into one block
+        if T and not joint_all:  # my queries and my share of the joint queries copied into one block
             phases.append(Phase("append my share of the joint queries to my queries", [], {},
                                  mem={m: 2 * e * B * hq * rows[m] * D for m in rows}))
         if front:
@@ -236,7 +239,7 @@ def phases(problem, u: int, groups, chunks: int = 1) -> List[Phase]:
         if rear:
             mem = {m: joint_merge[m] + (ea + e) * B * hq * seg_lens[gi] * D for gi, j, m in members}
             phases.append(Phase("attention of local queries to joint K/V", [], joint_local, mem=mem))
-        if T:  # each member's finished joint rows (out and LSE, accumulation dtype) to the others
+        if T and not joint_all:  # each member's finished joint rows (out and LSE) to the others
             msgs = [(g[j], other[j], B * hq * jl[g[j]] * (D + 1) * ea)
                     for j in range(u) for g in groups for other in groups
                     if other is not g and jl[g[j]]]
@@ -504,14 +507,15 @@ def torus_messages(parts: TorusParts) -> List[Tuple[str, List[Msg]]]:
 
 
 def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
-             chunks: int = 1, fold: bool = False) -> List[Tuple[str, List[Msg]]]:
+             chunks: int = 1, fold: bool = False, joint_all: bool = False) -> List[Tuple[str, List[Msg]]]:
     """(step name, [(src, dst, nbytes)]) for every communication step, in order.
     torus_degree=t: the Torus algorithm over `groups` (all P/u groups, in team order: team x is
     groups x*t .. x*t+t-1; ring factor r = len(groups) / t). chunks > 1 (pure Ulysses): every
     step of each head-group chunk (chunk_problem), chunk by chunk (same messages and bytes as the
     code, which posts every chunk's scatter first); chunks > 1 with a ring (USP, ring): every
     ring step's block as `chunks` token-run messages. fold: the joint tokens folded into the
-    sequence (folded_problem, then the joint output all-gather)."""
+    sequence (folded_problem, then the joint output all-gather). joint_all (USP, ring): every
+    ring member attends all joint queries (phases)."""
     if fold:
         if not can_fold(problem):
             raise ValueError("no joint tokens to fold (or causal / zigzag attention)")
@@ -519,7 +523,7 @@ def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
         return (messages(folded_problem(problem), u, groups, torus_degree, chunks)
                 + [(post.name, list(post.msgs))])
     if chunks > 1 and len(groups) > 1 and torus_degree is None:
-        return [(p.name, list(p.msgs)) for p in phases(problem, u, groups, chunks) if p.msgs]
+        return [(p.name, list(p.msgs)) for p in phases(problem, u, groups, chunks, joint_all) if p.msgs]
     if chunks > 1 and chunks_valid(problem, u, chunks):
         sub = [(p.name, list(p.msgs)) for p in phases(chunk_problem(problem, chunks), u, groups) if p.msgs]
         out = []
@@ -528,14 +532,14 @@ def messages(problem, u: int, groups, torus_degree: Optional[int] = None,
         return out
     if torus_degree is not None:
         return torus_messages(torus_parts(problem, u, torus_degree, groups))
-    return [(p.name, list(p.msgs)) for p in phases(problem, u, groups) if p.msgs]
+    return [(p.name, list(p.msgs)) for p in phases(problem, u, groups, joint_all=joint_all) if p.msgs]
 
 
 def bytes_sent(problem, u: int, groups, torus_degree: Optional[int] = None, chunks: int = 1,
-               fold: bool = False) -> List[int]:
+               fold: bool = False, joint_all: bool = False) -> List[int]:
     """Exact payload bytes every rank sends in one forward call."""
     out = [0] * problem.world_size
-    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold, joint_all):
         for a, _, n in msgs:
             out[a] += n
     return out
@@ -567,11 +571,11 @@ def ring_chunks_valid(problem, groups, chunks: int) -> bool:
 
 
 def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,
-                   chunks: int = 1, fold: bool = False) -> List[Dict[str, int]]:
+                   chunks: int = 1, fold: bool = False, joint_all: bool = False) -> List[Dict[str, int]]:
     """[{"intra", "inter", "messages"}] per rank for one call: what the transport byte counters of
     the execution must read (a message is inter-node when node_of[src] != node_of[dst])."""
     out = [{"intra": 0, "inter": 0, "messages": 0} for _ in range(problem.world_size)]
-    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold):
+    for _, msgs in messages(problem, u, groups, torus_degree, chunks, fold, joint_all):
         for a, b, n in msgs:
             out[a]["inter" if node_of[a] != node_of[b] else "intra"] += n
             out[a]["messages"] += 1
@@ -579,10 +583,10 @@ def per_rank_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int]
 
 
 def node_ingress_bytes(problem, u: int, groups, node_of, torus_degree: Optional[int] = None,
-                       fold: bool = False) -> Dict[int, int]:
+                       fold: bool = False, joint_all: bool = False) -> Dict[int, int]:
     """Bytes every node receives from other nodes in one call (the wire half of the limit)."""
     out: Dict[int, int] = defaultdict(int)
-    for _, msgs in messages(problem, u, groups, torus_degree, fold=fold):
+    for _, msgs in messages(problem, u, groups, torus_degree, fold=fold, joint_all=joint_all):
         for a, b, n in msgs:
             if node_of[a] != node_of[b]:
                 out[node_of[b]] += n

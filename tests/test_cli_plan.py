@@ -11,8 +11,9 @@ def test_plan_explain_runs(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "Candidates" in out and "dropped: 24 heads not divisible by u=16" in out
-    assert "Steps of the chosen plan" in out and "Why: auto: cheapest of 20 costed candidates" in out
-    # 4 ulysses/ring/usp + 6 torus splits costed, each also with the joint tokens folded in;
+    assert "Steps of the chosen plan" in out and "Why: auto: cheapest of 24 costed candidates" in out
+    # 4 ulysses/ring/usp + 6 torus splits costed, each also with the joint tokens folded in, and
+    # the 4 rings / USPs again with all joint queries on every ring member;
     # torus rows show u, t and r
     assert "dropped: 24 heads not divisible by u x t = 8 x 2" in out
 

@@ -121,6 +121,49 @@ def test_joint_folded_torus_and_short_text(rank_pool, P, T):
         assert "joint folded" in res[0]["plan"] and f"Plan({algo if algo != 'auto' else ''}" in res[0]["plan"]
 
 
+JALL = {"STREAMATTN_JOINT_ALL": "always"}
+
+
+def _jall_params():
+    # rings and USPs (the variant has no meaning without a ring), every joint scenario on 3 and 8
+    # ranks, the GQA and bf16 ones on every P; auto too (it may still pick Ulysses or a Torus)
+    for P in WORLD_SIZES[1:][::-1]:
+        for name in JOINT_SCENARIOS:
+            if P not in (3, 8) and name not in ("joint_front", "bf16_joint"):
+                continue
+            for algo, u in [c for c in configs(P, SCENARIOS[name]["heads"]) if c[0] != "ulysses"] + [("auto", None)]:
+                yield pytest.param(P, name, algo, u, id=f"P{P}-{name}-{algo}{u or ''}")
+
+
+@pytest.mark.parametrize("P,scenario,algorithm,u", list(_jall_params()))
+def test_exact_joint_all(rank_pool, P, scenario, algorithm, u):
+    """Every ring member attends all joint queries (STREAMATTN_JOINT_ALL=always; ring.ring_core),
+    one message per step and in 3 token runs: the float64 check, a bit-identical joint output on
+    every rank, and the plan says it ran the variant."""
+    sc = dict(SCENARIOS[scenario])
+    sc.pop("lens")
+    lens = odd_lens(P, len(scenario) + 1)
+    for runs in ("1", "3"):
+        res = rank_pool(P).run(CASES, seq=sum(lens), lens=lens, algorithm=algorithm, ulysses_degree=u,
+                               seed=P + 2, settings=dict(JALL, STREAMATTN_RING_CHUNKS=runs), **sc)
+        tol = TOL[sc.get("dtype", "float32")]
+        assert max(r["err"] for r in res) <= tol, (runs, res)
+        assert max(r["joint_err"] for r in res) <= tol, (runs, res)
+        assert len({r["joint_digest"] for r in res}) == 1, (runs, res)
+        if algorithm != "auto":
+            assert "all joint queries on every ring member" in res[0]["plan"], res[0]["plan"]
+
+
+@pytest.mark.parametrize("P", [4])
+def test_negative_control_unordered_joint_all(rank_pool, P):
+    """The all-joint-queries ring merging its joint partials in each member's own ring order: still
+    exact to rounding, but the joint outputs differ between ranks (the digest check above fails)."""
+    res = rank_pool(P).run("streamattn.testing.cases:unordered_joint_all")
+    assert max(max(r["err"], r["joint_err"]) for r in res) <= 1e-5, res
+    assert "all joint queries on every ring member" in res[0]["plan"], res[0]["plan"]
+    assert len({r["joint_digest"] for r in res}) > 1, res
+
+
 @pytest.mark.parametrize("P", [3])
 def test_negative_control_reversed_fold_rows(rank_pool, P):
     """The folded path's joint rows in the wrong order must fail the joint check."""

@@ -99,9 +99,11 @@ def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
     p = plan_for(seq, heads, 128, joint_len=256, topology="h100x8-2node")
     uly = _cands(p)[(16, "consecutive")]
     # the pick: Ulysses 16, or a plan within 2% of it (at 16k tokens USP 8x2 with the joint tokens
-    # folded into the sequence is predicted 1.3% faster)
+    # folded into the sequence is predicted 1.3% faster), or USP 8x2 with every ring member
+    # attending all joint queries (at 1024 tokens 1.08x faster: no joint all-gather over IB)
     assert p.algorithm != "torus" and p.predicted_s <= uly.predicted_s, p.explain()
-    assert (p.algorithm, p.ulysses_degree) == ("ulysses", 16) or p.predicted_s > 0.98 * uly.predicted_s
+    assert ((p.algorithm, p.ulysses_degree) == ("ulysses", 16) or p.predicted_s > 0.98 * uly.predicted_s
+            or (p.algorithm, p.ulysses_degree, p.joint_all) == ("usp", 8, True)), p.explain()
     tor = _torus(p)[(8, 2, 1)]
     assert tor.valid and 1.05 < tor.predicted_s / uly.predicted_s < 1.5
     assert tor.compute_s > 1.3 * uly.compute_s

@@ -86,6 +86,33 @@ def test_ring_runs_send_what_the_schedule_states(rank_pool, algorithm, u, r):
         assert plain[rank]["messages"] == want1[rank]["messages"] != want[rank]["messages"]
 
 
+@pytest.mark.parametrize("algorithm,u,r", [("ring", 1, 4), ("usp", 2, 2)])
+def test_joint_all_sends_what_the_schedule_states(rank_pool, algorithm, u, r):
+    """With joint tokens, every ring member attending all joint queries (STREAMATTN_JOINT_ALL):
+    the byte counters equal schedule.per_rank_bytes(joint_all=True), without the joint rows'
+    all-gather over the ring (the control: the split variant's count differs)."""
+    from streamattn.problem import Problem
+    from streamattn.schedule import consecutive_groups, per_rank_bytes
+
+    P, seq, heads, D, T = 4, 48, 4, 8, 6
+    pool = rank_pool(P)
+    kw = dict(seq=seq, heads=heads, head_dim=D, algorithm=algorithm, ulysses_degree=u,
+              ring_degree=r, joint_len=T)
+    every = pool.run("streamattn.testing.cases:bytes_per_call",
+                     settings={"STREAMATTN_JOINT_ALL": "always"}, **kw)
+    split = pool.run("streamattn.testing.cases:bytes_per_call", **kw)
+    problem = Problem(1, heads, heads, D, torch.float32, (seq // P,) * P, D ** -0.5, joint_len=T)
+    groups = consecutive_groups(P, u)
+    node_of = [0] * P
+    want = per_rank_bytes(problem, u, groups, node_of, joint_all=True)
+    want_split = per_rank_bytes(problem, u, groups, node_of)
+    assert "all joint queries on every ring member" in every[0]["plan"], every[0]["plan"]
+    for rank in range(P):
+        assert every[rank]["intra"] == want[rank]["intra"], (rank, every[rank], want[rank])
+        assert every[rank]["messages"] == want[rank]["messages"]
+        assert split[rank]["intra"] == want_split[rank]["intra"] > want[rank]["intra"]
+
+
 def _problem(P, seq, heads=8, D=64):
     from streamattn.problem import Problem
 

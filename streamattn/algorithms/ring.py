@@ -9,6 +9,11 @@ last for "rear"). After the ring the members all-gather their finished joint row
 exact), so every member holds the same joint output. Each member thus sends T/r rows to each other
 member, where all-gathering per-member (out, lse) partials of all T rows sent r times as many bytes
 (ring 8 at 2 nodes x 4: 2.3x the ring's own inter-node bytes) and merged r partials.
+joint_all=True instead: every member attends all T joint queries to every block as it passes (r
+times the joint queries' FLOPs, no exchange after the ring: on a slow link the all-gather is a
+wire-bound step no compute hides). The joint rows attend each block (each token run of it) in a
+kernel call of their own, and the partials merge in one order on every member (joint K/V "front",
+blocks in member order, joint K/V "rear"), so the joint output is bit-identical everywhere.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
 
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
-              joint=None, joint_strategy="front", with_lse=False, kv=None, chunks=1):
+              joint=None, joint_strategy="front", with_lse=False, kv=None, chunks=1,
+              joint_all=False):
     """The ring over `members` (group ranks, in ring order); me: my index.
 
     q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
@@ -35,13 +41,27 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     chunks > 1: every step's block travels as that many token runs (sharding.split_lengths of
     its length), each forwarded and attended as soon as it arrives (_chunked_steps).
     seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
-    joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]).
+    joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]). joint_all: every member attends all
+    T joint queries (see the module docstring; not with causal).
     Returns (out [B, h, Sq, D], joint_out [B, h, T, D] or None), both in the accumulation dtype;
     with_lse: (out, joint_out, lse [B, h, Sq], joint_lse [B, h, T] or None), the final LSEs.
     """
     r = len(members)
     B, Sq, h, D = q.shape
     hk = k.shape[2]
+    jparts = None  # joint_all: (order, partial) of the joint queries against each block / run
+    joint_kv = joint  # every row attends the joint K/V
+    if joint is not None and joint_all and r > 1:
+        if causal:
+            raise ValueError("ring_core: joint_all is for non-causal attention")
+        jparts, jqb = [], joint[0].transpose(1, 2)
+
+        def joint_with(kv_block, order):
+            jparts.append((order, attention_with_lse(jqb, kv_block[0].transpose(1, 2),
+                                                     kv_block[1].transpose(1, 2), scale=scale)))
+
+        joint_with(joint[1:], (-1, 0) if joint_strategy == "front" else (r, 0))
+        joint = None  # my queries alone ride the ring
     jlens = split_lengths(joint[0].shape[1], r) if joint is not None else None
     if jlens is not None and jlens[me]:  # my share of the joint queries rides with my queries
         a = sum(jlens[:me])
@@ -57,14 +77,14 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         else:
             acc.extend(start_accumulator(o, l))
 
-    if joint is not None and joint_strategy == "front":
-        merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
+    if joint_kv is not None and joint_strategy == "front":
+        merge_with(joint_kv[1].transpose(1, 2), joint_kv[2].transpose(1, 2))
 
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
     chunks = ring_runs(seg_lens, chunks)
     if chunks > 1 and r > 1:
         _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                       chunks, merge_with)
+                       chunks, merge_with, joint_with if jparts is not None else None)
     else:
         # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
         if kv is None:
@@ -78,19 +98,31 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
                 incoming = arriving[t]
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
             _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
+            if jparts is not None:
+                joint_with(kv, ((me - t) % r, 0))
             if pending is not None:
                 pending.wait()
                 kv = incoming
 
-    if joint is not None and joint_strategy == "rear":
-        merge_with(joint[1].transpose(1, 2), joint[2].transpose(1, 2))
+    if joint_kv is not None and joint_strategy == "rear":
+        merge_with(joint_kv[1].transpose(1, 2), joint_kv[2].transpose(1, 2))
     out, lse = acc if acc else empty_accumulator(B, h, q.shape[1], D, q.dtype, q.device)
+    if jparts is not None:  # one merge order on every member: bit-identical joint rows
+        with trace.span("merge"):
+            jout, jlse = merge_all(in_member_order(jparts))
+        return (out, jout, lse, jlse) if with_lse else (out, jout)
     if joint is None:
         return (out, None, lse, None) if with_lse else (out, None)
     jout, jlse = gather_rows(transport, members, me, out[:, :, Sq:], lse[:, :, Sq:], jlens,
                              TAG_JOINT)
     out, lse = out[:, :, :Sq], lse[:, :, :Sq].contiguous()
     return (out, jout, lse, jlse) if with_lse else (out, jout)
+
+
+def in_member_order(parts):
+    """joint_all's (order, partial) pairs as partials in one order for every member: joint K/V
+    "front", then the blocks by member and token run, then joint K/V "rear"."""
+    return [p for _, p in sorted(parts, key=lambda x: x[0])]
 
 
 def alternating_buffers(like, shapes):
@@ -115,11 +147,13 @@ def _attend_block(merge_with, kv, src, me, seg_offsets, Sq, causal, start):
 
 
 def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                   chunks, merge_with):
+                   chunks, merge_with, joint_with=None):
     """The ring steps with every block cut into `chunks` token runs, one message each. Run i of
     a block is forwarded to the next member and attended as soon as it has arrived, so the
     call's exposed tail is one run's attention instead of one block's (the last block's compute
-    overlaps its own arrival). My own block is posted run by run, then attended whole."""
+    overlaps its own arrival). My own block is posted run by run, then attended whole.
+    joint_with(run, (member, start)): the joint queries of joint_all attend every run, my own
+    block's too (the same runs on every member)."""
     B, _, hk, D = k.shape
     runs = split_lengths(seg_lens[me], chunks)
     starts = [sum(runs[:i]) for i in range(chunks)]
@@ -144,6 +178,8 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
                                  starts[i]))
             if t > 0:
                 _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, start)
+            if joint_with is not None:
+                joint_with(run, (src, start))
         if t == 0:  # every run of my block is posted: attend the block whole
             _attend_block(merge_with, (k, v) if kv is None else kv, src, me, seg_offsets, Sq,
                           causal, 0)
@@ -177,11 +213,12 @@ def merge_across(transport, members, out, lse, tag):
     return merge_all([(f[:n].view(B, h, T, D), f[n:].view(B, h, T)) for f in flats])
 
 
-def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1):
+def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_lse=False, chunks=1,
+                   joint_all=False):
     """Ring over `members` (default: the whole group) with every member's own shard as its block.
     q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]. Returns (out [B, S_local, H, D], joint_out
     [B, T, H, D] or None) in q's dtype; with_lse: also the final LSEs, [B, H, S_local] and
-    [B, H, T] or None (accumulation dtype). chunks: see ring_core."""
+    [B, H, T] or None (accumulation dtype). chunks, joint_all: see ring_core."""
     members = list(range(transport.size)) if members is None else members
     me = members.index(transport.rank)
     lens = [problem.seq_lens[m] for m in members]
@@ -189,7 +226,7 @@ def ring_attention(transport, problem, q, k, v, joint=None, members=None, with_l
     out, jout, lse, jlse = ring_core(transport, members, me, q, k, v, seg_lens=lens,
                                      seg_offsets=offsets, scale=problem.scale, causal=problem.causal,
                                      joint=joint, joint_strategy=problem.joint_strategy,
-                                     with_lse=True, chunks=chunks)
+                                     with_lse=True, chunks=chunks, joint_all=joint_all)
     out = out.transpose(1, 2).to(q.dtype)
     jout = jout.transpose(1, 2).to(q.dtype) if jout is not None else None
     return (out, jout, lse, jlse) if with_lse else (out, jout)

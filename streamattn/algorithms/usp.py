@@ -10,13 +10,16 @@ from .ring import ring_core
 from .ulysses import gather_heads, lse_to_sequence, scatter_heads, slice_joint
 
 
-def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=False, chunks=None):
+def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=False, chunks=None,
+                  joint_all=None):
     """q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]; joint: None or (jq, jk, jv) replicated.
     plan: a Plan (its Ulysses groups; rings join member j of every group, in group order).
     Returns (out [B, S_local, H, D], joint_out [B, T, H, D] or None) in q's dtype; with_lse: also
     the final LSEs, [B, H, S_local] and [B, H, T] or None. chunks: token runs per ring step
-    (ring.ring_core; default plan.chunks)."""
+    (ring.ring_core; default plan.chunks). joint_all: every ring member attends all joint
+    queries (ring.ring_core; default plan.joint_all)."""
     chunks = plan.chunks if chunks is None else chunks
+    joint_all = plan.joint_all if joint_all is None else joint_all
     groups = plan.ulysses_groups()
     uly_members = plan.ulysses_group(transport.rank)
     ring_members = plan.ring_group(transport.rank)
@@ -36,7 +39,7 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=Fal
                                      seg_offsets=seg_offsets, scale=problem.scale,
                                      causal=problem.causal, joint=jh,
                                      joint_strategy=problem.joint_strategy, with_lse=True,
-                                     chunks=chunks)
+                                     chunks=chunks, joint_all=joint_all)
     out = out.transpose(1, 2).to(q.dtype)
     if jout is None:
         out = gather_heads(transport, uly_members, j, out, lens, H)

@@ -18,14 +18,14 @@ def _mb(x) -> str:
 def plan_label(r: dict) -> str:
     """A run's plan in a few characters: "usp 4x2", "torus 2x2x1", "ulysses 4x1 /2ch" (head-group
     chunks), "usp 2x2 /4runs" (ring steps in token runs), "+fold" (joint tokens folded into the
-    sequence)."""
+    sequence), "+jall" (every ring member attends all joint queries)."""
     if r.get("torus_degree", 1) > 1:
         text = f"{r['algorithm']} {r['ulysses_degree']}x{r['torus_degree']}x{r['ring_degree']}"
     else:
         text = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
     if r.get("chunks", 1) > 1:
         text += f" /{r['chunks']}{'ch' if r['algorithm'] == 'ulysses' else 'runs'}"
-    return text + (" +fold" if r.get("joint_fold") else "")
+    return text + (" +fold" if r.get("joint_fold") else "") + (" +jall" if r.get("joint_all") else "")
 
 
 def format_table(records: List[dict]) -> str:

@@ -373,7 +373,7 @@ def _limit(shape, ex, inter_bw, compute_s, threads, compute_cpu_s=None) -> dict:
                 continue
             t = torus_degree(c) if c.algorithm == "torus" else None
             ingress = node_ingress_bytes(problem, c.ulysses_degree, c.groups, node_of, t,
-                                         fold=c.joint_fold)
+                                         fold=c.joint_fold, joint_all=c.joint_all)
             worst = max(ingress.values(), default=0)
             if best is None or worst < best[0]:
                 best = (worst, label(c))

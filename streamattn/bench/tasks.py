@@ -435,6 +435,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
             res.update(plan=str(plan), algorithm=plan.algorithm, ulysses_degree=plan.ulysses_degree,
                        ring_degree=plan.ring_degree, torus_degree=getattr(plan, "torus_degree", 1),
                        chunks=getattr(plan, "chunks", 1), joint_fold=getattr(plan, "joint_fold", False),
+                       joint_all=getattr(plan, "joint_all", False),
                        predicted_s=plan.predicted_s,
                        transport=getattr(plan, "transport", "torch"))
     if check and mode == "full":

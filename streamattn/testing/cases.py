@@ -180,6 +180,21 @@ def reversed_fold_rows(rank, world_size, *, seq=29, heads=4, joint_len=9):
         undo()
 
 
+def unordered_joint_all(rank, world_size, *, seq=37, heads=4, joint_len=9):
+    """Negative control of the all-joint-queries ring (STREAMATTN_JOINT_ALL=always): its joint
+    partials merged in arrival order (each member's own ring order) instead of member order must
+    give joint outputs that differ between the ranks (still exact to rounding)."""
+    from streamattn.algorithms import ring
+
+    real = ring.in_member_order
+    ring.in_member_order = lambda parts: [p for _, p in parts]
+    try:
+        return check_attention(rank, world_size, seq=seq, heads=heads, joint_len=joint_len, seed=7,
+                               algorithm="ring", settings={"STREAMATTN_JOINT_ALL": "always"})
+    finally:
+        ring.in_member_order = real
+
+
 def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
     """The numbers a CPU group measures when it plans a shape (planner.agreed_calibration): the
     synchronising-exchange cost, the core share and the CPU per network byte, as this rank got
@@ -567,26 +582,29 @@ def shm_hold(rank, world_size, *, seconds=30.0):
 
 
 def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree=None,
-                   ring_degree=None, batch=1, dtype="float32", settings=None):
+                   ring_degree=None, batch=1, dtype="float32", settings=None, joint_len=0):
     """Bytes this rank sends in one call (after a warm-up call), per link class; settings:
-    {STREAMATTN_*: value} set around the calls (config.override)."""
+    {STREAMATTN_*: value} set around the calls (config.override); joint_len: text tokens."""
     from streamattn.config import override
 
     with override(**(settings or {})):
         return _bytes_per_call(rank, world_size, seq=seq, heads=heads, head_dim=head_dim,
                                algorithm=algorithm, ulysses_degree=ulysses_degree,
-                               ring_degree=ring_degree, batch=batch, dtype=dtype)
+                               ring_degree=ring_degree, batch=batch, dtype=dtype,
+                               joint_len=joint_len)
 
 
 def _bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree,
-                    ring_degree, batch, dtype):
+                    ring_degree, batch, dtype, joint_len):
     from streamattn import api
 
-    q, k, v, _ = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,
-                             head_dim=head_dim, dtype=dtype)
+    q, k, v, joint = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,
+                                 head_dim=head_dim, dtype=dtype, joint_len=joint_len)
     lens = split_lengths(seq, world_size)
     ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
     kw = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    if joint is not None:
+        kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
     streamattn.attention(ql, kl, vl, **kw)
     api.reset_byte_counters()
     streamattn.attention(ql, kl, vl, **kw)
