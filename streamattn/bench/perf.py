@@ -60,12 +60,12 @@ def _t(rec, stat) -> float:
 
 
 def plan_key(rec) -> Optional[tuple]:
-    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, chunks);
-    None otherwise."""
+    """What a streamattn record ran: (algorithm, ulysses, torus, ring degrees, chunks, joint
+    folded, all joint queries on every ring member); None otherwise."""
     if rec.get("kind") != "streamattn" or not rec.get("algorithm"):
         return None
     return (rec["algorithm"], rec.get("ulysses_degree"), rec.get("torus_degree", 1), rec.get("ring_degree"),
-            rec.get("chunks", 1))
+            rec.get("chunks", 1), bool(rec.get("joint_fold")), bool(rec.get("joint_all")))
 
 
 def _timer(records: List[dict], stat: str, pool: bool):

@@ -314,7 +314,7 @@ def _absorb_first(rec, res) -> None:
     if errs:
         rec["err"] = max(errs)
     for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "chunks",
-              "predicted_s", "transport"):
+              "joint_fold", "joint_all", "predicted_s", "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
 
