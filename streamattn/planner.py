@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Union
 from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
                           resolve_rate, save_cache)
 from .costmodel import CostModel
-from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
-                       per_node_groups, ring_chunks_valid)
+from .schedule import (JOINT_ROWS_STEP, as_dtype, attention_flops, chunks_valid, consecutive_groups,
+                       groups_contiguous, per_node_groups, ring_chunks_valid)
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import LinkKind, Topology, kernel_hash, usable_cores
@@ -203,6 +203,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                            joint_all=c.joint_all)
         cands.append(c)
     model.rate = rate
+    if overlap < 1 and joint_all != "always":
+        cands = _joint_all_dropped_where_compute_dearer(cands, sync_s)
     allowed, ring_degree = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
                                    joint_fold, u_forced, joint_all)
 
@@ -299,6 +301,31 @@ def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     """The kernel block shape candidate `c` runs (calibration.block_shape)."""
     p = folded_problem(problem) if c.joint_fold else problem
     return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
+
+
+def _joint_all_dropped_where_compute_dearer(cands: List[Candidate], sync_s: float) -> List[Candidate]:
+    """Ranks outnumbering cores: the all-joint-queries twin of a ring dropped, saying why, unless
+    the transfer of the joint rows' all-gather it saves (its split twin's step, less the sync cost)
+    takes longer than the compute it adds (its local time over the twin's). The model lets a
+    ring step's compute hide behind its transfer, which shared cores do not: measured on the
+    emulated clusters at 1 Gbit/s (flux 512 + 256: 0.4 MB of joint rows per node, ~3.4 ms on the
+    wire, against ~3-5 ms of repeated joint queries) the variant ran 1.0-1.2x the split queries'
+    time, at 200 Mbit/s (the same bytes, ~17 ms) 0.89-0.95x."""
+    split = {(c.algorithm, c.ulysses_degree, c.groups, c.chunks): c for c in cands
+             if c.valid and not c.joint_all and not c.joint_fold}
+    out = []
+    for c in cands:
+        twin = split.get((c.algorithm, c.ulysses_degree, c.groups, c.chunks)) if c.joint_all else None
+        if c.valid and twin is not None:
+            saved = sum(max(0.0, st.comm_s - sync_s) for st in twin.steps
+                        if st.name.startswith(JOINT_ROWS_STEP))
+            added = c.compute_s - twin.compute_s
+            if saved <= added:
+                c = dataclasses.replace(
+                    c, dropped=f"on shared cores the joint queries it repeats ({added * 1e3:.3g} ms) "
+                               f"cost more than the joint rows' transfer it saves ({saved * 1e3:.3g} ms)")
+        out.append(c)
+    return out
 
 
 def considered_candidates(problem: Problem, topology: Topology, joint_fold: str = "auto",

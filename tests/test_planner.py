@@ -945,3 +945,23 @@ def test_torus_waits_beyond_the_first_cost_sync_each():
                 assert len(extra) == 1 and math.isclose(extra[0].time_s, waits * sync), c
             else:
                 assert not extra, c
+
+
+def test_joint_all_only_where_the_saved_transfer_beats_the_added_compute():
+    """On shared cores (overlap < 1) a ring's all-joint-queries twin stays only where the joint
+    rows' transfer it saves outweighs the joint queries it repeats: kept and picked on a 200 Mbit/s
+    link, dropped (saying why) at 1 Gbit/s; without oversubscription the model alone decides."""
+    from streamattn.topology import resolve_topology
+
+    problem = Problem(1, 24, 24, 32, torch.float32, (64,) * 8, 32 ** -0.5, joint_len=256)
+    kw = dict(sync_s=0.003, overlap=0.25, compute_rate=1.9e10, memory_bandwidth=4e10)
+    slow = make_plan(problem, resolve_topology(topology="2x4:inter=200Mbit/s,intra=5GB/s"), **kw)
+    assert slow.joint_all and slow.algorithm == "usp", slow.explain()
+    fast = make_plan(problem, resolve_topology(topology="2x4:inter=1Gbit/s,intra=5GB/s"), **kw)
+    assert not fast.joint_all, fast.explain()
+    dropped = [c for c in fast.candidates if c.joint_all and c.dropped]
+    assert dropped and all("cost more than the joint rows' transfer it saves" in c.dropped
+                           for c in dropped)
+    idle = make_plan(problem, resolve_topology(topology="2x4:inter=1Gbit/s,intra=5GB/s"),
+                     **dict(kw, overlap=1.0, sync_s=0.0))
+    assert not any(c.joint_all and c.dropped for c in idle.candidates)
