@@ -80,18 +80,19 @@ JOINT_SCENARIOS = [n for n, sc in SCENARIOS.items() if sc.get("joint_len")]
 FOLD = {"STREAMATTN_JOINT_FOLD": "always"}
 
 
-def _fold_params():
+def _joint_params(algorithms=("ring", "ulysses", "usp")):
     # largest groups first: test_exact just left those pools alive (the harness keeps 20 ranks);
-    # every joint scenario on 3 and 8 ranks, the GQA and bf16 ones on every P
+    # every joint scenario on 3 and 8 ranks, the GQA and bf16 ones on every P; auto too
     for P in WORLD_SIZES[1:][::-1]:
         for name in JOINT_SCENARIOS:
             if P not in (3, 8) and name not in ("joint_front", "bf16_joint"):
                 continue
-            for algo, u in configs(P, SCENARIOS[name]["heads"]) + [("auto", None)]:
+            cfgs = [c for c in configs(P, SCENARIOS[name]["heads"]) if c[0] in algorithms]
+            for algo, u in cfgs + [("auto", None)]:
                 yield pytest.param(P, name, algo, u, id=f"P{P}-{name}-{algo}{u or ''}")
 
 
-@pytest.mark.parametrize("P,scenario,algorithm,u", list(_fold_params()))
+@pytest.mark.parametrize("P,scenario,algorithm,u", list(_joint_params()))
 def test_exact_joint_folded(rank_pool, P, scenario, algorithm, u):
     """The joint tokens folded into the sequence (algorithms/joint_fold.py, forced on with
     STREAMATTN_JOINT_FOLD=always) around every algorithm: the same float64 check, the same joint
@@ -124,18 +125,8 @@ def test_joint_folded_torus_and_short_text(rank_pool, P, T):
 JALL = {"STREAMATTN_JOINT_ALL": "always"}
 
 
-def _jall_params():
-    # rings and USPs (the variant has no meaning without a ring), every joint scenario on 3 and 8
-    # ranks, the GQA and bf16 ones on every P; auto too (it may still pick Ulysses or a Torus)
-    for P in WORLD_SIZES[1:][::-1]:
-        for name in JOINT_SCENARIOS:
-            if P not in (3, 8) and name not in ("joint_front", "bf16_joint"):
-                continue
-            for algo, u in [c for c in configs(P, SCENARIOS[name]["heads"]) if c[0] != "ulysses"] + [("auto", None)]:
-                yield pytest.param(P, name, algo, u, id=f"P{P}-{name}-{algo}{u or ''}")
-
-
-@pytest.mark.parametrize("P,scenario,algorithm,u", list(_jall_params()))
+# rings and USPs only: the variant has no meaning without a ring (auto may still pick Ulysses)
+@pytest.mark.parametrize("P,scenario,algorithm,u", list(_joint_params(("ring", "usp"))))
 def test_exact_joint_all(rank_pool, P, scenario, algorithm, u):
     """Every ring member attends all joint queries (STREAMATTN_JOINT_ALL=always; ring.ring_core),
     one message per step and in 3 token runs: the float64 check, a bit-identical joint output on
