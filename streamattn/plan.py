@@ -202,8 +202,7 @@ class Plan:
         split = f" in {self.chunks} {chunk_unit(self.algorithm)}" if self.chunks > 1 else ""
         torus += split if self.algorithm == "ulysses" else ""
         ring = "" if self.algorithm == "ulysses" else split
-        fold = ", joint folded" if self.joint_fold else ""
-        fold += ", all joint queries on every ring member" if self.joint_all else ""
+        fold = joint_suffix(self)
         return (f"Plan({self.algorithm}, ulysses={self.ulysses_degree}{torus} x ring={self.ring_degree}{ring}{fold}, "
                 f"transport={self.transport}{extra}{', ' + self.reason if self.reason else ''})")
 
@@ -250,9 +249,14 @@ def chunk_unit(algorithm: str) -> str:
     return "chunks" if algorithm == "ulysses" else "runs per ring step"
 
 
+def joint_suffix(p) -> str:
+    """How a Plan or Candidate handles the joint tokens, when not the default, for its label."""
+    return ((", joint folded" if p.joint_fold else "")
+            + (", all joint queries on every ring member" if p.joint_all else ""))
+
+
 def label(c: Candidate) -> str:
-    fold = ", joint folded" if c.joint_fold else ""
-    fold += ", all joint queries on every ring member" if c.joint_all else ""
+    fold = joint_suffix(c)
     if c.chunks > 1:
         return f"{c.label} in {c.chunks} {chunk_unit(c.algorithm)}{fold}"
     if c.algorithm == "torus":

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Union
 from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
                           resolve_rate, save_cache)
 from .costmodel import CostModel
-from .schedule import (JOINT_ROWS_STEP, as_dtype, attention_flops, chunks_valid, consecutive_groups,
-                       groups_contiguous, per_node_groups, ring_chunks_valid)
+from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
+                       per_node_groups, ring_chunks_valid)
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import LinkKind, Topology, kernel_hash, usable_cores
@@ -311,14 +311,13 @@ def _joint_all_dropped_where_compute_dearer(cands: List[Candidate], sync_s: floa
     emulated clusters at 1 Gbit/s (flux 512 + 256: 0.4 MB of joint rows per node, ~3.4 ms on the
     wire, against ~3-5 ms of repeated joint queries) the variant ran 1.0-1.2x the split queries'
     time, at 200 Mbit/s (the same bytes, ~17 ms) 0.89-0.95x."""
-    split = {(c.algorithm, c.ulysses_degree, c.groups, c.chunks): c for c in cands
-             if c.valid and not c.joint_all and not c.joint_fold}
+    split = {_ring_key(c): c for c in cands if c.valid and not c.joint_all and not c.joint_fold}
     out = []
     for c in cands:
-        twin = split.get((c.algorithm, c.ulysses_degree, c.groups, c.chunks)) if c.joint_all else None
+        twin = split.get(_ring_key(c)) if c.joint_all else None
         if c.valid and twin is not None:
-            saved = sum(max(0.0, st.comm_s - sync_s) for st in twin.steps
-                        if st.name.startswith(JOINT_ROWS_STEP))
+            # the twins send the same messages but for the joint rows' all-gather (schedule.phases)
+            saved = max(0.0, twin.comm_s - c.comm_s - sync_s)
             added = c.compute_s - twin.compute_s
             if saved <= added:
                 c = dataclasses.replace(
@@ -341,10 +340,14 @@ def considered_candidates(problem: Problem, topology: Topology, joint_fold: str 
     if joint_all == "never":
         return [c for c in cands if not c.joint_all]
     if joint_all == "always":
-        twins = {(c.algorithm, c.ulysses_degree, c.groups, c.chunks) for c in cands if c.joint_all}
-        return [c for c in cands if c.joint_all or c.joint_fold
-                or (c.algorithm, c.ulysses_degree, c.groups, c.chunks) not in twins]
+        twins = {_ring_key(c) for c in cands if c.joint_all}
+        return [c for c in cands if c.joint_all or c.joint_fold or _ring_key(c) not in twins]
     return cands
+
+
+def _ring_key(c: Candidate) -> tuple:
+    """What a ring / USP candidate and its all-joint-queries twin have in common."""
+    return (c.algorithm, c.ulysses_degree, c.groups, c.chunks)
 
 
 def _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree, joint_fold, u_forced,

@@ -161,9 +161,6 @@ def fitted_kv(q_range, kv_range, group_size: int) -> int:
     return hq
 
 
-JOINT_ROWS_STEP = "all-gather the joint output rows over the ring"  # the step joint_all removes
-
-
 def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) -> List[Phase]:
     """Every step of the call for Ulysses groups `groups` (u members each; rings = member j of
     every group, in group order), with exact message sizes, per-rank FLOPs and per-rank local
@@ -247,7 +244,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
                     for j in range(u) for g in groups for other in groups
                     if other is not g and jl[g[j]]]
             mem = {m: 2 * ea * B * hq * T * (D + 1) for m in rows}
-            phases.append(Phase(f"{JOINT_ROWS_STEP} (r={r})", msgs, {},
+            phases.append(Phase(f"all-gather the joint output rows over the ring (r={r})", msgs, {},
                                  mem=mem))
 
     if u > 1:

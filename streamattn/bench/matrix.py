@@ -98,7 +98,8 @@ def run_matrix(args) -> int:
             sub = os.path.join(out, f"{topo}-{bw}-{shape}")
             cmd = [sys.executable, "-m", "streamattn.bench", "--emulate", topo, "--inter-bw", bw,
                    *SHAPES[shape], "--out", sub, "--iters", str(args.iters),
-                   "--min-time", str(MIN_TIME if args.min_time is None else args.min_time), "--max-iters", str(args.max_iters),
+                   "--min-time", str(MIN_TIME if args.min_time is None else args.min_time),
+                   "--max-iters", str(args.max_iters),
                    "--warmup", str(args.warmup), "--no-overlap", "--breakdown",
                    "--trace-iters", str(max(1, args.trace_iters)), "--comm-dtype", "bfloat16",
                    "--autotune", str(max(1, args.matrix_autotune)),

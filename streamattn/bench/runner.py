@@ -257,9 +257,8 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                         for c in ocfgs[k:] + ocfgs[:k]:
                             res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
-                            if all(r.get("cpu") is not None for r in res):
-                                recs[c["name"]].setdefault("_cpu_" + mode, []).append(
-                                    sum(r["cpu"] for r in res))
+                            if (cpu := _cpu(res)) is not None:
+                                recs[c["name"]].setdefault("_cpu_" + mode, []).append(cpu)
                             bar.step(f"{c['name']} {mode}")
             traced = [c for c in timed if c["kind"] == "streamattn" and not c.get("force_auto")]
             for i in range(spec.trace_iters):  # calls under the recorder (not in the latency stats),
@@ -330,10 +329,15 @@ def timed_rounds(spec: SweepSpec, medians: List[float]) -> int:
     return max(spec.iters, min(spec.max_iters, need))
 
 
+def _cpu(res) -> Optional[float]:
+    """One call's CPU seconds summed over the ranks (None when a rank did not measure it)."""
+    return sum(r["cpu"] for r in res) if all(r.get("cpu") is not None for r in res) else None
+
+
 def _absorb_timed(rec, res) -> None:
     rec["_t"].append(res[0]["t"])
-    if all(r.get("cpu") is not None for r in res):
-        rec.setdefault("_cpu", []).append(sum(r["cpu"] for r in res))
+    if (cpu := _cpu(res)) is not None:
+        rec.setdefault("_cpu", []).append(cpu)
     if res[0].get("bytes") is not None:
         per_rank = [r["bytes"] for r in res]
         if "bytes_per_rank" in rec and rec["bytes_per_rank"] != per_rank:
