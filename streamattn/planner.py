@@ -488,30 +488,38 @@ def core_share(transport, tag: int) -> float:
     return min(1.0, min(cores[k] / demand[k] for k in demand))
 
 
-SYNC_ROUNDS = 20
+SYNC_ROUNDS, SYNC_QUANTILE = 20, 0.25
 
 
 def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
     """Seconds one synchronising exchange costs on this group beyond its bytes: `rounds` all-gathers
     of one number, back to back on the group's own transport (so through shared memory and the
-    network as a call's messages go); the mean round, agreed as the mean over the ranks. On an idle
-    machine with a core per rank this is tens of microseconds; with more ranks than cores it is
-    the time a waiting rank needs for its peers to be scheduled. The mean, not the median: there
-    the rounds take either ~0.4 ms or a scheduler tick (~4 ms), in runs of either, and the median
-    of 15 rounds came out 0.36 ms in one measurement and 3.99 ms in the next (4 ranks / 2 cores,
-    gloo), the mean 1.75-4.0 ms. Collective over the group."""
+    network as a call's messages go), each timed; every rank's 25th percentile of its rounds, agreed
+    as the mean over the ranks. On an idle machine with a core per rank this is tens of
+    microseconds; with more ranks than cores it is the time a waiting rank needs for its peers to be
+    scheduled. Back to back, with every rank asleep on the next, the rounds take either ~0.4 ms or a
+    scheduler tick (~4 ms), in runs of either (4 ranks / 2 cores, gloo): their median came out 0.36
+    ms in one measurement and 3.99 ms in the next, their mean 1.3-3.7 ms over 12 measurements
+    while the same flux call took 29-34 ms in all of them. Calls do not see the ticks' runs (their
+    ranks compute between waits): fitting the model to measured calls (2x2 and 2x4 at 1 Gbit/s,
+    flux 512 and 1024 + 256, four plans each) gave 0.25-1 ms per exchange on 2x2 and 0.5-2 ms on
+    2x4, where the mean had put 3 and 5 ms and predicted the small calls 1.3-1.5x too slow; the 25th
+    percentile, 0.4-0.6 ms on 2x2 in 7 of 8 measurements (1.4 in one), keeps the fast mode.
+    Collective over the group."""
     import time
 
     import torch
 
     one = torch.zeros(1, dtype=torch.float64)
     # untimed: the ranks leave the previous collective at different times (rank 0 may be writing
-    # the calibration cache), and the mean would keep that skew, where the median dropped it
+    # the calibration cache)
     transport.all_gather_vector(one, tag)
-    t0 = time.perf_counter()
+    took = []
     for _ in range(rounds):
+        t0 = time.perf_counter()
         transport.all_gather_vector(one, tag)
-    mine = torch.tensor([(time.perf_counter() - t0) / rounds], dtype=torch.float64)
+        took.append(time.perf_counter() - t0)
+    mine = torch.quantile(torch.tensor(took, dtype=torch.float64), SYNC_QUANTILE).reshape(1)
     return float(torch.stack(transport.all_gather_vector(mine, tag)).mean())
 
 
