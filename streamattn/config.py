@@ -150,6 +150,9 @@ SETTINGS = {s.name: s for s in (
             "set by the bench launcher: the emulated node's network interface", scope="bench"),
     Setting("STREAMATTN_EMULATED_NODE", "text", "",
             "set by the emulated-cluster launcher: this rank's node index", scope="bench"),
+    Setting("STREAMATTN_EMULATED_LINKS", "text", "",
+            "set by the emulated-cluster launcher: its shaped links (inter=<rate>,intra=<rate>); "
+            "a probed topology is cached per value", scope="bench"),
     Setting("STREAMATTN_GPU_CHECK_TRACE", "flag", False,
             "streamattn.bench.gpu_check: print a traceback for each failed configuration", scope="bench"),
     Setting("STREAMATTN_BUILD_CUDA", "flag", False,
@@ -269,6 +272,11 @@ def topology() -> str:
 def cache_dir() -> str:
     """STREAMATTN_CACHE_DIR as an absolute path."""
     return os.path.abspath(os.path.expanduser(get("STREAMATTN_CACHE_DIR")))
+
+
+def emulated_links() -> str:
+    """STREAMATTN_EMULATED_LINKS: the emulated cluster's shaped links, or "" (real links)."""
+    return get("STREAMATTN_EMULATED_LINKS")
 
 
 def host_id() -> str:

@@ -194,8 +194,6 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         phases.append(Phase("attention (whole sequence, H/u heads)", [], {m: fl for m in groups[0]},
                              mem=mem))
     else:
-        front = T and problem.joint_strategy == "front"
-        rear = T and problem.joint_strategy != "front"
         # the joint queries split over the ring members ride with their queries (ring.ring_core);
         # joint_all: every member attends all of them, in kernel calls of their own
         jsplit = [T] * r if joint_all else (split_lengths(T, r) if T else [0] * r)
@@ -207,9 +205,6 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         if T and not joint_all:  # my queries and my share of the joint queries copied into one block
             phases.append(Phase("append my share of the joint queries to my queries", [], {},
                                  mem={m: 2 * e * B * hq * rows[m] * D for m in rows}))
-        if front:
-            phases.append(Phase("attention of local queries to joint K/V", [], joint_local,
-                                 mem=joint_merge))
         runs = 1 if problem.zigzag else ring_runs(seg_lens, chunks)
         phases.append(Phase("ring: stack K,V into one message" + (f" per run ({runs})" if runs > 1 else ""),
                              [], {}, mem=stack))
@@ -229,16 +224,16 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
                         skipped = causal and seg_offs[src] > seg_offs[gi] + seg_lens[gi] - 1
                     comp[m] = attention_flops(B, pairs, hq, D)
                     mem[m] = 0 if skipped else (1 if t == 0 else runs) * mb * B * hq * rows[m] * D
-                    if t == r - 1 and not rear:  # final cast of the accumulator
+                    if t == 0 and T:  # the joint K/V, attended once my block is posted
+                        comp[m] += joint_local[m]
+                        mem[m] += joint_merge[m]
+                    if t == r - 1:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
                         msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * e)
                                  for n in split_lengths(seg_lens[src], runs)]
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
-        if rear:
-            mem = {m: joint_merge[m] + (ea + e) * B * hq * seg_lens[gi] * D for gi, j, m in members}
-            phases.append(Phase("attention of local queries to joint K/V", [], joint_local, mem=mem))
         if T and not joint_all:  # each member's finished joint rows (out and LSE) to the others
             msgs = [(g[j], other[j], B * hq * jl[g[j]] * (D + 1) * ea)
                     for j in range(u) for g in groups for other in groups

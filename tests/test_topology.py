@@ -474,6 +474,10 @@ def test_cache_store_load(tmp_path, monkeypatch):
     key = tcache.cache_key(hosts, 4, "gloo", "cpu")
     assert key == tcache.cache_key(list(reversed(hosts)), 4, "gloo", "cpu")  # sorted hosts
     assert key != tcache.cache_key(hosts, 4, "nccl", "cpu")
+    # an emulated cluster at another rate is another topology; the key of real links is unchanged
+    slow = tcache.cache_key(hosts, 4, "gloo", "cpu", "inter=200mbit,intra=unshaped")
+    assert slow != key != tcache.cache_key(hosts, 4, "gloo", "cpu", "inter=1gbit,intra=unshaped") != slow
+    assert key == tcache.cache_key(hosts, 4, "gloo", "cpu", "")
     assert tcache.load(key, hosts) is None
     path = tcache.store(key, hosts, t)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

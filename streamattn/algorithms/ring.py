@@ -4,8 +4,9 @@ Each of the r ring members keeps its query block and sees every member's K/V blo
 the partial outputs with the LSE (merge.update_out_and_lse). Blocks may have different lengths.
 Joint text tokens (never causal): the T joint queries are split over the members
 (sharding.split_lengths(T, r)); member m appends its share to its own queries, so those rows see
-every block as the ring passes it, and all its rows attend the joint K/V once (first for "front",
-last for "rear"). After the ring the members all-gather their finished joint rows (out and LSE,
+every block as the ring passes it, and all its rows attend the joint K/V once, while the first
+step's transfer is in flight ("front" or "rear" only places the joint rows in the output; the
+merge order changes rounding alone). After the ring the members all-gather their finished joint rows (out and LSE,
 exact), so every member holds the same joint output. Each member thus sends T/r rows to each other
 member, where all-gathering per-member (out, lse) partials of all T rows sent r times as many bytes
 (ring 8 at 2 nodes x 4: 2.3x the ring's own inter-node bytes) and merged r partials.
@@ -60,7 +61,6 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
             jparts.append((order, attention_with_lse(jqb, kv_block[0].transpose(1, 2),
                                                      kv_block[1].transpose(1, 2), scale=scale)))
 
-        joint_with(joint[1:], (-1, 0) if joint_strategy == "front" else (r, 0))
         joint = None  # my queries alone ride the ring
     jlens = split_lengths(joint[0].shape[1], r) if joint is not None else None
     if jlens is not None and jlens[me]:  # my share of the joint queries rides with my queries
@@ -77,14 +77,26 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
         else:
             acc.extend(start_accumulator(o, l))
 
-    if joint_kv is not None and joint_strategy == "front":
+    def joint_kv_work():
+        """Every row against the joint K/V (the joint queries of joint_all in a call of their own):
+        local work the first step's transfer hides, so run once its messages are posted -- before
+        them it delayed the first send on a slow link by its whole time (the wire idle meanwhile).
+        Which step merges it changes rounding only (joint attention is never causal); joint_all's
+        joint partials merge by their order label, not by when they ran."""
+        if joint_kv is None:
+            return
+        if jparts is not None:
+            joint_with(joint_kv[1:], (-1, 0) if joint_strategy == "front" else (r, 0))
         merge_with(joint_kv[1].transpose(1, 2), joint_kv[2].transpose(1, 2))
 
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
     chunks = ring_runs(seg_lens, chunks)
+    if r == 1:
+        joint_kv_work()
     if chunks > 1 and r > 1:
         _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                       chunks, merge_with, joint_with if jparts is not None else None)
+                       chunks, merge_with, joint_with if jparts is not None else None,
+                       after_post=joint_kv_work)
     else:
         # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
         if kv is None:
@@ -97,6 +109,8 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
             if t < r - 1:
                 incoming = arriving[t]
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
+            if t == 0 and r > 1:
+                joint_kv_work()
             _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
             if jparts is not None:
                 joint_with(kv, ((me - t) % r, 0))
@@ -104,8 +118,6 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
                 pending.wait()
                 kv = incoming
 
-    if joint_kv is not None and joint_strategy == "rear":
-        merge_with(joint_kv[1].transpose(1, 2), joint_kv[2].transpose(1, 2))
     out, lse = acc if acc else empty_accumulator(B, h, q.shape[1], D, q.dtype, q.device)
     if jparts is not None:  # one merge order on every member: bit-identical joint rows
         with trace.span("merge"):
@@ -147,13 +159,14 @@ def _attend_block(merge_with, kv, src, me, seg_offsets, Sq, causal, start):
 
 
 def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                   chunks, merge_with, joint_with=None):
+                   chunks, merge_with, joint_with=None, after_post=None):
     """The ring steps with every block cut into `chunks` token runs, one message each. Run i of
     a block is forwarded to the next member and attended as soon as it has arrived, so the
     call's exposed tail is one run's attention instead of one block's (the last block's compute
     overlaps its own arrival). My own block is posted run by run, then attended whole.
     joint_with(run, (member, start)): the joint queries of joint_all attend every run, my own
-    block's too (the same runs on every member)."""
+    block's too (the same runs on every member). after_post(): local work run once my block's runs
+    are posted, before my block is attended."""
     B, _, hk, D = k.shape
     runs = split_lengths(seg_lens[me], chunks)
     starts = [sum(runs[:i]) for i in range(chunks)]
@@ -178,9 +191,14 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, 
                                  starts[i]))
             if t > 0:
                 _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, start)
+                if joint_with is not None:
+                    joint_with(run, (src, start))
+        if t == 0:  # every run of my block is posted: the local work, my block attended whole
+            if after_post is not None:
+                after_post()
             if joint_with is not None:
-                joint_with(run, (src, start))
-        if t == 0:  # every run of my block is posted: attend the block whole
+                for run, _, start in cur:
+                    joint_with(run, (src, start))
             _attend_block(merge_with, (k, v) if kv is None else kv, src, me, seg_offsets, Sq,
                           causal, 0)
         cur = nxt_runs

@@ -161,6 +161,7 @@ class RankPlacement:
     ifname: str
     ip: str
     master_addr: str
+    links: str = ""
 
     @property
     def env(self) -> Dict[str, str]:
@@ -175,6 +176,7 @@ class RankPlacement:
             "MASTER_ADDR": self.master_addr,
             "GLOO_SOCKET_IFNAME": self.ifname,
             "STREAMATTN_EMULATED_NODE": str(self.node),
+            "STREAMATTN_EMULATED_LINKS": self.links,
         }
 
 
@@ -245,6 +247,13 @@ class EmulatedCluster:
         self._close_lock = threading.RLock()
 
     # ── description
+    @property
+    def links(self) -> str:
+        """The shaped links, "inter=<rate>,intra=<rate or unshaped>": a probed topology is cached
+        per value (topology.cache.cache_key), so a job at another rate probes afresh."""
+        intra = "unshaped" if self.intra_bw is None else format_tc_rate(self.intra_bw)
+        return f"inter={format_tc_rate(self.inter_bw)},intra={intra}"
+
     def __repr__(self) -> str:
         intra = "unshaped" if self.intra_bw is None else format_tc_rate(self.intra_bw)
         return (f"EmulatedCluster({self.nodes}x{self.ranks_per_node}, inter={format_tc_rate(self.inter_bw)}, "
@@ -273,7 +282,7 @@ class EmulatedCluster:
                              local_rank=rank % self.ranks_per_node,
                              ranks_per_node=self.ranks_per_node, netns=self.netns[node],
                              ifname=self.ifnames[node], ip=self.node_ip(node),
-                             master_addr=self.master_addr)
+                             master_addr=self.master_addr, links=self.links)
 
     def _check_node(self, node: int) -> None:
         if not isinstance(node, int) or not 0 <= node < self.nodes:
@@ -304,6 +313,7 @@ class EmulatedCluster:
         full_env.update({k: str(v) for k, v in (env or {}).items()})
         full_env["GLOO_SOCKET_IFNAME"] = self.ifnames[node]
         full_env.setdefault("STREAMATTN_EMULATED_NODE", str(node))
+        full_env.setdefault("STREAMATTN_EMULATED_LINKS", self.links)
         kw.setdefault("start_new_session", True)
         p = subprocess.Popen(["ip", "netns", "exec", self.netns[node]] + [os.fspath(a) for a in argv],
                              env=full_env, **kw)

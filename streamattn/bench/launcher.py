@@ -36,7 +36,7 @@ HOSTNAME_FMT = "sa-node{}"
 # or a host identity / topology that would override what the nodes discover for themselves.
 _SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
           "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "STREAMATTN_HOST_ID",
-          "STREAMATTN_TOPOLOGY", "STREAMATTN_EMULATED_NODE")
+          "STREAMATTN_TOPOLOGY", "STREAMATTN_EMULATED_NODE", "STREAMATTN_EMULATED_LINKS")
 
 
 def parse_shape(text: str):

@@ -4,7 +4,7 @@ Location: ``$STREAMATTN_CACHE_DIR`` or ``~/.cache/streamattn/`` (directory creat
 ``topology-<key>.json`` per key, written atomically (temp file in the same directory, fsync,
 ``os.replace``) with mode 0600. Read only from a directory and file owned by the current user and
 not writable by others (never through a symlink), with every number finite. The key hashes the sorted host identities, the group size, the
-backend and the device kind; the file also stores the per-rank host list, and a hit whose rank ->
+backend, the device kind and, on an emulated cluster, its shaped links; the file also stores the per-rank host list, and a hit whose rank ->
 host map differs from the current one is treated as a miss. JSON only, never pickle.
 """
 from __future__ import annotations
@@ -28,17 +28,15 @@ def cache_dir() -> str:
     return config.cache_dir()
 
 
-def cache_key(hosts: Sequence[int], world_size: int, backend: str, device_kind: str) -> str:
-    text = json.dumps(
-        {
-            "format": FORMAT,
-            "hosts": sorted(int(h) for h in hosts),
-            "world_size": int(world_size),
-            "backend": backend,
-            "device": device_kind,
-        },
-        sort_keys=True,
-    )
+def cache_key(hosts: Sequence[int], world_size: int, backend: str, device_kind: str,
+              links: str = "") -> str:
+    """links: the emulated cluster's shaped links (config.emulated_links), "" on real links: the
+    same emulated hosts at another rate are another topology."""
+    fields = {"format": FORMAT, "hosts": sorted(int(h) for h in hosts), "world_size": int(world_size),
+              "backend": backend, "device": device_kind}
+    if links:
+        fields["links"] = links
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

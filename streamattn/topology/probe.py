@@ -305,7 +305,7 @@ def probe(
     device_kind = "cuda" if gpu else "cpu"
 
     # 1. cache: rank 0 decides
-    key = _cache.cache_key(hosts, n, be, device_kind)
+    key = _cache.cache_key(hosts, n, be, device_kind, config.emulated_links())
     if cache and n > 1:
         payload = None
         if me == 0:
