@@ -488,24 +488,24 @@ def core_share(transport, tag: int) -> float:
     return min(1.0, min(cores[k] / demand[k] for k in demand))
 
 
-SYNC_ROUNDS, SYNC_QUANTILE = 20, 0.25
+SYNC_ROUNDS, SYNC_QUANTILE = 30, 0.1
 
 
 def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
     """Seconds one synchronising exchange costs on this group beyond its bytes: `rounds` all-gathers
     of one number, back to back on the group's own transport (so through shared memory and the
-    network as a call's messages go), each timed; every rank's 25th percentile of its rounds, agreed
+    network as a call's messages go), each timed; every rank's 10th percentile of its rounds, agreed
     as the mean over the ranks. On an idle machine with a core per rank this is tens of
     microseconds; with more ranks than cores it is the time a waiting rank needs for its peers to be
     scheduled. Back to back, with every rank asleep on the next, the rounds take either ~0.4 ms or a
-    scheduler tick (~4 ms), in runs of either (4 ranks / 2 cores, gloo): their median came out 0.36
-    ms in one measurement and 3.99 ms in the next, their mean 1.3-3.7 ms over 12 measurements
-    while the same flux call took 29-34 ms in all of them. Calls do not see the ticks' runs (their
-    ranks compute between waits): fitting the model to measured calls (2x2 and 2x4 at 1 Gbit/s,
-    flux 512 and 1024 + 256, four plans each) gave 0.25-1 ms per exchange on 2x2 and 0.5-2 ms on
-    2x4, where the mean had put 3 and 5 ms and predicted the small calls 1.3-1.5x too slow; the 25th
-    percentile, 0.4-0.6 ms on 2x2 in 7 of 8 measurements (1.4 in one), keeps the fast mode.
-    Collective over the group."""
+    scheduler tick (~4 ms), in runs of either (4 ranks / 2 cores, gloo): their mean came out
+    1.3-3.7 ms over 12 measurements while the same flux call took 29-34 ms in all of them, and the
+    share of slow rounds drifts from measurement to measurement. Calls do not see the ticks' runs
+    (their ranks compute between waits): fitting the model to measured calls (2x2 and 2x4 at
+    1 Gbit/s, flux 512 and 1024 + 256, four plans each) gave 0.25-1 ms per exchange on 2x2 and
+    0.5-2 ms on 2x4. Over 6-8 measurements the 10th percentile was 0.3-0.7 ms (2x2) and 1.8-2.6
+    ms (2x4); the 25th 0.4-1.4 and 2.3-3.8 ms (it predicted the flux 512 calls of one whole matrix
+    1.3-1.7x too slow), the mean 1.3-3.7 and 4-6.5 ms. Collective over the group."""
     import time
 
     import torch
