@@ -153,3 +153,30 @@ def test_planner_cuts_ring_steps_only_where_the_wire_is_the_bottleneck():
     forced = make_plan(_problem(4, 8192), parse_spec("2x2:intra=5GB/s,inter=200Mbit/s"),
                        algorithm="usp", ulysses_degree=2, **kw)
     assert forced.chunks == 1  # a forced configuration runs as asked
+
+
+ORDER_CASES = [
+    (2, dict(algorithm="ring", joint_strategy="front")),
+    (4, dict(algorithm="ring", joint_strategy="rear", settings=RUNS)),
+    (4, dict(algorithm="ring", settings={"STREAMATTN_JOINT_ALL": "always"})),
+    (4, dict(algorithm="ring", settings=dict(RUNS, STREAMATTN_JOINT_ALL="always"))),
+    (4, dict(algorithm="usp", ulysses_degree=2, ring_degree=2)),
+]
+
+
+@pytest.mark.parametrize("P,case", ORDER_CASES)
+def test_first_ring_step_posted_before_any_attention(rank_pool, P, case):
+    """The joint K/V work (ring.ring_core) runs once the first step's block is posted: before any
+    kernel every rank has handed its block (all its token runs) to its ring successor, so a slow
+    link starts at once (the schedule prices it so: ring step 1 overlaps it). Verified to fail
+    with the joint work first (the order before 46a541a): no post to the successor precedes the
+    first kernel."""
+    res = rank_pool(P).run("streamattn.testing.cases:posts_before_first_kernel", **case)
+    u = case.get("ulysses_degree") or 1
+    runs = int(case.get("settings", {}).get("STREAMATTN_RING_CHUNKS", 1))
+    for rank, got in enumerate(res):
+        assert got["err"] <= 1e-5 and got["kernels"] > 0, got
+        g, j = divmod(rank, u)
+        successor = ((g + 1) % (P // u)) * u + j
+        block = [n for peer, n in got["posts"] if peer == successor and n >= 1024]
+        assert len(block) == runs, (rank, successor, got)

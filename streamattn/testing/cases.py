@@ -195,6 +195,37 @@ def unordered_joint_all(rank, world_size, *, seq=37, heads=4, joint_len=9):
         ring.in_member_order = real
 
 
+def posts_before_first_kernel(rank, world_size, *, seq=64, heads=4, head_dim=16, joint_len=6,
+                              joint_strategy="front", algorithm="ring", ulysses_degree=None,
+                              ring_degree=None, settings=None):
+    """One traced call (after an untraced one): the messages this rank posted before the ring's
+    first attention kernel began, [[peer, bytes], ...] (streamattn.trace events)."""
+    import time
+
+    from streamattn import trace
+    from streamattn.algorithms import ring
+
+    kw = dict(seq=seq, heads=heads, head_dim=head_dim, joint_len=joint_len,
+              joint_strategy=joint_strategy, algorithm=algorithm, ulysses_degree=ulysses_degree,
+              ring_degree=ring_degree, settings=settings)
+    check_attention(rank, world_size, **kw)
+    kernel_starts, real = [], ring.attention_with_lse
+
+    def timed(*a, **k):
+        kernel_starts.append(time.perf_counter())
+        return real(*a, **k)
+
+    ring.attention_with_lse = timed
+    try:
+        with trace.recording() as rec:
+            res = check_attention(rank, world_size, **kw)
+    finally:
+        ring.attention_with_lse = real
+    first = min(kernel_starts, default=float("inf")) - rec.start
+    return {"posts": [[e[2], e[4]] for e in rec.events if e[0] == "post" and e[1] < first],
+            "kernels": len(kernel_starts), "err": res["err"], "plan": res["plan"]}
+
+
 def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
     """The numbers a CPU group measures when it plans a shape (planner.agreed_calibration): the
     synchronising-exchange cost, the core share and the CPU per network byte, as this rank got
