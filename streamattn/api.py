@@ -355,7 +355,8 @@ def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, a
                       head_dim=agreed["head_dim"], dtype=DTYPES[agreed["dtype"]],
                       seq_lens=agreed["seq_lens"], scale=agreed["scale"], causal=bool(agreed["causal"]),
                       joint_len=joint_len, joint_strategy=joint_strategy,
-                      zigzag=agreed["causal"] == ZIGZAG)
+                      zigzag=agreed["causal"] == ZIGZAG,
+                      wire_dtype=comm_dtype if comm_dtype != DTYPES[agreed["dtype"]] else None)
     if problem.zigzag:
         from .zigzag import zigzag_lengths
 

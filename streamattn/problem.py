@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -14,6 +15,8 @@ class Problem:
     in rank order, so rank r's tokens start at global position offsets[r].
     joint_len: replicated text tokens (0 when none).
     zigzag: the tokens are in the zigzag layout instead (segments(r): where rank r's tokens are).
+    wire_dtype: the dtype the call's q/k/v and output messages travel in (comm_dtype: a float32
+    call on a bfloat16 wire, transport.cast); None: dtype. The joint (out, lse) partials stay exact.
     """
 
     batch: int
@@ -27,6 +30,7 @@ class Problem:
     joint_len: int = 0
     joint_strategy: str = "front"
     zigzag: bool = False  # the zigzag sequence layout (streamattn.zigzag); else rank order
+    wire_dtype: Optional[torch.dtype] = None
     offsets: tuple = field(init=False)
 
     def __post_init__(self):

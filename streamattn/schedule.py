@@ -62,6 +62,12 @@ def as_dtype(dtype) -> torch.dtype:
     return _DTYPE_NAMES[key]
 
 
+def wire_bytes(problem) -> int:
+    """Bytes per element of the call's q/k/v and output messages (Problem.wire_dtype, else its
+    dtype); the joint (out, lse) partials travel exact (acc_bytes)."""
+    return dtype_bytes(problem.wire_dtype or problem.dtype)
+
+
 def dtype_bytes(dtype) -> int:
     return torch.empty((), dtype=as_dtype(dtype)).element_size()
 
@@ -131,12 +137,13 @@ class Phase:
     mem: Dict[int, float] = field(default_factory=dict)  # rank -> local memory bytes
 
 
-def scatter_phase(name, groups, seq, B, D, e, hq, hk, group_lens) -> "Phase":
+def scatter_phase(name, groups, seq, B, D, e, hq, hk, group_lens, w=None) -> "Phase":
     """Ulysses' scatter of q, k, v inside every group (streamattn.algorithms.ulysses.post_scatter):
     member j sends each member i its tokens for i's hq query heads and hk[i] K/V heads; locally it
-    packs every peer's slice (read + write) and concatenates what arrived (read + write)."""
+    packs every peer's slice (read + write) and concatenates what arrived (read + write). e / w:
+    bytes per element in memory / on the wire (default e)."""
     u = len(groups[0])
-    msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * e)
+    msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * (w or e))
             for g in groups for j in range(u) for i in range(u) if i != j]
     mem = {m: 2 * e * B * D * (seq[m] * sum(hq + 2 * hk[i] for i in range(u))
                                + group_lens[gi] * (hq + 2 * hk[j]))
@@ -170,7 +177,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
     all-gather of joint rows over the ring; r x the joint queries' FLOPs."""
     B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
     T, causal = problem.joint_len, problem.causal
-    e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
+    e, ea, w = dtype_bytes(problem.dtype), acc_bytes(problem.dtype), wire_bytes(problem)
     mb = merge_bytes(problem.dtype)
     seq, offs = problem.seq_lens, problem.offsets
     r = len(groups)
@@ -185,7 +192,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
 
     if u > 1:
         phases.append(scatter_phase(f"Ulysses all-to-all q,k,v (u={u})", groups, seq, B, D, e, hq,
-                                     hk, seg_lens))
+                                     hk, seg_lens, w))
 
     if r == 1:  # pure Ulysses (or local): the group's tokens + joint, for hq heads
         L = seg_lens[0] + T
@@ -230,7 +237,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
                     if t == r - 1:  # final cast of the accumulator
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
-                        msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * e)
+                        msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * w)
                                  for n in split_lengths(seg_lens[src], runs)]
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
@@ -245,7 +252,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
     if u > 1:
         # With joint tokens every message also carries the sender's heads of the joint output
         # (B*T*hq*D), which is how the joint output is all-gathered over the Ulysses group.
-        msgs = [(g[i], g[j], B * (seq[g[j]] + T) * hq * D * e)
+        msgs = [(g[i], g[j], B * (seq[g[j]] + T) * hq * D * w)
                 for g in groups for j in range(u) for i in range(u) if i != j]
         # copy every outgoing piece contiguous (and the joint output into each), then put the
         # received heads side by side
@@ -271,12 +278,12 @@ def fold_phases(problem) -> Tuple[Phase, Phase]:
     write); afterwards every rank sends its text rows of the output, B*t_r*H*D elements, to every
     other rank and concatenates the T rows (read + write)."""
     B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
-    e, P = dtype_bytes(problem.dtype), problem.world_size
+    e, w, P = dtype_bytes(problem.dtype), wire_bytes(problem), problem.world_size
     lens = fold_lengths(problem)
     seq = folded_problem(problem).seq_lens
     pre = Phase("fold the joint rows into the local shard", [], {},
                 mem={m: 2 * e * B * seq[m] * (H + 2 * Hk) * D for m in range(P)})
-    msgs = [(a, b, B * lens[a] * H * D * e) for a in range(P) for b in range(P) if a != b and lens[a]]
+    msgs = [(a, b, B * lens[a] * H * D * w) for a in range(P) for b in range(P) if a != b and lens[a]]
     post = Phase("all-gather of the folded joint output", msgs, {},
                  mem={m: 2 * e * B * problem.joint_len * H * D for m in range(P)})
     return pre, post
@@ -312,7 +319,7 @@ class TorusParts:
 def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
     B, H, Hk, D = problem.batch, problem.heads, problem.kv_heads, problem.head_dim
     T, causal, strat = problem.joint_len, problem.causal, problem.joint_strategy
-    e, ea = dtype_bytes(problem.dtype), acc_bytes(problem.dtype)
+    e, ea, w = dtype_bytes(problem.dtype), acc_bytes(problem.dtype), wire_bytes(problem)
     mb = merge_bytes(problem.dtype)
     seq, offs = problem.seq_lens, problem.offsets
     n_groups = len(groups)
@@ -339,7 +346,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
     # 1. intra-node all-to-all (scatter_heads over the group), exactly Ulysses' scatter
     if u > 1:
         pre.append(scatter_phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", groups, seq, B,
-                                  D, e, hq_u, hk_raw, glen))
+                                  D, e, hq_u, hk_raw, glen, w))
     # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
     #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
     steps: List[List[Msg]] = []
@@ -350,9 +357,9 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
             team, m = divmod(gi, t)
             q_rng, kv_rng = sub_ranges(g)
             dst = (m + k) % t
-            n = B * glen[gi] * (hq + 2 * (kv_rng[dst][1] - kv_rng[dst][0])) * D * e
-            msgs.append((x, groups[team * t + dst][g], n))
-            pack[x] += 2 * n  # torch.cat of the three sub-slices (read + write)
+            n = B * glen[gi] * (hq + 2 * (kv_rng[dst][1] - kv_rng[dst][0])) * D
+            msgs.append((x, groups[team * t + dst][g], n * w))
+            pack[x] += 2 * n * e  # torch.cat of the three sub-slices (read + write)
         steps.append(msgs)
     # 3. block attention in arrival order: local block first, then the block of exchange k from
     #    member (m-k) % t; each (query block, K/V block) pair once; every attend merges by LSE
@@ -387,7 +394,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
                         ma += mb * B * hq * glen[I] * D
                     if i != m:
                         ma += fin * glen[I]
-                        home_early.append((x, groups[I][g], B * glen[I] * hq * D * e))
+                        home_early.append((x, groups[I][g], B * glen[I] * hq * D * w))
             for i in seen + [j]:  # the new query block against earlier K/V and its own
                 I = tg(i)
                 p = pairs(goff[J], glen[J], goff[I], glen[I])
@@ -402,7 +409,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
                     mem += mb * B * hq * glen[J] * D
                 if j != m:
                     mem += fin * glen[J]
-                    home_last.append((x, groups[J][g], B * glen[J] * hq * D * e))
+                    home_last.append((x, groups[J][g], B * glen[J] * hq * D * w))
                 last_a[x] = (fa, ma)
             else:
                 f, mem = f + fa, mem + ma
@@ -428,7 +435,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
                 cur = (team - s + 1) % r  # whose K/V this rank holds (and forwards) now
                 src = (team - s) % r
                 nxt = groups[((team + 1) % r) * t + m][g]
-                msgs.append((x, nxt, 2 * B * team_len[cur] * hk2[x] * D * e))
+                msgs.append((x, nxt, 2 * B * team_len[cur] * hk2[x] * D * w))
                 f = m_ = 0.0
                 for i in range(t):
                     I = team * t + i
@@ -449,13 +456,13 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
                     m_ += mb * B * hq * glen[I] * D
                 if i != m:
                     m_ += fin * glen[I]
-                    msgs.append((x, groups[I][g], B * glen[I] * hq * D * e))
+                    msgs.append((x, groups[I][g], B * glen[I] * hq * D * w))
             comp[x], mem[x] = f, m_
         post_ring.append(Phase("torus outputs sent home (after the ring)", msgs, comp, mem=mem))
     # 5. my group's tokens back: the kept block's cast, then the intra gather (Ulysses' gather)
     keep = {x: fin * glen[gi] + 2 * e * B * glen[gi] * hq_u * D for gi, g, x in members}
     if u > 1:
-        msgs = [(grp[i], grp[j], B * seq[grp[j]] * hq_u * D * e)
+        msgs = [(grp[i], grp[j], B * seq[grp[j]] * hq_u * D * w)
                 for grp in groups for j in range(u) for i in range(u) if i != j]
         mem = {x: keep[x] + 2 * e * B * D * (hq_u * (glen[gi] - seq[x]) + H * seq[x])
                for gi, g, x in members}
@@ -482,7 +489,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
         for gi, g, x in members:
             team = gi // t
             team_ranks = [y for grp in groups[team * t:(team + 1) * t] for y in grp]
-            msgs += [(x, y, B * T * hq * D * e) for y in team_ranks if y != x]
+            msgs += [(x, y, B * T * hq * D * w) for y in team_ranks if y != x]
         mem = {x: 2 * e * B * T * hq_u * t * D for gi, g, x in members}
         post.append(Phase(f"all-gather of joint output over the team (u x t = {u * t})", msgs, {},
                            mem=mem))

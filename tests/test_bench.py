@@ -413,6 +413,33 @@ def test_matrix_rows_and_checks_from_records():
     assert "| 200 / - / 300 / 150 |" in text  # CPU ms: auto / best fixed (none) / yunchang / limit
 
 
+@pytest.mark.parametrize("algorithm,u,r", [("usp", 2, 2), ("torus", 2, 1), ("ulysses", 4, 1)])
+def test_comm_dtype_is_priced_at_the_wire_bytes(rank_pool, algorithm, u, r):
+    """A bfloat16-wire call sends what schedule.per_rank_bytes states for Problem(wire_dtype=
+    bfloat16): half the q/k/v and output bytes, the joint (out, lse) partials exact; so the planner
+    costs (and picks) the plan at the bytes it sends. The control: the float32 count differs."""
+    import dataclasses
+
+    import torch
+
+    from streamattn.problem import Problem
+    from streamattn.schedule import consecutive_groups, per_rank_bytes
+
+    P, seq, heads, D, T = 4, 48, 4, 8, 6
+    got = rank_pool(P).run("streamattn.testing.cases:bytes_per_call", seq=seq, heads=heads,
+                           head_dim=D, algorithm=algorithm, ulysses_degree=u, ring_degree=r,
+                           joint_len=T, comm_dtype="bfloat16")
+    exact = Problem(1, heads, heads, D, torch.float32, (seq // P,) * P, D ** -0.5, joint_len=T)
+    groups = consecutive_groups(P, u)
+    kw = dict(torus_degree=P // (u * r)) if algorithm == "torus" else {}
+    want = per_rank_bytes(dataclasses.replace(exact, wire_dtype=torch.bfloat16), u, groups,
+                          [0] * P, **kw)
+    fp32 = per_rank_bytes(exact, u, groups, [0] * P, **kw)
+    for rank in range(P):
+        assert got[rank]["intra"] == want[rank]["intra"] != fp32[rank]["intra"], (rank, got[rank])
+        assert got[rank]["messages"] == want[rank]["messages"]
+
+
 def test_comm_dtype_must_agree_and_is_bounded(rank_pool):
     """comm_dtype=torch.bfloat16 on every rank: bounded error (not exact); on some ranks only: the
     same ValueError on every rank, no hang; with float16 inputs: a clear error everywhere."""

@@ -613,20 +613,22 @@ def shm_hold(rank, world_size, *, seconds=30.0):
 
 
 def bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree=None,
-                   ring_degree=None, batch=1, dtype="float32", settings=None, joint_len=0):
+                   ring_degree=None, batch=1, dtype="float32", settings=None, joint_len=0,
+                   comm_dtype=None):
     """Bytes this rank sends in one call (after a warm-up call), per link class; settings:
-    {STREAMATTN_*: value} set around the calls (config.override); joint_len: text tokens."""
+    {STREAMATTN_*: value} set around the calls (config.override); joint_len: text tokens;
+    comm_dtype: "bfloat16" for the reduced-precision wire, or None."""
     from streamattn.config import override
 
     with override(**(settings or {})):
         return _bytes_per_call(rank, world_size, seq=seq, heads=heads, head_dim=head_dim,
                                algorithm=algorithm, ulysses_degree=ulysses_degree,
                                ring_degree=ring_degree, batch=batch, dtype=dtype,
-                               joint_len=joint_len)
+                               joint_len=joint_len, comm_dtype=comm_dtype)
 
 
 def _bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysses_degree,
-                    ring_degree, batch, dtype, joint_len):
+                    ring_degree, batch, dtype, joint_len, comm_dtype):
     from streamattn import api
 
     q, k, v, joint = make_inputs(seed=6, batch=batch, seq=seq, heads=heads, kv_heads=heads,
@@ -636,6 +638,8 @@ def _bytes_per_call(rank, world_size, *, seq, heads, head_dim, algorithm, ulysse
     kw = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
     if joint is not None:
         kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
+    if comm_dtype is not None:
+        kw.update(comm_dtype=getattr(torch, comm_dtype))
     streamattn.attention(ql, kl, vl, **kw)
     api.reset_byte_counters()
     streamattn.attention(ql, kl, vl, **kw)
