@@ -224,20 +224,17 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # the link rate below its compute) the network is not what is noisy, and the plan with fewer
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
-        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to fewer chunks or
-        # ring token runs, then the prediction. Where the wire is the bottleneck a ring's runs are
-        # not chunks: they add no all-to-all round, only waits on data already in flight, and
-        # measured they pay where predicted (2x2 at 200 Mbit/s: 4 runs 1.12-1.16x faster than 1),
-        # so the prediction orders them; where it is not, there is no transfer for them to hide
-        # and they cost a wake-up and a smaller kernel call each (the seventeenth matrix, 1 Gbit/s
-        # flux: 2 runs predicted 4-13% faster than one message, measured 1-6% slower in 5 of 6 rows)
+        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to fewer chunks, then
+        # the prediction. A ring's token runs are not chunks here: they add no all-to-all round,
+        # only waits on data already in flight, and measured they pay where predicted (2x2 at 200
+        # Mbit/s: 4 runs 1.12-1.16x faster than 1), so the prediction orders them
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         wire = wire_bound(best, topology)
         cheapest, best = best, min(close, key=lambda c: (
-            network_bytes(c) if wire else 0, c.chunks if c.algorithm == "ulysses" or not wire else 1,
+            network_bytes(c) if wire else 0, c.chunks if c.algorithm == "ulysses" else 1,
             c.predicted_s))
         tie_note = "" if best is cheapest else (
-            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'Ulysses chunks / ring runs'} among those predicted within "
+            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'Ulysses chunks'} among those predicted within "
             f"{CPU_TIE:.0%} of the cheapest ({label(cheapest)}; this one "
             f"{best.predicted_s / cheapest.predicted_s:.3f}x of it)")
     else:

@@ -894,8 +894,8 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     assert wire_bound(cheapest, resolve_topology(topology=topo))  # 200 Mbit/s: the wire decides
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
-    # bytes do not decide; the fewest Ulysses chunks or ring token runs, then the cheapest
-    # prediction, win
+    # bytes do not decide; the fewest Ulysses chunks (a ring's token runs are not counted), then
+    # the cheapest prediction, win
     # (16384 + 256 tokens: the case must separate the two rules, and as the model changed the
     # fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r of the
     # bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s))
@@ -905,8 +905,9 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)
     band = [c for c in fast.candidates if c.valid and c.predicted_s <= top.predicted_s * (1 + CPU_TIE)]
-    want = min(band, key=lambda c: (c.chunks, c.predicted_s))
-    by_bytes = min(band, key=lambda c: (network_bytes(c), c.chunks, c.predicted_s))
+    uc = lambda c: c.chunks if c.algorithm == "ulysses" else 1  # noqa: E731
+    want = min(band, key=lambda c: (uc(c), c.predicted_s))
+    by_bytes = min(band, key=lambda c: (network_bytes(c), uc(c), c.predicted_s))
     assert by_bytes is not want  # the case separates the two rules
     assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks) == (
         want.algorithm, want.ulysses_degree, want.ring_degree, want.chunks), (fast, want)
@@ -919,31 +920,6 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
         best = min((c for c in one.candidates if c.valid), key=lambda c: c.predicted_s)
         band = [c for c in one.candidates if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         assert one.chunks == min(c.chunks for c in band), (seq, one, band)
-
-
-def test_cpu_tie_band_prefers_fewer_ring_runs_where_compute_bound():
-    """Compute-bound on shared cores (flux 2048 + 256 on 2x4 at 1 Gbit/s): a ring's token runs have
-    no transfer to hide, so inside the CPU tie band one message per step wins over a cheaper
-    prediction in runs (the seventeenth matrix: 2 runs predicted 4-13% faster, measured 1-6%
-    slower in 5 of 6 such rows). The control: the cheapest candidate runs in token runs, and at
-    200 Mbit/s (wire-bound) the prediction keeps ordering the runs."""
-    from streamattn.planner import CPU_TIE, wire_bound
-    from streamattn.topology import resolve_topology
-
-    p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
-                seq_lens=(256,) * 8, scale=32 ** -0.5, joint_len=256)
-    kw = dict(compute_rate=3.5e10, memory_bandwidth=2e10, sync_s=0.002, overlap=0.25,
-              net_cpu=0.25e-9)
-    topo = "2x4:inter=1Gbit/s"
-    plan = make_plan(p, topo, **kw)
-    cheapest = min((c for c in plan.candidates if c.valid and not c.dropped), key=lambda c: c.predicted_s)
-    assert cheapest.chunks > 1 and not wire_bound(cheapest, resolve_topology(topology=topo))
-    assert plan.chunks == 1 and plan.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE), plan
-    assert "ring runs" in plan.reason
-    slow = make_plan(p, "2x4:inter=200Mbit/s", **kw)
-    top = min((c for c in slow.candidates if c.valid and not c.dropped), key=lambda c: c.predicted_s)
-    assert wire_bound(top, resolve_topology(topology="2x4:inter=200Mbit/s"))
-    assert slow.chunks == top.chunks > 1
 
 
 def test_torus_waits_beyond_the_first_cost_sync_each():
