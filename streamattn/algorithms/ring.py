@@ -6,10 +6,11 @@ Joint text tokens (never causal): the T joint queries are split over the members
 (sharding.split_lengths(T, r)); member m appends its share to its own queries, so those rows see
 every block as the ring passes it, and all its rows attend the joint K/V once, while the first
 step's transfer is in flight ("front" or "rear" only places the joint rows in the output; the
-merge order changes rounding alone). After the ring the members all-gather their finished joint rows (out and LSE,
-exact), so every member holds the same joint output. Each member thus sends T/r rows to each other
-member, where all-gathering per-member (out, lse) partials of all T rows sent r times as many bytes
-(ring 8 at 2 nodes x 4: 2.3x the ring's own inter-node bytes) and merged r partials.
+merge order changes rounding alone). After the ring the members all-gather their finished joint
+rows (out and LSE, exact), so every member holds the same joint output. Each member thus sends
+T/r rows to each other member, where all-gathering per-member (out, lse) partials of all T rows
+sent r times as many bytes (ring 8 at 2 nodes x 4: 2.3x the ring's own inter-node bytes) and
+merged r partials.
 joint_all=True instead: every member attends all T joint queries to every block as it passes (r
 times the joint queries' FLOPs, no exchange after the ring: on a slow link the all-gather is a
 wire-bound step no compute hides). The joint rows attend each block (each token run of it) in a
