@@ -342,10 +342,15 @@ def explain_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def joint_tags(joint_fold: bool, joint_all: bool) -> str:
+    """The short form of joint_suffix, for tables: " +fold", " +jall"."""
+    return (" +fold" if joint_fold else "") + (" +jall" if joint_all else "")
+
+
 def _placement(c) -> str:
     unit = "ch" if c.algorithm == "ulysses" else "runs"
     return (c.placement + (f" x{c.chunks}{unit}" if c.chunks > 1 else "")
-            + (" +fold" if c.joint_fold else "") + (" +jall" if c.joint_all else ""))
+            + joint_tags(c.joint_fold, c.joint_all))
 
 
 def _same(a, b) -> bool:

@@ -107,7 +107,7 @@ def enumerate_candidates(problem: Problem, topology: Topology) -> List[Candidate
         out += torus_candidates(problem, topology)
     if can_fold(problem):  # each runnable candidate again with the joint tokens folded in
         out += [dataclasses.replace(c, joint_fold=True) for c in out if not c.dropped]
-    if problem.joint_len and not problem.causal and not getattr(problem, "zigzag", False):
+    if problem.joint_len and not problem.causal and not problem.zigzag:
         # each ring again with all joint queries on every member (no joint all-gather after it)
         out += [dataclasses.replace(c, joint_all=True) for c in out
                 if not c.dropped and not c.joint_fold and c.algorithm in ("ring", "usp")]

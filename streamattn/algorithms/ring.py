@@ -92,8 +92,6 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
 
     nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
     chunks = ring_runs(seg_lens, chunks)
-    if r == 1:
-        joint_kv_work()
     if chunks > 1 and r > 1:
         _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
                        chunks, merge_with, joint_with if jparts is not None else None,
@@ -110,7 +108,7 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
             if t < r - 1:
                 incoming = arriving[t]
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
-            if t == 0 and r > 1:
+            if t == 0:  # after the post (a ring of one has none)
                 joint_kv_work()
             _attend_block(merge_with, kv, (me - t) % r, me, seg_offsets, Sq, causal, 0)
             if jparts is not None:

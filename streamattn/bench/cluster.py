@@ -255,9 +255,8 @@ class EmulatedCluster:
         return f"inter={format_tc_rate(self.inter_bw)},intra={intra}"
 
     def __repr__(self) -> str:
-        intra = "unshaped" if self.intra_bw is None else format_tc_rate(self.intra_bw)
-        return (f"EmulatedCluster({self.nodes}x{self.ranks_per_node}, inter={format_tc_rate(self.inter_bw)}, "
-                f"intra={intra}, subnet={self.subnet}, state={self._state})")
+        return (f"EmulatedCluster({self.nodes}x{self.ranks_per_node}, {self.links.replace(',', ', ')}, "
+                f"subnet={self.subnet}, state={self._state})")
 
     @property
     def master_addr(self) -> str:

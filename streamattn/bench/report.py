@@ -6,6 +6,8 @@ import os
 import platform
 from typing import List, Optional
 
+from ..plan import joint_tags
+
 
 def _ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:.1f}"
@@ -25,7 +27,7 @@ def plan_label(r: dict) -> str:
         text = f"{r['algorithm']} {r['ulysses_degree']}x{r['ring_degree']}"
     if r.get("chunks", 1) > 1:
         text += f" /{r['chunks']}{'ch' if r['algorithm'] == 'ulysses' else 'runs'}"
-    return text + (" +fold" if r.get("joint_fold") else "") + (" +jall" if r.get("joint_all") else "")
+    return text + joint_tags(r.get("joint_fold"), r.get("joint_all"))
 
 
 def format_table(records: List[dict]) -> str:
