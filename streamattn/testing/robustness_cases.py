@@ -110,6 +110,39 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
     return marks
 
 
+def group_freed_on_destroy(rank, world_size, *, transport, algorithm="usp"):
+    """References to a group left after destroy_process_group(), with the cyclic garbage collector
+    off: {"baseline": a group streamattn never saw, "used": a group that carried two calls}.
+    They must be equal. Anything streamattn keeps (a reference cycle is enough) keeps the group
+    and its gloo worker threads alive past destroy; a group freed by the collector at interpreter
+    exit then aborts the process (its worker threads need the GIL the finalizing interpreter
+    holds)."""
+    import gc
+    import sys
+
+    q, k, v, _ = make_inputs(seed=5, batch=1, seq=16, heads=4, kv_heads=4, head_dim=8)
+    lens = split_lengths(16, world_size)
+    ql, kl, vl = (shard(t, lens, rank) for t in (q, k, v))
+    refs = {}
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with override(STREAMATTN_TRANSPORT=transport):
+            for name, calls in (("baseline", 0), ("used", 2)):
+                g = dist.new_group(list(range(world_size)))
+                dist.barrier(g)
+                for _ in range(calls):
+                    streamattn.attention(ql, kl, vl, g, algorithm=algorithm)
+                dist.destroy_process_group(g)
+                refs[name] = sys.getrefcount(g)
+                del g
+    finally:
+        if was:
+            gc.enable()
+    return refs
+
+
 # -- randomized soak ----------------------------------------------------------------------------
 
 def random_soak(rank, world_size, *, calls, seed=0, check_every=5, max_seq=4097, timeout_s=60):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -84,7 +85,10 @@ class FailureMailbox:
     TAG_FAIL, MAGIC, DRAIN_S = FAIL, 0x4641494C, 0.5
 
     def __init__(self, transport):
-        self.t = transport
+        # A proxy, not the transport: a cycle transport <-> mailbox would keep the process group
+        # alive after destroy_process_group() until a cyclic GC, which at interpreter exit runs
+        # the group's destructor while its gloo worker threads need the GIL (SIGABRT at exit).
+        self.t = weakref.proxy(transport)
         self.works, self.bufs, self.sent = {}, {}, False
 
     def open(self) -> None:
