@@ -355,7 +355,9 @@ class CostModel:
         for, forwarded (posted) and attended in turn. With c_t the slowest rank's compute of step
         t and m_t its block's transfer: the runs of a block cross the link one after another,
         run i of step t+1 leaving when run i of step t has arrived and been waited for (post =
-        max(its arrival, the compute before it)) and the link is free; attention of run i starts
+        max(its arrival, the compute before it)) and the link is free -- of my step-t runs too:
+        one connection to the successor sends in posting order, so in a ring of three or more the
+        forwarded runs queue behind mine and only the compute pipelines; attention of run i starts
         at max(its arrival, the end of the run before). With one run this is the unchunked
         sum of max(c_t, m_t) plus the last step's compute. Every run beyond the first of an
         arriving block is one more wait on a peer: sync_s each (scheduling on an oversubscribed
@@ -374,7 +376,9 @@ class CostModel:
                              for i in range(runs)]
         ring_steps = [Step(f"ring step 1/{r}: post my block's {runs} runs, attend the block", c[0], c[0])]
         for t in range(1, r):
-            start, nxt, free = end, [], 0.0
+            # my link to the successor carries my runs of step t first (one connection, sent in
+            # posting order): by symmetry they have left when my predecessor's have arrived
+            start, nxt, free = end, [], arrive[-1] - self.sync_s
             per_run = (comm[t][0] - self.sync_s) / runs if t < r - 1 else 0.0
             for i in range(runs):
                 ready = max(end, arrive[i])

@@ -138,6 +138,33 @@ def test_one_run_prices_as_the_unchunked_ring():
         assert four.chunks == 4 and four.predicted_s < plain.predicted_s
 
 
+@pytest.mark.parametrize("spec, u", [("3x1", 1), ("4x1", 1), ("3x2", 2), ("2x2", 1)])
+def test_forwarded_runs_queue_behind_my_own_on_the_link(spec, u):
+    """A ring of r >= 3 nodes sends r - 1 blocks over each node's uplink, one connection to the
+    successor in posting order: in runs it can pipeline its compute, never its transfers, so on
+    a wire-bound link it costs at least the r - 1 transfers back to back (a 3x2 emulated cluster
+    ran USP 2x3 in runs at 201 ms where this was priced 121 ms, below the wire's 139 ms). The
+    ring of 2 nodes (2x2, r = 4 over 2 uplinks: two of its three steps cross) is held to the
+    same floor."""
+    from streamattn.costmodel import CostModel
+    from streamattn.schedule import consecutive_groups, phases
+    from streamattn.topology import parse_spec
+
+    n, g = map(int, spec.split("x"))
+    P = n * g
+    topo = parse_spec(f"{spec}:intra=5GB/s,inter=200Mbit/s")
+    model = CostModel(topo, 1e12, 1e12)  # compute ~free: the wire decides
+    groups = consecutive_groups(P, u)
+    problem = _problem(P, 4096 * P)
+    algo = "ring" if u == 1 else "usp"
+    ring = [p for p in phases(problem, u, groups, 1) if p.name.startswith("ring step")]
+    wire = sum(model.comm_time(p.msgs)[0] for p in ring[:-1])
+    assert wire > 0
+    for chunks in (2, 4, 8):
+        c = model.cost(problem, algo, u, groups, chunks=chunks)
+        assert c.chunks == chunks and c.predicted_s >= 0.99 * wire, (chunks, c.predicted_s, wire)
+
+
 def test_planner_cuts_ring_steps_only_where_the_wire_is_the_bottleneck():
     """Wire-bound (200 Mbit/s): the last block's compute hides behind its own arrival, so the plan
     runs the ring in token runs; compute-bound (a fast link): each run costs a wait and buys nothing,
