@@ -103,10 +103,11 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
                       joint_strategy, algorithm, u or None, r or None)
     transport, problem, plan = api.plan_call(group, err, q, k, "bshd", causal, scale, joint,
                                              joint_strategy, algorithm, u or None, r or None)
-    # the folded joint schedule (algorithms/joint_fold.py) and a ring's all-joint-queries variant
-    # have no backward: the op runs the same factorization with the replicated joint steps, the
-    # joint queries split over the ring, forward and backward alike
-    return transport, problem, dataclasses.replace(plan, joint_fold=False, joint_all=False)
+    # the folded joint schedule (algorithms/joint_fold.py) returns no LSE for the backward: the op
+    # runs the same factorization with the joint tokens in their own steps instead. A ring's
+    # all-joint-queries variant (+jall) stays: it returns the final joint (out, lse), identical on
+    # every member, and the backward needs nothing else of the forward's schedule
+    return transport, problem, dataclasses.replace(plan, joint_fold=False)
 
 
 def _forward(plan, transport, problem, q, k, v, joint):
@@ -120,7 +121,8 @@ def _forward(plan, transport, problem, q, k, v, joint):
     if plan.algorithm == "ring":
         return algorithms.ring_attention(transport, problem, q, k, v, joint,
                                          members=plan.ring_group(me), with_lse=True,
-                                         chunks=ring_chunks_override() or plan.chunks)
+                                         chunks=ring_chunks_override() or plan.chunks,
+                                         joint_all=plan.joint_all)
     if plan.algorithm == "usp":
         return algorithms.usp_attention(transport, problem, q, k, v, joint, plan=plan, with_lse=True,
                                         chunks=ring_chunks_override() or plan.chunks)

@@ -69,6 +69,32 @@ def test_gradients_match_float64_autograd(rank_pool, P):
         _check([r[i] for r in per_rank], case)
 
 
+JALL = {"STREAMATTN_JOINT_ALL": "always"}
+RUNS_JALL = {"STREAMATTN_JOINT_ALL": "always", "STREAMATTN_RING_CHUNKS": "3"}
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 6])
+def test_gradients_with_all_joint_queries_on_every_ring_member(rank_pool, P):
+    """The op keeps a ring's +jall forward (every member attends all joint queries, no joint
+    all-gather): its final joint (out, lse) feed the same backward. Ring and USP, odd lengths,
+    GQA, front / rear, in token runs too; the forward's bytes show +jall ran (joint rows are never
+    all-gathered over the ring)."""
+    cases = {2: [dict(seq=13, algorithm="ring", joint_len=3, settings=JALL),
+                 dict(seq=13, algorithm="ring", joint_len=3, kv_heads=2, joint_strategy="rear",
+                      settings=RUNS_JALL)],
+             3: [dict(seq=17, heads=3, algorithm="ring", joint_len=2, lens=[7, 4, 6],
+                      settings=RUNS_JALL)],
+             4: [dict(seq=19, algorithm="usp", ulysses_degree=2, ring_degree=2, joint_len=3,
+                      kv_heads=2, settings=JALL),
+                 dict(seq=18, algorithm="ring", dtype="bfloat16", joint_len=4, settings=RUNS_JALL)],
+             6: [dict(seq=25, heads=6, algorithm="usp", ulysses_degree=2, ring_degree=3,
+                      joint_len=2, settings=RUNS_JALL)]}[P]
+    per_rank = rank_pool(P).run("streamattn.testing.grad_cases:check_cases", cases=cases)
+    for i, case in enumerate(cases):
+        _check([r[i] for r in per_rank], case)
+        assert all(r[i]["joint_all"] for r in per_rank), "the op's forward did not run +jall"
+
+
 @pytest.mark.parametrize("P", [4])
 def test_every_factorization_P4(rank_pool, P):
     """Every algorithm and valid (ulysses, ring) split of 4 ranks, joint tokens and GQA."""

@@ -107,14 +107,32 @@ def check_grad(rank, world_size, *, seq, heads=4, kv_heads=None, head_dim=8, bat
 
 def check_cases(rank, world_size, *, cases):
     """check_grad for each case (dicts of its keyword arguments; "settings": {STREAMATTN_*: value}
-    set around that case, config.override), one pool round trip."""
+    set around that case, config.override), one pool round trip. Each result also says whether
+    the op's forward ran a ring with all joint queries on every member ("joint_all"; None: no
+    ring ran)."""
+    from streamattn.algorithms import ring, usp
     from streamattn.config import override
 
+    seen = []
+    real = ring.ring_core
+
+    def spy(*args, **kw):
+        seen.append(bool(kw.get("joint_all", False)))
+        return real(*args, **kw)
+
     out = []
-    for c in cases:
-        c = dict(c)
-        with override(**c.pop("settings", {})):
-            out.append(check_grad(rank, world_size, **c))
+    ring.ring_core = usp.ring_core = spy
+    try:
+        for c in cases:
+            c = dict(c)
+            seen.clear()
+            with override(**c.pop("settings", {})):
+                res = check_grad(rank, world_size, **c)
+            # the first ring of the case is the op's forward (check_grad's first call needs grad)
+            res["joint_all"] = seen[0] if seen else None
+            out.append(res)
+    finally:
+        ring.ring_core = usp.ring_core = real
     return out
 
 
