@@ -99,7 +99,7 @@ SETTINGS = {s.name: s for s in (
             low=0, high=1024, agreed=True),
     Setting("STREAMATTN_JOINT_FOLD", "choice", "auto",
             "joint (text) tokens folded into the sharded sequence (algorithms/joint_fold.py, "
-            "non-causal inference calls): auto (the planner's choice, algorithm='auto' only), "
+            "non-causal calls, training too): auto (the planner's choice, algorithm='auto' only), "
             "always (whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
             agreed=True),
     Setting("STREAMATTN_JOINT_ALL", "choice", "auto",

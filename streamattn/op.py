@@ -28,7 +28,6 @@ rank. `stale_kv` has no backward (it raises when a gradient is required).
 """
 from __future__ import annotations
 
-import dataclasses
 
 from typing import Optional
 
@@ -103,15 +102,17 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
                       joint_strategy, algorithm, u or None, r or None)
     transport, problem, plan = api.plan_call(group, err, q, k, "bshd", causal, scale, joint,
                                              joint_strategy, algorithm, u or None, r or None)
-    # the folded joint schedule (algorithms/joint_fold.py) returns no LSE for the backward: the op
-    # runs the same factorization with the joint tokens in their own steps instead. A ring's
-    # all-joint-queries variant (+jall) stays: it returns the final joint (out, lse), identical on
-    # every member, and the backward needs nothing else of the forward's schedule
-    return transport, problem, dataclasses.replace(plan, joint_fold=False)
+    # the backward needs nothing of the forward's schedule but the final (out, lse) of every row,
+    # which the folded schedule and a ring's all-joint-queries variant (+jall) return as well
+    return transport, problem, plan
 
 
 def _forward(plan, transport, problem, q, k, v, joint):
     """The plan's algorithm, with the final LSEs (torus: NaN placeholders, see the backward)."""
+    if plan.joint_fold and joint is not None:
+        return algorithms.folded_attention(
+            lambda p, fq, fk, fv: _forward(plan, transport, p, fq, fk, fv, None),
+            transport, problem, q, k, v, joint, with_lse=True)
     me = transport.rank
     if problem.zigzag:
         return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint, with_lse=True)

@@ -24,6 +24,7 @@ ULYSSES_JOINT = 12     # ulysses: all-gather of the joint output heads
 RING_JOINT = 13        # ring: all-gather of the finished joint rows
 TORUS_JOINT = 14       # torus: the same for Torus
 JOINT_FOLD = 15        # joint_fold: all-gather of the folded joint output rows
+JOINT_FOLD_LSE = 16    # joint_fold (with_lse, the op): all-gather of the folded joint LSE rows
 RING_BWD_JOINT = 6990    # ring_backward: joint-token gradient partials (all-gathered, or their
                          # chunks reduce-scattered)
 RING_BWD_JOINT_SUM = 6991  # ring_backward: all-gather of the summed chunks

@@ -95,6 +95,31 @@ def test_gradients_with_all_joint_queries_on_every_ring_member(rank_pool, P):
         assert all(r[i]["joint_all"] for r in per_rank), "the op's forward did not run +jall"
 
 
+FOLD = {"STREAMATTN_JOINT_FOLD": "always"}
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_gradients_with_the_joint_tokens_folded(rank_pool, P):
+    """The op keeps the folded forward (the text rows prepended to the shards, the plan run over
+    S + T tokens, the text rows' output and LSE all-gathered): the backward gets every row's
+    final (out, lse). Every algorithm under it, odd lengths, GQA, rear, bf16; a spy shows the
+    op's forward ran folded."""
+    cases = {2: [dict(seq=13, algorithm="ring", joint_len=3, settings=FOLD),
+                 dict(seq=13, algorithm="ulysses", joint_len=3, kv_heads=2, joint_strategy="rear",
+                      settings=FOLD)],
+             3: [dict(seq=17, heads=3, algorithm="ring", joint_len=2, lens=[7, 4, 6], settings=FOLD),
+                 dict(seq=17, heads=3, joint_len=5, settings=FOLD)],
+             4: [dict(seq=19, algorithm="usp", ulysses_degree=2, ring_degree=2, joint_len=3,
+                      kv_heads=2, settings=FOLD),
+                 dict(seq=19, algorithm="torus", ulysses_degree=2, ring_degree=1, joint_len=3,
+                      settings=FOLD),
+                 dict(seq=18, algorithm="ulysses", dtype="bfloat16", joint_len=4, settings=FOLD)]}[P]
+    per_rank = rank_pool(P).run("streamattn.testing.grad_cases:check_cases", cases=cases)
+    for i, case in enumerate(cases):
+        _check([r[i] for r in per_rank], case)
+        assert all(r[i]["folded_op"] for r in per_rank), "the op's forward did not run folded"
+
+
 @pytest.mark.parametrize("P", [4])
 def test_every_factorization_P4(rank_pool, P):
     """Every algorithm and valid (ulysses, ring) split of 4 ranks, joint tokens and GQA."""

@@ -109,30 +109,39 @@ def check_cases(rank, world_size, *, cases):
     """check_grad for each case (dicts of its keyword arguments; "settings": {STREAMATTN_*: value}
     set around that case, config.override), one pool round trip. Each result also says whether
     the op's forward ran a ring with all joint queries on every member ("joint_all"; None: no
-    ring ran)."""
+    ring ran) and whether it ran the folded schedule ("folded_op")."""
+    from streamattn import algorithms
     from streamattn.algorithms import ring, usp
     from streamattn.config import override
 
-    seen = []
-    real = ring.ring_core
+    seen, folded = [], []
+    real, real_fold = ring.ring_core, algorithms.folded_attention
 
     def spy(*args, **kw):
         seen.append(bool(kw.get("joint_all", False)))
         return real(*args, **kw)
 
+    def spy_fold(*args, **kw):
+        folded.append(bool(kw.get("with_lse", False)))
+        return real_fold(*args, **kw)
+
     out = []
     ring.ring_core = usp.ring_core = spy
+    algorithms.folded_attention = spy_fold
     try:
         for c in cases:
             c = dict(c)
             seen.clear()
+            folded.clear()
             with override(**c.pop("settings", {})):
                 res = check_grad(rank, world_size, **c)
             # the first ring of the case is the op's forward (check_grad's first call needs grad)
             res["joint_all"] = seen[0] if seen else None
+            res["folded_op"] = any(folded)  # the op's forward asks the folded run for the LSE
             out.append(res)
     finally:
         ring.ring_core = usp.ring_core = real
+        algorithms.folded_attention = real_fold
     return out
 
 
