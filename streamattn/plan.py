@@ -131,10 +131,10 @@ class Plan:
     # each ring step's block travels in, each forwarded and attended as it arrives
     chunks: int = 1
     # the joint (text) tokens join the sharded sequence, their output rows all-gathered afterwards
-    # (algorithms/joint_fold.py); forward only: the op's backward runs the replicated schedule
+    # (algorithms/joint_fold.py); the backward, schedule-independent, needs only its final LSEs
     joint_fold: bool = False
     # USP / ring with joint tokens: every ring member attends all T joint queries (no all-gather of
-    # joint rows over the ring after it; ring.ring_core); forward only, like joint_fold
+    # joint rows over the ring after it; ring.ring_core); in training too, like joint_fold
     joint_all: bool = False
     # ((name, value), ...): the agreed STREAMATTN_* settings the call ran with (kernel, Triton,
     # slot size, topology, ...; config.py, agreed=True), set by the api; empty for make_plan's plans
