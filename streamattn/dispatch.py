@@ -9,12 +9,34 @@ per process), which an inference process never needs.
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from . import api
 from .validate import check_local
 
 __all__ = ["attention"]
+
+
+def _op_module():
+    """streamattn.op, imported on first use (it registers torch.ops.streamattn.* and imports
+    torch._dynamo). That import leaves frame reference cycles behind (torch.fx.wrap keeps its
+    own frame), and through their f_back chain they hold the caller's frame, with the group of
+    the first call, until the cyclic collector runs: once, right after the import, it runs now,
+    so that a group destroyed later is freed inside destroy_process_group (0.1 s, once)."""
+    global _collected
+    from . import op
+
+    if torch.compiler.is_compiling():  # traced: the import alone (dynamo guards sys.modules)
+        return op
+    if not _collected:
+        _collected = True
+        gc.collect()
+    return op
+
+
+_collected = False  # _op_module has run its one collection
 
 
 def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, joint_q=None,
@@ -49,7 +71,7 @@ def attention(q, k, v, group=None, *, layout="bshd", causal=False, scale=None, j
         if joint is not None:
             joint = tuple(t.transpose(1, 2) for t in joint)
     jq, jk, jv = joint if joint is not None else (None, None, None)
-    from . import op  # registers torch.ops.streamattn.* (imports torch._dynamo): first use only
+    op = _op_module()
 
     out, jout, _, _ = torch.ops.streamattn.attention(
         q, k, v, jq, jk, jv, op.group_id(group), bool(causal), float(scale), joint_strategy,

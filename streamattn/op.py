@@ -28,7 +28,8 @@ rank. `stale_kv` has no backward (it raises when a gradient is required).
 """
 from __future__ import annotations
 
-
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -43,7 +44,11 @@ from .validate import check_local
 
 __all__ = ["group_id"]  # and the ops torch.ops.streamattn.attention / attention_backward
 
-_groups: dict = {}  # id -> group (0: the default group)
+# id -> group (0: the default group). Weak: a destroyed group must be freed inside
+# destroy_process_group, not kept until interpreter exit (its gloo threads abort the process
+# then); ids are never reused.
+_groups = weakref.WeakValueDictionary()
+_next_id = itertools.count(1)
 
 
 @torch.compiler.assume_constant_result
@@ -54,13 +59,19 @@ def group_id(group) -> int:
     for gid, g in _groups.items():
         if g is group:
             return gid
-    gid = len(_groups) + 1
+    gid = next(_next_id)
     _groups[gid] = group
     return gid
 
 
 def _group(gid: int):
-    return None if gid == 0 else _groups[gid]
+    if gid == 0:
+        return None
+    group = _groups.get(gid)
+    if group is None:
+        raise RuntimeError(f"streamattn: the process group of this call (op group id {gid}) has "
+                           "been destroyed")
+    return group
 
 
 # ------------------------------------------------------------------------------------ forward

@@ -77,8 +77,7 @@ RUNS_JALL = {"STREAMATTN_JOINT_ALL": "always", "STREAMATTN_RING_CHUNKS": "3"}
 def test_gradients_with_all_joint_queries_on_every_ring_member(rank_pool, P):
     """The op keeps a ring's +jall forward (every member attends all joint queries, no joint
     all-gather): its final joint (out, lse) feed the same backward. Ring and USP, odd lengths,
-    GQA, front / rear, in token runs too; the forward's bytes show +jall ran (joint rows are never
-    all-gathered over the ring)."""
+    GQA, front / rear, in token runs too; a spy on ring_core shows the op's forward ran +jall."""
     cases = {2: [dict(seq=13, algorithm="ring", joint_len=3, settings=JALL),
                  dict(seq=13, algorithm="ring", joint_len=3, kv_heads=2, joint_strategy="rear",
                       settings=RUNS_JALL)],

@@ -110,10 +110,11 @@ def group_cycles(rank, world_size, *, cycles, transport="shm", explicit_release=
     return marks
 
 
-def group_freed_on_destroy(rank, world_size, *, transport, algorithm="usp"):
+def group_freed_on_destroy(rank, world_size, *, transport, algorithm="usp", call="eager"):
     """References to a group left after destroy_process_group(), with the cyclic garbage collector
     off: {"baseline": a group streamattn never saw, "used": a group that carried two calls}.
-    They must be equal. Anything streamattn keeps (a reference cycle is enough) keeps the group
+    call: "eager" (inference), "grad" (the op, forward + backward) or "bf16" (comm_dtype's
+    wrapper transport). They must be equal. Anything streamattn keeps (a reference cycle is enough) keeps the group
     and its gloo worker threads alive past destroy; a group freed by the collector at interpreter
     exit then aborts the process (its worker threads need the GIL the finalizing interpreter
     holds)."""
@@ -133,7 +134,14 @@ def group_freed_on_destroy(rank, world_size, *, transport, algorithm="usp"):
                 g = dist.new_group(list(range(world_size)))
                 dist.barrier(g)
                 for _ in range(calls):
-                    streamattn.attention(ql, kl, vl, g, algorithm=algorithm)
+                    if call == "grad":
+                        x = ql.clone().requires_grad_()
+                        streamattn.attention(x, kl, vl, g, algorithm=algorithm).sum().backward()
+                    elif call == "bf16":
+                        streamattn.attention(ql, kl, vl, g, algorithm=algorithm,
+                                             comm_dtype=torch.bfloat16)
+                    else:
+                        streamattn.attention(ql, kl, vl, g, algorithm=algorithm)
                 dist.destroy_process_group(g)
                 refs[name] = sys.getrefcount(g)
                 del g

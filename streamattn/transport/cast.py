@@ -13,6 +13,8 @@ partial outputs wrongly).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..validate import COMM_DTYPES
@@ -48,7 +50,9 @@ class CastTransport(Transport):
     """`real` with float32 payloads travelling as `wire` (bfloat16)."""
 
     def __init__(self, real, wire=torch.bfloat16, exact_tags=()):
-        self.real, self.wire, self.exact_tags = real, wire, frozenset(exact_tags)
+        # a proxy: the api caches this wrapper on `real`, and a cycle would keep the group alive
+        # past destroy_process_group (see torch_dist.FailureMailbox)
+        self.real, self.wire, self.exact_tags = weakref.proxy(real), wire, frozenset(exact_tags)
         self.rank, self.size, self.device = real.rank, real.size, real.device
         self.node_of = real.node_of
         self.counters = real.counters  # the wire bytes are what the real transport counts

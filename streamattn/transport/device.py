@@ -29,6 +29,7 @@ ahead of the GPU).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 
 import torch
@@ -47,7 +48,9 @@ class HostOps:
     """The protocol's steps over a Heap, executed by the host at once (CPU: shm)."""
 
     def __init__(self, transport, heap):
-        self.t, self.heap = transport, heap
+        # a proxy: the transport owns these ops, and a cycle would keep its group alive past
+        # destroy_process_group (see torch_dist.FailureMailbox)
+        self.t, self.heap = weakref.proxy(transport), heap
         self.n, self.me = heap.size, heap.rank
 
     def _spin(self, cond, peer, what):
@@ -112,7 +115,7 @@ class NvshmemDeviceOps:
     """The protocol's steps as csrc/ kernels on the current CUDA stream (GPU; see csrc/exchange.h)."""
 
     def __init__(self, transport, heap):
-        self.t, self.heap = transport, heap
+        self.t, self.heap = weakref.proxy(transport), heap  # a proxy: as HostOps
         self.n, self.me = heap.size, heap.rank
         self.ext = heap.extension()
         D, S, n = DEPTH, transport.slot_bytes, self.n

@@ -85,8 +85,18 @@ class InOrderTransport(Transport):
         self._cv = threading.Condition()
         self._groups = 0
         self._broken = None  # the first failure: like NCCL, the stream is unusable after it
+        self._closed = False
         self._thread = threading.Thread(target=self._stream, name="streamattn-inorder", daemon=True)
         self._thread.start()
+
+    def close(self):
+        """Stop the stream thread once its queue is empty (it holds this transport, and so the
+        group, for as long as it runs)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
 
     @property
     def node_of(self):
@@ -133,6 +143,8 @@ class InOrderTransport(Transport):
         while True:
             with self._cv:
                 while not self._queue:
+                    if self._closed:
+                        return
                     self._cv.wait()
                 g = self._queue[0]
             try:
