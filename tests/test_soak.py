@@ -23,6 +23,10 @@ CYCLE_REQUESTS = [
     {"algorithm": "auto"},
     {"algorithm": "ring", "joint_len": 4, "backward": True},
     {"algorithm": "usp", "ulysses_degree": 2, "backward": True},
+    {"algorithm": "ring", "joint_len": 4, "backward": True,
+     "settings": {"STREAMATTN_JOINT_ALL": "always"}},
+    {"algorithm": "usp", "ulysses_degree": 2, "joint_len": 3, "backward": True,
+     "settings": {"STREAMATTN_JOINT_FOLD": "always"}},
     {"stale": True},
     {"stale": True, "joint_len": 3},
 ]
