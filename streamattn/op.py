@@ -121,9 +121,13 @@ def _planned(group, q, k, v, joint, causal, scale, joint_strategy, algorithm, u,
 def _forward(plan, transport, problem, q, k, v, joint):
     """The plan's algorithm, with the final LSEs (torus: NaN placeholders, see the backward)."""
     if plan.joint_fold and joint is not None:
-        return algorithms.folded_attention(
-            lambda p, fq, fk, fv: _forward(plan, transport, p, fq, fk, fv, None),
-            transport, problem, q, k, v, joint, with_lse=True)
+        run = lambda p, fq, fk, fv: _forward(plan, transport, p, fq, fk, fv, None)  # noqa: E731
+        if plan.algorithm != "torus":
+            return algorithms.folded_attention(run, transport, problem, q, k, v, joint,
+                                               with_lse=True)
+        # the torus' LSE are placeholders: not worth an all-gather (the backward recomputes)
+        out, jout = algorithms.folded_attention(run, transport, problem, q, k, v, joint)
+        return (out, jout) + _nan_lse(q, joint)
     me = transport.rank
     if problem.zigzag:
         return algorithms.zigzag_ring_attention(transport, problem, q, k, v, joint, with_lse=True)
@@ -140,12 +144,17 @@ def _forward(plan, transport, problem, q, k, v, joint):
                                         chunks=ring_chunks_override() or plan.chunks)
     if plan.algorithm == "torus":
         out, jout = algorithms.torus_attention(transport, problem, q, k, v, joint, plan=plan)
-        B, S, H, _ = q.shape
-        lse = torch.full((B, H, S), float("nan"), dtype=acc_dtype(q.dtype), device=q.device)
-        jlse = None if joint is None else torch.full((B, H, joint[0].shape[1]), float("nan"),
-                                                     dtype=lse.dtype, device=q.device)
-        return out, jout, lse, jlse
+        return (out, jout) + _nan_lse(q, joint)
     raise AssertionError(f"no algorithm for {plan}")
+
+
+def _nan_lse(q, joint):
+    """(lse [B, H, S], joint lse [B, H, T] or None) placeholders, NaN: the Torus returns no LSE."""
+    B, S, H, _ = q.shape
+    lse = torch.full((B, H, S), float("nan"), dtype=acc_dtype(q.dtype), device=q.device)
+    jlse = None if joint is None else torch.full((B, H, joint[0].shape[1]), float("nan"),
+                                                 dtype=lse.dtype, device=q.device)
+    return lse, jlse
 
 
 def _outputs(q, jq, out, jout, lse, jlse):
