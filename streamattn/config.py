@@ -105,7 +105,8 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_JOINT_ALL", "choice", "auto",
             "ring / USP with joint (text) tokens, non-causal calls (training too: the backward "
             "needs only its final joint out and LSE): every ring member attends all joint queries, "
-            "so no all-gather of joint rows over the ring follows (algorithms/ring.py): auto (the planner's choice, algorithm='auto' only), always "
+            "so no all-gather of joint rows over the ring follows (algorithms/ring.py): auto (the "
+            "planner's choice, algorithm='auto' only), always "
             "(whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
             agreed=True),
     Setting("STREAMATTN_AUTOTUNE", "int", 0,

@@ -114,10 +114,10 @@ def group_freed_on_destroy(rank, world_size, *, transport, algorithm="usp", call
     """References to a group left after destroy_process_group(), with the cyclic garbage collector
     off: {"baseline": a group streamattn never saw, "used": a group that carried two calls}.
     call: "eager" (inference), "grad" (the op, forward + backward) or "bf16" (comm_dtype's
-    wrapper transport). They must be equal. Anything streamattn keeps (a reference cycle is enough) keeps the group
-    and its gloo worker threads alive past destroy; a group freed by the collector at interpreter
-    exit then aborts the process (its worker threads need the GIL the finalizing interpreter
-    holds)."""
+    wrapper transport). They must be equal. Anything streamattn keeps (a reference cycle is
+    enough) keeps the group and its gloo worker threads alive past destroy; a group freed by the
+    collector at interpreter exit then aborts the process (its worker threads need the GIL the
+    finalizing interpreter holds)."""
     import gc
     import sys
 
