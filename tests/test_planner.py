@@ -756,6 +756,58 @@ def test_overlap_share_adds_back_the_hidden_communication():
     assert uly_full.predicted_s == uly_none.predicted_s
 
 
+def test_token_runs_do_not_change_what_a_transfer_contends_with():
+    """On shared cores a ring step's transfer costs (1 - overlap) x its contended part whether its
+    block is cut into token runs or not: charged on the step that posts it, against that step's
+    compute. The case is the 2x4 200 Mbit/s text-free one where the runs' model had charged the
+    whole transfer against the last step's compute as well (predicted 1022 ms, measured 806):
+    there the transfer nearly outlasts twice the compute it hides behind and costs little; at
+    1 Gbit/s it hides whole and costs the same with and without runs (the penalty is not vacuous)."""
+    from streamattn.topology import resolve_topology
+
+    prob = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                   seq_lens=(1024,) * 8, scale=0.125)
+    groups = consecutive_groups(8, 4)
+    for link, floor in (("200Mbit/s", 0.0), ("1Gbit/s", 0.05)):
+        topo = resolve_topology(topology=f"2x4:inter={link},intra=2.6GB/s")
+        added = {}
+        for chunks in (1, 2, 8):
+            shared = CostModel(topo, 2.5e10, 5e10, overlap=0.25).cost(prob, "usp", 4, groups, chunks=chunks)
+            alone = CostModel(topo, 2.5e10, 5e10, overlap=1.0).cost(prob, "usp", 4, groups, chunks=chunks)
+            moving = sum(st.time_s for st in shared.steps if st.name.startswith("CPU that moving"))
+            added[chunks] = shared.predicted_s - moving - alone.predicted_s
+        assert floor <= added[1] < 0.05 + floor * 4, (link, added)
+        for chunks in (2, 8):
+            assert math.isclose(added[chunks], added[1], rel_tol=1e-6, abs_tol=1e-9), (link, added)
+
+
+def test_a_torus_exchange_contends_with_the_compute_it_overlapped():
+    """A Torus exchange is hidden behind the blocks attended before it arrives; on shared cores
+    its contended part is priced against that compute, not the block attended after it: an
+    exchange that takes more than twice the local block costs nothing (200 Mbit/s; the old
+    pricing charged 0.75 x 161 ms here, predicting 1339 ms for 1017 measured), one that hides
+    behind it costs (1 - overlap) x its transfer (1 Gbit/s)."""
+    from streamattn.topology import resolve_topology
+
+    prob = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                   seq_lens=(1024,) * 8, scale=0.125)
+    groups = consecutive_groups(8, 4)
+    for link, hides in (("200Mbit/s", False), ("1Gbit/s", True)):
+        topo = resolve_topology(topology=f"2x4:inter={link},intra=2.6GB/s")
+        steps = {}
+        for ov in (0.25, 1.0):
+            c = CostModel(topo, 2.5e10, 5e10, overlap=ov).cost(prob, "torus", 4, groups, torus_degree=2)
+            steps[ov] = next(st for st in c.steps if st.name.startswith("torus exchange 1/1"))
+        local = next(st for st in c.steps if st.name.startswith("torus: post"))
+        extra = steps[0.25].time_s - steps[1.0].time_s
+        if hides:
+            assert steps[1.0].comm_s < local.compute_s  # arrived during the local block
+            assert math.isclose(extra, 0.75 * steps[1.0].comm_s, rel_tol=1e-6), (extra, steps)
+        else:
+            assert steps[1.0].comm_s > 2 * local.compute_s and steps[1.0].compute_s > local.compute_s
+            assert extra == 0.0, (extra, steps)
+
+
 @pytest.mark.parametrize("algorithm,u,groups", [("usp", 2, ((0, 1), (2, 3))), ("ring", 1, ((0,), (1,), (2,), (3,))),
                                                  ("ulysses", 4, ((0, 1, 2, 3),))])
 def test_moving_bytes_costs_cpu_on_shared_cores(algorithm, u, groups):
@@ -876,9 +928,11 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
 
     p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                 seq_lens=(1536,) * 4, scale=32 ** -0.5)
-    # (kernel at 8e10: the cheapest is a wire-bound ring of 4; at 4e10 it had been only while a
-    # ring of three or more was credited with forwarding its runs over a link still sending mine)
-    kw = dict(compute_rate=3e10, memory_bandwidth=5e9, block_rates={(1, 24, 1536, 1536, 32): 8e10})
+    # (ring kernel at 8e10, USP's at 2.8e10: the cheapest is a wire-bound ring of 4, USP 2x2 within
+    # the band; at 4e10 the ring had been cheapest only while a ring of three or more was credited
+    # with forwarding its runs over a link still sending mine, at 3e10 USP only while token runs
+    # were charged more contention for the same transfer than the unchunked ring)
+    kw = dict(compute_rate=2.8e10, memory_bandwidth=5e9, block_rates={(1, 24, 1536, 1536, 32): 8e10})
     topo = "2x2:inter=200Mbit/s,intra=5GB/s"
     plain = make_plan(p, topo, **kw)
     cpu = make_plan(p, topo, sync_s=0.003, overlap=0.5, **kw)
