@@ -60,6 +60,15 @@ def network_bytes(c: Candidate) -> int:
     return sum(n for kind, n in c.bytes_by_kind if LinkKind(kind).is_network)
 
 
+def exchange_rounds(c: Candidate) -> int:
+    """How many times candidate `c` splits one exchange into rounds that each wait on peers: its
+    Ulysses chunks, a Torus' t - 1 exchanges (each also an output sent home), else 1 (a ring's
+    token runs wait on data already in flight and are not counted)."""
+    if c.algorithm == "ulysses":
+        return c.chunks
+    return torus_degree(c) - 1 if c.algorithm == "torus" else 1
+
+
 def wire_bound(c: Candidate, topology: Topology) -> bool:
     """True when candidate `c`'s network bytes at the slowest inter-node link's rate (shared by the
     ranks of a node) take at least its compute time: the call is bound by the wire."""
@@ -224,17 +233,21 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # the link rate below its compute) the network is not what is noisy, and the plan with fewer
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
-        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to fewer chunks, then
-        # the prediction. A ring's token runs are not chunks here: they add no all-to-all round,
-        # only waits on data already in flight, and measured they pay where predicted (2x2 at 200
-        # Mbit/s: 4 runs 1.12-1.16x faster than 1), so the prediction orders them
+        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to the fewest
+        # exchange rounds (Ulysses chunks; a Torus' t - 1 exchanges, each also an output sent home:
+        # Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best fixed plan in three
+        # matrices at 1 Gbit/s, never faster), then the prediction. A ring's token runs are not
+        # rounds here: they add no all-to-all round, only waits on data already in flight, and
+        # measured they pay where predicted (2x2 at 200 Mbit/s: 4 runs 1.12-1.16x faster than 1),
+        # so the prediction orders them
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         wire = wire_bound(best, topology)
         cheapest, best = best, min(close, key=lambda c: (
-            network_bytes(c) if wire else 0, c.chunks if c.algorithm == "ulysses" else 1,
+            network_bytes(c) if wire else 0,
+            (c.chunks if c.algorithm == "ulysses" else 1) if wire else exchange_rounds(c),
             c.predicted_s))
         tie_note = "" if best is cheapest else (
-            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'Ulysses chunks'} among those predicted within "
+            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'exchange rounds'} among those predicted within "
             f"{CPU_TIE:.0%} of the cheapest ({label(cheapest)}; this one "
             f"{best.predicted_s / cheapest.predicted_s:.3f}x of it)")
     else:

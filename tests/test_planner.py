@@ -920,11 +920,36 @@ def test_cpu_group_measures_cpu_per_network_byte(rank_pool, P):
     assert 0 < res[0]["net_cpu"] < 1e-7, res[0]
 
 
+def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
+    """Compute-bound CPU calls: inside the tie band a Torus of t > 2 (t - 1 exchanges and outputs,
+    each a wait on peers) loses to the USP predicted up to 8% slower (measured over three matrices
+    on 2x2 / 2x4 at 1 Gbit/s, text-free 8192: Torus 1x4x1 and 2x4x1 ran 1.01-1.10x the best fixed
+    plan when picked, never faster); without the CPU terms the cheapest, the Torus, wins
+    (negative control)."""
+    from streamattn.planner import exchange_rounds, wire_bound
+    from streamattn.plan import torus_degree
+    from streamattn.topology import resolve_topology
+
+    for P, spec in ((4, "2x2:inter=1Gbit/s,intra=3GB/s"), (8, "2x4:inter=1Gbit/s,intra=3GB/s")):
+        p = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                    seq_lens=(8192 // P,) * P, scale=0.125)
+        kw = dict(compute_rate=2.5e10, memory_bandwidth=4e10)
+        cpu = make_plan(p, spec, sync_s=0.001, overlap=2 / P, net_cpu=0.3e-9, **kw)
+        cheapest = min((c for c in cpu.candidates if c.valid), key=lambda c: c.predicted_s)
+        assert cheapest.algorithm == "torus" and torus_degree(cheapest) > 2, cheapest  # the case
+        assert not wire_bound(cheapest, resolve_topology(topology=spec))
+        assert cpu.algorithm == "usp" and exchange_rounds(cpu.candidates[0]) >= 1
+        assert cpu.predicted_s <= cheapest.predicted_s * 1.08 and "fewest" in cpu.reason, cpu.reason
+        plain = make_plan(p, spec, **kw)  # no CPU terms: no band, the cheapest wins
+        assert plain.predicted_s == min(c.predicted_s for c in plain.candidates if c.valid)
+        assert "fewest" not in plain.reason
+
+
 def test_cpu_tie_band_prefers_fewer_network_bytes():
     """On CPU groups (sync cost or core share measured) candidates predicted within CPU_TIE of the
     cheapest are ties, and the one sending the fewest bytes over the network wins; without the CPU
     terms the cheapest wins (negative control)."""
-    from streamattn.planner import CPU_TIE, network_bytes, wire_bound
+    from streamattn.planner import CPU_TIE, exchange_rounds, network_bytes, wire_bound
 
     p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                 seq_lens=(1536,) * 4, scale=32 ** -0.5)
@@ -950,20 +975,20 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     assert wire_bound(cheapest, resolve_topology(topology=topo))  # 200 Mbit/s: the wire decides
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
-    # bytes do not decide; the fewest Ulysses chunks (a ring's token runs are not counted), then
-    # the cheapest prediction, win
-    # (16384 + 256 tokens: the case must separate the two rules, and as the model changed the
-    # fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r of the
-    # bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s))
+    # bytes do not decide; the fewest exchange rounds (Ulysses chunks, a Torus' t - 1 exchanges; a
+    # ring's token runs are not counted), then the cheapest prediction, win
+    # (16384 + 256 tokens at 4 Gbit/s: the case must separate the two rules, and as the model
+    # changed the fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r
+    # of the bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s), then at
+    # 1 Gbit/s (a Torus of t = 8, the cheapest there, counts its 7 exchange rounds))
     pf = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                  seq_lens=(2048,) * 8, scale=32 ** -0.5, joint_len=256)
-    fast = make_plan(pf, "2x4:inter=1Gbit/s,intra=5GB/s", sync_s=0.003, overlap=0.25,
+    fast = make_plan(pf, "2x4:inter=4Gbit/s,intra=5GB/s", sync_s=0.003, overlap=0.25,
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)
     band = [c for c in fast.candidates if c.valid and c.predicted_s <= top.predicted_s * (1 + CPU_TIE)]
-    uc = lambda c: c.chunks if c.algorithm == "ulysses" else 1  # noqa: E731
-    want = min(band, key=lambda c: (uc(c), c.predicted_s))
-    by_bytes = min(band, key=lambda c: (network_bytes(c), uc(c), c.predicted_s))
+    want = min(band, key=lambda c: (exchange_rounds(c), c.predicted_s))
+    by_bytes = min(band, key=lambda c: (network_bytes(c), exchange_rounds(c), c.predicted_s))
     assert by_bytes is not want  # the case separates the two rules
     assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks) == (
         want.algorithm, want.ulysses_degree, want.ring_degree, want.chunks), (fast, want)
