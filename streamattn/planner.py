@@ -61,12 +61,10 @@ def network_bytes(c: Candidate) -> int:
 
 
 def exchange_rounds(c: Candidate) -> int:
-    """How many times candidate `c` splits one exchange into rounds that each wait on peers: its
-    Ulysses chunks, a Torus' t - 1 exchanges (each also an output sent home), else 1 (a ring's
-    token runs wait on data already in flight and are not counted)."""
-    if c.algorithm == "ulysses":
-        return c.chunks
-    return torus_degree(c) - 1 if c.algorithm == "torus" else 1
+    """How many rounds that each wait on peers candidate `c` cuts an exchange into: its Ulysses
+    chunks or a ring's token runs (`chunks`), a Torus' t - 1 exchanges (each also an output sent
+    home)."""
+    return torus_degree(c) - 1 if c.algorithm == "torus" else c.chunks
 
 
 def wire_bound(c: Candidate, topology: Topology) -> bool:
@@ -234,12 +232,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
         # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to the fewest
-        # exchange rounds (Ulysses chunks; a Torus' t - 1 exchanges, each also an output sent home:
-        # Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best fixed plan in three
-        # matrices at 1 Gbit/s, never faster), then the prediction. A ring's token runs are not
-        # rounds here: they add no all-to-all round, only waits on data already in flight, and
-        # measured they pay where predicted (2x2 at 200 Mbit/s: 4 runs 1.12-1.16x faster than 1),
-        # so the prediction orders them
+        # exchange rounds, then the prediction: Ulysses chunks, a Torus' t - 1 exchanges (each also
+        # an output sent home: Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best
+        # fixed plan in three matrices at 1 Gbit/s, never faster) and a ring's token runs (picked
+        # inside the band in compute-bound flux cells at 1 Gbit/s, 2 runs took 0.92-1.10x the
+        # unchunked plan's time over four matrices, 1.02x on average). Where the wire is the bottleneck
+        # a ring's runs are not counted: they add no all-to-all round, only waits on data already
+        # in flight, and measured they pay where predicted (2x2 at 200 Mbit/s: 4 runs 1.12-1.16x
+        # faster than 1), so the prediction orders them
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         wire = wire_bound(best, topology)
         cheapest, best = best, min(close, key=lambda c: (

@@ -924,8 +924,9 @@ def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
     """Compute-bound CPU calls: inside the tie band a Torus of t > 2 (t - 1 exchanges and outputs,
     each a wait on peers) loses to the USP predicted up to 8% slower (measured over three matrices
     on 2x2 / 2x4 at 1 Gbit/s, text-free 8192: Torus 1x4x1 and 2x4x1 ran 1.01-1.10x the best fixed
-    plan when picked, never faster); without the CPU terms the cheapest, the Torus, wins
-    (negative control)."""
+    plan when picked, never faster), and a ring in token runs to the unchunked ring; without the
+    CPU terms the cheapest wins (negative control), and where the wire is the bottleneck the runs
+    are ordered by the prediction."""
     from streamattn.planner import exchange_rounds, wire_bound
     from streamattn.plan import torus_degree
     from streamattn.topology import resolve_topology
@@ -943,6 +944,18 @@ def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
         plain = make_plan(p, spec, **kw)  # no CPU terms: no band, the cheapest wins
         assert plain.predicted_s == min(c.predicted_s for c in plain.candidates if c.valid)
         assert "fewest" not in plain.reason
+    # a ring's token runs are rounds too where compute is the bottleneck (the unchunked USP inside
+    # the band wins over the cheapest, in 2 runs), not where the wire is (100 Mbit/s: 8 runs stay)
+    p = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                seq_lens=(2048,) * 4, scale=0.125)
+    for link, want in (("200Mbit/s", 1), ("100Mbit/s", 8)):
+        spec = f"2x2:inter={link},intra=3GB/s"
+        plan = make_plan(p, spec, sync_s=0.0008, overlap=0.5, net_cpu=0.3e-9, compute_rate=3e10,
+                         memory_bandwidth=4e10)
+        cheapest = min((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+        assert cheapest.algorithm == "usp" and cheapest.chunks > 1, cheapest
+        assert wire_bound(cheapest, resolve_topology(topology=spec)) == (want > 1)
+        assert (plan.algorithm, plan.chunks) == ("usp", want), plan
 
 
 def test_cpu_tie_band_prefers_fewer_network_bytes():
