@@ -238,6 +238,14 @@ class CostModel:
                          sum(s.comm_s for s in steps), worst[1] if worst[0] > 0 else "",
                          tuple(sorted(kinds.items())), tuple(steps))
 
+    def _contention(self, compute: float, comm: float) -> float:
+        """What a transfer of `comm` seconds costs on shared cores beyond its overlap with the
+        `compute` seconds that run while it is in flight: (1 - overlap) x `contended` of that
+        window; 0 when every thread has a core."""
+        if self.overlap >= 1.0:
+            return 0.0
+        return (1.0 - self.overlap) * contended(Step("", max(compute, comm), compute, comm, True))
+
     def moving_cpu_s(self, msgs: Sequence[Msg]) -> float:
         """Wall seconds the busiest rank spends moving `msgs` on cores its peers compute on: per
         side, network bytes x net_cpu and shm bytes x one copy (2 / memory bandwidth: read +
@@ -399,14 +407,11 @@ class CostModel:
                                    True, bott, tuple(sorted(kinds.items()))))
             botts.append((m, f"ring step {t}: {bott}"))
             arrive = nxt
-        if self.overlap < 1.0:
-            # a transfer steals the shared cores from the compute it overlaps whether or not its
-            # block is cut into runs: priced as the unchunked ring prices it, on the step that posts it
-            for t in range(r - 1):
-                lost = contended(Step("", max(c[t], comm[t][0]), c[t], comm[t][0], True))
-                if lost > 0:
-                    s = ring_steps[t]
-                    ring_steps[t] = dataclasses.replace(s, time_s=s.time_s + (1.0 - self.overlap) * lost)
+        # a transfer steals the shared cores from the compute it overlaps whether or not its block
+        # is cut into runs: priced as the unchunked ring prices it, on the step that posts it
+        for t in range(r - 1):
+            if (lost := self._contention(c[t], comm[t][0])) > 0:
+                ring_steps[t] = dataclasses.replace(ring_steps[t], time_s=ring_steps[t].time_s + lost)
         for p in ph:
             if p is ring[0]:
                 steps += ring_steps
@@ -481,10 +486,9 @@ class CostModel:
             m = arrive[k] - arrive[k - 1]
             # on shared cores the exchange contends with the compute it overlapped (what ran
             # before it arrived), not with the block attended after it
-            lost = contended(Step("", m, max(0.0, m - waits[k]), m, True)) if self.overlap < 1.0 else 0.0
+            lost = self._contention(max(0.0, m - waits[k]), m)
             steps.append(Step(f"torus exchange {k}/{t - 1} q,k,v arrives, attend its block",
-                              waits[k] + c[k] + (1.0 - self.overlap) * lost, c[k], m, True, bott,
-                              per_kind))
+                              waits[k] + c[k] + lost, c[k], m, True, bott, per_kind))
         if r == 1 and (parts.home_early or parts.home_last):
             h_early, b_early, k_early = self._comm(parts.home_early, cache)
             h_last, b_last, k_last = self._comm(parts.home_last, cache)
