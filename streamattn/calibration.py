@@ -135,6 +135,16 @@ def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
     return (B, max(1, H // u), n, n, D)
 
 
+def run_shape(shape: Shape, runs: int) -> Shape:
+    """The kernel call of one token run of a ring step whose block arrives in `runs` runs
+    (ring.ring_core attends each run as it arrives): the block's query rows against a run's keys.
+    Measured apart because a call's fixed cost does not shrink with its keys: on one core,
+    [1,12,256,256,32] cut into 4 runs took 1.31x the whole block's time, into 8 runs 1.59x
+    ([1,12,1024,1024,32]: 1.05x and 1.12x)."""
+    B, h, sq, sk, D = shape
+    return (B, h, sq, -(-sk // max(1, runs)), D)
+
+
 MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows
 WINDOW_S = 0.02  # a shape is timed over this long (see time_block) ...
 WINDOW_CALLS = 20  # ... or over this many calls when they take less, but never under MIN_WINDOW_S

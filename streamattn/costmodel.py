@@ -57,7 +57,8 @@ Time model:
   two agree). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
   sync_s each (those not already costed with a transfer).
 
-Not modelled: kernel launch overheads, compute efficiency below a declared (GPU) rate, the CPU time
+Not modelled: kernel launch overheads on GPUs (CPU groups calibrate the kernel at the calls each
+candidate makes, a ring's token runs included: calibration.run_shape), compute efficiency below a declared (GPU) rate, the CPU time
 that moving bytes costs where cores are NOT oversubscribed (it runs on idle cores there), the
 backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
 """
@@ -196,8 +197,8 @@ class CostModel:
             per_kind[k] = max(per_kind.get(k, 0), n)
         return best[0] + self.sync_s, best[1]() if best[1] is not None else "", per_kind
 
-    def _local(self, flops: float, mem: float) -> float:
-        return flops / self.rate + (mem / self.mem_bw if self.mem_bw else 0.0)
+    def _local(self, flops: float, mem: float, rate: Optional[float] = None) -> float:
+        return flops / (rate or self.rate) + (mem / self.mem_bw if self.mem_bw else 0.0)
 
     def _comm(self, msgs, cache) -> tuple:
         key = tuple(msgs)
@@ -263,15 +264,16 @@ class CostModel:
 
     def cost(self, problem, algorithm: str, u: int, groups, placement: str = "consecutive",
              torus_degree: Optional[int] = None, chunks: int = 1, fold: bool = False,
-             joint_all: bool = False) -> Candidate:
+             joint_all: bool = False, run_rate: Optional[float] = None) -> Candidate:
         """A costed `Candidate` for Ulysses groups `groups` of u members (torus_degree=t: the
-        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked;
+        Torus algorithm, see cost_torus; chunks > 1: pipelined Ulysses, cost_ulysses_chunked, or
+        a ring in token runs, cost_ring_chunked, whose runs compute at run_rate when given;
         fold: the joint tokens folded into the sequence, schedule.folded_problem -- the folding
         copy and the joint output all-gather are blocking steps around the folded plan;
         joint_all: a ring's members each attend all joint queries, schedule.phases)."""
         if fold:
             inner = self.cost(folded_problem(problem), algorithm, u, groups, placement, torus_degree,
-                              chunks)
+                              chunks, run_rate=run_rate)
             pre, post = fold_phases(problem)
             cache: Dict[tuple, tuple] = {}
             (s0, c0, m0, b0), (s1, c1, m1, b1) = (self._blocking(p, cache) for p in (pre, post))
@@ -287,7 +289,8 @@ class CostModel:
                                        bytes_by_kind=tuple(sorted(kinds.items())), steps=steps,
                                        joint_fold=True)
         if chunks > 1 and len(groups) > 1 and algorithm in ("ring", "usp"):
-            return self.cost_ring_chunked(problem, algorithm, u, groups, chunks, placement, joint_all)
+            return self.cost_ring_chunked(problem, algorithm, u, groups, chunks, placement, joint_all,
+                                          run_rate)
         if chunks > 1:
             return self.cost_ulysses_chunked(problem, u, groups, chunks, placement)
         if algorithm == "torus":
@@ -360,7 +363,8 @@ class CostModel:
         return dataclasses.replace(cand, chunks=chunks)
 
     def cost_ring_chunked(self, problem, algorithm: str, u: int, groups, chunks: int,
-                          placement: str = "consecutive", joint_all: bool = False) -> Candidate:
+                          placement: str = "consecutive", joint_all: bool = False,
+                          run_rate: Optional[float] = None) -> Candidate:
         """Ring / USP with every ring step's block cut into `chunks` token runs (ring.ring_core):
         the phases before and after the ring are blocking as usual; in the ring, my block's runs
         are all posted at once and the block attended whole; in step t >= 1 each run is waited
@@ -375,15 +379,17 @@ class CostModel:
         arriving block is one more wait on a peer: sync_s each (scheduling on an oversubscribed
         CPU). On shared cores (overlap < 1) the step-t transfer contends with step t's compute
         exactly as in the unchunked ring: cutting a block into runs changes when its compute can
-        start, not how much core time its transfer takes from that compute."""
+        start, not how much core time its transfer takes from that compute. run_rate: FLOP/s of
+        the kernel on one run (calibration.run_shape; default self.rate): the steps attended run
+        by run compute at it, the first step (its block attended whole) at self.rate."""
         ph = phases(problem, u, groups, chunks, joint_all)
         cache: Dict[tuple, tuple] = {}
         steps: List[Step] = []
         botts, all_msgs = [], []
         ring = [p for p in ph if p.name.startswith("ring step")]
         r = len(ring)
-        c = [max((self._local(p.compute.get(x, 0.0), p.mem.get(x, 0.0))
-                  for x in set(p.compute) | set(p.mem)), default=0.0) for p in ring]
+        c = [max((self._local(p.compute.get(x, 0.0), p.mem.get(x, 0.0), run_rate if t else None)
+                  for x in set(p.compute) | set(p.mem)), default=0.0) for t, p in enumerate(ring)]
         comm = [self._comm(p.msgs, cache) for p in ring[:-1]]
         runs = ring_runs([sum(problem.seq_lens[m] for m in g) for g in groups], chunks)
         end, arrive = c[0], [(i + 1) * (comm[0][0] - self.sync_s) / runs + self.sync_s

@@ -27,14 +27,14 @@ import weakref
 from typing import Dict, List, Optional, Union
 
 from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
-                          resolve_rate, save_cache)
+                          resolve_rate, run_shape, save_cache)
 from .costmodel import CostModel
 from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
                        per_node_groups, ring_chunks_valid)
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import LinkKind, Topology, kernel_hash, usable_cores
-from .sharding import can_fold, folded_problem, split_lengths
+from .sharding import can_fold, folded_problem, ring_runs, split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
@@ -202,12 +202,14 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
     model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu)
     cands: List[Candidate] = []
+    rates = block_rates or {}
     for c in considered_candidates(problem, topology, joint_fold, joint_all):
         if not c.dropped:
-            model.rate = (block_rates or {}).get(candidate_block_shape(problem, c), rate)
+            model.rate = rates.get(candidate_block_shape(problem, c), rate)
+            run = candidate_run_shape(problem, c)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
                            torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold,
-                           joint_all=c.joint_all)
+                           joint_all=c.joint_all, run_rate=rates.get(run) if run else None)
         cands.append(c)
     model.rate = rate
     if overlap < 1 and joint_all != "always":
@@ -277,7 +279,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # a forced call times only its own block shape (agreed_calibration), and a rate measured
         # at one shape against the generic one at another would make up the difference
         auto_best = min((c for c in cands if c.valid and (
-            c is best or not block_rates or candidate_block_shape(problem, c) in block_rates)),
+            c is best or not block_rates or all(s in block_rates for s in candidate_shapes(problem, c)))),
             key=lambda c: c.predicted_s)
         if auto_best is not best and auto_best.predicted_s < best.predicted_s:
             reason += (f"; auto would pick {label(auto_best)}, predicted "
@@ -314,6 +316,22 @@ def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     """The kernel block shape candidate `c` runs (calibration.block_shape)."""
     p = folded_problem(problem) if c.joint_fold else problem
     return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
+
+
+def candidate_run_shape(problem: Problem, c: Candidate) -> Optional[tuple]:
+    """The kernel call of one token run of candidate `c`'s ring steps (calibration.run_shape);
+    None when its blocks arrive whole (cost_ring_chunked prices the runs at this shape's rate)."""
+    if c.chunks <= 1 or c.ring_degree <= 1 or c.algorithm not in ("ring", "usp"):
+        return None
+    p = folded_problem(problem) if c.joint_fold else problem
+    runs = ring_runs([sum(p.seq_lens[m] for m in g) for g in c.groups], c.chunks)
+    return run_shape(candidate_block_shape(problem, c), runs) if runs > 1 else None
+
+
+def candidate_shapes(problem: Problem, c: Candidate) -> tuple:
+    """Every kernel shape candidate `c` is costed at: its block, and a token run's when it has runs."""
+    run = candidate_run_shape(problem, c)
+    return (candidate_block_shape(problem, c),) + ((run,) if run else ())
 
 
 def _joint_all_dropped_where_compute_dearer(cands: List[Candidate], sync_s: float) -> List[Candidate]:
@@ -414,7 +432,7 @@ def calibration_shapes(problem: Problem, topology: Topology, *, algorithm: str =
         return []
     allowed, _ = _admits(problem, topology, cands, algorithm, ulysses_degree, ring_degree,
                          joint_fold, u_forced, joint_all)
-    return sorted({candidate_block_shape(problem, c) for c in cands if c.valid and allowed(c)})
+    return sorted({s for c in cands if c.valid and allowed(c) for s in candidate_shapes(problem, c)})
 
 
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int, *,

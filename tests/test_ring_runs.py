@@ -138,6 +138,58 @@ def test_one_run_prices_as_the_unchunked_ring():
         assert four.chunks == 4 and four.predicted_s < plain.predicted_s
 
 
+def test_runs_compute_at_the_rate_calibrated_for_a_run():
+    """A kernel call's fixed cost does not shrink with its keys, so a ring attended in token runs
+    is priced at the rate calibrated for one run (calibration.run_shape): slower runs make the
+    chunked plan dearer by what its attended-run-by-run steps compute, the first step (attended
+    whole) excepted; the run rate equal to the block's changes nothing (the control)."""
+    from streamattn.costmodel import CostModel
+    from streamattn.schedule import consecutive_groups, phases
+    from streamattn.topology import parse_spec
+
+    topo = parse_spec("2x2:intra=5GB/s,inter=25Gbit/s")
+    rate = 4e10
+    model = CostModel(topo, rate, 5e9)
+    problem = _problem(4, 2048)
+    groups = consecutive_groups(4, 2)
+    linear = model.cost(problem, "usp", 2, groups, chunks=4)
+    same = model.cost(problem, "usp", 2, groups, chunks=4, run_rate=rate)
+    slow = model.cost(problem, "usp", 2, groups, chunks=4, run_rate=rate / 2)
+    assert same.predicted_s == pytest.approx(linear.predicted_s, rel=1e-12)
+    ring = [p for p in phases(problem, 2, groups, 4) if p.name.startswith("ring step")]
+    later = sum(max(p.compute.values()) for p in ring[1:]) / rate  # attended run by run
+    assert slow.predicted_s - linear.predicted_s == pytest.approx(later, rel=0.05), (
+        slow.predicted_s, linear.predicted_s, later)
+
+
+def test_calibration_times_the_runs_of_a_chunked_ring():
+    """calibration_shapes lists a token run's kernel shape for every chunked ring candidate (the
+    block's rows against a run's keys), and make_plan prices those candidates at it: a run
+    calibrated slow moves the choice off the chunked ring, one calibrated at the block's rate
+    keeps it (the control)."""
+    from streamattn.calibration import run_shape
+    from streamattn.planner import calibration_shapes, candidate_block_shape, candidate_run_shape, make_plan
+    from streamattn.topology import parse_spec
+
+    topo = parse_spec("2x2:intra=5GB/s,inter=200Mbit/s")
+    problem = _problem(4, 8192)
+    kw = dict(compute_rate=4.5e10, memory_bandwidth=5e9, sync_s=0.002, overlap=0.5, net_cpu=0.45e-9)
+    base = make_plan(problem, topo, **kw)
+    assert base.chunks > 1, base
+    shapes = calibration_shapes(problem, topo)
+    for c in base.candidates:
+        run = candidate_run_shape(problem, c)
+        if c.valid and c.chunks > 1 and c.ring_degree > 1:
+            block = candidate_block_shape(problem, c)
+            assert run == run_shape(block, c.chunks) and run[3] < block[3] and run in shapes, c
+        else:
+            assert run is None, c
+    even = {s: 4.5e10 for s in shapes}
+    assert make_plan(problem, topo, block_rates=even, **kw).chunks == base.chunks
+    slow = {s: (4.5e9 if s[3] < s[2] else 4.5e10) for s in shapes}
+    assert make_plan(problem, topo, block_rates=slow, **kw).chunks == 1
+
+
 @pytest.mark.parametrize("spec, u", [("3x1", 1), ("4x1", 1), ("3x2", 2), ("2x2", 1)])
 def test_forwarded_runs_queue_behind_my_own_on_the_link(spec, u):
     """A ring of r >= 3 nodes sends r - 1 blocks over each node's uplink, one connection to the
