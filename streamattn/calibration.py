@@ -138,11 +138,33 @@ def block_shape(problem, algorithm: str, u: int, r: int, t: int = 1) -> Shape:
 def run_shape(shape: Shape, runs: int) -> Shape:
     """The kernel call of one token run of a ring step whose block arrives in `runs` runs
     (ring.ring_core attends each run as it arrives): the block's query rows against a run's keys.
-    Measured apart because a call's fixed cost does not shrink with its keys: on one core,
+    Rated apart because a call's fixed cost does not shrink with its keys: on one core,
     [1,12,256,256,32] cut into 4 runs took 1.31x the whole block's time, into 8 runs 1.59x
     ([1,12,1024,1024,32]: 1.05x and 1.12x)."""
     B, h, sq, sk, D = shape
     return (B, h, sq, -(-sk // max(1, runs)), D)
+
+
+def run_rate(rates: Dict[Shape, float], block: Shape, run: Shape) -> Optional[float]:
+    """FLOP/s of the kernel on `run`, a token run of `block` (run_shape), from `rates`
+    ({shape: FLOP/s}): its own rate when listed, else a call's time interpolated in its keys
+    between the block's and the shortest run of the block listed -- a fixed part per call plus a
+    part per key, so the planner times only the finest runs of each block (the shapes measured on
+    4 ranks / 2 cores, [1,12,256,k,32] for k = 256, 128, 64, 32: 2.57, 1.47, 0.86, 0.54 ms;
+    interpolated from the ends 1.41 and 0.83). None when the block or every run of it is missing."""
+    if run in rates:
+        return rates[run]
+    B, h, sq, n, D = block
+    if block not in rates:
+        return None
+    finest = min((s for s in rates if s[:3] == block[:3] and s[4] == D and s[3] < n),
+                 key=lambda s: s[3], default=None)
+    if finest is None:
+        return None
+    t_block = attention_flops(B, sq * n, h, D) / rates[block]
+    t_finest = attention_flops(B, sq * finest[3], h, D) / rates[finest]
+    t = t_finest + (t_block - t_finest) * (run[3] - finest[3]) / (n - finest[3])
+    return attention_flops(B, sq * run[3], h, D) / max(t, 1e-12)
 
 
 MAX_ROWS = 1024  # query rows timed per block; the kernel's time is linear in the query rows

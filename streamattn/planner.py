@@ -27,7 +27,7 @@ import weakref
 from typing import Dict, List, Optional, Union
 
 from .calibration import (block_shape, block_times, cache_entry, load_cache, resolve_memory_bandwidth,
-                          resolve_rate, run_shape, save_cache)
+                          resolve_rate, run_rate, run_shape, save_cache)
 from .costmodel import CostModel
 from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_groups, groups_contiguous,
                        per_node_groups, ring_chunks_valid)
@@ -209,7 +209,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
             run = candidate_run_shape(problem, c)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
                            torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold,
-                           joint_all=c.joint_all, run_rate=rates.get(run) if run else None)
+                           joint_all=c.joint_all,
+                           run_rate=run_rate(rates, candidate_block_shape(problem, c), run) if run else None)
         cands.append(c)
     model.rate = rate
     if overlap < 1 and joint_all != "always":
@@ -318,20 +319,23 @@ def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
     return block_shape(p, c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c))
 
 
-def candidate_run_shape(problem: Problem, c: Candidate) -> Optional[tuple]:
-    """The kernel call of one token run of candidate `c`'s ring steps (calibration.run_shape);
-    None when its blocks arrive whole (cost_ring_chunked prices the runs at this shape's rate)."""
+def candidate_run_shape(problem: Problem, c: Candidate, chunks: Optional[int] = None) -> Optional[tuple]:
+    """The kernel call of one token run of candidate `c`'s ring steps (calibration.run_shape;
+    cost_ring_chunked prices the runs at its rate, calibration.run_rate), or of the same ring cut
+    into `chunks` runs; None when its blocks arrive whole."""
     if c.chunks <= 1 or c.ring_degree <= 1 or c.algorithm not in ("ring", "usp"):
         return None
     p = folded_problem(problem) if c.joint_fold else problem
-    runs = ring_runs([sum(p.seq_lens[m] for m in g) for g in c.groups], c.chunks)
+    runs = ring_runs([sum(p.seq_lens[m] for m in g) for g in c.groups], chunks or c.chunks)
     return run_shape(candidate_block_shape(problem, c), runs) if runs > 1 else None
 
 
 def candidate_shapes(problem: Problem, c: Candidate) -> tuple:
-    """Every kernel shape candidate `c` is costed at: its block, and a token run's when it has runs."""
-    run = candidate_run_shape(problem, c)
-    return (candidate_block_shape(problem, c),) + ((run,) if run else ())
+    """The kernel shapes timed to cost candidate `c`: its block, and for a ring in token runs the
+    finest runs any candidate cuts that block into (the rate of coarser runs is interpolated
+    between the two, calibration.run_rate)."""
+    finest = candidate_run_shape(problem, c, max(RING_CHUNKS))
+    return (candidate_block_shape(problem, c),) + ((finest,) if finest else ())
 
 
 def _joint_all_dropped_where_compute_dearer(cands: List[Candidate], sync_s: float) -> List[Candidate]:

@@ -163,12 +163,13 @@ def test_runs_compute_at_the_rate_calibrated_for_a_run():
 
 
 def test_calibration_times_the_runs_of_a_chunked_ring():
-    """calibration_shapes lists a token run's kernel shape for every chunked ring candidate (the
-    block's rows against a run's keys), and make_plan prices those candidates at it: a run
-    calibrated slow moves the choice off the chunked ring, one calibrated at the block's rate
-    keeps it (the control)."""
+    """calibration_shapes lists, for every chunked ring candidate, the finest token run of its
+    block (the block's rows against a run's keys, 8 runs) -- not the coarser ones, whose rate is
+    interpolated -- and make_plan prices those candidates at the runs' rate: runs calibrated slow
+    move the choice off the chunked ring, runs at the block's rate keep it (the control)."""
     from streamattn.calibration import run_shape
-    from streamattn.planner import calibration_shapes, candidate_block_shape, candidate_run_shape, make_plan
+    from streamattn.planner import (RING_CHUNKS, calibration_shapes, candidate_block_shape,
+                                    candidate_run_shape, make_plan)
     from streamattn.topology import parse_spec
 
     topo = parse_spec("2x2:intra=5GB/s,inter=200Mbit/s")
@@ -181,13 +182,31 @@ def test_calibration_times_the_runs_of_a_chunked_ring():
         run = candidate_run_shape(problem, c)
         if c.valid and c.chunks > 1 and c.ring_degree > 1:
             block = candidate_block_shape(problem, c)
-            assert run == run_shape(block, c.chunks) and run[3] < block[3] and run in shapes, c
+            assert run == run_shape(block, c.chunks) and run[3] < block[3], c
+            assert run_shape(block, max(RING_CHUNKS)) in shapes and (run in shapes) == (c.chunks == max(RING_CHUNKS))
         else:
             assert run is None, c
     even = {s: 4.5e10 for s in shapes}
     assert make_plan(problem, topo, block_rates=even, **kw).chunks == base.chunks
     slow = {s: (4.5e9 if s[3] < s[2] else 4.5e10) for s in shapes}
     assert make_plan(problem, topo, block_rates=slow, **kw).chunks == 1
+
+
+def test_run_rate_interpolates_a_call_between_the_block_and_its_finest_run():
+    """calibration.run_rate: a listed run's own rate; else the call's time affine in its keys
+    between the block (256 keys) and the shortest run listed (32); None without both ends."""
+    from streamattn.calibration import attention_flops, run_rate
+
+    block, r2, r4, r8 = ((1, 12, 256, k, 32) for k in (256, 128, 64, 32))
+    t = {block: 2.57e-3, r8: 0.54e-3}
+    rates = {s: attention_flops(1, 256 * s[3], 12, 32) / x for s, x in t.items()}
+    time_of = lambda s: attention_flops(1, 256 * s[3], 12, 32) / run_rate(rates, block, s)  # noqa: E731
+    assert time_of(r8) == pytest.approx(0.54e-3)
+    assert time_of(r2) == pytest.approx(0.54e-3 + 2.03e-3 * 96 / 224)
+    assert time_of(r4) == pytest.approx(0.54e-3 + 2.03e-3 * 32 / 224)
+    assert run_rate({**rates, r4: 1.0}, block, r4) == 1.0
+    assert run_rate({block: rates[block]}, block, r4) is None
+    assert run_rate({r8: rates[r8]}, block, r4) is None
 
 
 @pytest.mark.parametrize("spec, u", [("3x1", 1), ("4x1", 1), ("3x2", 2), ("2x2", 1)])
