@@ -58,9 +58,10 @@ Time model:
   sync_s each (those not already costed with a transfer).
 
 Not modelled: kernel launch overheads on GPUs (CPU groups calibrate the kernel at the calls each
-candidate makes, a ring's token runs included: calibration.run_shape), compute efficiency below a declared (GPU) rate, the CPU time
-that moving bytes costs where cores are NOT oversubscribed (it runs on idle cores there), the
-backward pass, NCCL protocol effects, and contention between different link kinds inside one GPU.
+candidate makes, a ring's token runs included: calibration.run_rate), compute efficiency below a
+declared (GPU) rate, the CPU time that moving bytes costs where cores are NOT oversubscribed (it
+runs on idle cores there), the backward pass, NCCL protocol effects, and contention between
+different link kinds inside one GPU.
 """
 from __future__ import annotations
 

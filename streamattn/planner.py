@@ -164,10 +164,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     LSE merges); default from the device table in costmodel, measured on CPU topologies.
     block_rates: {calibration.block_shape: FLOP/s} measured on this machine at the block shapes
     the candidates run (see `agreed_calibration`); a candidate whose shape is listed is costed at
-    that rate instead of compute_rate. sync_s: seconds one synchronising exchange costs beyond its
-    bytes on this group; overlap: the share of an overlapped step's communication that hides behind
-    compute; net_cpu: CPU seconds per byte one side of a network transfer costs (all three
-    measured on CPU groups, see `agreed_calibration`; their use: costmodel).
+    that rate instead of compute_rate, a ring in token runs at its runs' (calibration.run_rate).
+    sync_s: seconds one synchronising exchange costs beyond its bytes on this group; overlap: the
+    share of an overlapped step's communication that hides behind compute; net_cpu: CPU seconds
+    per byte one side of a network transfer costs (all three measured on CPU groups, see
+    `agreed_calibration`; their use: costmodel).
     joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
     algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
     can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD).
@@ -205,12 +206,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     rates = block_rates or {}
     for c in considered_candidates(problem, topology, joint_fold, joint_all):
         if not c.dropped:
-            model.rate = rates.get(candidate_block_shape(problem, c), rate)
-            run = candidate_run_shape(problem, c)
+            block, run = candidate_block_shape(problem, c), candidate_run_shape(problem, c)
+            model.rate = rates.get(block, rate)
             c = model.cost(problem, c.algorithm, c.ulysses_degree, c.groups, c.placement,
                            torus_degree=torus_degree(c), chunks=c.chunks, fold=c.joint_fold,
-                           joint_all=c.joint_all,
-                           run_rate=run_rate(rates, candidate_block_shape(problem, c), run) if run else None)
+                           joint_all=c.joint_all, run_rate=run_rate(rates, block, run) if run else None)
         cands.append(c)
     model.rate = rate
     if overlap < 1 and joint_all != "always":
@@ -309,8 +309,8 @@ def _calibrated(block_rates) -> str:
     if not block_rates:
         return ""
     parts = [f"[{b},{h},{sq},{sk},{d}] {r / 1e9:.3g}" for (b, h, sq, sk, d), r in sorted(block_rates.items())]
-    return ("\nKernel calibrated at the candidates' block shapes [B,h,Sq,Sk,D] GFLOP/s per rank: "
-            + ", ".join(parts))
+    return ("\nKernel calibrated at the candidates' block and token-run shapes [B,h,Sq,Sk,D] "
+            "GFLOP/s per rank: " + ", ".join(parts))
 
 
 def candidate_block_shape(problem: Problem, c: Candidate) -> tuple:
@@ -447,7 +447,8 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for make_plan with the same request arguments, identical on every rank (sync_s:
     `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
     `core_share`). Every rank times the kernel at the block shapes of the candidates the request can
-    answer with (calibration_shapes: all of them for "auto", one for a fully forced plan) at the
+    answer with (calibration_shapes: all of them for "auto", with the finest token run of each
+    chunked ring; one for a fully forced plan) at the
     same moment, each shape's window started by a barrier (so the cores are shared as in the real
     call: without it, ranks that had finished their windows left the others a core to spare, and a
     shape timed last came out up to 2x too fast with 4 ranks on 2 cores), or reads this machine's

@@ -183,7 +183,8 @@ def test_calibration_times_the_runs_of_a_chunked_ring():
         if c.valid and c.chunks > 1 and c.ring_degree > 1:
             block = candidate_block_shape(problem, c)
             assert run == run_shape(block, c.chunks) and run[3] < block[3], c
-            assert run_shape(block, max(RING_CHUNKS)) in shapes and (run in shapes) == (c.chunks == max(RING_CHUNKS))
+            assert run_shape(block, max(RING_CHUNKS)) in shapes
+            assert (run in shapes) == (c.chunks == max(RING_CHUNKS)), c
         else:
             assert run is None, c
     even = {s: 4.5e10 for s in shapes}
