@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Candidate, Step
 from .schedule import Msg, Phase, chunk_problem, fold_phases, phases, torus_parts
-from .sharding import folded_problem, ring_runs
+from .sharding import folded_problem, group_lengths, ring_runs
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -392,7 +392,7 @@ class CostModel:
         c = [max((self._local(p.compute.get(x, 0.0), p.mem.get(x, 0.0), run_rate if t else None)
                   for x in set(p.compute) | set(p.mem)), default=0.0) for t, p in enumerate(ring)]
         comm = [self._comm(p.msgs, cache) for p in ring[:-1]]
-        runs = ring_runs([sum(problem.seq_lens[m] for m in g) for g in groups], chunks)
+        runs = ring_runs(group_lengths(problem.seq_lens, groups), chunks)
         end, arrive = c[0], [(i + 1) * (comm[0][0] - self.sync_s) / runs + self.sync_s
                              for i in range(runs)]
         ring_steps = [Step(f"ring step 1/{r}: post my block's {runs} runs, attend the block", c[0], c[0])]

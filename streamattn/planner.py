@@ -34,7 +34,7 @@ from .schedule import (as_dtype, attention_flops, chunks_valid, consecutive_grou
 from .plan import ALGORITHMS, Candidate, Plan, divisors, label, torus_degree
 from .problem import Problem
 from .topology import LinkKind, Topology, kernel_hash, usable_cores
-from .sharding import can_fold, folded_problem, ring_runs, split_lengths
+from .sharding import can_fold, folded_problem, group_lengths, ring_runs, split_lengths
 
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
@@ -326,7 +326,7 @@ def candidate_run_shape(problem: Problem, c: Candidate, chunks: Optional[int] = 
     if c.chunks <= 1 or c.ring_degree <= 1 or c.algorithm not in ("ring", "usp"):
         return None
     p = folded_problem(problem) if c.joint_fold else problem
-    runs = ring_runs([sum(p.seq_lens[m] for m in g) for g in c.groups], chunks or c.chunks)
+    runs = ring_runs(group_lengths(p.seq_lens, c.groups), chunks or c.chunks)
     return run_shape(candidate_block_shape(problem, c), runs) if runs > 1 else None
 
 
@@ -448,10 +448,10 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
     `core_share`). Every rank times the kernel at the block shapes of the candidates the request can
     answer with (calibration_shapes: all of them for "auto", with the finest token run of each
-    chunked ring; one for a fully forced plan) at the
-    same moment, each shape's window started by a barrier (so the cores are shared as in the real
-    call: without it, ranks that had finished their windows left the others a core to spare, and a
-    shape timed last came out up to 2x too fast with 4 ranks on 2 cores), or reads this machine's
+    chunked ring; one for a fully forced plan) at the same moment, each shape's window started by
+    a barrier (so the cores are shared as in the real call: without it, ranks that had finished
+    their windows left the others a core to spare, and a shape timed last came out up to 2x too
+    fast with 4 ranks on 2 cores), or reads this machine's
     cache, and all take the mean over the ranks; rank 0 caches the agreed times of the shapes
     measured (calibration.save_cache). The other candidates' shapes are rated too where every
     rank's cache holds them (make_plan's "auto would pick" note), never timed for it: a forced

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .algorithms.ulysses import head_ranges
-from .sharding import can_fold, fold_lengths, folded_problem, ring_runs, split_lengths
+from .sharding import can_fold, fold_lengths, folded_problem, group_lengths, ring_runs, split_lengths
 from .topology import Topology
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -186,7 +186,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
     hk = [b - a for a, b in kv_ranges]  # K/V heads member j receives in the all-to-all
     hkf = [fitted_kv(q_ranges[j], kv_ranges[j], H // Hk) for j in range(u)]  # ... and holds after
     phases: List[Phase] = []
-    seg_lens = [sum(seq[m] for m in g) for g in groups]
+    seg_lens = group_lengths(seq, groups)
     seg_offs = [offs[g[0]] for g in groups]
     members = [(gi, j, m) for gi, g in enumerate(groups) for j, m in enumerate(g)]
 
@@ -568,7 +568,7 @@ def ring_chunks_valid(problem, groups, chunks: int) -> bool:
     """Ring steps in `chunks` token runs (USP, ring): any ring (two or more groups), except the
     zigzag layout's own ring (algorithms/zigzag.py) and blocks shorter than the runs
     (sharding.ring_runs)."""
-    seg_lens = [sum(problem.seq_lens[m] for m in g) for g in groups]
+    seg_lens = group_lengths(problem.seq_lens, groups)
     return len(groups) > 1 and not problem.zigzag and ring_runs(seg_lens, chunks) == chunks > 1
 
 

@@ -13,6 +13,11 @@ def split_lengths(total: int, world: int) -> list:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
+def group_lengths(seq_lens, groups) -> list:
+    """Tokens each Ulysses group holds (the ring's blocks): the sum of its members' shard lengths."""
+    return [sum(seq_lens[m] for m in g) for g in groups]
+
+
 def ring_runs(seg_lens, chunks: int) -> int:
     """Token runs each ring step's block is cut into when `chunks` are asked for: at most the
     shortest block's length (no empty runs), 1 = unchunked. Same on every rank (seg_lens are)."""
