@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import agreement, algorithms, autotune, tags
+from . import agreement, algorithms, autotune, cpu_malloc, tags
 from .config import joint_all_mode, joint_fold_mode, ring_chunks_override, ulysses_chunks_override
 from .planner import make_plan
 from .problem import Problem
@@ -243,6 +243,8 @@ def group_transport(group, name="torch"):
         if entry is not None:  # a dead group's id was reused
             release(entry[0])
         base = TorchTransport(group)
+        if base.device.type == "cpu":
+            cpu_malloc.apply()  # this call's buffers reused by the next, not faulted in again
         base.plan_token = next(_tokens)  # keys this group's plans (ids of dead groups are reused)
         entry = (group, {"torch": base})
         group_transports[id(group)] = entry

@@ -131,6 +131,10 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_SHM_SLOT_MB", "float", 4.0,
             "one-sided mailbox slot size in MiB (2 slots per peer; fixed when the group's shm "
             "transport is created)", low=1 / 256, high=1024.0, agreed=True),
+    Setting("STREAMATTN_CPU_MALLOC", "choice", "retain",
+            "CPU groups: retain keeps freed heap memory in the process between calls (glibc "
+            "mmap threshold 32 MiB, trim threshold 64 MiB, set once at a group's first call; "
+            "cpu_malloc.py); system leaves the C allocator alone", choices=("retain", "system")),
     Setting("STREAMATTN_TOPOLOGY", "text", "",
             "a topology .json file, an emulation spec (2x4, 2x4:intra=20GB/s,inter=1Gbit/s) or a "
             "shipped machine name (unset: probe); resolved at a group's first call", agreed=True),

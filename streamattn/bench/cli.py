@@ -176,6 +176,8 @@ def _finish(args, ex, spec, preset, env, say) -> int:
     from .runner import run_sweep
 
     _check_yunchang(ex, spec, say)
+    ranks = ex.run("bench_env")  # collective: every rank readied before the first timing
+    env["cpu_malloc"] = sorted({r["cpu_malloc"] for r in ranks})
     t0 = time.monotonic()
     records = run_sweep(ex, spec, inter_bw=env.get("inter_bw_bit_s"),
                         progress=not args.no_progress)

@@ -338,6 +338,8 @@ def _absorb_timed(rec, res) -> None:
     rec["_t"].append(res[0]["t"])
     if (cpu := _cpu(res)) is not None:
         rec.setdefault("_cpu", []).append(cpu)
+    if all(r.get("faults") is not None for r in res):
+        rec.setdefault("_faults", []).append(sum(r["faults"] for r in res))
     if res[0].get("bytes") is not None:
         per_rank = [r["bytes"] for r in res]
         if "bytes_per_rank" in rec and rec["bytes_per_rank"] != per_rank:
@@ -417,6 +419,9 @@ def _finish(rec, ex, inter_bw, limit=None) -> dict:
     cpus = rec.pop("_cpu", None)
     if cpus:  # CPU seconds of one call summed over the ranks (median over the timed calls)
         rec["cpu_s"] = statistics.median(cpus)
+    faults = rec.pop("_faults", None)
+    if faults:  # minor page faults of one call summed over the ranks (median): fresh pages zeroed
+        rec["page_faults"] = statistics.median(faults)
     med = rec["latency_s"]["median"] if ts else None
     b = rec.get("bytes_per_rank")
     if b is not None:

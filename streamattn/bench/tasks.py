@@ -29,6 +29,7 @@ import importlib
 import math
 import os
 import pkgutil
+import resource
 import time
 
 import torch
@@ -412,10 +413,12 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         counters.reset()
     traced = _traced() if trace and kind != "yunchang" else contextlib.nullcontext()
     with traced as rec:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
         out = call()
         t = time.perf_counter() - t0
         cpu = time.process_time() - c0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     nbytes = counters.as_dict() if counters is not None else None
     tx = None
     if tx0 is not None:
@@ -423,7 +426,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         tx = _wire_tx() - tx0
     tt = torch.tensor([t], dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
-    res = {"t": float(tt), "cpu": cpu, "bytes": nbytes, "wire_tx": tx}
+    res = {"t": float(tt), "cpu": cpu, "faults": faults, "bytes": nbytes, "wire_tx": tx}
     if rec is not None:
         shift = t0 - rec.start
         res.update(t_rank=t, t0_abs=t0, hooks=rec.hooks,
@@ -510,8 +513,13 @@ def trace_hook_cost(rank, world_size):
 
 
 def bench_env(rank, world_size):
-    """Facts about this rank's process for the environment block."""
+    """Ready this rank's process for timing and return facts about it for the environment block:
+    the C allocator as streamattn sets it at a CPU group's first call (cpu_malloc), applied here
+    before anything is timed so that the limit, yunchang and streamattn all run on the same one."""
+    from .. import cpu_malloc
+
     return {"rank": rank, "pid": os.getpid(), "threads": torch.get_num_threads(),
+            "cpu_malloc": cpu_malloc.apply(),
             "topology_env": os.environ.get("STREAMATTN_TOPOLOGY"),
             "iface": os.environ.get("STREAMATTN_BENCH_IFACE"),
             "node": os.environ.get("STREAMATTN_EMULATED_NODE")}

@@ -388,6 +388,16 @@ def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4, warm=False, e
     return {"type": None, "error": None, "seconds": time.monotonic() - t0}
 
 
+def cpu_malloc_state(rank, world_size, *, seq=21, heads=4):
+    """The C allocator's state (streamattn.cpu_malloc) after a call on the default CPU group."""
+    from streamattn import cpu_malloc
+
+    q, k, v, _ = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    streamattn.attention(*(shard(t, lens, rank).contiguous() for t in (q, k, v)))
+    return {"state": cpu_malloc.state()}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
