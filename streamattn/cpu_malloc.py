@@ -31,11 +31,16 @@ _applied = None  # the state of this process: None (not yet asked), else what ap
 def apply() -> str:
     """Raise the thresholds once per process unless STREAMATTN_CPU_MALLOC=system. Returns what the
     process runs with: "retain" (applied now or earlier), "system" (the setting, not glibc, or
-    mallopt refused)."""
+    mallopt refused; an invalid setting is not applied and asked again next time). Never raises:
+    it runs before the call's signature, which is where a bad value fails on every rank."""
     global _applied
     if _applied is not None:
         return _applied
-    if get("STREAMATTN_CPU_MALLOC") == "system" or platform.libc_ver()[0] != "glibc":
+    try:
+        wanted = get("STREAMATTN_CPU_MALLOC")
+    except ValueError:  # left alone; the call's signature reports it on every rank (agreement)
+        return "system"
+    if wanted == "system" or platform.libc_ver()[0] != "glibc":
         _applied = "system"
         return _applied
     try:

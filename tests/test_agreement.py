@@ -58,6 +58,7 @@ def test_other_agreed_settings_differ(rank_pool, P, name, value):
     ("STREAMATTN_ULYSSES_CHUNKS", "two", "not an integer"),
     ("STREAMATTN_SHM_SLOT_MB", "nan", "out of range"),
     ("STREAMATTN_TRANSPORT", "carrier-pigeon", "expected one of"),
+    ("STREAMATTN_CPU_MALLOC", "always", "expected one of"),
 ])
 def test_invalid_setting_on_one_rank(rank_pool, P, name, value, needle):
     res = rank_pool(P).run(MISMATCH, name=name, value=value, on_rank=1, heads=12, seq=30)
