@@ -39,6 +39,14 @@ from .sharding import can_fold, folded_problem, group_lengths, ring_runs, split_
 DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
 CPU_TIE = 0.08  # see make_plan: candidates predicted this close count as tied on CPU groups
+# wire_bound: a call whose transfer outlasts its compute is still paced by the cores when the rest
+# of it (the CPU the exchanges, copies and waits cost on shared cores) is more than a third of the
+# predicted time. Measured over the 2x2 / 2x4 matrices: at 200 Mbit/s the wire is 0.78-0.94 of
+# the predicted call, and the plans in token runs picked there ran 1.05-1.32x faster than the
+# unchunked USP of the same run (the 27th matrix, all ten cells); at 1 Gbit/s it is 0.17-0.56
+# (the flux cells' transfers still outlast the modelled compute), and runs picked there ran
+# 0.97-1.10x the unchunked plan's time, 1.03x on average (12 pairs). Two thirds sits midway.
+WIRE_SHARE = 2 / 3
 
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).
@@ -69,13 +77,15 @@ def exchange_rounds(c: Candidate) -> int:
 
 def wire_bound(c: Candidate, topology: Topology) -> bool:
     """True when candidate `c`'s network bytes at the slowest inter-node link's rate (shared by the
-    ranks of a node) take at least its compute time: the call is bound by the wire."""
+    ranks of a node) take at least its compute time and WIRE_SHARE of its predicted time: the call
+    is bound by the wire, not by the cores."""
     links = [topology.link(a, b) for a in range(topology.world_size) for b in range(topology.world_size)
              if topology.node[a] != topology.node[b]]
     if not links:
         return False
     slow = min(links, key=lambda lk: lk.bandwidth_Bps / max(1, lk.shared_by))
-    return slow.transfer_time(network_bytes(c), concurrent=topology.ranks_per_node or 1) >= c.compute_s
+    wire = slow.transfer_time(network_bytes(c), concurrent=topology.ranks_per_node or 1)
+    return wire >= c.compute_s and wire >= WIRE_SHARE * c.predicted_s
 
 
 def _algo(u: int, world: int) -> str:
@@ -231,7 +241,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # costs per-message CPU work it does not model (measured on 2x2, 4 ranks / 2 cores, at 300
         # Mbit/s: 2 chunks 1.08x slower than USP 2x2, the same network bytes, predicted cheaper)
         # -- but only where the network is the bottleneck: in a compute-bound call (its transfer at
-        # the link rate below its compute) the network is not what is noisy, and the plan with fewer
+        # the link rate below its compute, or below WIRE_SHARE of the predicted call: wire_bound)
+        # the network is not what is noisy, and the plan with fewer
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
         # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to the fewest

@@ -133,6 +133,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     env = data["environment"]
     assert env["torch"] and env["cpu_count"] and env["topology"] == "1x2" and env["mode"] == "local"
+    assert env["cpu_malloc"] == ["retain"]  # set in every rank before the first timing
     runs = data["runs"]
     assert {r["shape"]["seq"] for r in runs} == {64, 128}
     for r in runs:
@@ -142,6 +143,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
         lat = r["latency_s"]
         assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 3
         assert r["cpu_s"] > 0  # CPU seconds of a call, summed over the ranks
+        assert r["page_faults"] >= 0  # minor faults of a call, summed over the ranks
         if r["kind"] == "streamattn":
             assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0
             assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0

@@ -961,6 +961,34 @@ def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
         assert (plan.algorithm, plan.chunks) == ("usp", want), plan
 
 
+def test_a_transfer_that_outlasts_the_compute_is_not_wire_bound_when_the_cores_pace_the_call():
+    """The band's wire rule needs the transfer to be most of the predicted call (WIRE_SHARE), not
+    merely longer than the modelled compute: in the 1 Gbit/s flux cells the transfer outlasted the
+    compute yet was 0.37-0.56 of the call, the rest being CPU on shared cores, and a ring's token
+    runs picked there ran 1.03x the unchunked plan on average. Flux-like 1024 + 256 tokens, 2x2:
+    at 600 Mbit/s (transfer 1.3x the compute, 0.56 of the call) the unchunked USP inside the band
+    wins; at 250 Mbit/s, 2048 + 256 (0.82 of the call) the cheapest plan's runs stay (control)."""
+    from streamattn.planner import CPU_TIE, WIRE_SHARE, network_bytes, wire_bound
+    from streamattn.topology import resolve_topology
+
+    for link, seq, rate, net_cpu, paced_by_wire in (("600Mbit/s", 1024, 1e11, 2e-9, False),
+                                                    ("250Mbit/s", 2048, 3e10, 0.3e-9, True)):
+        p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
+                    seq_lens=(seq // 4,) * 4, scale=32 ** -0.5, joint_len=256)
+        spec = f"2x2:inter={link},intra=3GB/s"
+        topo = resolve_topology(topology=spec)
+        plan = make_plan(p, spec, sync_s=0.003, overlap=0.5, net_cpu=net_cpu, compute_rate=rate,
+                         memory_bandwidth=2e10)
+        cheapest = min((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+        assert cheapest.algorithm == "usp" and cheapest.chunks > 1, cheapest  # the case
+        wire = topo.link(0, 2).transfer_time(network_bytes(cheapest), concurrent=2)
+        assert wire > cheapest.compute_s  # the transfer outlasts the compute in both
+        assert (wire >= WIRE_SHARE * cheapest.predicted_s) == paced_by_wire
+        assert wire_bound(cheapest, topo) == paced_by_wire
+        assert plan.algorithm == "usp" and plan.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)
+        assert plan.chunks == (cheapest.chunks if paced_by_wire else 1), plan
+
+
 def test_cpu_tie_band_prefers_fewer_network_bytes():
     """On CPU groups (sync cost or core share measured) candidates predicted within CPU_TIE of the
     cheapest are ties, and the one sending the fewest bytes over the network wins; without the CPU
