@@ -40,13 +40,13 @@ DEFAULT_TOPOLOGY = "h100x8-2node"
 _REL_TIE = 1e-9
 CPU_TIE = 0.08  # see make_plan: candidates predicted this close count as tied on CPU groups
 # wire_bound: a call whose transfer outlasts its compute is still paced by the cores when the rest
-# of it (the CPU the exchanges, copies and waits cost on shared cores) is more than a third of the
-# predicted time. Measured over the 2x2 / 2x4 matrices: at 200 Mbit/s the wire is 0.78-0.94 of
-# the predicted call, and the plans in token runs picked there ran 1.05-1.32x faster than the
-# unchunked USP of the same run (the 27th matrix, all ten cells); at 1 Gbit/s it is 0.17-0.56
-# (the flux cells' transfers still outlast the modelled compute), and runs picked there ran
-# 0.97-1.10x the unchunked plan's time, 1.03x on average (12 pairs). Two thirds sits midway.
-WIRE_SHARE = 2 / 3
+# of it (the CPU the exchanges, copies and waits cost on shared cores) is more than a quarter of
+# the predicted time. Measured over the 2x2 / 2x4 matrices (the picked plan's own network bytes at
+# the probed link rate over its prediction): at 200 Mbit/s 0.81-0.99, and the plans in token runs
+# picked there ran 1.05-1.32x faster than the unchunked USP of the same run (the 27th matrix, all
+# ten cells); at 1 Gbit/s 0.17-0.70 (the flux cells' transfers outlast the modelled compute), and
+# runs picked there ran 0.97-1.10x the unchunked plan's time, 1.03x on average (12 pairs).
+WIRE_SHARE = 0.75
 
 # The algorithms make_plan costs (streamattn.api plans a forced algorithm with make_plan when it is
 # listed here).

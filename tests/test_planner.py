@@ -964,7 +964,7 @@ def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
 def test_a_transfer_that_outlasts_the_compute_is_not_wire_bound_when_the_cores_pace_the_call():
     """The band's wire rule needs the transfer to be most of the predicted call (WIRE_SHARE), not
     merely longer than the modelled compute: in the 1 Gbit/s flux cells the transfer outlasted the
-    compute yet was 0.37-0.56 of the call, the rest being CPU on shared cores, and a ring's token
+    compute yet was 0.49-0.70 of the call, the rest being CPU on shared cores, and a ring's token
     runs picked there ran 1.03x the unchunked plan on average. Flux-like 1024 + 256 tokens, 2x2:
     at 600 Mbit/s (transfer 1.3x the compute, 0.56 of the call) the unchunked USP inside the band
     wins; at 250 Mbit/s, 2048 + 256 (0.82 of the call) the cheapest plan's runs stay (control)."""
