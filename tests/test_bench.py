@@ -144,6 +144,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
         assert lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 3
         assert r["cpu_s"] > 0  # CPU seconds of a call, summed over the ranks
         assert r["page_faults"] >= 0  # minor faults of a call, summed over the ranks
+        assert 0 <= r["start_late_s"] < 1  # local ranks share a clock: every call starts together
         if r["kind"] == "streamattn":
             assert r["bytes"]["intra_total"] > 0 and r["bytes"]["inter_total"] == 0
             assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0

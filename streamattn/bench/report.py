@@ -83,7 +83,8 @@ def format_table(records: List[dict]) -> str:
     legend = [
         "",
         "median/min/max: wall time of one call, slowest rank, over the timed iterations (configurations "
-        "interleaved). vs best: median / fastest median of the shape. /limit: median / max(whole "
+        "interleaved; on one host the ranks start each call at one agreed instant, not as a barrier "
+        "releases them). vs best: median / fastest median of the shape. /limit: median / max(whole "
         "attention on all cores in one process, fewest inter-node bytes any plan needs at the link rate).",
         "cpu ms: CPU time of one call summed over all ranks (process time, every thread; median), to set "
         "against the limit's one-process CPU time: on shared cores it is what a call costs them.",

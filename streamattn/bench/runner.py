@@ -340,6 +340,8 @@ def _absorb_timed(rec, res) -> None:
         rec.setdefault("_cpu", []).append(cpu)
     if all(r.get("faults") is not None for r in res):
         rec.setdefault("_faults", []).append(sum(r["faults"] for r in res))
+    if all(r.get("late") is not None for r in res):
+        rec.setdefault("_late", []).append(max(r["late"] for r in res))
     if res[0].get("bytes") is not None:
         per_rank = [r["bytes"] for r in res]
         if "bytes_per_rank" in rec and rec["bytes_per_rank"] != per_rank:
@@ -422,6 +424,9 @@ def _finish(rec, ex, inter_bw, limit=None) -> dict:
     faults = rec.pop("_faults", None)
     if faults:  # minor page faults of one call summed over the ranks (median): fresh pages zeroed
         rec["page_faults"] = statistics.median(faults)
+    late = rec.pop("_late", None)
+    if late:  # the last rank's start after the common start (one host; median over the calls)
+        rec["start_late_s"] = statistics.median(late)
     med = rec["latency_s"]["median"] if ts else None
     b = rec.get("bytes_per_rank")
     if b is not None:

@@ -41,6 +41,38 @@ from ..sharding import split_lengths
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _state: dict = {"key": None}  # this rank's cached inputs and references for the current shape
+# How far ahead of the latest rank's clock a timed call's common start is set (one host only)
+START_MARGIN_S = 0.02
+_one_host: dict = {}  # group -> whether every rank runs on this kernel (decided once, collectively)
+
+
+# ───────────────────────────────────────────────────────────────────────── start of a timed call
+
+
+def _start_together() -> float:
+    """Call right after a barrier, on every rank. A barrier releases the ranks up to 20 ms apart on
+    oversubscribed cores (8 ranks on 2: the release reaches each rank when the scheduler runs it),
+    and a call timed from there charges that skew to whichever rank came out first. When every
+    rank runs on this kernel (local ranks, an emulated cluster: one CLOCK_MONOTONIC), they agree on
+    an instant START_MARGIN_S after the latest one's clock and each sleeps until it, so the call
+    starts together on every rank. Returns how late this rank starts after that instant (seconds;
+    0.0 off one host, where the barrier is all there is)."""
+    from ..topology import kernel_hash
+
+    group = dist.group.WORLD
+    if group not in _one_host:
+        mine = kernel_hash()
+        h = torch.tensor([mine, -mine], dtype=torch.int64)
+        dist.all_reduce(h, op=dist.ReduceOp.MAX)  # max and -min: equal everywhere iff one kernel
+        _one_host[group] = bool(mine) and int(h[0]) == -int(h[1])
+    if not _one_host[group]:
+        return 0.0
+    at = torch.tensor([time.monotonic() + START_MARGIN_S], dtype=torch.float64)
+    dist.all_reduce(at, op=dist.ReduceOp.MAX)
+    wait = float(at) - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+    return max(0.0, time.monotonic() - float(at))
 
 
 # ───────────────────────────────────────────────────────────────────────── inputs
@@ -382,7 +414,9 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     process's CPU seconds in the call (all its threads, gloo's included; time.process_time: on an
     oversubscribed CPU the sum over ranks is what the call costs the shared cores), "bytes": payload
     bytes this rank sent in the call by link class, "wire_tx": bytes its node's uplink transmitted
-    (emulated cluster only), "plan", "plan_json", "predicted_s", "err" (when check)}.
+    (emulated cluster only), "faults": its minor page faults in the call, "late": how long after
+    the common start it began (_start_together), "plan", "plan_json", "predicted_s", "err" (when
+    check)}.
     trace=True (streamattn configurations): the call runs under a streamattn.trace recorder and
     the result also has "spans"/"events" (seconds from this rank's call start), "t_rank" (this
     rank's own time) and "t0_abs" (its CLOCK_MONOTONIC start, to align ranks of one host).
@@ -412,6 +446,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     if counters is not None:
         counters.reset()
     traced = _traced() if trace and kind != "yunchang" else contextlib.nullcontext()
+    late = _start_together()
     with traced as rec:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
@@ -426,7 +461,7 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
         tx = _wire_tx() - tx0
     tt = torch.tensor([t], dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
-    res = {"t": float(tt), "cpu": cpu, "faults": faults, "bytes": nbytes, "wire_tx": tx}
+    res = {"t": float(tt), "cpu": cpu, "faults": faults, "late": late, "bytes": nbytes, "wire_tx": tx}
     if rec is not None:
         shift = t0 - rec.start
         res.update(t_rank=t, t0_abs=t0, hooks=rec.hooks,
