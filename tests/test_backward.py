@@ -185,12 +185,13 @@ def test_ring_backward_memory_grows_with_shard_not_P():
     """Peak RSS growth during the ring backward: about the same at P=2 and P=4 for the same local
     shard, about double for a doubled shard (large buffers mmap'd, so RSS tracks live memory: see
     ring_backward_peak). Pools of its own (forked from the zygote: ~0.1 s): the mmap threshold the
-    task sets stays with the process, and the shared pools' other tests should not run under it."""
+    task sets stays with the process, and the shared pools' other tests should not run under it;
+    STREAMATTN_CPU_MALLOC=system, or the group's first call would keep freed memory in the heap."""
     from streamattn.testing import RankPool
 
     growth = {}
     for P in (2, 4):
-        with RankPool(P, fork=True) as pool:
+        with RankPool(P, fork=True, env={"STREAMATTN_CPU_MALLOC": "system"}) as pool:
             for local in (1024, 2048):
                 res = pool.run("streamattn.testing.grad_cases:ring_backward_peak", local_seq=local,
                                timeout=600)
