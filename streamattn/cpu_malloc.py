@@ -34,25 +34,27 @@ def apply() -> str:
     mallopt refused; an invalid setting is not applied and asked again next time). Never raises:
     it runs before the call's signature, which is where a bad value fails on every rank."""
     global _applied
-    if _applied is not None:
-        return _applied
-    try:
-        wanted = get("STREAMATTN_CPU_MALLOC")
-    except ValueError:  # left alone; the call's signature reports it on every rank (agreement)
+    if _applied is None:
+        try:
+            wanted = get("STREAMATTN_CPU_MALLOC")
+        except ValueError:  # left alone; the call's signature reports it on every rank (agreement)
+            return "system"
+        _applied = _raise_thresholds() if wanted == "retain" else "system"
+    return _applied
+
+
+def _raise_thresholds() -> str:
+    """mallopt both thresholds: "retain", or "system" where that cannot be done."""
+    if platform.libc_ver()[0] != "glibc":
         return "system"
-    if wanted == "system" or platform.libc_ver()[0] != "glibc":
-        _applied = "system"
-        return _applied
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        _applied = "system"
-        return _applied
+        return "system"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mmap threshold first: setting either one turns off glibc's dynamic adjustment of both
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _applied = "retain" if ok else "system"
-    return _applied
+    return "retain" if ok else "system"
 
 
 def state() -> str:

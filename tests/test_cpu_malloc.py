@@ -18,7 +18,8 @@ PROBE = r"""
 import ctypes, json, resource, sys, torch
 from streamattn import cpu_malloc
 mallopt = ctypes.CDLL(None).mallopt
-assert mallopt(-3, 128 << 10) == 1 and mallopt(-1, 128 << 10) == 1
+assert (mallopt(cpu_malloc.M_MMAP_THRESHOLD, 128 << 10) == 1
+        and mallopt(cpu_malloc.M_TRIM_THRESHOLD, 128 << 10) == 1)
 
 def faults_per_cycle():
     def cycle():

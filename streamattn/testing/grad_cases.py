@@ -362,7 +362,8 @@ def ring_backward_peak(rank, world_size, *, local_seq=2048, heads=4, head_dim=64
     so RSS falls when they are freed and the peak tracks live memory."""
     import ctypes
 
-    M_MMAP_THRESHOLD = -3  # glibc malloc.h
+    from streamattn.cpu_malloc import M_MMAP_THRESHOLD
+
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536)
     g = torch.Generator().manual_seed(seed + rank)
     q, k, v = (torch.randn(1, local_seq, heads, head_dim, generator=g).requires_grad_()
