@@ -9,8 +9,9 @@ data every rank holds identically:
    and options (validate.FIELDS), the settings that change what runs (config, agreed=True), its
    plan-cache generation for the group and whether it wants a full check (STREAMATTN_VALIDATE,
    malformed input). Transport.all_gather_small (tag TAG_SIG): on the shm transport the node's
-   rows are read from a board in shared memory (no message per peer), other nodes' rows are one
-   small message per peer; on a two-sided transport one small message per peer.
+   rows are read from a board in shared memory (no message per peer), and other nodes' rows
+   travel between the nodes' leaders (their lowest ranks), one small message per pair of nodes;
+   on a two-sided transport one small message per peer.
 2. The gathered signatures are identical on every rank, so the cache key (all ranks' rows) and
    the decision "cached / full metadata exchange / raise" are too.
 3. Caches are per group, filled in the same order everywhere; their generation (inserts so far)

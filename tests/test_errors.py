@@ -108,6 +108,31 @@ def test_warm_shm_call_names_the_rank_missing_from_the_signature_board(exits):
         pool.close()
 
 
+@pytest.mark.parametrize("silent_rank", [2, 3])
+@pytest.mark.parametrize("exits", [False, True])
+def test_warm_shm_call_on_two_nodes_names_the_missing_rank_on_every_rank(silent_rank, exits):
+    """On two nodes the signature's other-node rows travel between the nodes' leaders (ranks 0
+    and 2 of a 2 x 2 node map): a missing leader (2) or member (3) is named by every other rank,
+    also by those that waited on a leader instead of on it, within the staggered timeouts."""
+    from streamattn.transport.onesided import LEADER_GRACE_S
+
+    timeout = 3.0
+    pool = RankPool(4, env={"STREAMATTN_TIMEOUT_S": str(timeout), "STREAMATTN_TRANSPORT": "shm",
+                            "STREAMATTN_TOPOLOGY": "2x2"}, fork=True)
+    try:
+        res = pool.run_raw("streamattn.testing.cases:silent_peer", silent_rank=silent_rank,
+                           warm=True, exits=exits, timeout=60)
+        for rank, r in enumerate(res):
+            if rank == silent_rank:
+                continue
+            got = r["result"]
+            assert got["type"] in ("PeerError", "PeerTimeoutError"), (rank, got)
+            assert got["peer"] == silent_rank and f"rank {silent_rank}" in got["error"], (rank, got)
+            assert got["seconds"] < timeout + 2 * LEADER_GRACE_S + 2, (rank, got)
+    finally:
+        pool.close()
+
+
 def test_local_errors_single_process():
     q = torch.randn(1, 8, 4, 16)
     with pytest.raises(ValueError, match="layout"):

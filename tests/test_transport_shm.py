@@ -29,6 +29,22 @@ def test_ordering_and_signals_5000_rounds_two_groups(rank_pool, P):
     assert _segments() == []
 
 
+@pytest.mark.parametrize("node_of", [[0, 0, 1, 1], [0, 1, 1], [0, 1, 0, 1, 2, 2], [0] * 4 + [1] * 4])
+def test_signature_rows_travel_between_node_leaders(rank_pool, node_of):
+    """The per-call signature on several nodes: every rank gets every row, in rank order, in every
+    call (both board slots), and only each node's lowest rank sends to other nodes, one message
+    per other node and call (it was one per remote rank and call). Negative control: the last
+    rank sends a wrong row, and every rank sees it in every call."""
+    P, calls, nodes = len(node_of), 5, len(set(node_of))
+    for skew in (None, P - 1):
+        res = rank_pool(P).run("streamattn.testing.cases:signature_rows", node_of=node_of,
+                               calls=calls, skew_rank=skew, timeout=120)
+        for rank, r in enumerate(res):
+            assert r["wrong"] == ([] if skew is None else [[c, skew] for c in range(calls)]), (rank, r)
+            leader = rank == node_of.index(node_of[rank])
+            assert r["remote_sends"] == (calls * (nodes - 1) if leader else 0), (rank, r)
+
+
 def test_silent_peer_times_out_naming_it():
     with RankPool(2, env={"STREAMATTN_TIMEOUT_S": "2"}, fork=True) as pool:
         res = pool.run("streamattn.testing.cases:shm_silent_peer", silent_rank=1, timeout=60)

@@ -384,7 +384,8 @@ def silent_peer(rank, world_size, *, silent_rank, seq=16, heads=4, warm=False, e
     try:
         streamattn.attention(ql, kl, vl, algorithm="ring")
     except Exception as exc:
-        return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0}
+        return {"type": type(exc).__name__, "error": str(exc), "seconds": time.monotonic() - t0,
+                "peer": getattr(exc, "peer", None)}
     return {"type": None, "error": None, "seconds": time.monotonic() - t0}
 
 
@@ -541,6 +542,38 @@ def shm_rounds(rank, world_size, *, rounds=10000, slot_bytes=4096, groups=2):
     for t in ts:
         t.close()
     return {"checked": checked, "chunks_sent": sum(sum(t.sent) for t in ts)}
+
+
+def signature_rows(rank, world_size, *, node_of, calls=5, words=9, skew_rank=None):
+    """OneSidedTransport.all_gather_small on a declared node map: `calls` gathers of a vector that
+    encodes (rank, call); returns the (call, rank) rows that did not come back as expected, and
+    how many messages this rank sent to other nodes. skew_rank (negative control): that rank
+    sends its row + 1, which every rank must see."""
+    from streamattn import tags
+    from streamattn.transport import TorchTransport
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    base = TorchTransport(node_of=node_of)
+    t = OneSidedTransport(base, ShmHeap, slot_bytes=4096)
+    real, sent = base.exchange, [0]
+
+    def counting(sends, recvs, tag, count=True):
+        sent[0] += sum(1 for p, _ in sends if node_of[p] != node_of[rank])
+        return real(sends, recvs, tag, count)
+
+    base.exchange = counting
+    wrong = []
+    try:
+        for c in range(calls):
+            row = lambda g: [g * 1000 + c * 10 + i for i in range(words)]  # noqa: E731
+            mine = torch.tensor(row(rank), dtype=torch.int64) + (rank == skew_rank)
+            got = t.all_gather_small(mine, tags.SIG)
+            wrong += [(c, g) for g in range(world_size) if got[g].tolist() != row(g)]
+    finally:
+        base.exchange = real
+        t.close()
+    return {"wrong": wrong, "remote_sends": sent[0]}
 
 
 def shm_silent_peer(rank, world_size, *, silent_rank):
