@@ -457,3 +457,21 @@ def test_comm_dtype_must_agree_and_is_bounded(rank_pool):
     assert "disagree on comm_dtype" in mixed[0]["error"] and "rank 1: torch.bfloat16" in mixed[0]["error"]
     half = pool.run(run, wire_ranks=[0, 1, 2, 3], seq=44, dtype="float16")
     assert all(r["type"] == "ValueError" and "float32 or bfloat16" in r["error"] for r in half), half
+
+
+def test_back_to_back_runs_under_torchrun():
+    """`python -m streamattn.bench.back_to_back` on a torchrun group: the planned call and a forced
+    one report a time, CPU and the plan they ran (the forced plan's name proves the flags reach it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for extra, want in (([], "Plan("), (["--algorithm", "ring"], "Plan(ring, ulysses=1 x ring=3")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
+               str(port), "-m", "streamattn.bench.back_to_back", "--seq", "61", "--joint-len", "5",
+               "--heads", "6", "--head-dim", "8", "--calls", "5", "--warmup", "1"] + extra
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", STREAMATTN_TIMEOUT_S="60"))
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert want in out.stdout and "ms per call (slowest rank's mean)" in out.stdout, out.stdout
