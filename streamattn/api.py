@@ -374,8 +374,9 @@ def _setup(group, transport, err, q, k, layout, causal, scale, joint, joint_stra
     request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                    joint_fold=joint_fold_mode(), joint_all=joint_all_mode())
     moves = choose_transport(transport, problem)
-    # The synchronisation cost is measured on the transport the call's exchanges and its
-    # signature will use (planner.measure_sync); creating it here is collective like planning.
+    # The synchronisation cost is measured on the shm transport when the call's exchanges and its
+    # signature will use it (planner.measure_sync), else on the two-sided one; creating it here is
+    # collective like planning.
     sync_on = group_transport(group, moves) if moves == "shm" else transport
     plan = make_plan(problem, transport.topology, **request,
                      **_agreed_rates(transport, problem, request, sync_on))

@@ -499,13 +499,15 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
+    sync_on = sync_transport or transport
+    synced = _group_terms.setdefault(sync_on, {})  # per measuring transport: which one can change
+    if "sync_s" not in synced:
+        synced["sync_s"] = measure_sync(sync_on, tag)
     known = _group_terms.setdefault(transport, {})
-    if "sync_s" not in known:
-        known["sync_s"] = measure_sync(sync_transport or transport, tag)
     nodes = tuple(topology.node)
     if nodes not in known:
         known[nodes] = measure_net_cpu(transport, topology, tag)
-    return {"block_rates": rates, "sync_s": known["sync_s"], "overlap": share,
+    return {"block_rates": rates, "sync_s": synced["sync_s"], "overlap": share,
             "net_cpu": known[nodes]}
 
 

@@ -45,6 +45,24 @@ def test_signature_rows_travel_between_node_leaders(rank_pool, node_of):
             assert r["remote_sends"] == (calls * (nodes - 1) if leader else 0), (rank, r)
 
 
+@pytest.mark.parametrize("node_of,silent_rank", [([0, 0, 1], 2), ([0, 0, 1, 1], 2), ([0, 1, 1], 0)])
+def test_signature_silent_rank_is_named_on_every_rank(node_of, silent_rank):
+    """A rank silent in the signature, alone on its node or a leader: the leaders see it through
+    gloo, and their members -- who wait on their leader, not on it -- name it too (the leader marks
+    the failure on their heaps: after a gloo timeout its FailureMailbox report no longer arrives)."""
+    from streamattn.transport.onesided import LEADER_GRACE_S
+
+    timeout = 2.0
+    with RankPool(len(node_of), env={"STREAMATTN_TIMEOUT_S": str(timeout)}, fork=True) as pool:
+        res = pool.run("streamattn.testing.cases:signature_silent_rank", node_of=node_of,
+                       silent_rank=silent_rank, timeout=120)
+    for rank, r in enumerate(res):
+        if rank == silent_rank:
+            continue
+        assert r["type"] in ("PeerError", "PeerTimeoutError") and r["peer"] == silent_rank, (rank, r)
+        assert r["seconds"] < timeout + 2 * LEADER_GRACE_S + 2, (rank, r)
+
+
 def test_silent_peer_times_out_naming_it():
     with RankPool(2, env={"STREAMATTN_TIMEOUT_S": "2"}, fork=True) as pool:
         res = pool.run("streamattn.testing.cases:shm_silent_peer", silent_rank=1, timeout=60)

@@ -576,6 +576,34 @@ def signature_rows(rank, world_size, *, node_of, calls=5, words=9, skew_rank=Non
     return {"wrong": wrong, "remote_sends": sent[0]}
 
 
+def signature_silent_rank(rank, world_size, *, node_of, silent_rank):
+    """A warm OneSidedTransport.all_gather_small on a declared node map, then `silent_rank` stays
+    away from the next one: every other rank reports what it raised, whom it named, and when."""
+    from streamattn import tags
+    from streamattn.transport import TorchTransport
+    from streamattn.transport.onesided import OneSidedTransport
+    from streamattn.transport.shm import ShmHeap
+
+    base = TorchTransport(node_of=node_of)
+    t = OneSidedTransport(base, ShmHeap, slot_bytes=4096)
+    vec = torch.tensor([rank, 1, 2], dtype=torch.int64)
+    base.begin_call()
+    t.all_gather_small(vec, tags.SIG)
+    if rank == silent_rank:
+        from streamattn.transport.onesided import LEADER_GRACE_S
+
+        time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2 * LEADER_GRACE_S + 2)
+        return {"type": None, "error": None, "peer": None, "seconds": 0.0}
+    base.begin_call()
+    t0 = time.monotonic()
+    try:
+        t.all_gather_small(vec, tags.SIG)
+    except Exception as exc:
+        return {"type": type(exc).__name__, "error": str(exc), "peer": getattr(exc, "peer", None),
+                "seconds": time.monotonic() - t0}
+    return {"type": None, "error": None, "peer": None, "seconds": time.monotonic() - t0}
+
+
 def shm_silent_peer(rank, world_size, *, silent_rank):
     """A peer that never signals: the waiting ranks time out naming it."""
     from streamattn.transport import TorchTransport

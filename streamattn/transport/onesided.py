@@ -132,7 +132,7 @@ def poll(t, advance, blocked, start, tiny, span_kind, deadline=None, report_time
                 if report_timeout:
                     t.base.report_failure(g, f"rank {t.rank} timed out waiting for it (shm)")
                 raise PeerTimeoutError(
-                    f"streamattn: timed out after {t.timeout:.0f}s waiting for {t.describe_peer(g)} "
+                    f"streamattn: timed out after {now - start:.0f}s waiting for {t.describe_peer(g)} "
                     f"in an shm exchange (tag {tag}, {detail}); it may be stuck or making a "
                     "different call (STREAMATTN_TIMEOUT_S sets the limit)", g)
         _backoff(t.heap, spins, t.oversubscribed, tiny and now - start < TINY_YIELD_S)
@@ -206,9 +206,13 @@ class OneSidedTransport(NodeHeapTransport):
         # the board (2 slots x members) and the other nodes' rows (2 slots x group ranks) after
         # the mailboxes
         super().__init__(base, heap_factory, DEPTH, 2, SHM_BOOTSTRAP, slot_bytes,
-                         extra_bytes=2 * n * BOARD_BYTES + remote, extra_signals=n + 1)
+                         extra_bytes=2 * n * BOARD_BYTES + remote, extra_signals=n + 3)
         self.remote_offset = self.extra_offset + 2 * n * BOARD_BYTES
+        # set by the leader on each member: the call whose other-node rows are on its board; the
+        # call in which the leader failed, and the rank it names (after a gloo timeout its
+        # FailureMailbox report may no longer reach anyone: gloo closes the pairs)
         self.remote_signal = self.extra_signal0 + n
+        self.failed_call_signal, self.culprit_signal = self.remote_signal + 1, self.remote_signal + 2
         self.board_calls = 0
         self.oversubscribed = ranks_sharing_cores(base, n) > usable_cores()
         self.sent = [0] * n
@@ -273,7 +277,7 @@ class OneSidedTransport(NodeHeapTransport):
         if self.other_nodes:
             region = self.remote_offset + (call % 2) * self.size * BOARD_BYTES
             if me == 0:
-                self._trade_rows_with_leaders(rows, words, tag)
+                self._trade_rows_with_leaders(rows, words, tag, call)
                 rest = torch.cat([rows[g] if g not in self.local_index else torch.zeros(words, dtype=torch.int64)
                                   for g in range(self.size)])
                 for p in range(1, n):
@@ -281,9 +285,12 @@ class OneSidedTransport(NodeHeapTransport):
                     heap.signal(p, self.remote_signal, call)
                     heap.wake(p)
             else:
+                # counted from here: the leader has entered (its row is on the board) and starts
+                # trading at the latest now
                 self._await_signals([0], lambda p: self.remote_signal, call, tag,
                                     f"other nodes' signatures from this node's leader, call {call}",
-                                    start, kind, deadline=start + self.timeout + 2 * LEADER_GRACE_S)
+                                    start, kind, failed=self._leader_failure(call, tag),
+                                    deadline=time.monotonic() + self.timeout + 2 * LEADER_GRACE_S)
                 got = heap.local(region, self.size * words * 8).view(torch.int64).view(self.size, words)
                 for _, ranks in self.other_nodes:
                     for g in ranks:
@@ -296,22 +303,40 @@ class OneSidedTransport(NodeHeapTransport):
             out.append(vec.clone() if g == self.rank else r[1:])
         return out
 
-    def _await_signals(self, members, signal_of, call, tag, detail, start, kind, **wait):
-        """Poll until signal_of(p) of this member's heap reaches `call` for every p in `members`."""
+    def _await_signals(self, members, signal_of, call, tag, detail, start, kind, failed=None, **wait):
+        """Poll until signal_of(p) of this member's heap reaches `call` for every p in `members`;
+        failed(): called between looks, raises when the awaited rank gave up."""
         heap, left = self.heap, list(members)
 
         def advance():
             nonlocal left
+            if failed is not None:
+                failed()
             still = [p for p in left if heap.read_signal(signal_of(p)) < call]
             moved, left = len(still) < len(left), still
             return moved
 
         poll(self, advance, lambda: (left, tag, detail) if left else None, start, True, kind, **wait)
 
-    def _trade_rows_with_leaders(self, rows, words, tag):
+    def _leader_failure(self, call, tag):
+        """failed() for a member waiting on its leader in call `call`: raises PeerError naming the
+        rank the leader named, once the leader has marked the call failed on this member's heap."""
+        heap = self.heap
+
+        def failed():
+            if heap.read_signal(self.failed_call_signal) == call:
+                g = heap.read_signal(self.culprit_signal)
+                raise PeerError(f"streamattn: abandoned the call's signature (tag {tag}): "
+                                f"{self.describe_peer(g)} failed first (this node's leader, "
+                                f"{self.describe_peer(self.members[0])}, could not reach it or "
+                                "was failed by it)", g)
+        return failed
+
+    def _trade_rows_with_leaders(self, rows, words, tag, call):
         """(This node's leader) send the node's rows to every other node's leader, fill `rows` with
-        theirs. A failure here is reported (FailureMailbox) before it is raised: this node's
-        members wait on this rank, not on the rank that failed."""
+        theirs. A failure here is marked on every member's heap (the rank it names) and reported
+        (FailureMailbox) before it is raised: this node's members wait on this rank, not on the
+        rank that failed."""
         mine = torch.stack([rows[g] for g in self.members])
         bufs = [torch.empty(len(ranks), words, dtype=torch.int64) for _, ranks in self.other_nodes]
         try:
@@ -321,6 +346,10 @@ class OneSidedTransport(NodeHeapTransport):
             pending.start += LEADER_GRACE_S  # outwaits the other leaders' waits on their nodes
             pending.wait()
         except PeerError as exc:
+            for p in range(1, len(self.members)):
+                self.heap.signal(p, self.culprit_signal, exc.peer)
+                self.heap.signal(p, self.failed_call_signal, call)
+                self.heap.wake(p)
             self.base.report_failure(exc.peer, f"rank {self.rank}: {str(exc)[:200]}")
             raise
         for (_, ranks), b in zip(self.other_nodes, bufs):
