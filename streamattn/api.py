@@ -146,8 +146,8 @@ def tuned_plan_call(group, err, q, k, layout, causal, scale, joint, joint_strate
     cached = None if full else cache.lookup(token, key)
     fresh = cached is None
     if fresh:
-        cached = _setup(group, transport, err, q, k, layout, causal, scale, joint, joint_strategy,
-                        algorithm, ulysses_degree, ring_degree, comm_dtype)
+        cached = _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+                        ulysses_degree, ring_degree, comm_dtype)
         cache.put(token, key, cached)
     problem, plan = cached
     trial = None
@@ -337,10 +337,9 @@ def _cast(transport, wire):
     return cache[key]
 
 
-def _setup(group, transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
+def _setup(transport, err, q, k, layout, causal, scale, joint, joint_strategy, algorithm,
            ulysses_degree, ring_degree, comm_dtype=None):
-    """First call of a shape: exchange metadata, agree or raise everywhere, then plan. transport:
-    the group's two-sided transport (group_transport(group))."""
+    """First call of a shape: exchange metadata, agree or raise everywhere, then plan."""
     joint_len = 0
     if joint is not None and err is None:
         joint_len = joint[0].shape[1 if layout == "bshd" else 2]
@@ -373,24 +372,18 @@ def _setup(group, transport, err, q, k, layout, causal, scale, joint, joint_stra
                              f"rank; algorithm={algorithm!r} is not available with it")
     request = dict(algorithm=algorithm, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                    joint_fold=joint_fold_mode(), joint_all=joint_all_mode())
-    moves = choose_transport(transport, problem)
-    # The synchronisation cost is measured on the shm transport when the call's exchanges and its
-    # signature will use it (planner.measure_sync), else on the two-sided one; creating it here is
-    # collective like planning.
-    sync_on = group_transport(group, moves) if moves == "shm" else transport
     plan = make_plan(problem, transport.topology, **request,
-                     **_agreed_rates(transport, problem, request, sync_on))
+                     **_agreed_rates(transport, problem, request))
     ran_with = tuple(sorted((k, str(v)) for k, v in agreement.Settings().values.items()))
-    plan = dataclasses.replace(plan, transport=moves, settings=ran_with)
+    plan = dataclasses.replace(plan, transport=choose_transport(transport, problem), settings=ran_with)
     log.debug("streamattn plan for %s: %s", problem, plan)
     return problem, plan
 
 
-def _agreed_rates(transport, problem, request, sync_on) -> dict:
+def _agreed_rates(transport, problem, request) -> dict:
     """Compute rate and memory bandwidth for the cost model, identical on every rank. Declared
-    topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE), time the
-    kernel at the block shapes make_plan(**request) can choose from, and measure a synchronising
-    exchange on `sync_on`."""
+    topologies carry them; CPU ranks measure their own and take rank 0's (TAG_RATE), and time the
+    kernel at the block shapes make_plan(**request) can choose from."""
     if transport.topology.peak_flops is not None:
         return {}
     from .calibration import measure_cpu_memory_bandwidth, measure_cpu_rate
@@ -401,8 +394,7 @@ def _agreed_rates(transport, problem, request, sync_on) -> dict:
     from .planner import agreed_calibration  # the kernel timed at each candidate's block shape
 
     return {"compute_rate": rate, "memory_bandwidth": mbw,
-            **agreed_calibration(transport, problem, transport.topology, TAG_RATE,
-                                 sync_transport=sync_on, **request)}
+            **agreed_calibration(transport, problem, transport.topology, TAG_RATE, **request)}
 
 
 def _local(q, k, v, layout, causal, scale, joint_q, joint_k, joint_v, joint_strategy):

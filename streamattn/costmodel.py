@@ -27,11 +27,10 @@ Time model:
       the topology is what one GPU pair gets, and the k ranks of a socket that cross it at once share
       it (modelled as ``shared_by = ranks of the socket`` when the topology leaves it at 1).
     Both directions are checked (sends at the sender, receives at the receiver).
-- sync_s (CPU groups: measured by planner.measure_sync on the transport the call uses, with the
-  per-call signature's all-gather; 0 otherwise): what one synchronising exchange costs beyond its
-  bytes on this group -- on an oversubscribed CPU (8 ranks on 2 cores) a waiting rank needs its
-  peer to be scheduled, milliseconds, not the links' microseconds. Every communication step adds
-  it once, and so does the per-call agreement.
+- sync_s (CPU groups: measured by planner.agreed_calibration, 0 otherwise): what one synchronising
+  exchange costs beyond its bytes on this group -- on an oversubscribed CPU (8 ranks on 2 cores)
+  a waiting rank needs its peer to be scheduled, milliseconds, not the links' microseconds. Every
+  communication step adds it once, and so does the per-call agreement.
 - overlap (CPU groups: cores / the threads the ranks of one machine run, when that is below 1;
   1 otherwise): the share of an overlapped step's communication that really hides behind its
   compute (and, below 1, a Torus' exchanges arrive together rather than in posting order). A step's

@@ -453,11 +453,10 @@ def calibration_shapes(problem: Problem, topology: Topology, *, algorithm: str =
 def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int, *,
                        algorithm: str = "auto", ulysses_degree: Optional[int] = None,
                        ring_degree: Optional[int] = None, joint_fold: str = "auto",
-                       joint_all: str = "auto", sync_transport=None) -> dict:
+                       joint_all: str = "auto") -> dict:
     """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
     for make_plan with the same request arguments, identical on every rank (sync_s:
-    `measure_sync` on `sync_transport` (default `transport`: the one the call's exchanges use)
-    and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
+    `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
     `core_share`). Every rank times the kernel at the block shapes of the candidates the request can
     answer with (calibration_shapes: all of them for "auto", with the finest token run of each
     chunked ring; one for a fully forced plan) at the same moment, each shape's window started by
@@ -499,15 +498,13 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     for s, t in zip(shapes, agreed):
         B, h, sq, sk, D = s
         rates[s] = attention_flops(B, sq * sk, h, D) / max(t, 1e-12)
-    sync_on = sync_transport or transport
-    synced = _group_terms.setdefault(sync_on, {})  # per measuring transport: which one can change
-    if "sync_s" not in synced:
-        synced["sync_s"] = measure_sync(sync_on, tag)
     known = _group_terms.setdefault(transport, {})
+    if "sync_s" not in known:
+        known["sync_s"] = measure_sync(transport, tag)
     nodes = tuple(topology.node)
     if nodes not in known:
         known[nodes] = measure_net_cpu(transport, topology, tag)
-    return {"block_rates": rates, "sync_s": synced["sync_s"], "overlap": share,
+    return {"block_rates": rates, "sync_s": known["sync_s"], "overlap": share,
             "net_cpu": known[nodes]}
 
 
@@ -543,15 +540,9 @@ SYNC_ROUNDS, SYNC_QUANTILE = 30, 0.1
 
 def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
     """Seconds one synchronising exchange costs on this group beyond its bytes: `rounds` all-gathers
-    of one number, back to back on the transport the call's exchanges use (so through shared memory
-    and the network as a call's messages go), each timed; every rank's 10th percentile of its
-    rounds, agreed as the mean over the ranks. The all-gather is the per-call signature's
-    (all_gather_small: on the shm transport a board in the node and one message per pair of
-    nodes' leaders): what the agreement it is charged for costs, and closer to a step's exchange
-    (a rank waits on one or a few peers) than a gloo message from every rank to every rank, which
-    it was before: on an emulated 2 x 4 cluster at 1 Gbit/s that one measured 1.4-2.1 ms against
-    1.0-1.1 ms for the signature's (2 x 2: 0.33-0.45 both), and plans of 3-7 ring steps there
-    were predicted 1.16-1.36x their measured time. On an idle machine with a core per rank this is tens of
+    of one number, back to back on the group's own transport (so through shared memory and the
+    network as a call's messages go), each timed; every rank's 10th percentile of its rounds, agreed
+    as the mean over the ranks. On an idle machine with a core per rank this is tens of
     microseconds; with more ranks than cores it is the time a waiting rank needs for its peers to be
     scheduled. Back to back, with every rank asleep on the next, the rounds take either ~0.4 ms or a
     scheduler tick (~4 ms), in runs of either (4 ranks / 2 cores, gloo): their mean came out
@@ -566,14 +557,14 @@ def measure_sync(transport, tag: int, rounds: int = SYNC_ROUNDS) -> float:
 
     import torch
 
-    one = torch.zeros(1, dtype=torch.int64)
+    one = torch.zeros(1, dtype=torch.float64)
     # untimed: the ranks leave the previous collective at different times (rank 0 may be writing
     # the calibration cache)
-    transport.all_gather_small(one, tag)
+    transport.all_gather_vector(one, tag)
     took = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        transport.all_gather_small(one, tag)
+        transport.all_gather_vector(one, tag)
         took.append(time.perf_counter() - t0)
     mine = torch.quantile(torch.tensor(took, dtype=torch.float64), SYNC_QUANTILE).reshape(1)
     return float(torch.stack(transport.all_gather_vector(mine, tag)).mean())
