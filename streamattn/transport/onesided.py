@@ -277,11 +277,10 @@ class OneSidedTransport(NodeHeapTransport):
         if self.other_nodes:
             region = self.remote_offset + (call % 2) * self.size * BOARD_BYTES
             if me == 0:
-                self._trade_rows_with_leaders(rows, words, tag, call)
-                rest = torch.cat([rows[g] if g not in self.local_index else torch.zeros(words, dtype=torch.int64)
-                                  for g in range(self.size)])
+                got = self._trade_rows_with_leaders(torch.stack([rows[g] for g in self.members]),
+                                                    tag, call)
                 for p in range(1, n):
-                    heap.put(p, rest.view(torch.uint8), region)
+                    heap.put(p, got.view(torch.uint8), region)
                     heap.signal(p, self.remote_signal, call)
                     heap.wake(p)
             else:
@@ -291,10 +290,10 @@ class OneSidedTransport(NodeHeapTransport):
                                     f"other nodes' signatures from this node's leader, call {call}",
                                     start, kind, failed=self._leader_failure(call, tag),
                                     deadline=time.monotonic() + self.timeout + 2 * LEADER_GRACE_S)
-                got = heap.local(region, self.size * words * 8).view(torch.int64).view(self.size, words)
-                for _, ranks in self.other_nodes:
-                    for g in ranks:
-                        rows[g] = got[g].clone()
+                got = heap.local(region, self.size * words * 8).view(torch.int64).view(self.size, words).clone()
+            for _, ranks in self.other_nodes:
+                for g in ranks:
+                    rows[g] = got[g]
         out = []
         for g, r in enumerate(rows):
             if int(r[0]) != vec.numel():
@@ -332,13 +331,14 @@ class OneSidedTransport(NodeHeapTransport):
                                 "was failed by it)", g)
         return failed
 
-    def _trade_rows_with_leaders(self, rows, words, tag, call):
-        """(This node's leader) send the node's rows to every other node's leader, fill `rows` with
-        theirs. A failure here is marked on every member's heap (the rank it names) and reported
-        (FailureMailbox) before it is raised: this node's members wait on this rank, not on the
-        rank that failed."""
-        mine = torch.stack([rows[g] for g in self.members])
-        bufs = [torch.empty(len(ranks), words, dtype=torch.int64) for _, ranks in self.other_nodes]
+    def _trade_rows_with_leaders(self, mine, tag, call):
+        """(This node's leader) send the node's rows, `mine` [members, words], to every other node's
+        leader; returns [group size, words], the other nodes' rows at their ranks (this node's rows
+        0): what the members' boards receive. A failure here is marked on every member's heap (the
+        rank it names) and reported (FailureMailbox) before it is raised: this node's members wait
+        on this rank, not on the rank that failed."""
+        got = torch.zeros(self.size, mine.shape[1], dtype=torch.int64)
+        bufs = [torch.empty(len(ranks), mine.shape[1], dtype=torch.int64) for _, ranks in self.other_nodes]
         try:
             pending = self.base.exchange([(lead, mine) for lead, _ in self.other_nodes],
                                          [(lead, b) for (lead, _), b in zip(self.other_nodes, bufs)],
@@ -353,8 +353,8 @@ class OneSidedTransport(NodeHeapTransport):
             self.base.report_failure(exc.peer, f"rank {self.rank}: {str(exc)[:200]}")
             raise
         for (_, ranks), b in zip(self.other_nodes, bufs):
-            for i, g in enumerate(ranks):
-                rows[g] = b[i]
+            got[ranks] = b
+        return got
 
     def _progress(self) -> bool:
         """Advance every queued message as far as credits and signals allow. True if anything moved."""
