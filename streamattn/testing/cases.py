@@ -507,16 +507,22 @@ def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
             "ratio": b[len(b) // 2] / a[len(a) // 2]}
 
 
-def shm_rounds(rank, world_size, *, rounds=10000, slot_bytes=4096, groups=2):
-    """Ordering and signal semantics of the one-sided protocol: `rounds` exchanges with every node
-    peer on `groups` process groups at once, sizes from 0 to several chunks; every payload encodes
-    (group, round, src, dst) and is checked. Returns counts."""
+def _shm_transport(group=None, node_of=None, slot_bytes=4096):
+    """A OneSidedTransport on shared memory over `group` (default WORLD), with a declared node map
+    (default: one node)."""
     from streamattn.transport import TorchTransport
     from streamattn.transport.onesided import OneSidedTransport
     from streamattn.transport.shm import ShmHeap
 
+    return OneSidedTransport(TorchTransport(group, node_of=node_of), ShmHeap, slot_bytes=slot_bytes)
+
+
+def shm_rounds(rank, world_size, *, rounds=10000, slot_bytes=4096, groups=2):
+    """Ordering and signal semantics of the one-sided protocol: `rounds` exchanges with every node
+    peer on `groups` process groups at once, sizes from 0 to several chunks; every payload encodes
+    (group, round, src, dst) and is checked. Returns counts."""
     pgs = [dist.new_group(list(range(world_size))) for _ in range(groups)]
-    ts = [OneSidedTransport(TorchTransport(pg), ShmHeap, slot_bytes=slot_bytes) for pg in pgs]
+    ts = [_shm_transport(pg, slot_bytes=slot_bytes) for pg in pgs]
     sizes = [0, 1, 7, 1024, slot_bytes // 8, slot_bytes // 8 + 3, 3 * slot_bytes // 8 + 5]
     checked = 0
     for i in range(rounds):
@@ -550,12 +556,8 @@ def signature_rows(rank, world_size, *, node_of, calls=5, words=9, skew_rank=Non
     how many messages this rank sent to other nodes. skew_rank (negative control): that rank
     sends its row + 1, which every rank must see."""
     from streamattn import tags
-    from streamattn.transport import TorchTransport
-    from streamattn.transport.onesided import OneSidedTransport
-    from streamattn.transport.shm import ShmHeap
-
-    base = TorchTransport(node_of=node_of)
-    t = OneSidedTransport(base, ShmHeap, slot_bytes=4096)
+    t = _shm_transport(node_of=node_of)
+    base = t.base
     real, sent = base.exchange, [0]
 
     def counting(sends, recvs, tag, count=True):
@@ -580,12 +582,8 @@ def signature_silent_rank(rank, world_size, *, node_of, silent_rank):
     """A warm OneSidedTransport.all_gather_small on a declared node map, then `silent_rank` stays
     away from the next one: every other rank reports what it raised, whom it named, and when."""
     from streamattn import tags
-    from streamattn.transport import TorchTransport
-    from streamattn.transport.onesided import OneSidedTransport
-    from streamattn.transport.shm import ShmHeap
-
-    base = TorchTransport(node_of=node_of)
-    t = OneSidedTransport(base, ShmHeap, slot_bytes=4096)
+    t = _shm_transport(node_of=node_of)
+    base = t.base
     vec = torch.tensor([rank, 1, 2], dtype=torch.int64)
     base.begin_call()
     t.all_gather_small(vec, tags.SIG)
@@ -606,11 +604,7 @@ def signature_silent_rank(rank, world_size, *, node_of, silent_rank):
 
 def shm_silent_peer(rank, world_size, *, silent_rank):
     """A peer that never signals: the waiting ranks time out naming it."""
-    from streamattn.transport import TorchTransport
-    from streamattn.transport.onesided import OneSidedTransport
-    from streamattn.transport.shm import ShmHeap
-
-    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    t = _shm_transport()
     if rank == silent_rank:
         time.sleep(float(os.environ.get("STREAMATTN_TIMEOUT_S", "3")) + 2)
         return {"type": None, "error": None, "peer": None}
@@ -629,12 +623,9 @@ def shm_blocked_wait(rank, world_size, *, delay=0.3, bells=True):
     oversubscribed node. Returns this rank's doorbell state, and for the waiters the looks their
     wait took (time.sleep and heap.sleep_until_woken calls), its CPU time and when it returned;
     rank 0 returns when it sent (CLOCK_MONOTONIC: one host)."""
-    from streamattn.transport import TorchTransport
     from streamattn.transport import onesided
-    from streamattn.transport.onesided import OneSidedTransport
-    from streamattn.transport.shm import ShmHeap
 
-    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    t = _shm_transport()
     t.oversubscribed = True
     usable = t.heap.bell is not None and t.heap.bell.usable
     if not bells and t.heap.bell is not None:
@@ -672,11 +663,7 @@ def shm_blocked_wait(rank, world_size, *, delay=0.3, bells=True):
 
 def shm_hold(rank, world_size, *, seconds=30.0):
     """Build an shm transport, then block: the test kills a rank with SIGKILL meanwhile."""
-    from streamattn.transport import TorchTransport
-    from streamattn.transport.onesided import OneSidedTransport
-    from streamattn.transport.shm import ShmHeap
-
-    t = OneSidedTransport(TorchTransport(), ShmHeap, slot_bytes=4096)
+    t = _shm_transport()
     print("shm ready", flush=True)
     time.sleep(seconds)
     t.close()
