@@ -13,6 +13,7 @@ import time
 import pytest
 
 from streamattn.bench.cluster import (
+    DEFAULT_MTU,
     ClusterUnavailable,
     EmulatedCluster,
     cleanup_stale,
@@ -72,6 +73,9 @@ def test_bad_shape_rejected():
         EmulatedCluster(101, 1)
     with pytest.raises(ValueError):
         EmulatedCluster(2, 1, inter_bw="quick")
+    for bad_mtu in (0, 575, 65536, 1500.0, "9000", True):
+        with pytest.raises(ValueError, match="mtu"):
+            EmulatedCluster(2, 1, mtu=bad_mtu)
 
 
 # ──────────────────────────────────────────────────────────────────── helpers
@@ -141,6 +145,13 @@ def test_2x2_up_shaped_and_torn_down():
         host = subprocess.run(["tc", "qdisc", "show", "dev", c.host_ifnames[0]],
                               capture_output=True, text=True).stdout
         assert "tbf" in host and "200Mbit" in host
+        # jumbo frames by default, on both ends of every veth, and in the probe cache's key
+        link = subprocess.run(["ip", "-n", c.netns[1], "link", "show", c.ifnames[1]],
+                              capture_output=True, text=True).stdout
+        assert f"mtu {DEFAULT_MTU} " in link and DEFAULT_MTU == 9000
+        assert f"mtu {DEFAULT_MTU} " in subprocess.run(["ip", "link", "show", c.host_ifnames[1]],
+                                                       capture_output=True, text=True).stdout
+        assert c.links.endswith(f",mtu={DEFAULT_MTU}")
         assert c.master_addr.startswith("198.1") and c.node_ip(1).endswith(".11")
         r3 = c.rank_env(3)
         assert (r3.node, r3.local_rank, r3.ifname) == (1, 1, c.ifnames[1])

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="emulated cluster of N nodes x R ranks (root + netns), e.g. 2x2, 2x4")
     where.add_argument("--inter-bw", default="200mbit", help="emulated inter-node rate (default 200mbit)")
     where.add_argument("--intra-bw", default=None, help="emulated intra-node (lo) rate (default unshaped)")
+    where.add_argument("--mtu", type=int, default=None,
+                       help="MTU of the emulated nodes' links (default 9000, jumbo frames as on cluster "
+                            "fabrics; 1500 for a plain Ethernet LAN: 4.4%% of every byte is headers)")
     where.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     what = p.add_argument_group("what to run")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -252,7 +255,8 @@ def _run_local(args, spec, preset) -> int:
 
 def _run_emulated(args, spec, preset) -> int:
     from ..testing import RankError
-    from .cluster import ClusterUnavailable, EmulatedCluster, measure_throughput, parse_rate_bits
+    from .cluster import (DEFAULT_MTU, ClusterUnavailable, EmulatedCluster, check_mtu,
+                          measure_throughput, parse_rate_bits)
     from .launch import emulated_pool
     from .report import environment
     from .runner import PoolExecutor
@@ -261,15 +265,17 @@ def _run_emulated(args, spec, preset) -> int:
         nodes, rpn = (int(x) for x in args.emulate.lower().split("x"))
         inter = parse_rate_bits(args.inter_bw)
         intra = parse_rate_bits(args.intra_bw) if args.intra_bw else None
+        mtu = check_mtu(DEFAULT_MTU if args.mtu is None else args.mtu)
     except ValueError as exc:
-        print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw: {exc}", file=sys.stderr)
+        print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw/--mtu: {exc}", file=sys.stderr)
         return 2
     world = nodes * rpn
     try:
-        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra) as cluster:
+        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra,
+                             mtu=mtu) as cluster:
             where = (f"an emulated {nodes}x{rpn} cluster ({cluster.subnet}): inter-node "
                      f"{inter / 1e6:g} Mbit/s per uplink, intra-node "
-                     f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}")
+                     f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}, MTU {mtu}")
             print(_describe(preset, spec, where), flush=True)
             measured = None
             if nodes > 1:
@@ -277,7 +283,8 @@ def _run_emulated(args, spec, preset) -> int:
                 print(f"measured node0->node1 TCP goodput: {measured / 1e6:.0f} Mbit/s "
                       f"({100 * measured / inter:.0f}% of the configured rate)", flush=True)
             env = environment("emulated", world=world, nodes=nodes, ranks_per_node=rpn,
-                              inter_bw=inter, intra_bw=intra, measured_inter_bit_s=measured)
+                              inter_bw=inter, intra_bw=intra, measured_inter_bit_s=measured,
+                              extra={"mtu": cluster.mtu})
 
             with emulated_pool(cluster, threads=args.threads, timeout=args.timeout) as pool:
                 ex = PoolExecutor(pool, ranks_per_node=rpn, nodes=nodes)

@@ -106,6 +106,8 @@ def run_matrix(args) -> int:
                    "--threads", str(args.threads), "--timeout", str(args.timeout)]
             if args.no_progress:
                 cmd.append("--no-progress")
+            if args.mtu is not None:
+                cmd += ["--mtu", str(args.mtu)]
             busy, load0 = busy_fraction(), _load()
             t0 = time.monotonic()
             print(f"\n=== {cell} {shape}: {' '.join(cmd[1:])}  (other processes used {busy:.0%} "

@@ -13,6 +13,8 @@ def add_arguments(p) -> None:
                    help="N emulated nodes x G processes per node, e.g. 2x2")
     p.add_argument("--inter-bw", default="1gbit", help="each node's uplink rate (default 1gbit)")
     p.add_argument("--intra-bw", default=None, help="intra-node (lo) rate (default unshaped)")
+    p.add_argument("--mtu", type=int, default=None,
+                   help="MTU of the nodes' links (default 9000, jumbo frames; 1500 for a plain LAN)")
     p.add_argument("--port", type=int, default=None, help="rendezvous port on node 0 (default 29500)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is killed")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
@@ -28,6 +30,7 @@ def run(args) -> int:
         if not args.args:
             raise ValueError("nothing to run: streamattn launch --emulate 2x2 -- -m streamattn.cli probe")
         return launch_emulated(n, g, args.args, inter_bw=args.inter_bw, intra_bw=args.intra_bw,
+                               mtu=args.mtu,
                                port=args.port or DEFAULT_PORT, timeout=args.timeout)
     except ClusterUnavailable as e:
         print(f"streamattn launch: emulated cluster unavailable: {e.reason}", file=sys.stderr)
