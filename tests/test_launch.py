@@ -90,6 +90,11 @@ def test_launch_bad_arguments_fail_fast(capsys):
     assert "NODESxPROCS" in capsys.readouterr().err
     assert main(["launch", "--emulate", "2x2"]) == 2
     assert "nothing to run" in capsys.readouterr().err
+    # a bad MTU is refused before any namespace exists (root or not), by launch and by bench
+    assert main(["launch", "--emulate", "2x2", "--mtu", "100", "--", "-m", "x"]) == 2
+    assert "mtu must be an integer in [576, 65535], got 100" in capsys.readouterr().err
+    assert main(["bench", "--emulate", "2x2", "--mtu", "70000"]) == 2
+    assert "bad --emulate/--inter-bw/--intra-bw/--mtu" in capsys.readouterr().err
 
 
 def test_torchrun_argv_is_the_real_multi_node_command():
