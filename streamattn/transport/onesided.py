@@ -343,8 +343,7 @@ class OneSidedTransport(NodeHeapTransport):
             pending = self.base.exchange([(lead, mine) for lead, _ in self.other_nodes],
                                          [(lead, b) for (lead, _), b in zip(self.other_nodes, bufs)],
                                          tag, count=False)
-            pending.start += LEADER_GRACE_S  # outwaits the other leaders' waits on their nodes
-            pending.wait()
+            pending.wait(grace_s=LEADER_GRACE_S)  # outwaits the other leaders' waits on their nodes
         except PeerError as exc:
             for p in range(1, len(self.members)):
                 self.heap.signal(p, self.culprit_signal, exc.peer)

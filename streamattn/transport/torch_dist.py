@@ -51,8 +51,10 @@ class _TorchPending(Pending):
         self.start = time.monotonic()
         self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
 
-    def wait(self) -> None:
-        limit = self.transport.timeout
+    def wait(self, grace_s: float = 0.0) -> None:
+        """grace_s: wait that much longer than the transport's timeout (a node leader outwaiting
+        the other leaders' waits on their own nodes, OneSidedTransport.all_gather_small)."""
+        limit = self.transport.timeout + grace_s
         deadline = self.start + limit
         tracing = trace.enabled()
         for peer, kind, work in self.works:
