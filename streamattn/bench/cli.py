@@ -255,8 +255,8 @@ def _run_local(args, spec, preset) -> int:
 
 def _run_emulated(args, spec, preset) -> int:
     from ..testing import RankError
-    from .cluster import (DEFAULT_MTU, ClusterUnavailable, EmulatedCluster, check_mtu,
-                          measure_throughput, parse_rate_bits)
+    from .cluster import (ClusterUnavailable, EmulatedCluster, check_mtu, measure_throughput,
+                          parse_rate_bits)
     from .launch import emulated_pool
     from .report import environment
     from .runner import PoolExecutor
@@ -265,14 +265,13 @@ def _run_emulated(args, spec, preset) -> int:
         nodes, rpn = (int(x) for x in args.emulate.lower().split("x"))
         inter = parse_rate_bits(args.inter_bw)
         intra = parse_rate_bits(args.intra_bw) if args.intra_bw else None
-        mtu = check_mtu(DEFAULT_MTU if args.mtu is None else args.mtu)
+        mtu = check_mtu(args.mtu)  # before any namespace exists: a bad value is exit 2, not a traceback
     except ValueError as exc:
         print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw/--mtu: {exc}", file=sys.stderr)
         return 2
     world = nodes * rpn
     try:
-        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra,
-                             mtu=mtu) as cluster:
+        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra, mtu=mtu) as cluster:
             where = (f"an emulated {nodes}x{rpn} cluster ({cluster.subnet}): inter-node "
                      f"{inter / 1e6:g} Mbit/s per uplink, intra-node "
                      f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}, MTU {mtu}")

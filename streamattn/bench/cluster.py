@@ -140,8 +140,11 @@ def format_tc_rate(bits_per_s: float) -> str:
     return f"{max(1, int(round(bits_per_s)))}bit"
 
 
-def check_mtu(mtu) -> int:
-    """``mtu`` as an int, or ValueError: a veth takes 68..65535; below IPv4's 576 TCP crawls."""
+def check_mtu(mtu=None) -> int:
+    """``mtu`` as an int (None: ``DEFAULT_MTU``), or ValueError: a veth takes 68..65535; below
+    IPv4's 576 TCP crawls."""
+    if mtu is None:
+        return DEFAULT_MTU
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise ValueError(f"mtu must be an integer in [576, 65535], got {mtu!r}")
     return mtu
@@ -212,7 +215,7 @@ class EmulatedCluster:
         tbf queue bound (how much data, in seconds at the rate, a shaper may hold before dropping).
     mtu:
         MTU of the nodes' veths (default ``DEFAULT_MTU`` = 9000, jumbo frames as on cluster
-        fabrics; 1500 for a plain Ethernet LAN). 576..65535.
+        fabrics, also for None; 1500 for a plain Ethernet LAN). 576..65535.
     install_signal_handlers:
         tear down on SIGINT/SIGTERM/SIGHUP (main thread only), then re-raise.
     """
@@ -226,7 +229,7 @@ class EmulatedCluster:
         inter_latency: Optional[Union[str, float]] = None,
         *,
         tbf_latency: Union[str, float] = DEFAULT_TBF_LATENCY,
-        mtu: int = DEFAULT_MTU,
+        mtu: Optional[int] = None,
         install_signal_handlers: bool = True,
         kill_grace: float = 2.0,
     ):

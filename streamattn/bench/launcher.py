@@ -28,7 +28,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, TextIO
 
-from .cluster import DEFAULT_MTU, ClusterUnavailable, EmulatedCluster
+from .cluster import ClusterUnavailable, EmulatedCluster
 
 DEFAULT_PORT = 29500
 HOSTNAME_FMT = "sa-node{}"
@@ -87,8 +87,7 @@ def launch_emulated(nodes: int, procs_per_node: int, user_args: Sequence[str], *
     base.setdefault("OMP_NUM_THREADS", "1")
     base["PYTHONUNBUFFERED"] = "1"
     lock = threading.Lock()
-    with EmulatedCluster(nodes, procs_per_node, inter_bw, intra_bw,
-                         mtu=DEFAULT_MTU if mtu is None else mtu) as cluster:
+    with EmulatedCluster(nodes, procs_per_node, inter_bw, intra_bw, mtu=mtu) as cluster:
         if cluster_hook is not None:
             cluster_hook(cluster)
         with lock:
