@@ -32,6 +32,9 @@ Usage (every rank, same call order)::
         for layer in ...:
             out, jout = state.attention(layer, q, k, v, joint_q=..., joint_k=..., joint_v=...)
     state.reset()       # before the next generation (waits for the last exchanges)
+
+A state dropped without reset() leaves its last exchanges in flight; the transport keeps their
+buffers and the group's next call waits for them (TorchTransport.adopt), so the group stays usable.
 """
 from __future__ import annotations
 

@@ -293,3 +293,61 @@ def probe_cached(rank, world_size, *, cache_dir, timeout_s=20):
             return {"provenance": t.provenance, "node": list(t.node), "seconds": time.monotonic() - t0}
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - t0}
+
+
+# -- exchanges dropped before their wait --------------------------------------------------------
+
+def dropped_exchange(rank, world_size, *, via="raw", late_s=0.3, rounds=4, timeout_s=10):
+    """A rank drops a posted exchange before its peers have sent (rank 0 at once; the others
+    post late_s later), then every rank runs `rounds` more exchanges (via="raw": the transport on
+    a test tag, every payload checked) or a checked attention call (via="stale": the dropped
+    handle is a StaleKV state abandoned with its K/V exchange in flight). On a fresh group, so
+    that a pair broken by the drop cannot hang the pool's later tasks. Returns {"bad": wrong
+    payloads, "err": the call's error against float64, "in_flight": adopted works left after
+    a later call began}. via="raw-shm": the raw exchanges on the node's shared-memory transport."""
+    import gc
+
+    from streamattn import api
+
+    g = dist.new_group(list(range(world_size)))
+    t = api.group_transport(g, "shm" if via == "raw-shm" else "torch")
+    out = {"bad": 0, "err": 0.0}
+    with override(STREAMATTN_TIMEOUT_S=timeout_s):
+        if via.startswith("raw"):
+            t.begin_call()
+            if rank:
+                time.sleep(late_s)
+            peers = [p for p in range(world_size) if p != rank]
+            sends = [(p, torch.full((1000,), -1.0)) for p in peers]
+            pending = t.exchange(sends, [(p, torch.empty(1000)) for p in peers], tag=5)
+            if rank:
+                pending.wait()
+            del pending
+            gc.collect()
+            for i in range(rounds):
+                t.begin_call()
+                bufs = {p: torch.empty(1000) for p in peers}
+                t.exchange([(p, torch.full((1000,), float(i * 64 + rank * 8 + p))) for p in peers],
+                           list(bufs.items()), tag=5).wait()
+                out["bad"] += sum(int(not bool((b == i * 64 + p * 8 + rank).all()))
+                                  for p, b in bufs.items())
+        else:
+            q, k, v, _ = make_inputs(seed=9, batch=1, seq=23, heads=4, kv_heads=2, head_dim=8)
+            lens = split_lengths(23, world_size)
+            ql, kl, vl = (shard(x, lens, rank) for x in (q, k, v))
+            state = streamattn.StaleKV(g, warmup_steps=1)
+            state.attention("l0", ql, kl, vl)       # exact; posts this step's K/V
+            if rank:
+                time.sleep(late_s)
+            state.attention("l0", ql, kl, vl)       # waits for them, posts the next exchange
+            del state
+            gc.collect()
+            ref = streamattn.reference_attention(q, k, v, rows=shard_rows(lens, rank))
+            for algorithm in ("ring", "auto"):
+                got = streamattn.attention(ql, kl, vl, g, algorithm=algorithm)
+                out["err"] = max(out["err"], rel_err(got, ref))
+        t.begin_call()
+        out["in_flight"] = len(api.group_transport(g).in_flight)
+    streamattn.release(g)
+    dist.destroy_process_group(g)
+    return out

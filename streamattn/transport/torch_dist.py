@@ -50,6 +50,20 @@ class _TorchPending(Pending):
         self.tag = tag
         self.start = time.monotonic()
         self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
+        self.waited = False
+
+    def __del__(self):
+        # Dropped without a completed wait() (an abandoned StaleKV state, a call that raised with
+        # other exchanges posted): the works must outlive this handle until their messages have
+        # moved. A gloo receive whose work is freed while posted stays registered on the pair and
+        # swallows the peer's message, and the pair then loses the next ones on that connection
+        # (tests/test_transport_orphans.py); CI once hung in the metadata exchange after a test
+        # dropped a StaleKV with its K/V exchange in flight.
+        if not self.waited and self.works:
+            try:
+                self.transport.adopt(self.works, self.tag)
+            except Exception:  # interpreter shutdown: the transport is already torn down
+                pass
 
     def wait(self, grace_s: float = 0.0) -> None:
         """grace_s: wait that much longer than the transport's timeout (a node leader outwaiting
@@ -74,6 +88,7 @@ class _TorchPending(Pending):
                     f"with {self.transport.describe_peer(peer)}",
                     peer,
                 )
+        self.waited = True
 
 
 class FailureMailbox:
@@ -184,10 +199,33 @@ class TorchTransport(Transport):
         self.timeout = wait_timeout_s()
         self.calls = 0  # calls made on this group
         self.mailbox = FailureMailbox(self)
+        self.in_flight = []  # works of pendings dropped before their wait() completed (adopt)
 
     def begin_call(self) -> None:
         self.calls += 1
+        if self.in_flight:
+            self.finish_adopted()
         self.mailbox.open()
+
+    def adopt(self, works, tag) -> None:
+        """Keep the works [(peer, kind, work)] of a Pending dropped before its wait() completed
+        alive until the next call waits for them (finish_adopted): they hold the message tensors
+        and gloo's buffers, which the peer may still be writing into."""
+        self.in_flight.append((list(works), tag))
+
+    def finish_adopted(self) -> None:
+        """Wait for the adopted works (raising, naming the peer, if one does not complete within
+        the timeout). They cannot be polled: a gloo send/recv work reports completion only from
+        wait(), and a wait that times out marks it failed. Their peers posted the other halves
+        when they posted the same exchange, before anything later in the schedule, so by the next
+        call they have normally arrived and this returns at once."""
+        adopted, self.in_flight = self.in_flight, []
+        for works, tag in adopted:
+            pending = _TorchPending(self, works, tag)
+            try:
+                pending.wait()
+            finally:
+                pending.waited = True  # failed: the pair is lost anyway; not adopted again
 
     def report_failure(self, peer: int, text: str) -> None:
         """Tell the other ranks which peer failed (FailureMailbox), before this rank raises, so
@@ -200,6 +238,7 @@ class TorchTransport(Transport):
 
     def close(self) -> None:
         self.mailbox.close()
+        self.in_flight = []
 
     # -- the collective all-to-all (STREAMATTN_ALLTOALL=collective) ---------------------------
     def all_to_all(self, send, send_splits, recv, recv_splits, tag, count=True) -> Pending:
