@@ -460,7 +460,7 @@ def test_comm_dtype_must_agree_and_is_bounded(rank_pool):
     assert all(r["type"] == "ValueError" and "float32 or bfloat16" in r["error"] for r in half), half
 
 
-def test_back_to_back_runs_under_torchrun():
+def test_back_to_back_runs_under_torchrun(tmp_path):
     """`python -m streamattn.bench.back_to_back` on a torchrun group: the planned call and a forced
     one report a time, CPU and the plan they ran (the forced plan's name proves the flags reach it)."""
     import socket
@@ -473,6 +473,7 @@ def test_back_to_back_runs_under_torchrun():
                str(port), "-m", "streamattn.bench.back_to_back", "--seq", "61", "--joint-len", "5",
                "--heads", "6", "--head-dim", "8", "--calls", "5", "--warmup", "1"] + extra
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", STREAMATTN_TIMEOUT_S="60"))
+                             env=dict(os.environ, OMP_NUM_THREADS="1", STREAMATTN_TIMEOUT_S="60",
+                                      TMPDIR=str(tmp_path)))  # torchrun's log directory
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert want in out.stdout and "ms per call (slowest rank's mean)" in out.stdout, out.stdout

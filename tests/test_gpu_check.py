@@ -89,7 +89,8 @@ def test_cpu_selftest_distributed_two_ranks(tmp_path):
            "--bench-dtype", "float32", "--bench-iters", "2", "--bench-warmup", "1",
            "--json", str(tmp_path / "rows.json")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", STREAMATTN_TIMEOUT_S="60"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1", STREAMATTN_TIMEOUT_S="60",
+                                  TMPDIR=str(tmp_path)))  # torchrun's log directory
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     for transport in ("torch", "shm", "inorder", "shm-device"):

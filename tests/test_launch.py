@@ -4,10 +4,12 @@
 Each launch leaves no namespace, link or lock behind. Skips with the reason without root / netns."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -28,6 +30,10 @@ def _env():
     return env
 
 
+def _torchelastic_dirs() -> set:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
+
+
 def _leftovers(pid: int):
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
@@ -40,6 +46,7 @@ def _leftovers(pid: int):
 def _launch(args, tmp_path, timeout=900):
     argv = [sys.executable, "-m", "streamattn.cli", "launch", "--emulate", "2x2",
             "--inter-bw", "500mbit", "--"] + args
+    before = _torchelastic_dirs()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=_env(), cwd=str(tmp_path))
     try:
@@ -49,6 +56,7 @@ def _launch(args, tmp_path, timeout=900):
             p.kill()
             p.wait()
     assert _leftovers(p.pid) == [], "launch left emulated-cluster objects behind"
+    assert _torchelastic_dirs() - before == set(), "launch left torchrun log directories behind"
     return p.returncode, out
 
 
@@ -111,4 +119,5 @@ def test_torchrun_argv_is_the_real_multi_node_command():
     s = " ".join(argv)
     assert "--nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint 198.18.0.10:29500" in s
     assert "--local-addr 198.18.0.11" in s and "is_host=false" in s
+    assert f"--log-dir {os.devnull}" in s
     assert argv[-2:] == ["-m", "streamattn.bench"]

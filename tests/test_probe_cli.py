@@ -42,7 +42,8 @@ def test_probe_inside_torchrun(tmp_path):
     path = tmp_path / "probe.json"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "streamattn.cli", "probe", "--out", str(path)]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=_env(), cwd=str(tmp_path))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                       env=dict(_env(), TMPDIR=str(tmp_path)), cwd=str(tmp_path))  # torchrun's logs
     assert p.returncode == 0, p.stdout + p.stderr
     _check(p.stdout, path, 2, "probe by the launched group (2 ranks")
     assert p.stdout.count("Legend") == 1  # rank 0 alone reports

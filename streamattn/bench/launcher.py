@@ -53,8 +53,10 @@ def parse_shape(text: str):
 
 def torchrun_argv(cluster: EmulatedCluster, node: int, user_args: Sequence[str], *,
                   port: int = DEFAULT_PORT, rdzv_id: str = "streamattn") -> List[str]:
-    """The torchrun command node ``node`` runs (the same a real node would, plus --local-addr)."""
-    return [sys.executable, "-m", "torch.distributed.run",
+    """The torchrun command node ``node`` runs (the same a real node would, plus --local-addr, and
+    --log-dir /dev/null: the ranks' output comes through the launcher's pipes, and torchrun's
+    default log directory is a /tmp/torchelastic_* per node and run that nothing removes)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--log-dir", os.devnull,
             "--nnodes", str(cluster.nodes), "--nproc-per-node", str(cluster.ranks_per_node),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{cluster.node_ip(0)}:{port}",
             "--rdzv-id", rdzv_id, "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}",

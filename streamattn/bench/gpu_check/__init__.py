@@ -94,6 +94,7 @@ def _spawn(argv, ngpu):
     """Re-run this command as one rank per GPU (torch.distributed.run -m this package, argument list,
     no shell)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ngpu}",
+           "--log-dir", os.devnull,  # else a /tmp/torchelastic_* directory per run, never removed
            "-m", "streamattn.bench.gpu_check", "--no-spawn", *argv]
     print(f"gpu_check: {ngpu} GPUs visible: running one rank per GPU: {' '.join(cmd)}", flush=True)
     return subprocess.run(cmd).returncode
