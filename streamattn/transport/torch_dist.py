@@ -50,7 +50,9 @@ class _TorchPending(Pending):
         self.tag = tag
         self.start = time.monotonic()
         self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
-        self.waited = False
+        self.waited = 0  # works whose wait() returned (each must be waited once: a second waitRecv
+                         # blocks for a message that never comes)
+        self.failed = False  # the wait of works[waited] raised: that work is dead (gloo rethrows)
 
     def __del__(self):
         # Dropped without a completed wait() (an abandoned StaleKV state, a call that raised with
@@ -59,9 +61,14 @@ class _TorchPending(Pending):
         # swallows the peer's message, and the pair then loses the next ones on that connection
         # (tests/test_transport_orphans.py); CI once hung in the metadata exchange after a test
         # dropped a StaleKV with its K/V exchange in flight.
-        if not self.waited and self.works:
+        if self.waited < len(self.works):
             try:
-                self.transport.adopt(self.works, self.tag)
+                rest = self.works[self.waited:]
+                if self.failed:  # a failed wait cannot be repeated; its buffer must still outlive it
+                    self.transport.keep(rest[:1])
+                    rest = rest[1:]
+                if rest:
+                    self.transport.adopt(rest, self.tag)
             except Exception:  # interpreter shutdown: the transport is already torn down
                 pass
 
@@ -71,24 +78,26 @@ class _TorchPending(Pending):
         limit = self.transport.timeout + grace_s
         deadline = self.start + limit
         tracing = trace.enabled()
-        for peer, kind, work in self.works:
+        for peer, kind, work in self.works[self.waited:]:
             remaining = max(deadline - time.monotonic(), 0.001)
             t0 = trace.now() if tracing else 0.0
             try:
                 ok = work.wait(datetime.timedelta(seconds=remaining))
             except Exception as exc:  # gloo/NCCL report timeouts and closed pairs as RuntimeError
+                self.failed = True
                 raise _peer_error(self.transport, peer, kind, self.tag, exc) from exc
             if tracing:  # the time blocked on this peer (sequential waits: who we waited for)
                 node_of = self.transport.node_of
                 trace.add(self.span_kind, t0, trace.now(), peer,
                           node_of[peer] != node_of[self.transport.rank])
             if ok is False:
+                self.failed = True
                 raise PeerTimeoutError(
                     f"streamattn: timed out after {limit:.0f}s waiting to {kind} (tag {self.tag}) "
                     f"with {self.transport.describe_peer(peer)}",
                     peer,
                 )
-        self.waited = True
+            self.waited += 1
 
 
 class FailureMailbox:
@@ -199,7 +208,8 @@ class TorchTransport(Transport):
         self.timeout = wait_timeout_s()
         self.calls = 0  # calls made on this group
         self.mailbox = FailureMailbox(self)
-        self.in_flight = []  # works of pendings dropped before their wait() completed (adopt)
+        self.in_flight = []  # (works, tag) of pendings dropped before their wait() completed (adopt)
+        self.kept = []  # works whose wait failed: never waited again, kept until close (keep)
 
     def begin_call(self) -> None:
         self.calls += 1
@@ -213,19 +223,32 @@ class TorchTransport(Transport):
         and gloo's buffers, which the peer may still be writing into."""
         self.in_flight.append((list(works), tag))
 
+    def keep(self, works) -> None:
+        """Keep works whose wait failed alive until close(): gloo rethrows on a second wait, and a
+        receive stays posted. (A gloo timeout also fails every connection of the group -- the
+        wait signals the exception to the whole context -- so the group is of no further use.)"""
+        self.kept.extend(works)
+
     def finish_adopted(self) -> None:
-        """Wait for the adopted works (raising, naming the peer, if one does not complete within
-        the timeout). They cannot be polled: a gloo send/recv work reports completion only from
-        wait(), and a wait that times out marks it failed. Their peers posted the other halves
-        when they posted the same exchange, before anything later in the schedule, so by the next
-        call they have normally arrived and this returns at once."""
+        """Wait for the adopted works. They cannot be polled: a gloo send/recv work reports
+        completion only from wait(), and a wait that times out marks it failed. Their peers posted
+        the other halves when they posted the same exchange, before anything later in the
+        schedule, so by the next call they have normally arrived and this returns at once. If one
+        fails (its peer gone or the group failed), it and every adopted work not yet waited are
+        kept instead and the call goes on: it meets the failure itself and raises naming the
+        peer."""
         adopted, self.in_flight = self.in_flight, []
-        for works, tag in adopted:
+        for i, (works, tag) in enumerate(adopted):
             pending = _TorchPending(self, works, tag)
             try:
                 pending.wait()
+            except PeerError:
+                self.kept.extend(works[pending.waited:])
+                for later, _ in adopted[i + 1:]:
+                    self.kept.extend(later)
+                return
             finally:
-                pending.waited = True  # failed: the pair is lost anyway; not adopted again
+                pending.waited = len(works)  # kept or done: never adopted again
 
     def report_failure(self, peer: int, text: str) -> None:
         """Tell the other ranks which peer failed (FailureMailbox), before this rank raises, so
@@ -238,7 +261,7 @@ class TorchTransport(Transport):
 
     def close(self) -> None:
         self.mailbox.close()
-        self.in_flight = []
+        self.in_flight, self.kept = [], []
 
     # -- the collective all-to-all (STREAMATTN_ALLTOALL=collective) ---------------------------
     def all_to_all(self, send, send_splits, recv, recv_splits, tag, count=True) -> Pending:
