@@ -149,7 +149,8 @@ def load_extension(verbose=False, force_jit=False):
             key.update(f.read())
     key.update(repr((arch, inc, lib, torch.__version__)).encode())
     out = os.path.join(_cache_root(), "ext", key.hexdigest()[:16])
-    os.makedirs(out, exist_ok=True)
+    for d in (_cache_root(), os.path.dirname(out), out):  # owner-only, every level we create
+        os.makedirs(d, mode=0o700, exist_ok=True)
     objs = []
     for s in CU_SOURCES:
         obj = os.path.join(out, os.path.splitext(s)[0] + ".o")

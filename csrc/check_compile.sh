@@ -38,7 +38,7 @@ LIBDIR="$ROOT/nvidia/nvshmem/lib"
 LIBDEV="$LIBDIR/libnvshmem_device.a"
 LIBHOST="$LIBDIR/libnvshmem_host.so.3"
 if [[ ! -f "$INC/nvshmem.h" || ! -f "$LIBDEV" || ! -f "$LIBHOST" ]]; then
-  mkdir -p "$CACHE/wheels"
+  (umask 077 && mkdir -p "$CACHE/wheels")   # owner-only, like the caches streamattn writes
   shopt -s nullglob
   wheels=("$CACHE"/wheels/nvidia_nvshmem_cu13-"$NVSHMEM_VERSION"-*.whl)
   if (( ${#wheels[@]} == 0 )); then

@@ -13,4 +13,3 @@ def test_dropped_exchange_leaves_the_pairs_working(rank_pool, P, via):
         assert r["bad"] == 0, f"rank {rank}: {r['bad']} wrong payloads after the dropped exchange"
         assert r["err"] < 1e-5, f"rank {rank}: error {r['err']:.2e} after the dropped exchange"
         assert r["in_flight"] == 0, f"rank {rank}: {r['in_flight']} adopted works never completed"
-
