@@ -4,7 +4,8 @@
   ``streamattn._nvshmem_ext`` (``STREAMATTN_BUILD_CUDA=1 pip install .``) first, else builds on
   demand: nvcc ``-rdc=true`` for exchange.cu, a device link against ``libnvshmem_device.a``, then
   ``torch.utils.cpp_extension.load`` for bindings.cpp linked with those objects and
-  ``libnvshmem_host.so.3``. Cached under ``$STREAMATTN_CACHE/ext`` (default ~/.cache/streamattn).
+  ``libnvshmem_host.so.3``. Cached under ``$STREAMATTN_CACHE_DIR/ext`` (default ~/.cache/streamattn;
+  streamattn's one cache setting, read here from the environment: setup.py imports this file).
 - ``cuda_extension()``: ``(CUDAExtension, {"build_ext": BuildExtension})`` for setup.py.
 - ``find_nvshmem()``: ``(include_dir, lib_dir)`` of NVSHMEM: ``$NVSHMEM_HOME``, else the installed
   ``nvidia-nvshmem-cu13`` or ``-cu12`` wheel (a dependency of nvshmem4py-cu13 / -cu12: both install
@@ -28,7 +29,8 @@ CPP_SOURCES = ("bindings.cpp",)
 
 
 def _cache_root():
-    return os.environ.get("STREAMATTN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "streamattn"))
+    root = os.environ.get("STREAMATTN_CACHE_DIR") or os.path.join("~", ".cache", "streamattn")
+    return os.path.abspath(os.path.expanduser(root))
 
 
 def find_nvshmem(require_host_lib=True):

@@ -10,9 +10,9 @@
 #
 # Env: PYTHON (default /work/venv/bin/python if present, else python3), NVCC (default: PATH, then
 #      /usr/local/cuda/bin/nvcc), STREAMATTN_NVSHMEM_VERSION (default 3.8.0), CUDA_ARCH (default
-#      sm_90), STREAMATTN_CACHE (default ~/.cache/streamattn). The wheel (~180 MB) is downloaded
-#      once with `pip download --no-deps` into $STREAMATTN_CACHE/wheels; only include/ and
-#      libnvshmem_device.a are unpacked (to $STREAMATTN_CACHE/nvshmem-<version>).
+#      sm_90), STREAMATTN_CACHE_DIR (default ~/.cache/streamattn). The wheel (~180 MB) is downloaded
+#      once with `pip download --no-deps` into $STREAMATTN_CACHE_DIR/wheels; only include/ and
+#      libnvshmem_device.a are unpacked (to $STREAMATTN_CACHE_DIR/nvshmem-<version>).
 # Exit 2 (with a message) when nvcc is absent, so callers can tell "cannot check" from "broken".
 set -euo pipefail
 
@@ -22,7 +22,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 NVSHMEM_VERSION="${STREAMATTN_NVSHMEM_VERSION:-3.8.0}"
 ARCH="${CUDA_ARCH:-sm_90}"
-CACHE="${STREAMATTN_CACHE:-$HOME/.cache/streamattn}"
+CACHE="${STREAMATTN_CACHE_DIR:-$HOME/.cache/streamattn}"
 
 NVCC="${NVCC:-$(command -v nvcc || true)}"
 if [[ -z "$NVCC" && -x /usr/local/cuda/bin/nvcc ]]; then NVCC=/usr/local/cuda/bin/nvcc; fi

@@ -140,7 +140,8 @@ SETTINGS = {s.name: s for s in (
             "shipped machine name (unset: probe); resolved at a group's first call", agreed=True),
     # -- topology probe and cache ---------------------------------------------------------------
     Setting("STREAMATTN_CACHE_DIR", "path", os.path.join("~", ".cache", "streamattn"),
-            "where probed topologies are cached (directory 0700, files 0600, owned by you)",
+            "where streamattn caches probed topologies, kernel calibrations and csrc/ builds with "
+            "the NVSHMEM wheel check_compile.sh uses (directory 0700, files 0600, owned by you)",
             scope="probe"),
     Setting("STREAMATTN_HOST_ID", "text", "",
             "names this host for node grouping (unset: hostname + machine id)", scope="probe"),
@@ -162,9 +163,6 @@ SETTINGS = {s.name: s for s in (
             "streamattn.bench.gpu_check: print a traceback for each failed configuration", scope="bench"),
     Setting("STREAMATTN_BUILD_CUDA", "flag", False,
             "pip install: also build the NVSHMEM CUDA extension (csrc/)", scope="build"),
-    Setting("STREAMATTN_CACHE", "path", os.path.join("~", ".cache", "streamattn"),
-            "where csrc/ builds (ext/) and the NVSHMEM wheel used by check_compile.sh are kept",
-            scope="build"),
     Setting("STREAMATTN_NVSHMEM_VERSION", "text", "3.8.0",
             "csrc/check_compile.sh: NVSHMEM wheel version to compile against", scope="build"),
     Setting("STREAMATTN_CSRC_NO_LINK", "flag", False,

@@ -21,6 +21,11 @@ def _nvcc():
         "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
 
+# the NVSHMEM wheel lives in the default cache across runs, as a user's does (conftest points
+# STREAMATTN_CACHE_DIR at a per-session directory for the topology and calibration caches)
+WHEEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "streamattn")
+
+
 def _build_module():
     spec = importlib.util.spec_from_file_location("streamattn_csrc_build_t", os.path.join(CSRC, "build.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -32,7 +37,7 @@ def test_every_csrc_unit_compiles_and_links():
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: csrc/ compile check needs the CUDA toolkit")
-    env = dict(os.environ, PYTHON=sys.executable, NVCC=nvcc)
+    env = dict(os.environ, PYTHON=sys.executable, NVCC=nvcc, STREAMATTN_CACHE_DIR=WHEEL_CACHE)
     r = subprocess.run(["bash", os.path.join(CSRC, "check_compile.sh")], env=env,
                        capture_output=True, text=True, timeout=1200)
     out = r.stdout + r.stderr
@@ -46,6 +51,7 @@ def test_every_csrc_unit_compiles_and_links():
 
 
 def test_build_helpers_without_gpu(monkeypatch):
+    monkeypatch.setenv("STREAMATTN_CACHE_DIR", WHEEL_CACHE)
     b = _build_module()
     assert set(b.CU_SOURCES + b.CPP_SOURCES) == {
         f for f in os.listdir(CSRC) if f.endswith((".cu", ".cpp"))}, "build.py must list every unit"
