@@ -63,14 +63,21 @@ class _TorchPending(Pending):
         # dropped a StaleKV with its K/V exchange in flight.
         if self.waited < len(self.works):
             try:
-                rest = self.works[self.waited:]
-                if self.failed:  # a failed wait cannot be repeated; its buffer must still outlive it
-                    self.transport.keep(rest[:1])
-                    rest = rest[1:]
-                if rest:
-                    self.transport.adopt(rest, self.tag)
+                self.hand_over()
             except Exception:  # interpreter shutdown: the transport is already torn down
                 pass
+
+    def hand_over(self, keep_all: bool = False) -> None:
+        """Give the works not yet waited to the transport: the one whose wait failed (it cannot be
+        waited again: gloo rethrows; its buffer must still outlive it) and, with keep_all, the rest
+        are kept until close(); the rest are otherwise adopted (the next call waits for them)."""
+        rest, self.waited = self.works[self.waited:], len(self.works)
+        if rest and (self.failed or keep_all):
+            n = len(rest) if keep_all else 1
+            self.transport.keep(rest[:n])
+            rest = rest[n:]
+        if rest:
+            self.transport.adopt(rest, self.tag)
 
     def wait(self, grace_s: float = 0.0) -> None:
         """grace_s: wait that much longer than the transport's timeout (a node leader outwaiting
@@ -243,12 +250,10 @@ class TorchTransport(Transport):
             try:
                 pending.wait()
             except PeerError:
-                self.kept.extend(works[pending.waited:])
+                pending.hand_over(keep_all=True)
                 for later, _ in adopted[i + 1:]:
-                    self.kept.extend(later)
+                    self.keep(later)
                 return
-            finally:
-                pending.waited = len(works)  # kept or done: never adopted again
 
     def report_failure(self, peer: int, text: str) -> None:
         """Tell the other ranks which peer failed (FailureMailbox), before this rank raises, so
