@@ -70,9 +70,10 @@ def network_bytes(c: Candidate) -> int:
 
 def exchange_rounds(c: Candidate) -> int:
     """How many rounds that each wait on peers candidate `c` cuts an exchange into: its Ulysses
-    chunks or a ring's token runs (`chunks`), a Torus' t - 1 exchanges (each also an output sent
-    home)."""
-    return torus_degree(c) - 1 if c.algorithm == "torus" else c.chunks
+    chunks or a ring's token runs (`chunks`), a Torus' t - 1 exchanges and the t - 1 outputs it
+    sends home (the partial outputs and LSEs its team computed for others: a second wait on
+    peers each, and a merge)."""
+    return 2 * (torus_degree(c) - 1) if c.algorithm == "torus" else c.chunks
 
 
 def wire_bound(c: Candidate, topology: Topology) -> bool:
@@ -246,9 +247,13 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
         # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
         # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to the fewest
-        # exchange rounds, then the prediction: Ulysses chunks, a Torus' t - 1 exchanges (each also
-        # an output sent home: Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best
-        # fixed plan in three matrices at 1 Gbit/s, never faster) and a ring's token runs (picked
+        # exchange rounds, then the prediction: Ulysses chunks, a Torus' t - 1 exchanges and t - 1
+        # outputs sent home (Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best
+        # fixed plan in three matrices at 1 Gbit/s, never faster; a Torus of t = 2, counted as one
+        # round, tied the unchunked USP of its u and won on the prediction: at 1 Gbit/s Torus 4x2x1
+        # ran 1.04-1.36x USP 4x2 in all ten 2x4 cells of two matrices, Torus 2x2x1 1.03-1.21x USP
+        # 2x2 in all ten 2x2 ones, and auto's Torus 4x2x1 lost to yunchang's best by 15% at
+        # text-free 4096) and a ring's token runs (picked
         # inside the band in compute-bound flux cells at 1 Gbit/s, 2 runs took 0.92-1.10x the
         # unchunked plan's time over four matrices, 1.02x on average). Where the wire is the bottleneck
         # a ring's runs are not counted: they add no all-to-all round, only waits on data already

@@ -961,6 +961,42 @@ def test_compute_bound_tie_goes_to_fewer_exchange_rounds():
         assert (plan.algorithm, plan.chunks) == ("usp", want), plan
 
 
+def test_compute_bound_tie_counts_a_torus_outputs_home():
+    """A Torus of t = 2 has one exchange and one output sent home: two rounds that wait on peers,
+    against the unchunked USP's one. Inside the compute-bound CPU band the USP of the same u wins
+    (measured at 1 Gbit/s over two matrices: Torus 4x2x1 ran 1.04-1.36x USP 4x2 in all ten 2x4
+    cells, Torus 2x2x1 1.03-1.21x USP 2x2 in all ten 2x2 ones; auto's Torus 4x2x1 at text-free
+    4096 lost to yunchang's best by 15%). Counting the exchange alone tied them and the
+    prediction picked the Torus (negative control: the rule's key without the outputs); a Torus
+    predicted cheaper by more than the band still wins."""
+    from streamattn.planner import CPU_TIE, exchange_rounds, wire_bound
+    from streamattn.plan import torus_degree
+    from streamattn.topology import resolve_topology
+
+    spec = "2x4:inter=1Gbit/s,intra=3GB/s"
+    p = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                seq_lens=(512,) * 8, scale=0.125)
+    kw = dict(sync_s=0.001, overlap=0.25, net_cpu=0.3e-9, compute_rate=2.5e10, memory_bandwidth=4e10)
+    for torus_rate, torus_wins in ((2.6e10, False), (2.7e10, False), (2.8e10, True)):
+        plan = make_plan(p, spec, block_rates={(1, 1, 2048, 2048, 64): torus_rate}, **kw)
+        cheapest = min((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
+        assert (cheapest.algorithm, cheapest.ulysses_degree, torus_degree(cheapest)) == ("torus", 4, 2)
+        assert not wire_bound(cheapest, resolve_topology(topology=spec))
+        usp = next(c for c in plan.candidates if c.valid and (c.algorithm, c.ulysses_degree, c.chunks)
+                   == ("usp", 4, 1))
+        assert exchange_rounds(cheapest) == 2 and exchange_rounds(usp) == 1
+        inside = usp.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)
+        assert inside != torus_wins  # the case: inside the band, then outside it
+        got = (plan.algorithm, plan.ulysses_degree, plan.torus_degree)
+        assert got == (("torus", 4, 2) if torus_wins else ("usp", 4, 1)), plan.reason
+        if inside:  # negative control: the exchange alone ties them and the prediction decides
+            band = [c for c in plan.candidates if c.valid
+                    and c.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)]
+            old = min(band, key=lambda c: (torus_degree(c) - 1 if c.algorithm == "torus" else c.chunks,
+                                           c.predicted_s))
+            assert old is cheapest
+
+
 def test_a_transfer_that_outlasts_the_compute_is_not_wire_bound_when_the_cores_pace_the_call():
     """The band's wire rule needs the transfer to be most of the predicted call (WIRE_SHARE), not
     merely longer than the modelled compute: in the 1 Gbit/s flux cells the transfer outlasted the
@@ -1020,7 +1056,7 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
     # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
     # bytes do not decide; the fewest exchange rounds (Ulysses chunks, a ring's token runs, a
-    # Torus' t - 1 exchanges), then the cheapest prediction, win
+    # Torus' t - 1 exchanges and outputs home), then the cheapest prediction, win
     # (16384 + 256 tokens at 4 Gbit/s: the case must separate the two rules, and as the model
     # changed the fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r
     # of the bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s), then at
