@@ -76,6 +76,15 @@ def test_bad_shape_rejected():
     for bad_mtu in (0, 575, 65536, 1500.0, "9000", True):
         with pytest.raises(ValueError, match="mtu"):
             EmulatedCluster(2, 1, mtu=bad_mtu)
+    for bad_cc in ("", "Cubic", "cubic; reboot", "../x", 3):
+        with pytest.raises(ValueError, match="congestion_control"):
+            EmulatedCluster(2, 1, congestion_control=bad_cc)
+    from streamattn.bench.cluster import parse_congestion_control
+
+    assert parse_congestion_control(None) == "cubic" and parse_congestion_control("inherit") is None
+    assert parse_congestion_control("reno") == "reno"
+    with pytest.raises(ValueError, match="congestion-control"):
+        parse_congestion_control("a b")
 
 
 # ──────────────────────────────────────────────────────────────────── helpers
@@ -151,7 +160,13 @@ def test_2x2_up_shaped_and_torn_down():
         assert f"mtu {DEFAULT_MTU} " in link and DEFAULT_MTU == 9000
         assert f"mtu {DEFAULT_MTU} " in subprocess.run(["ip", "link", "show", c.host_ifnames[1]],
                                                        capture_output=True, text=True).stdout
-        assert c.links.endswith(f",mtu={DEFAULT_MTU}")
+        assert c.links.endswith(f",mtu={DEFAULT_MTU},tcp=cubic")
+        # TCP congestion control pinned to cubic in every node, whatever the host's default
+        for k in range(2):
+            cc = subprocess.run(["ip", "netns", "exec", c.netns[k], "cat",
+                                 "/proc/sys/net/ipv4/tcp_congestion_control"],
+                                capture_output=True, text=True).stdout.strip()
+            assert cc == "cubic", cc
         assert c.master_addr.startswith("198.1") and c.node_ip(1).endswith(".11")
         r3 = c.rank_env(3)
         assert (r3.node, r3.local_rank, r3.ifname) == (1, 1, c.ifnames[1])
@@ -234,6 +249,22 @@ def test_live_cluster_is_not_stale():
     with EmulatedCluster(1, 1) as c:
         assert not any(c.token in name for name in cleanup_stale())
         assert c.netns[0] in _system_state()
+
+
+@needs_netns
+def test_congestion_control_inherit_and_unknown():
+    """None keeps what a new namespace inherits from the host (the control for the pinned cubic);
+    a name the kernel does not have is refused with the available ones, and nothing is left."""
+    host = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    with EmulatedCluster(1, 1, congestion_control=None) as c:
+        got = subprocess.run(["ip", "netns", "exec", c.netns[0], "cat",
+                              "/proc/sys/net/ipv4/tcp_congestion_control"],
+                             capture_output=True, text=True).stdout.strip()
+        assert got == host and c.links.endswith(",tcp=inherited")
+    c = EmulatedCluster(1, 1, congestion_control="nosuchcc")
+    with pytest.raises(ClusterUnavailable, match="nosuchcc.*available: .*cubic"):
+        c.start()
+    assert not _leftovers(c.pid, c.token)
 
 
 @needs_netns

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--mtu", type=int, default=None,
                        help="MTU of the emulated nodes' links (default 9000, jumbo frames as on cluster "
                             "fabrics; 1500 for a plain Ethernet LAN: 4.4%% of every byte is headers)")
+    where.add_argument("--congestion-control", default=None, metavar="NAME",
+                       help="TCP congestion control inside the emulated nodes (default cubic, the Linux default; inherit keeps the host's, which may be bbr: bbr misreads the shaped link)")
     where.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     what = p.add_argument_group("what to run")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -256,7 +258,7 @@ def _run_local(args, spec, preset) -> int:
 def _run_emulated(args, spec, preset) -> int:
     from ..testing import RankError
     from .cluster import (ClusterUnavailable, EmulatedCluster, check_mtu, measure_throughput,
-                          parse_rate_bits)
+                          parse_congestion_control, parse_rate_bits)
     from .launch import emulated_pool
     from .report import environment
     from .runner import PoolExecutor
@@ -266,15 +268,19 @@ def _run_emulated(args, spec, preset) -> int:
         inter = parse_rate_bits(args.inter_bw)
         intra = parse_rate_bits(args.intra_bw) if args.intra_bw else None
         mtu = check_mtu(args.mtu)  # before any namespace exists: a bad value is exit 2, not a traceback
+        cc = parse_congestion_control(args.congestion_control)
     except ValueError as exc:
-        print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw/--mtu: {exc}", file=sys.stderr)
+        print(f"streamattn bench: bad --emulate/--inter-bw/--intra-bw/--mtu/--congestion-control: {exc}",
+              file=sys.stderr)
         return 2
     world = nodes * rpn
     try:
-        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra, mtu=mtu) as cluster:
+        with EmulatedCluster(nodes, rpn, inter_bw=inter, intra_bw=intra, mtu=mtu,
+                             congestion_control=cc) as cluster:
             where = (f"an emulated {nodes}x{rpn} cluster ({cluster.subnet}): inter-node "
                      f"{inter / 1e6:g} Mbit/s per uplink, intra-node "
-                     f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}, MTU {mtu}")
+                     f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}, MTU {mtu}, "
+                     f"TCP {cc or 'as the host'}")
             print(_describe(preset, spec, where), flush=True)
             measured = None
             if nodes > 1:
@@ -283,7 +289,8 @@ def _run_emulated(args, spec, preset) -> int:
                       f"({100 * measured / inter:.0f}% of the configured rate)", flush=True)
             env = environment("emulated", world=world, nodes=nodes, ranks_per_node=rpn,
                               inter_bw=inter, intra_bw=intra, measured_inter_bit_s=measured,
-                              extra={"mtu": cluster.mtu})
+                              extra={"mtu": cluster.mtu,
+                                     "tcp_congestion_control": cc or "inherited"})
 
             with emulated_pool(cluster, threads=args.threads, timeout=args.timeout) as pool:
                 ex = PoolExecutor(pool, ranks_per_node=rpn, nodes=nodes)

@@ -38,6 +38,14 @@ namespaces peaks at about 13 Gbit/s on the 2-CPU development machine (CPU-bound)
 rate minus the headers: 99.3% on the veths at the default MTU 9000 (8948 payload bytes per 9014),
 95.6% at MTU 1500 (1448 per 1514), ~100% on lo (MTU 65536).
 
+TCP congestion control inside the nodes is pinned to ``cubic`` (Linux's default; the
+``congestion_control`` argument, ``None`` keeps what the host's namespaces inherit). A host may
+default to ``bbr``, whose model the emulated link confuses: the veth delivers a tbf bucket at memory
+speed, so BBR estimated 7-31 Gbit/s on a 200 Mbit/s link and ran with a cwnd far below the queue
+the tbf holds. Measured on the 2x2 cluster at 200 Mbit/s (text-free 8192 tokens, auto's plan,
+back to back): 751 ms per call under bbr, 725-730 ms under cubic; 2x4, flux 1024 + 256: 147 ms
+against 144. Every plan and peer library runs under the same setting.
+
 Needs root. netem is absent from some kernels; ``inter_latency`` (an added one-way delay per shaped
 hop) needs it and raises ``ClusterUnavailable`` when it is missing rather than silently ignoring it.
 """
@@ -85,6 +93,7 @@ __all__ = [
     "cleanup_stale",
     "format_tc_rate",
     "measure_throughput",
+    "parse_congestion_control",
     "parse_rate_bits",
     "parse_seconds",
     "preflight",
@@ -100,12 +109,32 @@ DEFAULT_TBF_LATENCY = 0.05  # tbf queue bound (seconds of data at the rate)
 # instead of 4.4% at 1500, and the kernel handles a sixth of the segments. Every plan (and every
 # peer library) pays the same; `--mtu 1500` emulates a plain Ethernet LAN.
 DEFAULT_MTU = 9000
+DEFAULT_CONGESTION_CONTROL = "cubic"  # see the module docstring
+_CC_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 
 Bandwidth = Union[str, float, int]
 _NUMBER = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*")
 
 
 # ──────────────────────────────────────────────────────────────────── rates for tc
+
+
+def _sysctl_argv(ns: str, key: str, value: Optional[str] = None) -> List[str]:
+    """Read (value None) or write one sysctl inside namespace ``ns`` with this interpreter, so no
+    procps is needed: /proc/sys/net shows the namespace of the process that opens it."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    code = ("import sys; print(open(sys.argv[1]).read().strip())" if value is None
+            else "import sys\nwith open(sys.argv[1], 'w') as f: f.write(sys.argv[2])")  # close() raises
+    return ["ip", "netns", "exec", ns, sys.executable, "-I", "-S", "-c", code, path] + (
+        [] if value is None else [value])
+
+
+def _read_sysctl(ns: str, key: str) -> str:
+    return run_cmd(_sysctl_argv(ns, key)).stdout.strip()
+
+
+def _write_sysctl(ns: str, key: str, value: str) -> None:
+    run_cmd(_sysctl_argv(ns, key, value))
 
 
 def parse_rate_bits(value: Bandwidth) -> float:
@@ -138,6 +167,18 @@ def parse_seconds(value: Union[str, float, int]) -> float:
 def format_tc_rate(bits_per_s: float) -> str:
     """tc's syntax for a rate in bits/s (integer bits, which tc accepts for any magnitude)."""
     return f"{max(1, int(round(bits_per_s)))}bit"
+
+
+def parse_congestion_control(text: Optional[str]) -> Optional[str]:
+    """The CLI's --congestion-control: a name (``cubic``, ``bbr``, ``reno``) or ``inherit``
+    (None: keep the host's); not given: DEFAULT_CONGESTION_CONTROL. Raises ValueError otherwise."""
+    if text is None:
+        return DEFAULT_CONGESTION_CONTROL
+    if text == "inherit":
+        return None
+    if not _CC_NAME.fullmatch(text):
+        raise ValueError(f"--congestion-control must be a name such as cubic or bbr, or inherit; got {text!r}")
+    return text
 
 
 def check_mtu(mtu=None) -> int:
@@ -216,6 +257,9 @@ class EmulatedCluster:
     mtu:
         MTU of the nodes' veths (default ``DEFAULT_MTU`` = 9000, jumbo frames as on cluster
         fabrics, also for None; 1500 for a plain Ethernet LAN). 576..65535.
+    congestion_control:
+        TCP congestion control inside every node (default ``cubic``, Linux's default); ``None``
+        keeps whatever the host's new namespaces inherit.
     install_signal_handlers:
         tear down on SIGINT/SIGTERM/SIGHUP (main thread only), then re-raise.
     """
@@ -230,6 +274,7 @@ class EmulatedCluster:
         *,
         tbf_latency: Union[str, float] = DEFAULT_TBF_LATENCY,
         mtu: Optional[int] = None,
+        congestion_control: Optional[str] = DEFAULT_CONGESTION_CONTROL,
         install_signal_handlers: bool = True,
         kill_grace: float = 2.0,
     ):
@@ -247,6 +292,11 @@ class EmulatedCluster:
             self.inter_latency = None
         self.tbf_latency = parse_seconds(tbf_latency)
         self.mtu = check_mtu(mtu)
+        if congestion_control is not None and (not isinstance(congestion_control, str)
+                                               or not _CC_NAME.fullmatch(congestion_control)):
+            raise ValueError(f"congestion_control must be a TCP congestion control name such as "
+                             f"'cubic', or None, got {congestion_control!r}")
+        self.congestion_control = congestion_control
         self.install_signal_handlers = install_signal_handlers
         self.kill_grace = kill_grace
 
@@ -273,7 +323,8 @@ class EmulatedCluster:
         topology is cached per value (topology.cache.cache_key), so a job at another rate or MTU
         (another goodput) probes afresh."""
         intra = "unshaped" if self.intra_bw is None else format_tc_rate(self.intra_bw)
-        return f"inter={format_tc_rate(self.inter_bw)},intra={intra},mtu={self.mtu}"
+        return (f"inter={format_tc_rate(self.inter_bw)},intra={intra},mtu={self.mtu},"
+                f"tcp={self.congestion_control or 'inherited'}")
 
     def __repr__(self) -> str:
         return (f"EmulatedCluster({self.nodes}x{self.ranks_per_node}, {self.links.replace(',', ', ')}, "
@@ -428,6 +479,8 @@ class EmulatedCluster:
             run_cmd(["ip", "netns", "add", ns])
             self._created_ns.append(ns)
             run_cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+            if self.congestion_control is not None:
+                self._set_congestion_control(ns)
             run_cmd(["ip", "link", "add", host, "mtu", str(self.mtu), "type", "veth",
                   "peer", "name", inner, "mtu", str(self.mtu), "netns", ns])
             self._created_links.append(host)
@@ -444,6 +497,20 @@ class EmulatedCluster:
             for c in cmds:
                 run_cmd(c)
 
+    def _set_congestion_control(self, ns: str) -> None:
+        """Pin the namespace's TCP congestion control (net.ipv4.tcp_congestion_control is per
+        namespace; a new one inherits the host's)."""
+        avail = _read_sysctl(ns, "net.ipv4.tcp_available_congestion_control").split()
+        cc = self.congestion_control
+        try:
+            _write_sysctl(ns, "net.ipv4.tcp_congestion_control", cc)
+        except subprocess.CalledProcessError as e:
+            why = ((e.stderr or "").strip().splitlines() or ["?"])[-1]
+            raise ClusterUnavailable(
+                f"cannot set TCP congestion control {cc!r} in the emulated nodes ({why}; available: "
+                f"{' '.join(avail) or 'unknown'}); pass congestion_control=None "
+                "(--congestion-control inherit) to keep the host's") from e
+
     def _verify(self) -> None:
         """Refuse to run unshaped: every expected tbf must be there with the configured rate."""
         def check(ns: Optional[str], dev: str) -> None:
@@ -452,6 +519,11 @@ class EmulatedCluster:
             if " tbf " not in f" {out} ":
                 raise ClusterUnavailable(f"tbf missing on {dev} after setup: {out.strip()!r}")
         for k in range(self.nodes):
+            if self.congestion_control is not None:
+                got = _read_sysctl(self.netns[k], "net.ipv4.tcp_congestion_control")
+                if got != self.congestion_control:
+                    raise ClusterUnavailable(f"TCP congestion control in {self.netns[k]} is {got!r} "
+                                             f"after setting {self.congestion_control!r}")
             check(self.netns[k], self.ifnames[k])
             check(None, self.host_ifnames[k])
             if self.intra_bw is not None:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, TextIO
 
-from .cluster import ClusterUnavailable, EmulatedCluster
+from .cluster import DEFAULT_CONGESTION_CONTROL, ClusterUnavailable, EmulatedCluster
 
 DEFAULT_PORT = 29500
 HOSTNAME_FMT = "sa-node{}"
@@ -73,13 +73,15 @@ def _pump(src, dst: TextIO, prefix: str, lock: threading.Lock) -> None:
 
 def launch_emulated(nodes: int, procs_per_node: int, user_args: Sequence[str], *,
                     inter_bw="1gbit", intra_bw=None, mtu: Optional[int] = None,
+                    congestion_control: Optional[str] = DEFAULT_CONGESTION_CONTROL,
                     port: int = DEFAULT_PORT,
                     timeout: float = 1800.0, env: Optional[dict] = None,
                     stdout: Optional[TextIO] = None, cluster_hook=None) -> int:
     """Run ``torchrun ... user_args`` on every node of an emulated ``nodes x procs_per_node``
     cluster; return the job's exit code. Raises `ClusterUnavailable` (with the reason) when the
     cluster cannot be built here (not root, no netns / tc). ``mtu``: the nodes' link MTU (None =
-    the cluster's default, jumbo frames). ``cluster_hook(cluster)``, if given, is
+    the cluster's default, jumbo frames); ``congestion_control``: TCP's inside the nodes (None =
+    the host's). ``cluster_hook(cluster)``, if given, is
     called once the cluster is up (tests record its names to check the teardown)."""
     if not user_args:
         raise ValueError("nothing to run: give torchrun's script and arguments after --")
@@ -89,7 +91,8 @@ def launch_emulated(nodes: int, procs_per_node: int, user_args: Sequence[str], *
     base.setdefault("OMP_NUM_THREADS", "1")
     base["PYTHONUNBUFFERED"] = "1"
     lock = threading.Lock()
-    with EmulatedCluster(nodes, procs_per_node, inter_bw, intra_bw, mtu=mtu) as cluster:
+    with EmulatedCluster(nodes, procs_per_node, inter_bw, intra_bw, mtu=mtu,
+                         congestion_control=congestion_control) as cluster:
         if cluster_hook is not None:
             cluster_hook(cluster)
         with lock:

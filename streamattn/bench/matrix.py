@@ -108,6 +108,8 @@ def run_matrix(args) -> int:
                 cmd.append("--no-progress")
             if args.mtu is not None:
                 cmd += ["--mtu", str(args.mtu)]
+            if args.congestion_control is not None:
+                cmd += ["--congestion-control", args.congestion_control]
             busy, load0 = busy_fraction(), _load()
             t0 = time.monotonic()
             print(f"\n=== {cell} {shape}: {' '.join(cmd[1:])}  (other processes used {busy:.0%} "

@@ -15,6 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--intra-bw", default=None, help="intra-node (lo) rate (default unshaped)")
     p.add_argument("--mtu", type=int, default=None,
                    help="MTU of the nodes' links (default 9000, jumbo frames; 1500 for a plain LAN)")
+    p.add_argument("--congestion-control", default=None, metavar="NAME",
+                   help="TCP congestion control inside the emulated nodes (default cubic, the Linux default; inherit keeps the host's, which may be bbr: bbr misreads the shaped link)")
     p.add_argument("--port", type=int, default=None, help="rendezvous port on node 0 (default 29500)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is killed")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
@@ -23,6 +25,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..bench.cluster import parse_congestion_control
     from ..bench.launcher import DEFAULT_PORT, ClusterUnavailable, launch_emulated, parse_shape
 
     try:
@@ -31,6 +34,7 @@ def run(args) -> int:
             raise ValueError("nothing to run: streamattn launch --emulate 2x2 -- -m streamattn.cli probe")
         return launch_emulated(n, g, args.args, inter_bw=args.inter_bw, intra_bw=args.intra_bw,
                                mtu=args.mtu,
+                               congestion_control=parse_congestion_control(args.congestion_control),
                                port=args.port or DEFAULT_PORT, timeout=args.timeout)
     except ClusterUnavailable as e:
         print(f"streamattn launch: emulated cluster unavailable: {e.reason}", file=sys.stderr)
