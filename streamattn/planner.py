@@ -76,6 +76,13 @@ def exchange_rounds(c: Candidate) -> int:
     return 2 * (torus_degree(c) - 1) if c.algorithm == "torus" else c.chunks
 
 
+def all_to_all_crosses_nodes(c: Candidate, topology: Topology) -> bool:
+    """True when a Ulysses group of candidate `c` spans nodes: its all-to-alls then cross the
+    network as blocking steps (every rank waits on the wire at once, no compute under it), where a
+    ring's or a Torus' inter-node transfer runs under the attention of the blocks already held."""
+    return c.ulysses_degree > 1 and any(len({topology.node[m] for m in g}) > 1 for g in c.groups)
+
+
 def wire_bound(c: Candidate, topology: Topology) -> bool:
     """True when candidate `c`'s network bytes at the slowest inter-node link's rate (shared by the
     ranks of a node) take at least its compute time and WIRE_SHARE of its predicted time: the call
@@ -244,10 +251,16 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # -- but only where the network is the bottleneck: in a compute-bound call (its transfer at
         # the link rate below its compute, or below WIRE_SHARE of the predicted call: wire_bound)
         # the network is not what is noisy, and the plan with fewer
-        # network bytes is usually the one with more ring steps (measured on 2x4 at 1 Gbit/s, flux
-        # 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for its bytes, ran
-        # 1.09x and 1.19x slower than Ulysses 8 in two runs); there the tie goes to the fewest
-        # exchange rounds, then the prediction: Ulysses chunks, a Torus' t - 1 exchanges and t - 1
+        # network bytes is usually the one with more ring steps (measured in stop 33 on 2x4 at
+        # 1 Gbit/s, flux 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for
+        # its bytes, ran 1.09x and 1.19x slower than Ulysses 8 in two runs). There the fewest
+        # exchange rounds win, then a plan whose Ulysses all-to-all stays inside the nodes over
+        # one whose all-to-all crosses them (a blocking all-to-all over the network idles every
+        # rank at once, where a ring's transfer runs under compute: at 1 Gbit/s, three matrices of
+        # stops 38-39 on jumbo frames, Ulysses 4 / 8 ran 0.95-1.26x the USP of one node's Ulysses
+        # degree, 1.02x or more in 29 of 30 cells, while predicted 1.00-1.14x of it in the 2x4
+        # text-free cells, where auto took Ulysses 8 once), then the prediction.
+        # Exchange rounds: Ulysses chunks, a Torus' t - 1 exchanges and t - 1
         # outputs sent home (Torus 1x4x1 / 2x4x1 picked inside the band ran 1.01-1.10x the best
         # fixed plan in three matrices at 1 Gbit/s, never faster; a Torus of t = 2, counted as one
         # round, tied the unchunked USP of its u and won on the prediction: at 1 Gbit/s Torus 4x2x1
@@ -262,11 +275,11 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         close = [c for c in pool if c.valid and c.predicted_s <= best.predicted_s * (1 + CPU_TIE)]
         wire = wire_bound(best, topology)
         cheapest, best = best, min(close, key=lambda c: (
-            network_bytes(c) if wire else 0,
-            (c.chunks if c.algorithm == "ulysses" else 1) if wire else exchange_rounds(c),
+            network_bytes(c) if wire else exchange_rounds(c),
+            (c.chunks if c.algorithm == "ulysses" else 1) if wire else all_to_all_crosses_nodes(c, topology),
             c.predicted_s))
         tie_note = "" if best is cheapest else (
-            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'exchange rounds'} among those predicted within "
+            f"; the fewest {'network bytes (then Ulysses chunks)' if wire else 'exchange rounds (then no blocking all-to-all across nodes)'} among those predicted within "
             f"{CPU_TIE:.0%} of the cheapest ({label(cheapest)}; this one "
             f"{best.predicted_s / cheapest.predicted_s:.3f}x of it)")
     else:

@@ -997,6 +997,42 @@ def test_compute_bound_tie_counts_a_torus_outputs_home():
             assert old is cheapest
 
 
+def test_compute_bound_tie_prefers_an_all_to_all_inside_the_nodes():
+    """Inside the compute-bound CPU band, at equal exchange rounds, a plan whose Ulysses
+    all-to-all stays inside the nodes (USP of one node's Ulysses degree: its inter-node transfer
+    runs under compute) wins over Ulysses across the nodes (a blocking all-to-all over the
+    network), even when Ulysses is predicted cheapest: at 1 Gbit/s Ulysses 4 / 8 ran 1.02x or more
+    of that USP in 29 of 30 matrix cells, and auto's Ulysses 8 lost to yunchang by 8% at
+    text-free 8192. Control: the rounds-then-prediction key alone keeps Ulysses; out of the band
+    Ulysses stays."""
+    from streamattn.planner import CPU_TIE, all_to_all_crosses_nodes, exchange_rounds, wire_bound
+    from streamattn.topology import resolve_topology
+
+    for spec, P, u, in_band, out_of_band in (("2x4:inter=1Gbit/s,intra=3GB/s", 8, 4, 2.8e10, 3.2e10),
+                                             ("2x2:inter=1Gbit/s,intra=3GB/s", 4, 2, 2.7e10, 3.2e10)):
+        topo = resolve_topology(topology=spec)
+        p = Problem(batch=1, heads=8, kv_heads=8, head_dim=64, dtype=torch.float32,
+                    seq_lens=(8192 // P,) * P, scale=0.125)
+        kw = dict(sync_s=0.001, overlap=2 / P, net_cpu=0.3e-9, compute_rate=2.5e10, memory_bandwidth=4e10)
+        for uly_rate, usp_wins in ((in_band, True), (out_of_band, False)):
+            plan = make_plan(p, spec, block_rates={(1, 8 // P, 8192, 8192, 64): uly_rate}, **kw)
+            valid = [c for c in plan.candidates if c.valid]
+            cheapest = min(valid, key=lambda c: c.predicted_s)
+            assert (cheapest.algorithm, cheapest.ulysses_degree) == ("ulysses", P), cheapest.label
+            assert all_to_all_crosses_nodes(cheapest, topo) and not wire_bound(cheapest, topo)
+            usp = next(c for c in valid if (c.algorithm, c.ulysses_degree, c.chunks, c.joint_fold)
+                       == ("usp", u, 1, False))
+            assert not all_to_all_crosses_nodes(usp, topo)
+            assert (usp.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)) == usp_wins  # the case
+            got = (plan.algorithm, plan.ulysses_degree, plan.chunks)
+            assert got == (("usp", u, 1) if usp_wins else ("ulysses", P, 1)), plan.reason
+            if usp_wins:
+                assert "blocking all-to-all across nodes" in plan.reason, plan.reason
+                band = [c for c in valid if c.predicted_s <= cheapest.predicted_s * (1 + CPU_TIE)]
+                old = min(band, key=lambda c: (exchange_rounds(c), c.predicted_s))
+                assert old.algorithm == "ulysses"  # negative control: without the key
+
+
 def test_a_transfer_that_outlasts_the_compute_is_not_wire_bound_when_the_cores_pace_the_call():
     """The band's wire rule needs the transfer to be most of the predicted call (WIRE_SHARE), not
     merely longer than the modelled compute: in the 1 Gbit/s flux cells the transfer outlasted the
@@ -1029,7 +1065,8 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     """On CPU groups (sync cost or core share measured) candidates predicted within CPU_TIE of the
     cheapest are ties, and the one sending the fewest bytes over the network wins; without the CPU
     terms the cheapest wins (negative control)."""
-    from streamattn.planner import CPU_TIE, exchange_rounds, network_bytes, wire_bound
+    from streamattn.planner import (CPU_TIE, all_to_all_crosses_nodes, exchange_rounds, network_bytes,
+                                    wire_bound)
 
     p = Problem(batch=1, heads=24, kv_heads=24, head_dim=32, dtype=torch.float32,
                 seq_lens=(1536,) * 4, scale=32 ** -0.5)
@@ -1054,9 +1091,11 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
 
     assert wire_bound(cheapest, resolve_topology(topology=topo))  # 200 Mbit/s: the wire decides
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
-    # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8): the network
-    # bytes do not decide; the fewest exchange rounds (Ulysses chunks, a ring's token runs, a
-    # Torus' t - 1 exchanges and outputs home), then the cheapest prediction, win
+    # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8 in stop 33):
+    # the network bytes do not decide; the fewest exchange rounds (Ulysses chunks, a ring's token
+    # runs, a Torus' t - 1 exchanges and outputs home), then a plan without a blocking
+    # all-to-all across the nodes, then the cheapest prediction, win (the cheapest here is
+    # Ulysses 8, which the rounds alone would keep: the control for the all-to-all key)
     # (16384 + 256 tokens at 4 Gbit/s: the case must separate the two rules, and as the model
     # changed the fewest-bytes plan became the cheapest at 2048 + 256 (the ring's joint rows at 1/r
     # of the bytes), then at 4096 + 256 (a Torus' further waits on peers each cost sync_s), then at
@@ -1067,9 +1106,12 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
                      compute_rate=3e9, memory_bandwidth=5e9)
     top = min((c for c in fast.candidates if c.valid), key=lambda c: c.predicted_s)
     band = [c for c in fast.candidates if c.valid and c.predicted_s <= top.predicted_s * (1 + CPU_TIE)]
-    want = min(band, key=lambda c: (exchange_rounds(c), c.predicted_s))
+    topo8 = resolve_topology(topology="2x4:inter=4Gbit/s,intra=5GB/s")
+    want = min(band, key=lambda c: (exchange_rounds(c), all_to_all_crosses_nodes(c, topo8), c.predicted_s))
     by_bytes = min(band, key=lambda c: (network_bytes(c), exchange_rounds(c), c.predicted_s))
+    by_rounds = min(band, key=lambda c: (exchange_rounds(c), c.predicted_s))
     assert by_bytes is not want  # the case separates the two rules
+    assert (by_rounds.algorithm, by_rounds.ulysses_degree) == ("ulysses", 8) and by_rounds is not want
     assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks) == (
         want.algorithm, want.ulysses_degree, want.ring_degree, want.chunks), (fast, want)
     # then the fewest Ulysses chunks: on one node (no network bytes at all) with the CPU terms,
