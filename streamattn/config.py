@@ -157,7 +157,7 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_EMULATED_NODE", "text", "",
             "set by the emulated-cluster launcher: this rank's node index", scope="bench"),
     Setting("STREAMATTN_EMULATED_LINKS", "text", "",
-            "set by the emulated-cluster launcher: its shaped links (inter=<rate>,intra=<rate>,mtu=<n>); "
+            "set by the emulated-cluster launcher: its shaped links (inter=<rate>,intra=<rate>,mtu=<n>,tcp=<congestion control>); "
             "a probed topology is cached per value", scope="bench"),
     Setting("STREAMATTN_GPU_CHECK_TRACE", "flag", False,
             "streamattn.bench.gpu_check: print a traceback for each failed configuration", scope="bench"),

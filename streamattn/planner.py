@@ -76,11 +76,16 @@ def exchange_rounds(c: Candidate) -> int:
     return 2 * (torus_degree(c) - 1) if c.algorithm == "torus" else c.chunks
 
 
+def groups_cross_nodes(groups, topology: Topology) -> bool:
+    """True when one of the rank groups `groups` has members on two nodes."""
+    return any(len({topology.node[m] for m in g}) > 1 for g in groups)
+
+
 def all_to_all_crosses_nodes(c: Candidate, topology: Topology) -> bool:
     """True when a Ulysses group of candidate `c` spans nodes: its all-to-alls then cross the
     network as blocking steps (every rank waits on the wire at once, no compute under it), where a
     ring's or a Torus' inter-node transfer runs under the attention of the blocks already held."""
-    return c.ulysses_degree > 1 and any(len({topology.node[m] for m in g}) > 1 for g in c.groups)
+    return c.ulysses_degree > 1 and groups_cross_nodes(c.groups, topology)
 
 
 def wire_bound(c: Candidate, topology: Topology) -> bool:
@@ -148,7 +153,7 @@ def torus_candidates(problem: Problem, topology: Topology) -> List[Candidate]:
     out: List[Candidate] = []
     for u in sorted(divisors(P), reverse=True):
         groups = consecutive_groups(P, u)
-        crosses = any(len({topology.node[m] for m in g}) > 1 for g in groups)
+        crosses = groups_cross_nodes(groups, topology)
         for t in sorted(divisors(P // u), reverse=True):
             if t < 2:
                 continue
@@ -250,10 +255,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
         # Mbit/s: 2 chunks 1.08x slower than USP 2x2, the same network bytes, predicted cheaper)
         # -- but only where the network is the bottleneck: in a compute-bound call (its transfer at
         # the link rate below its compute, or below WIRE_SHARE of the predicted call: wire_bound)
-        # the network is not what is noisy, and the plan with fewer
-        # network bytes is usually the one with more ring steps (measured in stop 33 on 2x4 at
-        # 1 Gbit/s, flux 1024 + 256 tokens: USP 4x2, 1.02x the predicted Ulysses 8 and picked for
-        # its bytes, ran 1.09x and 1.19x slower than Ulysses 8 in two runs). There the fewest
+        # the network is not what is noisy (the rule was made when, in stop 33, before jumbo
+        # frames, USP 4x2 picked for its fewer bytes ran 1.09-1.19x Ulysses 8 on 2x4 at 1 Gbit/s,
+        # flux 1024 + 256 tokens; that cell has gone the other way since, see below). There the fewest
         # exchange rounds win, then a plan whose Ulysses all-to-all stays inside the nodes over
         # one whose all-to-all crosses them (a blocking all-to-all over the network idles every
         # rank at once, where a ring's transfer runs under compute: at 1 Gbit/s, three matrices of

@@ -215,6 +215,7 @@ def test_emulated_cli_runs_and_leaves_nothing_behind(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["environment"]["topology"] == "2x2" and data["environment"]["inter_bw_bit_s"] == 1e9
     assert data["environment"]["mtu"] == 9000 and "MTU 9000" in out  # jumbo frames by default
+    assert data["environment"]["tcp_congestion_control"] == "cubic" and "TCP cubic" in out
     auto = [r for r in data["runs"] if r["config"] == "auto"]
     assert auto and all(r["algorithm"] in ("usp", "ring", "ulysses", "torus") for r in auto)
     assert all(r["bytes"]["inter_total"] > 0 for r in auto)

@@ -76,15 +76,16 @@ def test_bad_shape_rejected():
     for bad_mtu in (0, 575, 65536, 1500.0, "9000", True):
         with pytest.raises(ValueError, match="mtu"):
             EmulatedCluster(2, 1, mtu=bad_mtu)
-    for bad_cc in ("", "Cubic", "cubic; reboot", "../x", 3):
+    for bad_cc in ("", "Cubic", "cubic; reboot", "../x", 3, "inherit"):
         with pytest.raises(ValueError, match="congestion_control"):
             EmulatedCluster(2, 1, congestion_control=bad_cc)
     from streamattn.bench.cluster import parse_congestion_control
 
-    assert parse_congestion_control(None) == "cubic" and parse_congestion_control("inherit") is None
+    assert parse_congestion_control(None) == "default" and parse_congestion_control("inherit") is None
     assert parse_congestion_control("reno") == "reno"
-    with pytest.raises(ValueError, match="congestion-control"):
-        parse_congestion_control("a b")
+    for bad in ("a b", "default"):
+        with pytest.raises(ValueError, match="congestion-control"):
+            parse_congestion_control(bad)
 
 
 # ──────────────────────────────────────────────────────────────────── helpers
@@ -160,8 +161,9 @@ def test_2x2_up_shaped_and_torn_down():
         assert f"mtu {DEFAULT_MTU} " in link and DEFAULT_MTU == 9000
         assert f"mtu {DEFAULT_MTU} " in subprocess.run(["ip", "link", "show", c.host_ifnames[1]],
                                                        capture_output=True, text=True).stdout
-        assert c.links.endswith(f",mtu={DEFAULT_MTU},tcp=cubic")
+        assert c.links.endswith(f",mtu={DEFAULT_MTU},tcp=cubic") and c.tcp_in_use == "cubic"
         # TCP congestion control pinned to cubic in every node, whatever the host's default
+        # (where the host allows a namespace cubic, as this test assumes)
         for k in range(2):
             cc = subprocess.run(["ip", "netns", "exec", c.netns[k], "cat",
                                  "/proc/sys/net/ipv4/tcp_congestion_control"],
@@ -251,18 +253,25 @@ def test_live_cluster_is_not_stale():
         assert c.netns[0] in _system_state()
 
 
+def _node_cc(ns):
+    return subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/tcp_congestion_control"],
+                          capture_output=True, text=True).stdout.strip()
+
+
 @needs_netns
-def test_congestion_control_inherit_and_unknown():
-    """None keeps what a new namespace inherits from the host (the control for the pinned cubic);
-    a name the kernel does not have is refused with the available ones, and nothing is left."""
-    host = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+def test_congestion_control_named_inherited_and_unknown():
+    """A named algorithm is what every node runs (reno: always built in and allowed, and not a
+    host's default, so the check can fail where the host runs cubic); None leaves what a new
+    namespace inherits, recorded as what it is; a name the kernel does not have is refused,
+    saying so, and nothing is left behind."""
+    with EmulatedCluster(2, 1, congestion_control="reno") as c:
+        assert [_node_cc(ns) for ns in c.netns] == ["reno", "reno"]
+        assert c.tcp_in_use == "reno" and c.links.endswith(",tcp=reno")
     with EmulatedCluster(1, 1, congestion_control=None) as c:
-        got = subprocess.run(["ip", "netns", "exec", c.netns[0], "cat",
-                              "/proc/sys/net/ipv4/tcp_congestion_control"],
-                             capture_output=True, text=True).stdout.strip()
-        assert got == host and c.links.endswith(",tcp=inherited")
+        got = _node_cc(c.netns[0])
+        assert got and c.tcp_in_use == got and c.links.endswith(f",tcp={got}")
     c = EmulatedCluster(1, 1, congestion_control="nosuchcc")
-    with pytest.raises(ClusterUnavailable, match="nosuchcc.*available: .*cubic"):
+    with pytest.raises(ClusterUnavailable, match="'nosuchcc'.*not in this kernel.*allowed"):
         c.start()
     assert not _leftovers(c.pid, c.token)
 

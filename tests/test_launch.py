@@ -103,6 +103,11 @@ def test_launch_bad_arguments_fail_fast(capsys):
     assert "mtu must be an integer in [576, 65535], got 100" in capsys.readouterr().err
     assert main(["bench", "--emulate", "2x2", "--mtu", "70000"]) == 2
     assert "bad --emulate/--inter-bw/--intra-bw/--mtu" in capsys.readouterr().err
+    # so is a congestion control that is not a name
+    assert main(["launch", "--emulate", "2x2", "--congestion-control", "cubic;x", "--", "-m", "x"]) == 2
+    assert "--congestion-control must be a name" in capsys.readouterr().err
+    assert main(["bench", "--emulate", "2x2", "--congestion-control", "Cubic"]) == 2
+    assert "--congestion-control must be a name" in capsys.readouterr().err
 
 
 def test_torchrun_argv_is_the_real_multi_node_command():

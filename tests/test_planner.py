@@ -1091,7 +1091,8 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
 
     assert wire_bound(cheapest, resolve_topology(topology=topo))  # 200 Mbit/s: the wire decides
     # compute-bound (flux-like 2048 + 256 tokens on 2x4 at 1 Gbit/s, 8 ranks on 2 cores, the cell
-    # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8 in stop 33):
+    # where USP 4x2 was picked for its bytes and ran 1.09-1.19x slower than Ulysses 8 in stop 33,
+    # before jumbo frames; not so since):
     # the network bytes do not decide; the fewest exchange rounds (Ulysses chunks, a ring's token
     # runs, a Torus' t - 1 exchanges and outputs home), then a plan without a blocking
     # all-to-all across the nodes, then the cheapest prediction, win (the cheapest here is
@@ -1114,6 +1115,10 @@ def test_cpu_tie_band_prefers_fewer_network_bytes():
     assert (by_rounds.algorithm, by_rounds.ulysses_degree) == ("ulysses", 8) and by_rounds is not want
     assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks) == (
         want.algorithm, want.ulysses_degree, want.ring_degree, want.chunks), (fast, want)
+    # spelled out, so the test does not only restate the key: the unchunked USP 4x2 (folded, the
+    # cheaper of the two joint layouts here), not the cheapest Ulysses 8 nor the fewest-bytes plan
+    assert (fast.algorithm, fast.ulysses_degree, fast.ring_degree, fast.chunks, fast.joint_fold) == (
+        "usp", 4, 2, 1, True), fast
     # then the fewest Ulysses chunks: on one node (no network bytes at all) with the CPU terms,
     # whenever an unchunked plan is inside the band it wins over a cheaper chunked one
     for seq in (512, 1536, 4096):

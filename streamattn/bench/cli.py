@@ -26,6 +26,8 @@ ALL_ALGOS = ["auto", "ulysses", "ring", "usp", "torus", "yunchang"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cluster import CONGESTION_CONTROL_HELP
+
     where = p.add_argument_group("where to run (default: --nproc 4, or the torchrun group)")
     where.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks")
     where.add_argument("--emulate", metavar="NxR", default=None,
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="MTU of the emulated nodes' links (default 9000, jumbo frames as on cluster "
                             "fabrics; 1500 for a plain Ethernet LAN: 4.4%% of every byte is headers)")
     where.add_argument("--congestion-control", default=None, metavar="NAME",
-                       help="TCP congestion control inside the emulated nodes (default cubic, the Linux default; inherit keeps the host's, which may be bbr: bbr misreads the shaped link)")
+                       help=CONGESTION_CONTROL_HELP)
     where.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     what = p.add_argument_group("what to run")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -280,7 +282,7 @@ def _run_emulated(args, spec, preset) -> int:
             where = (f"an emulated {nodes}x{rpn} cluster ({cluster.subnet}): inter-node "
                      f"{inter / 1e6:g} Mbit/s per uplink, intra-node "
                      f"{'unshaped' if intra is None else f'{intra / 1e6:g} Mbit/s'}, MTU {mtu}, "
-                     f"TCP {cc or 'as the host'}")
+                     f"TCP {cluster.tcp_in_use}")
             print(_describe(preset, spec, where), flush=True)
             measured = None
             if nodes > 1:
@@ -290,7 +292,7 @@ def _run_emulated(args, spec, preset) -> int:
             env = environment("emulated", world=world, nodes=nodes, ranks_per_node=rpn,
                               inter_bw=inter, intra_bw=intra, measured_inter_bit_s=measured,
                               extra={"mtu": cluster.mtu,
-                                     "tcp_congestion_control": cc or "inherited"})
+                                     "tcp_congestion_control": cluster.tcp_in_use})
 
             with emulated_pool(cluster, threads=args.threads, timeout=args.timeout) as pool:
                 ex = PoolExecutor(pool, ranks_per_node=rpn, nodes=nodes)

@@ -38,8 +38,10 @@ namespaces peaks at about 13 Gbit/s on the 2-CPU development machine (CPU-bound)
 rate minus the headers: 99.3% on the veths at the default MTU 9000 (8948 payload bytes per 9014),
 95.6% at MTU 1500 (1448 per 1514), ~100% on lo (MTU 65536).
 
-TCP congestion control inside the nodes is pinned to ``cubic`` (Linux's default; the
-``congestion_control`` argument, ``None`` keeps what the host's namespaces inherit). A host may
+TCP congestion control inside the nodes is pinned to ``cubic``, Linux's default (the
+``congestion_control`` argument: ``"default"`` = cubic where the host lets a namespace choose it,
+else what a new namespace inherits, with a warning; a name = that one or ClusterUnavailable;
+``None`` = inherited). What the nodes run is read back (``EmulatedCluster.tcp_in_use``). A host may
 default to ``bbr``, whose model the emulated link confuses: the veth delivers a tbf bucket at memory
 speed, so BBR estimated 7-31 Gbit/s on a 200 Mbit/s link and ran with a cwnd far below the queue
 the tbf holds. Measured on the 2x2 cluster at 200 Mbit/s (text-free 8192 tokens, auto's plan,
@@ -93,6 +95,7 @@ __all__ = [
     "cleanup_stale",
     "format_tc_rate",
     "measure_throughput",
+    "check_congestion_control",
     "parse_congestion_control",
     "parse_rate_bits",
     "parse_seconds",
@@ -111,6 +114,10 @@ DEFAULT_TBF_LATENCY = 0.05  # tbf queue bound (seconds of data at the rate)
 DEFAULT_MTU = 9000
 DEFAULT_CONGESTION_CONTROL = "cubic"  # see the module docstring
 _CC_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
+CONGESTION_CONTROL_HELP = (
+    "TCP congestion control inside the emulated nodes (default: cubic, Linux's default, where the "
+    "host allows it in a namespace; inherit: the host's, which may be bbr, and bbr misreads a "
+    "shaped veth)")
 
 Bandwidth = Union[str, float, int]
 _NUMBER = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*")
@@ -123,8 +130,10 @@ def _sysctl_argv(ns: str, key: str, value: Optional[str] = None) -> List[str]:
     """Read (value None) or write one sysctl inside namespace ``ns`` with this interpreter, so no
     procps is needed: /proc/sys/net shows the namespace of the process that opens it."""
     path = "/proc/sys/" + key.replace(".", "/")
-    code = ("import sys; print(open(sys.argv[1]).read().strip())" if value is None
-            else "import sys\nwith open(sys.argv[1], 'w') as f: f.write(sys.argv[2])")  # close() raises
+    # a refused write raises at close(); its errno name (EPERM, ENOENT) is the last stderr line
+    code = ("import sys; print(open(sys.argv[1]).read().strip())" if value is None else
+            "import errno, sys\ntry:\n    with open(sys.argv[1], 'w') as f: f.write(sys.argv[2])\n"
+            "except OSError as e:\n    sys.exit(errno.errorcode.get(e.errno, str(e)))")
     return ["ip", "netns", "exec", ns, sys.executable, "-I", "-S", "-c", code, path] + (
         [] if value is None else [value])
 
@@ -169,14 +178,23 @@ def format_tc_rate(bits_per_s: float) -> str:
     return f"{max(1, int(round(bits_per_s)))}bit"
 
 
+def check_congestion_control(cc) -> Optional[str]:
+    """An EmulatedCluster's congestion_control: "default", a name (``cubic``, ``bbr``, ``reno``)
+    or None (inherited). Raises ValueError otherwise."""
+    if cc is None or cc == "default" or (isinstance(cc, str) and _CC_NAME.fullmatch(cc) and cc != "inherit"):
+        return cc
+    raise ValueError(f"congestion_control must be 'default', a TCP congestion control name such as "
+                     f"'cubic', or None (inherited), got {cc!r}")
+
+
 def parse_congestion_control(text: Optional[str]) -> Optional[str]:
-    """The CLI's --congestion-control: a name (``cubic``, ``bbr``, ``reno``) or ``inherit``
-    (None: keep the host's); not given: DEFAULT_CONGESTION_CONTROL. Raises ValueError otherwise."""
+    """The CLI's --congestion-control: a name or ``inherit`` (None); not given: "default".
+    Raises ValueError otherwise."""
     if text is None:
-        return DEFAULT_CONGESTION_CONTROL
+        return "default"
     if text == "inherit":
         return None
-    if not _CC_NAME.fullmatch(text):
+    if text == "default" or not _CC_NAME.fullmatch(text):
         raise ValueError(f"--congestion-control must be a name such as cubic or bbr, or inherit; got {text!r}")
     return text
 
@@ -258,8 +276,10 @@ class EmulatedCluster:
         MTU of the nodes' veths (default ``DEFAULT_MTU`` = 9000, jumbo frames as on cluster
         fabrics, also for None; 1500 for a plain Ethernet LAN). 576..65535.
     congestion_control:
-        TCP congestion control inside every node (default ``cubic``, Linux's default); ``None``
-        keeps whatever the host's new namespaces inherit.
+        TCP congestion control inside every node: ``"default"`` (cubic, Linux's default, where the
+        host allows it in a namespace, else inherited with a warning), a name (that one, or
+        ``ClusterUnavailable``), or ``None`` (what a new namespace inherits from the host's initial
+        one). ``tcp_in_use`` says what the nodes run once the cluster is up.
     install_signal_handlers:
         tear down on SIGINT/SIGTERM/SIGHUP (main thread only), then re-raise.
     """
@@ -274,7 +294,7 @@ class EmulatedCluster:
         *,
         tbf_latency: Union[str, float] = DEFAULT_TBF_LATENCY,
         mtu: Optional[int] = None,
-        congestion_control: Optional[str] = DEFAULT_CONGESTION_CONTROL,
+        congestion_control: Optional[str] = "default",
         install_signal_handlers: bool = True,
         kill_grace: float = 2.0,
     ):
@@ -292,11 +312,8 @@ class EmulatedCluster:
             self.inter_latency = None
         self.tbf_latency = parse_seconds(tbf_latency)
         self.mtu = check_mtu(mtu)
-        if congestion_control is not None and (not isinstance(congestion_control, str)
-                                               or not _CC_NAME.fullmatch(congestion_control)):
-            raise ValueError(f"congestion_control must be a TCP congestion control name such as "
-                             f"'cubic', or None, got {congestion_control!r}")
-        self.congestion_control = congestion_control
+        self.congestion_control = check_congestion_control(congestion_control)
+        self.tcp_in_use: Optional[str] = None  # read back from the nodes by start()
         self.install_signal_handlers = install_signal_handlers
         self.kill_grace = kill_grace
 
@@ -319,12 +336,12 @@ class EmulatedCluster:
     # ── description
     @property
     def links(self) -> str:
-        """The shaped links, "inter=<rate>,intra=<rate or unshaped>,mtu=<veth MTU>": a probed
-        topology is cached per value (topology.cache.cache_key), so a job at another rate or MTU
-        (another goodput) probes afresh."""
+        """The shaped links, "inter=<rate>,intra=<rate or unshaped>,mtu=<veth MTU>,tcp=<congestion
+        control>": a probed topology is cached per value (topology.cache.cache_key), so a job at
+        another rate, MTU or congestion control (another goodput) probes afresh."""
         intra = "unshaped" if self.intra_bw is None else format_tc_rate(self.intra_bw)
         return (f"inter={format_tc_rate(self.inter_bw)},intra={intra},mtu={self.mtu},"
-                f"tcp={self.congestion_control or 'inherited'}")
+                f"tcp={self.tcp_in_use or self.congestion_control or 'inherited'}")
 
     def __repr__(self) -> str:
         return (f"EmulatedCluster({self.nodes}x{self.ranks_per_node}, {self.links.replace(',', ', ')}, "
@@ -479,8 +496,8 @@ class EmulatedCluster:
             run_cmd(["ip", "netns", "add", ns])
             self._created_ns.append(ns)
             run_cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
-            if self.congestion_control is not None:
-                self._set_congestion_control(ns)
+            if self.congestion_control is not None and not self._set_congestion_control(ns):
+                self.congestion_control = None  # "default" refused here: every node inherits
             run_cmd(["ip", "link", "add", host, "mtu", str(self.mtu), "type", "veth",
                   "peer", "name", inner, "mtu", str(self.mtu), "netns", ns])
             self._created_links.append(host)
@@ -497,18 +514,29 @@ class EmulatedCluster:
             for c in cmds:
                 run_cmd(c)
 
-    def _set_congestion_control(self, ns: str) -> None:
+    def _set_congestion_control(self, ns: str) -> bool:
         """Pin the namespace's TCP congestion control (net.ipv4.tcp_congestion_control is per
-        namespace; a new one inherits the host's)."""
-        avail = _read_sysctl(ns, "net.ipv4.tcp_available_congestion_control").split()
-        cc = self.congestion_control
+        namespace; a new one inherits the host's initial namespace's). A namespace may only choose
+        what the host lists in net.ipv4.tcp_allowed_congestion_control (EPERM otherwise) among
+        what the kernel has (ENOENT). Returns False when "default" could not be set (inherited)."""
+        cc = DEFAULT_CONGESTION_CONTROL if self.congestion_control == "default" else self.congestion_control
         try:
             _write_sysctl(ns, "net.ipv4.tcp_congestion_control", cc)
+            return True
         except subprocess.CalledProcessError as e:
             why = ((e.stderr or "").strip().splitlines() or ["?"])[-1]
+            allowed = run_cmd(_sysctl_argv(ns, "net.ipv4.tcp_allowed_congestion_control"),
+                              check=False).stdout.strip() or "unknown"
+            what = {"EPERM": "not among those the host allows a namespace to choose",
+                    "ENOENT": "not in this kernel"}.get(why, why)
+            if self.congestion_control == "default":
+                print(f"streamattn: the emulated nodes keep the host's TCP congestion control: {cc} "
+                      f"is {what} (net.ipv4.tcp_allowed_congestion_control: {allowed})",
+                      file=sys.stderr)
+                return False
             raise ClusterUnavailable(
-                f"cannot set TCP congestion control {cc!r} in the emulated nodes ({why}; available: "
-                f"{' '.join(avail) or 'unknown'}); pass congestion_control=None "
+                f"cannot set TCP congestion control {cc!r} in the emulated nodes: {what} "
+                f"(net.ipv4.tcp_allowed_congestion_control: {allowed}); pass congestion_control=None "
                 "(--congestion-control inherit) to keep the host's") from e
 
     def _verify(self) -> None:
@@ -518,12 +546,13 @@ class EmulatedCluster:
             out = run_cmd(tc + ["qdisc", "show", "dev", dev]).stdout
             if " tbf " not in f" {out} ":
                 raise ClusterUnavailable(f"tbf missing on {dev} after setup: {out.strip()!r}")
+        want = DEFAULT_CONGESTION_CONTROL if self.congestion_control == "default" else self.congestion_control
+        running = {_read_sysctl(ns, "net.ipv4.tcp_congestion_control") for ns in self.netns}
+        if len(running) != 1 or (want is not None and running != {want}):
+            raise ClusterUnavailable(f"TCP congestion control in the emulated nodes is {sorted(running)} "
+                                     f"after setting {want or 'nothing'}")
+        self.tcp_in_use = running.pop()
         for k in range(self.nodes):
-            if self.congestion_control is not None:
-                got = _read_sysctl(self.netns[k], "net.ipv4.tcp_congestion_control")
-                if got != self.congestion_control:
-                    raise ClusterUnavailable(f"TCP congestion control in {self.netns[k]} is {got!r} "
-                                             f"after setting {self.congestion_control!r}")
             check(self.netns[k], self.ifnames[k])
             check(None, self.host_ifnames[k])
             if self.intra_bw is not None:
@@ -602,6 +631,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--inter-bw", default="1gbit")
     ap.add_argument("--intra-bw", default=None)
     ap.add_argument("--mtu", type=int, default=DEFAULT_MTU)
+    ap.add_argument("--congestion-control", default=None, metavar="NAME", help=CONGESTION_CONTROL_HELP)
     ap.add_argument("--seconds", type=float, default=2.0)
     a = ap.parse_args(argv)
     try:
@@ -613,7 +643,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             print("removed: " + (" ".join(removed) if removed else "nothing"))
         if a.measure:
             n, r = (int(x) for x in a.measure.lower().split("x"))
-            with EmulatedCluster(n, r, a.inter_bw, a.intra_bw, mtu=a.mtu) as c:
+            cc = parse_congestion_control(a.congestion_control)
+            with EmulatedCluster(n, r, a.inter_bw, a.intra_bw, mtu=a.mtu, congestion_control=cc) as c:
                 print(c)
                 rate = parse_rate_bits(a.inter_bw)
                 for src, dst in [(0, 1 % n), (1 % n, 0)]:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, TextIO
 
-from .cluster import DEFAULT_CONGESTION_CONTROL, ClusterUnavailable, EmulatedCluster
+from .cluster import ClusterUnavailable, EmulatedCluster
 
 DEFAULT_PORT = 29500
 HOSTNAME_FMT = "sa-node{}"
@@ -73,15 +73,15 @@ def _pump(src, dst: TextIO, prefix: str, lock: threading.Lock) -> None:
 
 def launch_emulated(nodes: int, procs_per_node: int, user_args: Sequence[str], *,
                     inter_bw="1gbit", intra_bw=None, mtu: Optional[int] = None,
-                    congestion_control: Optional[str] = DEFAULT_CONGESTION_CONTROL,
+                    congestion_control: Optional[str] = "default",
                     port: int = DEFAULT_PORT,
                     timeout: float = 1800.0, env: Optional[dict] = None,
                     stdout: Optional[TextIO] = None, cluster_hook=None) -> int:
     """Run ``torchrun ... user_args`` on every node of an emulated ``nodes x procs_per_node``
     cluster; return the job's exit code. Raises `ClusterUnavailable` (with the reason) when the
     cluster cannot be built here (not root, no netns / tc). ``mtu``: the nodes' link MTU (None =
-    the cluster's default, jumbo frames); ``congestion_control``: TCP's inside the nodes (None =
-    the host's). ``cluster_hook(cluster)``, if given, is
+    the cluster's default, jumbo frames); ``congestion_control``: TCP's inside the nodes
+    (EmulatedCluster's argument). ``cluster_hook(cluster)``, if given, is
     called once the cluster is up (tests record its names to check the teardown)."""
     if not user_args:
         raise ValueError("nothing to run: give torchrun's script and arguments after --")

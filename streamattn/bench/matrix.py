@@ -82,6 +82,13 @@ def busy_fraction(seconds: float = 3.0) -> float:
 
 
 def run_matrix(args) -> int:
+    from .cluster import parse_congestion_control
+
+    try:  # once, before 16 minutes of cells that would each refuse it
+        parse_congestion_control(args.congestion_control)
+    except ValueError as exc:
+        print(f"streamattn bench --matrix: {exc}", file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     cells = [c.strip() for c in args.matrix_cells.split(",") if c.strip()]

@@ -9,14 +9,15 @@ import sys
 
 
 def add_arguments(p) -> None:
+    from ..bench.cluster import CONGESTION_CONTROL_HELP
+
     p.add_argument("--emulate", metavar="NxG", required=True,
                    help="N emulated nodes x G processes per node, e.g. 2x2")
     p.add_argument("--inter-bw", default="1gbit", help="each node's uplink rate (default 1gbit)")
     p.add_argument("--intra-bw", default=None, help="intra-node (lo) rate (default unshaped)")
     p.add_argument("--mtu", type=int, default=None,
                    help="MTU of the nodes' links (default 9000, jumbo frames; 1500 for a plain LAN)")
-    p.add_argument("--congestion-control", default=None, metavar="NAME",
-                   help="TCP congestion control inside the emulated nodes (default cubic, the Linux default; inherit keeps the host's, which may be bbr: bbr misreads the shaped link)")
+    p.add_argument("--congestion-control", default=None, metavar="NAME", help=CONGESTION_CONTROL_HELP)
     p.add_argument("--port", type=int, default=None, help="rendezvous port on node 0 (default 29500)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is killed")
     p.add_argument("args", nargs="*", metavar="-- ARGS",

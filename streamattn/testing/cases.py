@@ -487,6 +487,9 @@ def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
     Returns the medians of both times, the ratio, and the two per-order medians."""
     from streamattn.kernels import attention_with_lse
 
+    if iters < 2:
+        raise ValueError(f"overhead_p1 needs iters >= 2 (one pair in each order), got {iters}")
+
     q, k, v, _ = make_inputs(seed=0, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=head_dim)
     qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
     scale = head_dim ** -0.5
