@@ -164,11 +164,7 @@ def test_2x2_up_shaped_and_torn_down():
         assert c.links.endswith(f",mtu={DEFAULT_MTU},tcp=cubic") and c.tcp_in_use == "cubic"
         # TCP congestion control pinned to cubic in every node, whatever the host's default
         # (where the host allows a namespace cubic, as this test assumes)
-        for k in range(2):
-            cc = subprocess.run(["ip", "netns", "exec", c.netns[k], "cat",
-                                 "/proc/sys/net/ipv4/tcp_congestion_control"],
-                                capture_output=True, text=True).stdout.strip()
-            assert cc == "cubic", cc
+        assert [_node_cc(ns) for ns in c.netns] == ["cubic", "cubic"]
         assert c.master_addr.startswith("198.1") and c.node_ip(1).endswith(".11")
         r3 = c.rank_env(3)
         assert (r3.node, r3.local_rank, r3.ifname) == (1, 1, c.ifnames[1])

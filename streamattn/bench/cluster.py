@@ -138,8 +138,8 @@ def _sysctl_argv(ns: str, key: str, value: Optional[str] = None) -> List[str]:
         [] if value is None else [value])
 
 
-def _read_sysctl(ns: str, key: str) -> str:
-    return run_cmd(_sysctl_argv(ns, key)).stdout.strip()
+def _read_sysctl(ns: str, key: str, check: bool = True) -> str:
+    return run_cmd(_sysctl_argv(ns, key), check=check).stdout.strip()
 
 
 def _write_sysctl(ns: str, key: str, value: str) -> None:
@@ -514,19 +514,23 @@ class EmulatedCluster:
             for c in cmds:
                 run_cmd(c)
 
+    @property
+    def _wanted_cc(self) -> Optional[str]:
+        """The algorithm the nodes are to run (None: whatever they inherit)."""
+        return DEFAULT_CONGESTION_CONTROL if self.congestion_control == "default" else self.congestion_control
+
     def _set_congestion_control(self, ns: str) -> bool:
         """Pin the namespace's TCP congestion control (net.ipv4.tcp_congestion_control is per
         namespace; a new one inherits the host's initial namespace's). A namespace may only choose
         what the host lists in net.ipv4.tcp_allowed_congestion_control (EPERM otherwise) among
         what the kernel has (ENOENT). Returns False when "default" could not be set (inherited)."""
-        cc = DEFAULT_CONGESTION_CONTROL if self.congestion_control == "default" else self.congestion_control
+        cc = self._wanted_cc
         try:
             _write_sysctl(ns, "net.ipv4.tcp_congestion_control", cc)
             return True
         except subprocess.CalledProcessError as e:
             why = ((e.stderr or "").strip().splitlines() or ["?"])[-1]
-            allowed = run_cmd(_sysctl_argv(ns, "net.ipv4.tcp_allowed_congestion_control"),
-                              check=False).stdout.strip() or "unknown"
+            allowed = _read_sysctl(ns, "net.ipv4.tcp_allowed_congestion_control", check=False) or "unknown"
             what = {"EPERM": "not among those the host allows a namespace to choose",
                     "ENOENT": "not in this kernel"}.get(why, why)
             if self.congestion_control == "default":
@@ -546,7 +550,7 @@ class EmulatedCluster:
             out = run_cmd(tc + ["qdisc", "show", "dev", dev]).stdout
             if " tbf " not in f" {out} ":
                 raise ClusterUnavailable(f"tbf missing on {dev} after setup: {out.strip()!r}")
-        want = DEFAULT_CONGESTION_CONTROL if self.congestion_control == "default" else self.congestion_control
+        want = self._wanted_cc
         running = {_read_sysctl(ns, "net.ipv4.tcp_congestion_control") for ns in self.netns}
         if len(running) != 1 or (want is not None and running != {want}):
             raise ClusterUnavailable(f"TCP congestion control in the emulated nodes is {sorted(running)} "

@@ -4,6 +4,7 @@ build the float64 reference of the whole sequence and check its own shard."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import torch
@@ -509,10 +510,7 @@ def overhead_p1(rank, world_size, *, seq=4096, heads=24, head_dim=64, iters=20):
             if i >= 2:
                 times[fn].append(time.perf_counter() - t0)
 
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
+    median = statistics.median_high  # the middle sample (the upper one of an even count)
     pairs = [b / a for a, b in zip(times[kernel], times[op])]
     by_order = (median(pairs[0::2]), median(pairs[1::2]))
     return {"kernel_s": median(times[kernel]), "streamattn_s": median(times[op]),
