@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Candidate, Step
 from .schedule import Msg, Phase, chunk_problem, fold_phases, phases, torus_parts
-from .sharding import folded_problem, group_lengths, ring_runs
+from .sharding import folded_problem, group_lengths, ring_runs, run_pieces, run_starts
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -393,20 +393,34 @@ class CostModel:
                   for x in set(p.compute) | set(p.mem)), default=0.0) for t, p in enumerate(ring)]
         comm = [self._comm(p.msgs, cache) for p in ring[:-1]]
         runs = ring_runs(group_lengths(problem.seq_lens, groups), chunks)
-        end, arrive = c[0], [(i + 1) * (comm[0][0] - self.sync_s) / runs + self.sync_s
-                             for i in range(runs)]
-        ring_steps = [Step(f"ring step 1/{r}: post my block's {runs} runs, attend the block", c[0], c[0])]
+        # My runs that hold only my own tokens leave during the Ulysses all-to-all (scatter_s
+        # before the ring starts, usp.py); the rest once it has landed. Each run is its share of
+        # the block's transfer and compute (sharding.run_pieces: the last runs shorter).
+        scatter_s = sum(self._blocking(p, cache)[0].time_s for p in ph[:ph.index(ring[0])] if p.msgs)
+        wire, share = comm[0][0] - self.sync_s, None
+        arrive = []
+        for j in range(u):  # the ring whose last run arrives latest
+            sh, ea = run_shares(problem, groups, j, runs)
+            free, arr = -scatter_s, []
+            for n, e in zip(sh, ea):
+                free = max(free, -scatter_s if e else 0.0) + wire * n
+                arr.append(free + self.sync_s)
+            if not arrive or arr[-1] > arrive[-1]:
+                arrive, share = arr, sh
+        end = c[0]
+        ring_steps = [Step(f"ring step 1/{r}: post my block's {runs} runs (those of my own tokens "
+                           "during the all-to-all), attend the block", c[0], c[0])]
         for t in range(1, r):
             # my link to the successor carries my runs of step t first (one connection, sent in
             # posting order): by symmetry they have left when my predecessor's have arrived
             start, nxt, free = end, [], arrive[-1] - self.sync_s
-            per_run = (comm[t][0] - self.sync_s) / runs if t < r - 1 else 0.0
+            fwd = (comm[t][0] - self.sync_s) if t < r - 1 else 0.0
             for i in range(runs):
                 ready = max(end, arrive[i])
                 if t < r - 1:
-                    free = max(ready, free) + per_run
+                    free = max(ready, free) + fwd * share[i]
                     nxt.append(free + self.sync_s)
-                end = ready + c[t] / runs
+                end = ready + c[t] * share[i]
             end += (runs - 1) * self.sync_s
             m, bott, kinds = comm[t - 1]
             ring_steps.append(Step(f"ring step {t + 1}/{r}: {runs} runs arrive, each forwarded and "
@@ -524,6 +538,21 @@ class CostModel:
             all_msgs += ph.msgs
         return self._candidate(problem, "torus", u, r, groups, placement, steps, botts, all_msgs,
                                contention_priced=True)
+
+
+def run_shares(problem, groups, j: int, runs: int) -> Tuple[List[float], List[bool]]:
+    """The token runs of the longest block on the ring of member j of every group, as ring.ring_core
+    cuts it (sharding.run_starts / run_pieces): each run's share of the block, and whether it
+    holds only member j's own tokens (USP posts those before its Ulysses all-to-all lands)."""
+    seq = problem.seq_lens
+    lens = group_lengths(seq, groups)
+    x = max(range(len(groups)), key=lambda i: lens[i])
+    first, lead = run_starts(seq, groups, j, problem.causal)
+    a = sum(seq[m] for m in groups[x][:j])
+    b = a + seq[groups[x][j]]
+    pieces = run_pieces(lens[x], runs, first[x], lead[x])
+    return ([sum(n for _, n in p) / lens[x] for p in pieces],
+            [all(a <= s and s + n <= b for s, n in p) for p in pieces])
 
 
 def contended(step: Step) -> float:

@@ -3,6 +3,8 @@ streamattn.zigzag). Rank r holds the r-th slice; slices are as even as possible 
 take one token more: 4097 tokens on 4 ranks are 1025/1024/1024/1024."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -22,6 +24,51 @@ def ring_runs(seg_lens, chunks: int) -> int:
     """Token runs each ring step's block is cut into when `chunks` are asked for: at most the
     shortest block's length (no empty runs), 1 = unchunked. Same on every rank (seg_lens are)."""
     return max(1, min(chunks, min(seg_lens))) if seg_lens else 1
+
+
+def run_lengths(total: int, runs: int) -> list:
+    """Tokens of each of the `runs` token runs a ring step's block of `total` tokens travels in, in
+    sending order: equal, except that the last two are a half and a quarter of the others
+    (weights 4, ..., 4, 2, 1). Each run is attended once it has arrived, so after the block's last
+    byte the call still attends its last run: a short last run shortens that exposed tail. Equal
+    runs (split_lengths) when the block is too short for the taper to leave every run a token."""
+    if runs <= 1:
+        return [total]
+    cum = list(itertools.accumulate([4] * (runs - 2) + [2, 1]))
+    edges = [0] + [total * c // cum[-1] for c in cum]
+    lens = [b - a for a, b in zip(edges, edges[1:])]
+    return lens if min(lens) > 0 else split_lengths(total, runs)
+
+
+def run_pieces(total: int, runs: int, first: int = 0, lead: int = 0) -> list:
+    """The token runs of a ring block of `total` tokens as the block rows each covers: for run i a
+    list of (start, n). The block is read from token `first` on, wrapping around to its start (a
+    run across the wrap has two ranges), cut as run_lengths cuts it except that the run boundary
+    nearest `lead` tokens in moves there when no run empties. USP starts each member's block at its
+    own `lead` tokens, which it holds before the Ulysses all-to-all has finished: the runs that end
+    by then go on the wire first."""
+    ends = list(itertools.accumulate(run_lengths(total, runs)))
+    if 0 < lead < total and runs > 1:
+        k = min(range(runs - 1), key=lambda i: (abs(ends[i] - lead), i))
+        if (ends[k - 1] if k else 0) < lead < ends[k + 1]:
+            ends[k] = lead
+    out, pos = [], first % total if total else 0
+    for a, b in zip([0] + ends, ends):
+        n = b - a
+        m = min(n, total - pos)
+        out.append([(pos, m)] + ([(0, n - m)] if n > m else []))
+        pos = (pos + n) % total
+    return out
+
+
+def run_starts(seq_lens, groups, j: int, causal: bool) -> tuple:
+    """(first, lead) of run_pieces for every block of the ring joining member j of each Ulysses
+    group (USP; plain ring: groups of one): each block read from member j's own tokens on, the runs
+    cut where those end; causal: from the block's first token (its masks want every run one
+    contiguous range), cut where member 0's tokens end."""
+    first = [0 if causal else sum(seq_lens[m] for m in g[:j]) for g in groups]
+    lead = [seq_lens[g[j]] if not causal or j == 0 else 0 for g in groups]
+    return first, lead
 
 
 def shard(x: torch.Tensor, lens, rank: int, dim: int = 1) -> torch.Tensor:

@@ -4,6 +4,8 @@ schedule states, unlike the unchunked count), priced from the same schedule, and
 planner where the wire is the bottleneck."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -279,3 +281,81 @@ def test_first_ring_step_posted_before_any_attention(rank_pool, P, case):
         successor = ((g + 1) % (P // u)) * u + j
         block = [n for peer, n in got["posts"] if peer == successor and n >= 1024]
         assert len(block) == runs, (rank, successor, got)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_usp_posts_its_own_runs_before_the_all_to_all_lands(rank_pool, causal):
+    """USP in token runs (usp.py, sharding.run_starts): each member's block is read from its own
+    tokens on, which it holds before the Ulysses all-to-all has landed, so runs of them reach the
+    ring successor before the rank first waits for the all-to-all. Causal blocks are cut from
+    their first token (masks want each run contiguous): only member 0 of each group has runs at
+    hand then, member 1 posts none early (the control)."""
+    P, u = 4, 2
+    res = rank_pool(P).run("streamattn.testing.cases:posts_and_waits", seq=64, heads=4,
+                           head_dim=16, algorithm="usp", ulysses_degree=u, ring_degree=2,
+                           causal=causal, settings={"STREAMATTN_RING_CHUNKS": "4"})
+    for rank, got in enumerate(res):
+        assert got["err"] <= 1e-5, got
+        g, j = divmod(rank, u)
+        successor = predecessor = ((g + 1) % 2) * u + j  # a ring of two
+        # the all-to-all's wait: on the Ulysses partner, or a collective's (peer None)
+        first_wait = min(t for peer, t in got["waits"] if peer != predecessor)
+        early = [n for peer, n, t in got["posts"] if peer == successor and t < first_wait]
+        ring_posts = [n for peer, n, t in got["posts"] if peer == successor]
+        assert len(ring_posts) == 4, (rank, got)
+        if causal and j == 1:
+            assert early == [], (rank, got)
+        else:
+            # 16 own tokens of 32: the run boundary nearest them moves to them (run_pieces)
+            assert early == [2 * 16 * 2 * 16 * 4], (rank, got)
+
+
+def test_run_pieces_cut_every_token_once():
+    """sharding.run_lengths / run_pieces: every token of the block in exactly one run, no run
+    empty, the last two shorter (half and a quarter of the others), a run across the wrap in two
+    ranges, and a boundary moved to `lead` when no run empties."""
+    from streamattn.sharding import run_lengths, run_pieces, split_lengths
+
+    assert run_lengths(2048, 8) == [303, 303, 304, 303, 304, 303, 152, 76]
+    assert run_lengths(9, 8) == split_lengths(9, 8)  # too short to taper: a run would be empty
+    assert run_lengths(7, 1) == [7]
+    for total in (1, 2, 5, 13, 64, 1000):
+        for runs in range(1, min(total, 9) + 1):
+            for first in (0, total // 3, total - 1):
+                for lead in (0, 1, total // 2, total):
+                    cut = run_pieces(total, runs, first, lead)
+                    rows = sorted(t for p in cut for s, n in p for t in range(s, s + n))
+                    assert rows == list(range(total)), (total, runs, first, lead, cut)
+                    assert len(cut) == runs and all(sum(n for _, n in p) > 0 for p in cut)
+                    assert all(len(p) == 1 for p in cut) or first > 0
+    assert run_pieces(10, 3, 7) == [[(7, 3), (0, 2)], [(2, 3)], [(5, 2)]]
+    assert run_pieces(32, 4, 16, 16) == [[(16, 16)], [(0, 7)], [(7, 6)], [(13, 3)]]
+    assert run_pieces(32, 4, 16, 0) == [[(16, 11)], [(27, 5), (0, 7)], [(7, 6)], [(13, 3)]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_runs_are_the_messages_the_schedule_states(rank_pool, causal):
+    """Each run a USP member posts to its ring successor has the size schedule.phases states for
+    it, in order (both read sharding.run_starts / run_pieces), with uneven shards; the control:
+    the cut from each block's first token (what causal runs) differs from the non-causal one."""
+    from streamattn.problem import Problem
+    from streamattn.schedule import consecutive_groups, phases
+
+    P, u, seq, heads, D = 4, 2, 50, 4, 8
+    lens = [14, 11, 12, 13]
+    res = rank_pool(P).run("streamattn.testing.cases:posts_and_waits", seq=seq, heads=heads,
+                           head_dim=D, algorithm="usp", ulysses_degree=u, ring_degree=2, lens=lens,
+                           causal=causal, settings={"STREAMATTN_RING_CHUNKS": "4"})
+    problem = Problem(1, heads, heads, D, torch.float32, tuple(lens), D ** -0.5, causal=causal)
+    ring = [p for p in phases(problem, u, consecutive_groups(P, u), 4) if p.name.startswith("ring step")]
+    other = dataclasses.replace(problem, causal=not causal)
+    ring_other = [p for p in phases(other, u, consecutive_groups(P, u), 4)
+                  if p.name.startswith("ring step")]
+    for rank, got in enumerate(res):
+        g, j = divmod(rank, u)
+        successor = ((g + 1) % 2) * u + j
+        sent = [n for peer, n, _ in got["posts"] if peer == successor]
+        want = [n for a, b, n in ring[0].msgs if a == rank and b == successor]
+        assert sent == want and len(want) == 4, (rank, sent, want)
+        if j == 1:  # member 0's cut is the same either way; member 1's is not (the control)
+            assert want != [n for a, b, n in ring_other[0].msgs if a == rank and b == successor]

@@ -27,21 +27,40 @@ from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
-from ..sharding import ring_runs, split_lengths
+from ..sharding import ring_runs, run_pieces, split_lengths
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
 
+class ArrivingBlock:
+    """My ring block before it is whole (USP: the Ulysses all-to-all still in flight). mine: (k, v)
+    of the tokens I hold already, [B, n, hk, D] each, tokens [start, start + n) of the block;
+    finish() waits for the rest and returns (q [B, Sq, h, D], kv [2, B, S, hk, D]); result()
+    calls it once."""
+
+    def __init__(self, mine, start, finish):
+        self.mine, self.start, self._finish, self._result = mine, start, finish, None
+
+    def result(self):
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+
 def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, causal,
               joint=None, joint_strategy="front", with_lse=False, kv=None, chunks=1,
-              joint_all=False):
+              joint_all=False, arriving=None, run_first=None, run_lead=None):
     """The ring over `members` (group ranks, in ring order); me: my index.
 
     q: [B, Sq, h, D], k, v: [B, Sk, hk, D] with Sk == seg_lens[me] (bshd views are fine).
     kv: None, or k and v already stacked ([2, B, Sk, hk, D] with kv[0] = k, kv[1] = v): the
     step message as it is, without the stacking copy.
-    chunks > 1: every step's block travels as that many token runs (sharding.split_lengths of
-    its length), each forwarded and attended as soon as it arrives (_chunked_steps).
+    arriving: None, or an ArrivingBlock standing for q and kv (q, k, v, kv are then None): the
+    runs of my block it holds are posted before it is finished.
+    chunks > 1: every step's block travels as that many token runs, each forwarded and attended
+    as soon as it arrives (_chunked_steps); member s's block is cut by sharding.run_pieces(
+    seg_lens[s], runs, run_first[s], run_lead[s]) (default 0, 0: from its first token), the
+    same cut on every member.
     seg_lens/seg_offsets: length and global start position of each member's block (causal masks).
     joint: None or (jq [B, T, h, D], jk, jv [B, T, hk, D]). joint_all: every member attends all
     T joint queries (see the module docstring; not with causal).
@@ -49,8 +68,17 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
     with_lse: (out, joint_out, lse [B, h, Sq], joint_lse [B, h, T] or None), the final LSEs.
     """
     r = len(members)
+    nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
+    runs = ring_runs(seg_lens, chunks) if r > 1 else 1
+    sent = None
+    if runs > 1:  # my block's runs go on the wire first: before the rest of the call's set-up
+        first, lead = run_first or [0] * r, run_lead or [0] * r
+        cuts = [run_pieces(seg_lens[s], runs, first[s], lead[s]) for s in range(r)]
+        sent = _post_my_runs(transport, nxt, prv, cuts, me, r, k, v, kv, arriving)
+    if arriving is not None:
+        q, kv = arriving.result()
+        k, v = kv[0], kv[1]
     B, Sq, h, D = q.shape
-    hk = k.shape[2]
     jparts = None  # joint_all: (order, partial) of the joint queries against each block / run
     joint_kv = joint  # every row attends the joint K/V
     if joint is not None and joint_all and r > 1:
@@ -90,23 +118,22 @@ def ring_core(transport, members, me, q, k, v, *, seg_lens, seg_offsets, scale, 
             joint_with(joint_kv[1:], (-1, 0) if joint_strategy == "front" else (r, 0))
         merge_with(joint_kv[1].transpose(1, 2), joint_kv[2].transpose(1, 2))
 
-    nxt, prv = members[(me + 1) % r], members[(me - 1) % r]
-    chunks = ring_runs(seg_lens, chunks)
-    if chunks > 1 and r > 1:
-        _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                       chunks, merge_with, joint_with if jparts is not None else None,
+    if sent is not None:
+        _chunked_steps(transport, r, me, nxt, prv, k, v, kv, cuts, sent, seg_offsets, Sq, causal,
+                       merge_with, joint_with if jparts is not None else None,
                        after_post=joint_kv_work)
     else:
         # One contiguous message per step: K and V stacked, [2, B, S, hk, D].
         if kv is None:
             with trace.span("pack"):
                 kv = torch.stack([k, v])
-        arriving = alternating_buffers(kv, [(2, B, seg_lens[(me - t - 1) % r], hk, D)
-                                            for t in range(r - 1)])
+        hk = kv.shape[3]
+        buffers = alternating_buffers(kv, [(2, B, seg_lens[(me - t - 1) % r], hk, D)
+                                           for t in range(r - 1)])
         for t in range(r):
             pending = None
             if t < r - 1:
-                incoming = arriving[t]
+                incoming = buffers[t]
                 pending = transport.exchange([(nxt, kv)], [(prv, incoming)], TAG_STEP + t)
             if t == 0:  # after the post (a ring of one has none)
                 joint_kv_work()
@@ -157,49 +184,68 @@ def _attend_block(merge_with, kv, src, me, seg_offsets, Sq, causal, start):
         merge_with(kb, vb, causal=True, q_offset=seg_offsets[me], k_offset=seg_offsets[src] + start)
 
 
-def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, seg_lens, seg_offsets, Sq, causal,
-                   chunks, merge_with, joint_with=None, after_post=None):
-    """The ring steps with every block cut into `chunks` token runs, one message each. Run i of
-    a block is forwarded to the next member and attended as soon as it has arrived, so the
-    call's exposed tail is one run's attention instead of one block's (the last block's compute
-    overlaps its own arrival). My own block is posted run by run, then attended whole.
-    joint_with(run, (member, start)): the joint queries of joint_all attend every run, my own
-    block's too (the same runs on every member). after_post(): local work run once my block's runs
-    are posted, before my block is attended."""
-    B, _, hk, D = k.shape
-    runs = split_lengths(seg_lens[me], chunks)
-    starts = [sum(runs[:i]) for i in range(chunks)]
-    with trace.span("pack"):  # each run one contiguous [2, B, n, hk, D] message
-        if kv is None:
-            cur = [torch.stack([k[:, a:a + n], v[:, a:a + n]]) for a, n in zip(starts, runs)]
+def _run(pieces, k, v, kv, arriving):
+    """One run's message, [2, B, n, hk, D] contiguous (one copy): the block rows `pieces` ((start,
+    n) ranges), from arriving.mine when it holds them all, else from the whole block."""
+    if arriving is not None:
+        a, n = arriving.start, arriving.mine[0].shape[1]
+        if all(a <= s and s + m <= a + n for s, m in pieces):
+            k, v = arriving.mine
+            pieces = [(s - a, m) for s, m in pieces]
         else:
-            cur = [kv[:, :, a:a + n].contiguous() for a, n in zip(starts, runs)]
-    cur = [(x, None, a) for x, a in zip(cur, starts)]
-    for t in range(r):
+            _, kv = arriving.result()
+    if kv is None:
+        return torch.stack([torch.cat([x[:, s:s + m] for s, m in pieces], 1) for x in (k, v)])
+    return torch.cat([kv[:, :, s:s + m] for s, m in pieces], 2)
+
+
+def _post_my_runs(transport, nxt, prv, cuts, me, r, k, v, kv, arriving):
+    """Step 1 of a ring in token runs: my block's runs (cuts[me]) posted to the successor in order,
+    each with a buffer for the same run of my predecessor's block. Runs that arriving.mine holds
+    go before the rest of my block exists. Returns (my runs, [(buffer, pending)] incoming)."""
+    like = arriving.mine[0] if arriving is not None else (k if kv is None else kv[0])
+    B, _, hk, D = like.shape
+    mine, incoming = [], []
+    for i, pieces in enumerate(cuts[me]):
+        with trace.span("pack"):
+            run = _run(pieces, k, v, kv, arriving)
+        n = sum(m for _, m in cuts[(me - 1) % r][i])
+        inc = like.new_empty(2, B, n, hk, D)
+        incoming.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP)))
+        mine.append(run)
+    return mine, incoming
+
+
+def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, cuts, sent, seg_offsets, Sq, causal,
+                   merge_with, joint_with=None, after_post=None):
+    """The ring steps with every block cut into token runs (cuts[s]: member s's, run_pieces), one
+    message each, my own already posted (sent, _post_my_runs). Run i of a block is forwarded to
+    the next member and attended as soon as it has arrived, so the call's exposed tail is one
+    run's attention instead of one block's (the last block's compute overlaps its own arrival).
+    My own block is attended whole once its runs are posted. joint_with(run, (member, i)): the
+    joint queries of joint_all attend every run, my own block's too (the same runs on every
+    member). after_post(): local work run once my block's runs are posted, before my block is
+    attended."""
+    mine, cur = sent
+    if after_post is not None:
+        after_post()
+    if joint_with is not None:
+        for i, run in enumerate(mine):
+            joint_with(run, (me, i))
+    _attend_block(merge_with, (k, v) if kv is None else kv, me, me, seg_offsets, Sq, causal, 0)
+    for t in range(1, r):
         src = (me - t) % r
-        if t < r - 1:
-            runs = split_lengths(seg_lens[(me - t - 1) % r], chunks)
-            starts = [sum(runs[:i]) for i in range(chunks)]
         nxt_runs = []
-        for i, (run, pending, start) in enumerate(cur):
-            if pending is not None:
-                pending.wait()
+        for i, (run, pending) in enumerate(cur):
+            pending.wait()
             if t < r - 1:
-                inc = torch.empty(2, B, runs[i], hk, D, dtype=run.dtype, device=run.device)
-                nxt_runs.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP + t),
-                                 starts[i]))
-            if t > 0:
-                _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, start)
-                if joint_with is not None:
-                    joint_with(run, (src, start))
-        if t == 0:  # every run of my block is posted: the local work, my block attended whole
-            if after_post is not None:
-                after_post()
+                n = sum(m for _, m in cuts[(src - 1) % r][i])
+                inc = run.new_empty(2, run.shape[1], n, run.shape[3], run.shape[4])
+                nxt_runs.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP + t)))
+            # causal cuts have one range per run (run_first 0: USP rotates non-causal blocks only)
+            _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, cuts[src][i][0][0])
             if joint_with is not None:
-                for run, _, start in cur:
-                    joint_with(run, (src, start))
-            _attend_block(merge_with, (k, v) if kv is None else kv, src, me, seg_offsets, Sq,
-                          causal, 0)
+                joint_with(run, (src, i))
         cur = nxt_runs
 
 

@@ -172,6 +172,15 @@ def slice_joint(joint, heads, kv_heads, u, me):
     )
 
 
+def own_kv(k, v, heads, kv_heads, u, me):
+    """(k, v) [B, S_me, hk, D]: my own tokens with the K/V heads member `me` holds after
+    scatter_heads (fitted to the GQA map), views where no fitting is needed -- the part of the
+    scatter's result at hand before any message has arrived."""
+    q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
+    (c, d), g = kv_ranges[me], heads // kv_heads
+    return tuple(fit_kv_heads(x[:, :, c:d], q_ranges[me], kv_ranges[me], g) for x in (k, v))
+
+
 def gather_heads(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_out=None):
     """Head shards -> sequence shards: the inverse of scatter_heads for the output.
     out: [B, sum(lens), h, D] -> [B, lens[me], H, D]. With joint_out ([B, T, h, D], my heads of

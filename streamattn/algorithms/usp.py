@@ -6,8 +6,9 @@ slice j.
 """
 from __future__ import annotations
 
-from .ring import ring_core
-from .ulysses import gather_heads, lse_to_sequence, scatter_heads, slice_joint
+from ..sharding import run_starts
+from .ring import ArrivingBlock, ring_core
+from .ulysses import gather_heads, lse_to_sequence, own_kv, post_scatter, slice_joint
 
 
 def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=False, chunks=None,
@@ -32,9 +33,16 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=Fal
     seg_offsets = [problem.offsets[grp[0]] for grp in groups]
     H, Hk = problem.heads, problem.kv_heads
 
-    qh, kvh = scatter_heads(transport, uly_members, j, q, k, v, lens, H, Hk, stack_kv=True)
+    pending, assemble = post_scatter(transport, uly_members, j, q, k, v, lens, H, Hk, stack_kv=True)
     jh = slice_joint(joint, H, Hk, len(uly_members), j) if joint is not None else None
-    out, jout, lse, jlse = ring_core(transport, ring_members, g, qh, kvh[0], kvh[1], kv=kvh,
+    # My own tokens of my heads are at hand before the all-to-all lands: the ring's runs that hold
+    # only those (each block is read from member j's tokens on, sharding.run_starts) go on the wire
+    # meanwhile.
+    first, lead = run_starts(seq, groups, j, problem.causal)
+    mine = own_kv(k, v, H, Hk, len(uly_members), j)
+    arriving = ArrivingBlock(mine, sum(lens[:j]), lambda: scatter_landed(pending, assemble))
+    out, jout, lse, jlse = ring_core(transport, ring_members, g, None, None, None,
+                                     arriving=arriving, run_first=first, run_lead=lead,
                                      seg_lens=seg_lens,
                                      seg_offsets=seg_offsets, scale=problem.scale,
                                      causal=problem.causal, joint=jh,
@@ -49,3 +57,9 @@ def usp_attention(transport, problem, q, k, v, joint=None, *, plan, with_lse=Fal
     if not with_lse:
         return out, jout
     return (out, jout) + lse_to_sequence(transport, uly_members, j, lse, jlse, lens, H)
+
+
+def scatter_landed(pending, assemble):
+    """(q, kv) of the Ulysses all-to-all once it has landed (post_scatter with stack_kv)."""
+    pending.wait()
+    return assemble()

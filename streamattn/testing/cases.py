@@ -227,6 +227,31 @@ def posts_before_first_kernel(rank, world_size, *, seq=64, heads=4, head_dim=16,
             "kernels": len(kernel_starts), "err": res["err"], "plan": res["plan"]}
 
 
+def posts_and_waits(rank, world_size, **kw):
+    """One traced call of check_attention(**kw) (after an untraced one): {"posts": [[peer, bytes,
+    t], ...], "waits": [[peer, t0], ...], "err"} in the order they happened (streamattn.trace;
+    peer None: a collective's wait, or USP's for its Ulysses all-to-all, usp.scatter_landed)."""
+    from streamattn import trace
+    from streamattn.algorithms import usp
+
+    check_attention(rank, world_size, **kw)
+    real = usp.scatter_landed
+
+    def landed(*a):  # USP's wait for its Ulysses all-to-all, as a wait on no peer
+        with trace.span("wait"):
+            return real(*a)
+
+    usp.scatter_landed = landed
+    try:
+        with trace.recording() as rec:
+            res = check_attention(rank, world_size, **kw)
+    finally:
+        usp.scatter_landed = real
+    return {"posts": [[e[2], e[4], e[1]] for e in rec.events if e[0] == "post"],
+            "waits": [[s[3], s[1]] for s in rec.spans if s[0] == "wait"],
+            "err": res["err"]}
+
+
 def cpu_plan_terms(rank, world_size, *, seq=256, heads=8, head_dim=16, nodes=1):
     """The numbers a CPU group measures when it plans a shape (planner.agreed_calibration): the
     synchronising-exchange cost, the core share and the CPU per network byte, as this rank got
