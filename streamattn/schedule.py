@@ -22,6 +22,9 @@ What each algorithm sends (forward, mirroring streamattn/algorithms/ message for
   its finished joint rows, out and LSE in the accumulation dtype, B*h*T_i*(D+1) elements, to
   every other member.
 - USP: Ulysses scatter, ring of r over member j of every group, Ulysses gather (with the joint output).
+- Token runs (chunks > 1, ring and USP): each block travels as the runs sharding.run_pieces cuts
+  (run_lengths: the last two a half and a quarter of the others; USP: read from member j's own
+  tokens on, sharding.run_starts), one message each.
 - Torus (u x t x r, consecutive groups of u, teams of t groups): Ulysses scatter inside the group;
   t-1 exchanges, step k from member m of a team to member (m+k) % t (same position g in its group):
   q, k, v of the group's tokens for that member's H/(u*t) heads, K/V as the raw head range of the

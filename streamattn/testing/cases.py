@@ -196,6 +196,22 @@ def unordered_joint_all(rank, world_size, *, seq=37, heads=4, joint_len=9):
         ring.in_member_order = real
 
 
+def traced_with_spy(rank, world_size, module, name, wrap, **kw):
+    """check_attention(**kw) once, then once traced (streamattn.trace) with module.name replaced
+    by wrap(the real one): (the trace recorder, that call's result)."""
+    from streamattn import trace
+
+    check_attention(rank, world_size, **kw)
+    real = getattr(module, name)
+    setattr(module, name, wrap(real))
+    try:
+        with trace.recording() as rec:
+            res = check_attention(rank, world_size, **kw)
+    finally:
+        setattr(module, name, real)
+    return rec, res
+
+
 def posts_before_first_kernel(rank, world_size, *, seq=64, heads=4, head_dim=16, joint_len=6,
                               joint_strategy="front", algorithm="ring", ulysses_degree=None,
                               ring_degree=None, settings=None):
@@ -203,25 +219,21 @@ def posts_before_first_kernel(rank, world_size, *, seq=64, heads=4, head_dim=16,
     first attention kernel began, [[peer, bytes], ...] (streamattn.trace events)."""
     import time
 
-    from streamattn import trace
     from streamattn.algorithms import ring
 
-    kw = dict(seq=seq, heads=heads, head_dim=head_dim, joint_len=joint_len,
-              joint_strategy=joint_strategy, algorithm=algorithm, ulysses_degree=ulysses_degree,
-              ring_degree=ring_degree, settings=settings)
-    check_attention(rank, world_size, **kw)
-    kernel_starts, real = [], ring.attention_with_lse
+    kernel_starts = []
 
-    def timed(*a, **k):
-        kernel_starts.append(time.perf_counter())
-        return real(*a, **k)
+    def timed(real):
+        def kernel(*a, **k):
+            kernel_starts.append(time.perf_counter())
+            return real(*a, **k)
+        return kernel
 
-    ring.attention_with_lse = timed
-    try:
-        with trace.recording() as rec:
-            res = check_attention(rank, world_size, **kw)
-    finally:
-        ring.attention_with_lse = real
+    rec, res = traced_with_spy(rank, world_size, ring, "attention_with_lse", timed, seq=seq,
+                               heads=heads, head_dim=head_dim, joint_len=joint_len,
+                               joint_strategy=joint_strategy, algorithm=algorithm,
+                               ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                               settings=settings)
     first = min(kernel_starts, default=float("inf")) - rec.start
     return {"posts": [[e[2], e[4]] for e in rec.events if e[0] == "post" and e[1] < first],
             "kernels": len(kernel_starts), "err": res["err"], "plan": res["plan"]}
@@ -234,19 +246,13 @@ def posts_and_waits(rank, world_size, **kw):
     from streamattn import trace
     from streamattn.algorithms import usp
 
-    check_attention(rank, world_size, **kw)
-    real = usp.scatter_landed
+    def as_wait(real):  # USP's wait for its Ulysses all-to-all, as a wait on no peer
+        def landed(*a):
+            with trace.span("wait"):
+                return real(*a)
+        return landed
 
-    def landed(*a):  # USP's wait for its Ulysses all-to-all, as a wait on no peer
-        with trace.span("wait"):
-            return real(*a)
-
-    usp.scatter_landed = landed
-    try:
-        with trace.recording() as rec:
-            res = check_attention(rank, world_size, **kw)
-    finally:
-        usp.scatter_landed = real
+    rec, res = traced_with_spy(rank, world_size, usp, "scatter_landed", as_wait, **kw)
     return {"posts": [[e[2], e[4], e[1]] for e in rec.events if e[0] == "post"],
             "waits": [[s[3], s[1]] for s in rec.spans if s[0] == "wait"],
             "err": res["err"]}
