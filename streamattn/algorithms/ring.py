@@ -232,6 +232,7 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, cuts, sent, seg_offsets
     if joint_with is not None:
         for i, run in enumerate(mine):
             joint_with(run, (me, i))
+    mine.clear()  # their exchanges hold what is still in flight; a block-sized copy less held
     _attend_block(merge_with, (k, v) if kv is None else kv, me, me, seg_offsets, Sq, causal, 0)
     for t in range(1, r):
         src = (me - t) % r
