@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Candidate, Step
 from .schedule import Msg, Phase, chunk_problem, fold_phases, phases, torus_parts
-from .sharding import folded_problem, group_lengths, ring_runs, run_pieces, run_starts
+from .sharding import folded_problem, group_lengths, ring_runs, run_pieces, run_size, run_starts, run_within
 from .topology import Link, LinkKind, Topology
 
 # ---------------------------------------------------------------------------------- timing
@@ -551,8 +551,7 @@ def run_shares(problem, groups, j: int, runs: int) -> Tuple[List[float], List[bo
     a = sum(seq[m] for m in groups[x][:j])
     b = a + seq[groups[x][j]]
     pieces = run_pieces(lens[x], runs, first[x], lead[x])
-    return ([sum(n for _, n in p) / lens[x] for p in pieces],
-            [all(a <= s and s + n <= b for s, n in p) for p in pieces])
+    return [run_size(p) / lens[x] for p in pieces], [run_within(p, a, b) for p in pieces]
 
 
 def contended(step: Step) -> float:

@@ -44,7 +44,7 @@ import torch
 
 from .algorithms.ulysses import head_ranges
 from .sharding import (can_fold, fold_lengths, folded_problem, group_lengths, ring_runs, run_pieces,
-                       run_starts, split_lengths)
+                       run_size, run_starts, split_lengths)
 from .topology import Topology
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -219,14 +219,15 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         runs = 1 if problem.zigzag else ring_runs(seg_lens, chunks)
         phases.append(Phase("ring: stack K,V into one message" + (f" per run ({runs})" if runs > 1 else ""),
                              [], {}, mem=stack))
+        cuts = []  # ring j: each block's run sizes as ring.ring_core cuts it (one run: the block)
+        for j in range(u):
+            first, lead = run_starts(seq, groups, j, causal)
+            cuts.append([[run_size(p) for p in run_pieces(seg_lens[x], runs, first[x], lead[x])]
+                         for x in range(r)])
         for t in range(r):
             msgs, comp, mem = [], {}, {}
             for j in range(u):
                 ring = [g[j] for g in groups]
-                if runs > 1:  # ring.ring_core's cut of each block (USP: from member j's tokens on)
-                    first, lead = run_starts(seq, groups, j, causal)
-                    cut = [[sum(n for _, n in p) for p in run_pieces(seg_lens[x], runs, first[x], lead[x])]
-                           for x in range(r)]
                 for gi, m in enumerate(ring):
                     src = (gi - t) % r
                     if problem.zigzag:  # u == 1: member m holds two chunks (streamattn.zigzag)
@@ -246,7 +247,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
                         mem[m] += (ea + e) * B * hq * seg_lens[gi] * D
                     if t < r - 1:
                         msgs += [(m, ring[(gi + 1) % r], 2 * B * n * hkf[j] * D * w)
-                                 for n in (cut[src] if runs > 1 else [seg_lens[src]])]
+                                 for n in cuts[j][src]]
             name = f"ring step {t + 1}/{r}" + (" (compute only)" if t == r - 1 else "")
             phases.append(Phase(name, msgs, comp, overlapped=t < r - 1, mem=mem))
         if T and not joint_all:  # each member's finished joint rows (out and LSE) to the others

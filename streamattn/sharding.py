@@ -57,8 +57,18 @@ def run_pieces(total: int, runs: int, first: int = 0, lead: int = 0) -> list:
         n = b - a
         m = min(n, total - pos)
         out.append([(pos, m)] + ([(0, n - m)] if n > m else []))
-        pos = (pos + n) % total
+        pos = (pos + n) % total if total else 0
     return out
+
+
+def run_size(pieces) -> int:
+    """Tokens of one run of run_pieces (the sum of its ranges)."""
+    return sum(n for _, n in pieces)
+
+
+def run_within(pieces, start: int, stop: int) -> bool:
+    """Every range of one run of run_pieces lies in block rows [start, stop)."""
+    return all(start <= s and s + n <= stop for s, n in pieces)
 
 
 def run_starts(seq_lens, groups, j: int, causal: bool) -> tuple:

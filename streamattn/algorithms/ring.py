@@ -27,7 +27,7 @@ from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
-from ..sharding import ring_runs, run_pieces, split_lengths
+from ..sharding import ring_runs, run_pieces, run_size, run_within, split_lengths
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
@@ -189,7 +189,7 @@ def _run(pieces, k, v, kv, arriving):
     n) ranges), from arriving.mine when it holds them all, else from the whole block."""
     if arriving is not None:
         a, n = arriving.start, arriving.mine[0].shape[1]
-        if all(a <= s and s + m <= a + n for s, m in pieces):
+        if run_within(pieces, a, a + n):
             k, v = arriving.mine
             pieces = [(s - a, m) for s, m in pieces]
         else:
@@ -209,8 +209,7 @@ def _post_my_runs(transport, nxt, prv, cuts, me, r, k, v, kv, arriving):
     for i, pieces in enumerate(cuts[me]):
         with trace.span("pack"):
             run = _run(pieces, k, v, kv, arriving)
-        n = sum(m for _, m in cuts[(me - 1) % r][i])
-        inc = like.new_empty(2, B, n, hk, D)
+        inc = like.new_empty(2, B, run_size(cuts[(me - 1) % r][i]), hk, D)
         incoming.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP)))
         mine.append(run)
     return mine, incoming
@@ -240,8 +239,8 @@ def _chunked_steps(transport, r, me, nxt, prv, k, v, kv, cuts, sent, seg_offsets
         for i, (run, pending) in enumerate(cur):
             pending.wait()
             if t < r - 1:
-                n = sum(m for _, m in cuts[(src - 1) % r][i])
-                inc = run.new_empty(2, run.shape[1], n, run.shape[3], run.shape[4])
+                inc = run.new_empty(2, run.shape[1], run_size(cuts[(src - 1) % r][i]), run.shape[3],
+                                    run.shape[4])
                 nxt_runs.append((inc, transport.exchange([(nxt, run)], [(prv, inc)], TAG_STEP + t)))
             # causal cuts have one range per run (run_first 0: USP rotates non-causal blocks only)
             _attend_block(merge_with, run, src, me, seg_offsets, Sq, causal, cuts[src][i][0][0])
