@@ -29,6 +29,32 @@ def test_ordering_and_signals_5000_rounds_two_groups(rank_pool, P):
     assert _segments() == []
 
 
+@pytest.mark.parametrize("node_of,slot_bytes,transport", [
+    ([0, 0, 0], 1 << 20, "shm"),       # every message fits a slot: moved part by part
+    ([0, 0, 0], 4096, "shm"),          # the larger ones staged through one buffer
+    ([0, 0, 1, 1], 1 << 20, "shm"),    # the other node's through the two-sided base
+    ([0, 0, 0], 4096, "torch"),        # gloo: every Parts staged
+])
+def test_parts_messages_land_in_strided_views(rank_pool, node_of, slot_bytes, transport):
+    """exchange_parts moves a message given as strided views into strided views, element for
+    element, direct or staged, and counts the bytes of the packed message. Negative control: the
+    receiver's parts in another order make every message wrong."""
+    P = len(node_of)
+    res = rank_pool(P).run("streamattn.testing.cases:parts_rounds", node_of=node_of,
+                           slot_bytes=slot_bytes, transport=transport, timeout=120)
+    for rank, r in enumerate(res):
+        assert r["wrong"] == [] and r["counted"] == r["expected_bytes"], (rank, r)
+        remote = sum(1 for p in range(P) if node_of[p] != node_of[rank])
+        staged = [P - 1 if transport == "torch" or n > slot_bytes else remote
+                  for n in r["message_bytes"]]
+        assert r["packed"] == sum(staged), (rank, r)  # direct: every message that can be
+    assert any(n <= slot_bytes for n in res[0]["message_bytes"])
+    control = rank_pool(P).run("streamattn.testing.cases:parts_rounds", node_of=node_of,
+                               slot_bytes=slot_bytes, transport=transport, swap_control=True,
+                               timeout=120)
+    assert all(len(r["wrong"]) == 6 * (P - 1) for r in control), control
+
+
 @pytest.mark.parametrize("node_of", [[0, 0, 1, 1], [0, 1, 1], [0, 1, 0, 1, 2, 2], [0] * 4 + [1] * 4])
 def test_signature_rows_travel_between_node_leaders(rank_pool, node_of):
     """The per-call signature on several nodes: every rank gets every row, in rank order, in every

@@ -11,7 +11,7 @@ import torch
 
 from .. import tags
 from .. import trace
-from ..transport.base import AllPending
+from ..transport.base import AllPending, Parts
 from .local import attend
 
 TAG_SCATTER, TAG_GATHER, TAG_JOINT = tags.ULYSSES, tags.ULYSSES + 1, tags.ULYSSES_JOINT
@@ -56,16 +56,37 @@ def scatter_heads(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TA
 
 
 def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG_SCATTER,
-                 stack_kv=False):
+                 stack_kv=False, joint=None, joint_strategy="front"):
     """scatter_heads without the wait: returns (pending, assemble) — call assemble() after
-    pending.wait() to get (q, k, v), or (q, kv) with stack_kv."""
+    pending.wait() to get (q, k, v), or (q, kv) with stack_kv.
+
+    joint: None, or (jq [B, T, H, D], jk, jv [B, T, Hk, D]), the replicated joint tokens: then
+    my heads of them are already in place in front of (joint_strategy "front") or behind the
+    group's tokens, so q, k, v hold T + sum(lens) rows (local.attend's joint_len)."""
+    if _packing(q) is None and not _collective(transport, members):
+        return _scatter_parts(transport, members, me, q, k, v, lens, heads, kv_heads, tag, stack_kv,
+                              joint, joint_strategy)
+    pending, assemble = _scatter_packed(transport, members, me, q, k, v, lens, heads, kv_heads, tag,
+                                        stack_kv)
+    if joint is None:
+        return pending, assemble
+    if stack_kv:
+        raise ValueError("post_scatter: joint tokens with stack_kv need the point-to-point path")
+    jh = slice_joint(joint, heads, kv_heads, len(members), me)
+    front = joint_strategy == "front"
+    return pending, lambda: tuple(torch.cat([j, x] if front else [x, j], 1)
+                                  for x, j in zip(assemble(), jh))
+
+
+def _scatter_packed(transport, members, me, q, k, v, lens, heads, kv_heads, tag, stack_kv):
+    """post_scatter through packed buffers: the Triton packing kernels, or one all_to_all_single."""
     u = len(members)
+    tk = _packing(q)
     B, _, _, D = q.shape
     q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
     hq = q_ranges[me][1] - q_ranges[me][0]
     hk = kv_ranges[me][1] - kv_ranges[me][0]
 
-    tk = _packing(q)
     # Default: one message per peer, [q | k | v] of its heads. With the Triton kernels Q travels on
     # its own: pack_heads lays out every peer's chunk contiguously and the chunks land in one buffer
     # that unpack_seq turns into [B, S, hq, D] without a torch.cat. Same bytes either way.
@@ -109,6 +130,57 @@ def post_scatter(transport, members, me, q, k, v, lens, heads, kv_heads, tag=TAG
         return (qo,) + _join_kv(ks, vs, q_ranges[me], kv_ranges[me], heads // kv_heads, stack_kv)
 
     return AllPending(pendings), assemble
+
+
+def _scatter_parts(transport, members, me, q, k, v, lens, heads, kv_heads, tag, stack_kv, joint,
+                   joint_strategy):
+    """post_scatter over point-to-point messages whose parts are the head slices of q, k, v
+    (sent) and member j's rows of the final q, k, v (received): the transport copies between
+    them and its buffers, so nothing is packed, concatenated or joined afterwards. The wire
+    carries [q | k | v] of the receiver's heads for the sender's tokens, each [B, S, h, D]."""
+    u = len(members)
+    B, _, _, D = q.shape
+    q_ranges, kv_ranges = head_ranges(heads, kv_heads, u)
+    (a, b), (c, d) = q_ranges[me], kv_ranges[me]
+    T = 0 if joint is None else joint[0].shape[1]
+    S = sum(lens)
+    first = T if joint_strategy == "front" else 0  # the row of the group's first token
+    starts = [first + sum(lens[:j]) for j in range(u)]
+    with trace.span("pack"):
+        qo = q.new_empty(B, S + T, b - a, D)
+        if stack_kv:
+            kv = k.new_empty(2, B, S + T, d - c, D)
+            ko, vo = kv[0], kv[1]
+        else:
+            ko, vo = k.new_empty(B, S + T, d - c, D), v.new_empty(B, S + T, d - c, D)
+        if T:
+            jq, jk, jv = joint
+            rows = slice(0, T) if joint_strategy == "front" else slice(S, S + T)
+            qo[:, rows].copy_(jq[:, :, a:b])
+            ko[:, rows].copy_(jk[:, :, c:d])
+            vo[:, rows].copy_(jv[:, :, c:d])
+        mine = slice(starts[me], starts[me] + lens[me])
+        qo[:, mine].copy_(q[:, :, a:b])
+        ko[:, mine].copy_(k[:, :, c:d])
+        vo[:, mine].copy_(v[:, :, c:d])
+    sends, recvs = [], []
+    for j in range(u):
+        if j == me:
+            continue
+        (qa, qb), (kc, kd) = q_ranges[j], kv_ranges[j]
+        sends.append((members[j], Parts([q[:, :, qa:qb], k[:, :, kc:kd], v[:, :, kc:kd]])))
+        rows = slice(starts[j], starts[j] + lens[j])
+        recvs.append((members[j], Parts([qo[:, rows], ko[:, rows], vo[:, rows]])))
+    pending = transport.exchange_parts(sends, recvs, tag)
+    g = heads // kv_heads
+
+    def assemble():
+        if stack_kv:
+            return qo, fit_kv_heads(kv, q_ranges[me], kv_ranges[me], g, dim=3)
+        return (qo, fit_kv_heads(ko, q_ranges[me], kv_ranges[me], g),
+                fit_kv_heads(vo, q_ranges[me], kv_ranges[me], g))
+
+    return pending, assemble
 
 
 def _join_kv(ks, vs, q_range, kv_range, group_size, stack_kv):
@@ -203,6 +275,8 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_
         # all-gather of its own.
         pending, assemble = post_gather(transport, members, me, out, lens, heads, tag)
         return pending, (lambda: (assemble(), allgather_heads(transport, members, me, joint_out)))
+    if tk is None and not _collective(transport, members):
+        return _gather_parts(transport, members, me, out, lens, None, tag)
     # One flat buffer whose chunk j is member j's tokens, [B, lens[j], h, D] contiguous.
     with trace.span("pack"):
         chunk = [B * n * h * D for n in lens]
@@ -229,6 +303,31 @@ def post_gather(transport, members, me, out, lens, heads, tag=TAG_GATHER, joint_
     return transport.exchange(sends, recvs, tag), assemble
 
 
+def _gather_parts(transport, members, me, out, lens, joint_out, tag):
+    """post_gather over point-to-point messages whose parts are member j's rows of my heads'
+    output (and my heads' joint output), sent, and the heads of member j in the final
+    [B, lens[me], H, D] output (and joint output), received: nothing is packed or permuted.
+    The wire carries [rows [B, lens[j], h, D] | joint [B, T, h, D]]."""
+    u = len(members)
+    B, _, h, D = out.shape
+    starts = [sum(lens[:j]) for j in range(u)]
+    rows = lambda j: out[:, starts[j] : starts[j] + lens[j]]  # noqa: E731
+    heads = lambda j: slice(j * h, (j + 1) * h)  # noqa: E731
+    with trace.span("pack"):
+        o = out.new_empty(B, lens[me], u * h, D)
+        o[:, :, heads(me)].copy_(rows(me))
+        jo = None
+        if joint_out is not None:
+            jo = out.new_empty(B, joint_out.shape[1], u * h, D)
+            jo[:, :, heads(me)].copy_(joint_out)
+    mine = [] if joint_out is None else [joint_out]
+    sends = [(members[j], Parts([rows(j)] + mine)) for j in range(u) if j != me]
+    recvs = [(members[j], Parts([o[:, :, heads(j)]] + ([] if jo is None else [jo[:, :, heads(j)]])))
+             for j in range(u) if j != me]
+    pending = transport.exchange_parts(sends, recvs, tag)
+    return pending, ((lambda: o) if jo is None else (lambda: (o, jo)))
+
+
 def _rows_by_member(out, lens, extra):
     """One flat buffer, chunk j = out[:, member j's rows] as [B, lens[j], h, D] followed by
     `extra` more elements (left for the caller to fill); returns (the buffer, its chunks)."""
@@ -253,6 +352,8 @@ def _post_gather_joint(transport, members, me, out, lens, joint_out, tag):
     """post_gather with my heads' joint output appended to every message: member j receives
     [its tokens' output for my heads | my joint output], so the joint output's all-gather costs
     no exchange of its own."""
+    if not _collective(transport, members):
+        return _gather_parts(transport, members, me, out, lens, joint_out, tag)
     u = len(members)
     B, _, h, D = out.shape
     T = joint_out.shape[1]
@@ -270,12 +371,8 @@ def _post_gather_joint(transport, members, me, out, lens, joint_out, tag):
             o = _heads_last(back[:, :n_out].unflatten(1, (B, lens[me], h, D)))
             return o, _heads_last(back[:, n_out:].unflatten(1, (B, T, h, D)))
 
-    if _collective(transport, members):
-        return (transport.all_to_all(flat, [c.numel() for c in chunks], back.reshape(-1),
-                                     [back.shape[1]] * u, tag), assemble)
-    sends = [(members[j], chunks[j]) for j in range(u) if j != me]
-    recvs = [(members[j], back[j]) for j in range(u) if j != me]
-    return transport.exchange(sends, recvs, tag), assemble
+    return (transport.all_to_all(flat, [c.numel() for c in chunks], back.reshape(-1),
+                                 [back.shape[1]] * u, tag), assemble)
 
 
 def _collective(transport, members) -> bool:
@@ -341,9 +438,13 @@ def ulysses_attention(transport, problem, q, k, v, joint=None, members=None, chu
     g = H // Hk
     if chunks > 1 and (H // u) % chunks == 0 and (H // u // chunks) % g == 0 and not with_lse:
         return _pipelined(transport, problem, q, k, v, joint, members, me, lens, chunks)
-    qh, kh, vh = scatter_heads(transport, members, me, q, k, v, lens, H, Hk)
-    jh = slice_joint(joint, H, Hk, u, me) if joint is not None else None
-    out, jout, lse, jlse = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal, joint=jh,
+    # the joint tokens' rows of my heads land next to the group's in the same buffers
+    pending, assemble = post_scatter(transport, members, me, q, k, v, lens, H, Hk, joint=joint,
+                                     joint_strategy=problem.joint_strategy)
+    pending.wait()
+    qh, kh, vh = assemble()
+    out, jout, lse, jlse = attend(qh, kh, vh, scale=problem.scale, causal=problem.causal,
+                                  joint_len=None if joint is None else joint[0].shape[1],
                                   joint_strategy=problem.joint_strategy, with_lse=True)
     if jout is None:
         out = gather_heads(transport, members, me, out, lens, H)

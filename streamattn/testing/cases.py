@@ -591,6 +591,69 @@ def shm_rounds(rank, world_size, *, rounds=10000, slot_bytes=4096, groups=2):
     return {"checked": checked, "chunks_sent": sum(sum(t.sent) for t in ts)}
 
 
+def parts_rounds(rank, world_size, *, node_of=None, slot_bytes=4096, transport="shm", rounds=6,
+                 swap_control=False):
+    """Transport.exchange_parts: every rank sends every peer a Parts of three strided views (a head
+    slice, a transposed slice, a row block) of a tensor whose values encode (round, src, dst,
+    position), sized from one element to several slots, and receives into strided views of its
+    own buffers in the same shapes; every element is checked. Returns the wrong messages, the
+    bytes counted against the packed size, and how many Parts were packed (staged) rather than
+    moved directly. swap_control (negative control): receives into the parts in another order."""
+    from streamattn.transport import TorchTransport
+    from streamattn.transport import base as tbase
+
+    t = _shm_transport(node_of=node_of, slot_bytes=slot_bytes) if transport == "shm" else \
+        TorchTransport(None, node_of=node_of)
+    packed, real_pack = [0], tbase.Parts.pack
+
+    def counting_pack(self):
+        packed[0] += 1
+        return real_pack(self)
+
+    def source(i, src, dst, n):
+        base = torch.arange(2 * n * 6 * 3, dtype=torch.float64).view(2, n, 6, 3)
+        return base + 1e6 * (((i * 16) + src) * 16 + dst)
+
+    def views(x):  # three strided parts of a [2, n, 6, 3] tensor
+        return [x[:, :, 1:4], x[:, :, 4:].transpose(0, 1), x[1, :, :1]]
+
+    tbase.Parts.pack = counting_pack
+    wrong, counted, expected_bytes, sizes = [], 0, 0, []
+    try:
+        for i in range(rounds):
+            # a message is 33 n float64: from one element per part up to 2.6 slots
+            n = [1, 5, slot_bytes // 264, slot_bytes // 100][i % 4]
+            sizes.append(33 * n * 8)
+            sends, recvs, checks = [], [], []
+            for p in range(world_size):
+                if p == rank:
+                    continue
+                sends.append((p, tbase.Parts(views(source(i, rank, p, n)))))
+                expected_bytes += sum(v.numel() for v in views(source(i, rank, p, n))) * 8
+                dst = torch.full((2, n, 6, 3), -1.0, dtype=torch.float64)
+                parts = views(dst)
+                if swap_control:
+                    parts = [parts[1], parts[0], parts[2]] if parts[0].numel() == parts[1].numel() \
+                        else parts[::-1]
+                recvs.append((p, tbase.Parts([x for x in parts])))
+                checks.append((p, dst))
+            before = t.counters.intra + t.counters.inter
+            t.exchange_parts(sends, recvs, tag=5).wait()
+            counted += t.counters.intra + t.counters.inter - before
+            for p, dst in checks:
+                want = torch.full_like(dst, -1.0)
+                for a, b in zip(views(want), views(source(i, p, rank, n))):
+                    a.copy_(b)
+                if not torch.equal(dst, want):
+                    wrong.append([i, p])
+    finally:
+        tbase.Parts.pack = real_pack
+        if transport == "shm":
+            t.close()
+    return {"wrong": wrong, "counted": counted, "expected_bytes": expected_bytes, "packed": packed[0],
+            "message_bytes": sizes}
+
+
 def signature_rows(rank, world_size, *, node_of, calls=5, words=9, skew_rank=None):
     """OneSidedTransport.all_gather_small on a declared node map: `calls` gathers of a vector that
     encodes (rank, call); returns the (call, rank) rows that did not come back as expected, and

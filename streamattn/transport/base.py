@@ -50,6 +50,66 @@ class AllPending(Pending):
             p.wait()
 
 
+class Parts:
+    """One message made of several tensors laid end to end, each in its own row-major order: a
+    gather list when sent, a scatter list when received. The parts are views of any strides
+    (e.g. one head slice of a [B, S, H, D] shard, or the rows of a member in a bigger buffer),
+    all of one dtype and device; the bytes on the wire are those of
+    torch.cat([t.reshape(-1) for t in tensors]). Transport.exchange_parts moves them; a
+    transport that can copy straight between the parts and its buffers (the shm heap) saves the
+    packing copy on each side."""
+
+    __slots__ = ("tensors", "dtype", "device", "sizes")
+
+    def __init__(self, tensors):
+        tensors = list(tensors)
+        first = tensors[0]
+        self.tensors = [t for t in tensors if t.numel()]
+        if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
+            raise ValueError("Parts: every part must have the same dtype and device")
+        self.dtype, self.device = first.dtype, first.device
+        self.sizes = [t.numel() for t in self.tensors]
+
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def pack(self) -> torch.Tensor:
+        """The message as one contiguous 1-D tensor (each part copied once)."""
+        flat = torch.empty(self.numel(), dtype=self.dtype, device=self.device)
+        self.unpack_into(flat)
+        return flat
+
+    def unpack_into(self, flat: torch.Tensor) -> None:
+        """Copy the parts into `flat` (1-D, numel() elements of the parts' dtype), end to end."""
+        off = 0
+        for t, n in zip(self.tensors, self.sizes):
+            flat[off:off + n].view(t.shape).copy_(t)
+            off += n
+
+    def fill_from(self, flat: torch.Tensor) -> None:
+        """Copy `flat` (1-D, numel() elements of the parts' dtype) into the parts, end to end."""
+        off = 0
+        for t, n in zip(self.tensors, self.sizes):
+            t.copy_(flat[off:off + n].view(t.shape))
+            off += n
+
+
+class _Unstaging(Pending):
+    """A Pending whose staged receives are copied into their Parts once it completes."""
+
+    def __init__(self, inner, staged, keep):
+        self.inner, self.staged, self.keep = inner, staged, keep
+
+    def wait(self) -> None:
+        self.inner.wait()
+        for parts, buf in self.staged:
+            parts.fill_from(buf)
+        self.staged = self.keep = []
+
+
 class Transport(ABC):
     """Point-to-point exchange within one group.
 
@@ -71,6 +131,28 @@ class Transport(ABC):
         send and one receive per (peer, tag) may be outstanding. count=False keeps the bytes out of
         the counters (metadata, not payload).
         """
+
+    def exchange_parts(self, sends, recvs, tag: int, count: bool = True) -> Pending:
+        """exchange() where a message may also be a Parts (sends: gathered from its tensors;
+        receives: scattered into them by the time wait() returns). Here every Parts is staged
+        through one contiguous buffer; a transport that moves parts directly overrides this."""
+        return self.staged_exchange(sends, recvs, tag, count, direct=lambda peer, parts: False)
+
+    def staged_exchange(self, sends, recvs, tag, count, direct):
+        """exchange() with each Parts message packed into (sends) or received through (recvs) a
+        contiguous buffer, except those for which direct(peer, parts) is true: exchange() takes
+        those as they are."""
+        s, r, staged = [], [], []
+        for p, x in sends:
+            s.append((p, x.pack() if isinstance(x, Parts) and not direct(p, x) else x))
+        for p, x in recvs:
+            if isinstance(x, Parts) and not direct(p, x):
+                buf = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+                staged.append((x, buf))
+                x = buf
+            r.append((p, x))
+        pending = self.exchange(s, r, tag, count)
+        return _Unstaging(pending, staged, s) if staged else pending
 
     @abstractmethod
     def describe_peer(self, peer: int) -> str:

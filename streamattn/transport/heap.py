@@ -18,6 +18,9 @@ class Heap(ABC):
     size: int
     data_bytes: int
     num_signals: int
+    # put() takes a tensor of any strides and local() views copy into any (a CPU heap): the
+    # protocol then moves Parts messages without packing them first.
+    strided = False
 
     @abstractmethod
     def put(self, peer: int, src, dst_offset: int) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .. import trace
 from ..config import shm_slot_bytes, wait_timeout_s
-from .base import ByteCounters, Transport
+from .base import ByteCounters, Parts, Transport
 
 
 class NodeHeapTransport(Transport):
@@ -83,7 +83,7 @@ class NodeHeapTransport(Transport):
         local_r = []
         for p, t in recvs:
             if p in local and t.numel():
-                if not t.is_contiguous():
+                if not isinstance(t, Parts) and not t.is_contiguous():
                     raise ValueError("receive buffers must be contiguous")
                 local_r.append((local[p], t))
         return remote, local_s, local_r

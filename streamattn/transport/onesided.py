@@ -21,7 +21,7 @@ from ..tags import SHM_BOOTSTRAP
 from ..topology import kernel_hash, usable_cores
 from .. import trace
 from ..errors import PeerError, PeerTimeoutError
-from .base import SMALL_WORDS, Pending
+from .base import SMALL_WORDS, Parts, Pending
 from .node_heap import NodeHeapTransport
 
 DEPTH = 2
@@ -37,13 +37,21 @@ LEADER_GRACE_S = 2.0
 
 
 class _Msg:
-    __slots__ = ("peer", "buf", "tag", "chunks", "next", "done")
+    """One message to or from a node member: a contiguous tensor moved in chunks of at most a
+    slot, or a Parts of at most one slot moved part by part (no packing copy)."""
+
+    __slots__ = ("peer", "buf", "parts", "nbytes", "tag", "chunks", "next", "done")
 
     def __init__(self, peer, tensor, tag, slot_bytes):
         self.peer = peer  # index among the node members
-        self.buf = tensor.reshape(-1).view(torch.uint8)
         self.tag = tag
-        n = self.buf.numel()
+        if isinstance(tensor, Parts):
+            self.parts, self.buf = tensor, None
+            n = tensor.numel() * tensor.element_size()
+        else:
+            self.parts, self.buf = None, tensor.reshape(-1).view(torch.uint8)
+            n = self.buf.numel()
+        self.nbytes = n
         self.chunks = [(o, min(slot_bytes, n - o)) for o in range(0, n, slot_bytes)]
         self.next = 0
         self.done = not self.chunks
@@ -52,6 +60,27 @@ class _Msg:
         self.next += 1
         self.done = self.next == len(self.chunks)
 
+    def put(self, heap, peer, offset):
+        """Put the next chunk into peer's slot at `offset`."""
+        if self.parts is None:
+            off, length = self.chunks[self.next]
+            heap.put(peer, self.buf[off : off + length], offset)
+            return
+        for t in self.parts.tensors:
+            heap.put(peer, t, offset)
+            offset += t.numel() * t.element_size()
+
+    def take(self, heap, offset):
+        """Copy the next chunk out of this member's slot at `offset`."""
+        if self.parts is None:
+            off, length = self.chunks[self.next]
+            self.buf[off : off + length].copy_(heap.local(offset, length))
+            return
+        for t in self.parts.tensors:
+            n = t.numel() * t.element_size()
+            t.copy_(heap.local(offset, n).view(t.dtype).view(t.shape))
+            offset += n
+
 
 class _OneSidedPending(Pending):
     def __init__(self, transport, msgs, remote):
@@ -59,7 +88,7 @@ class _OneSidedPending(Pending):
         self.start = time.monotonic()
         # Metadata-sized exchanges yield instead of sleeping for their first TINY_YIELD_S: a
         # backoff sleep would add up to 1 ms to every call.
-        self.tiny = all(m.buf.numel() <= 4096 for m in msgs)
+        self.tiny = all(m.nbytes <= 4096 for m in msgs)
         self.span_kind = "wait"  # set by exchange() (trace.wait_kind)
 
     def wait(self):
@@ -226,7 +255,7 @@ class OneSidedTransport(NodeHeapTransport):
         with trace.span("post"):
             msgs = []
             for p, t in local_s:
-                m = _Msg(p, t.contiguous(), tag, self.slot_bytes)
+                m = _Msg(p, t if isinstance(t, Parts) else t.contiguous(), tag, self.slot_bytes)
                 self.outq[p].append(m)
                 msgs.append(m)
             for p, t in local_r:
@@ -237,6 +266,17 @@ class OneSidedTransport(NodeHeapTransport):
         pending = _OneSidedPending(self, msgs, remote)
         pending.span_kind = trace.wait_kind(tag)
         return pending
+
+    def exchange_parts(self, sends, recvs, tag, count=True):
+        """Parts to and from this node's members move straight between their tensors and the
+        slots when the heap copies any strides and the message fits one slot; the rest is staged
+        (Transport.exchange_parts)."""
+        if not self.heap.strided:
+            return super().exchange_parts(sends, recvs, tag, count)
+        local, limit = self.local_index, self.slot_bytes
+        return self.staged_exchange(
+            sends, recvs, tag, count,
+            direct=lambda peer, x: peer in local and x.numel() * x.element_size() <= limit)
 
     def all_gather_small(self, vec, tag):
         """Every rank's int64 vector (Transport.all_gather_small), in rank order.
@@ -366,8 +406,7 @@ class OneSidedTransport(NodeHeapTransport):
                 k = self.sent[p] + 1
                 if heap.read_signal(n + p) < k - D:  # the slot still holds an unread chunk
                     break
-                off, length = m.chunks[m.next]
-                heap.put(p, m.buf[off : off + length], (me * D + (k - 1) % D) * S)
+                m.put(heap, p, (me * D + (k - 1) % D) * S)
                 heap.signal(p, me, k)
                 woken.add(p)
                 self.sent[p] = k
@@ -381,8 +420,7 @@ class OneSidedTransport(NodeHeapTransport):
                 k = self.recvd[p] + 1
                 if heap.read_signal(p) < k:
                     break
-                off, length = m.chunks[m.next]
-                m.buf[off : off + length].copy_(heap.local((p * D + (k - 1) % D) * S, length))
+                m.take(heap, (p * D + (k - 1) % D) * S)
                 heap.signal(p, n + me, k)
                 woken.add(p)
                 self.recvd[p] = k

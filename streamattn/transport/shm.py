@@ -98,6 +98,8 @@ class ShmHeap(Heap):
     whether each member reached every peer's doorbell. `barrier` is not needed here.
     """
 
+    strided = True
+
     def __init__(self, rank, size, data_bytes, num_signals, all_gather_text, barrier):
         ok, reason = supported()
         if not ok:
@@ -156,8 +158,13 @@ class ShmHeap(Heap):
                                        offset=_HEADER + self._sig_bytes) for m in self._maps]
 
     def put(self, peer, src, dst_offset):
+        """Any strides: the bytes land in src's row-major order (one copy, no packing first)."""
         n = src.numel() * src.element_size()
-        self._data[peer][dst_offset : dst_offset + n].copy_(src.reshape(-1).view(torch.uint8))
+        dst = self._data[peer][dst_offset : dst_offset + n]
+        if src.is_contiguous():
+            dst.copy_(src.reshape(-1).view(torch.uint8))
+        else:
+            dst.view(src.dtype).view(src.shape).copy_(src)
 
     def signal(self, peer, slot, value):
         self._sig[peer][slot] = value
