@@ -141,17 +141,19 @@ class Phase:
     mem: Dict[int, float] = field(default_factory=dict)  # rank -> local memory bytes
 
 
-def scatter_phase(name, groups, seq, B, D, e, hq, hk, group_lens, w=None) -> "Phase":
+def scatter_phase(name, groups, seq, B, D, e, hq, hk, w=None) -> "Phase":
     """Ulysses' scatter of q, k, v inside every group (streamattn.algorithms.ulysses.post_scatter):
-    member j sends each member i its tokens for i's hq query heads and hk[i] K/V heads; locally it
-    packs every peer's slice (read + write) and concatenates what arrived (read + write). e / w:
-    bytes per element in memory / on the wire (default e)."""
+    member j sends each member i its tokens for i's hq query heads and hk[i] K/V heads. The
+    messages are Parts: a peer's slices go from q, k, v into its slot and from the slot into the
+    final buffers (the put and the copy-out, priced with the bytes), so locally only member j's
+    own slice is copied into place (read + write). A message staged through a buffer (to another
+    node, over gloo, or larger than a slot) adds a packing copy on each side, not priced here.
+    e / w: bytes per element in memory / on the wire (default e)."""
     u = len(groups[0])
     msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * (w or e))
             for g in groups for j in range(u) for i in range(u) if i != j]
-    mem = {m: 2 * e * B * D * (seq[m] * sum(hq + 2 * hk[i] for i in range(u))
-                               + group_lens[gi] * (hq + 2 * hk[j]))
-           for gi, g in enumerate(groups) for j, m in enumerate(g)}
+    mem = {m: 2 * e * B * D * seq[m] * (hq + 2 * hk[j])
+           for g in groups for j, m in enumerate(g)}
     return Phase(name, msgs, {}, mem=mem)
 
 
@@ -196,12 +198,13 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
 
     if u > 1:
         phases.append(scatter_phase(f"Ulysses all-to-all q,k,v (u={u})", groups, seq, B, D, e, hq,
-                                     hk, seg_lens, w))
+                                     hk, w))
 
     if r == 1:  # pure Ulysses (or local): the group's tokens + joint, for hq heads
         L = seg_lens[0] + T
         fl = attention_flops(B, visible_pairs(0, L, 0, L, causal), hq, D)
-        mem = {m: (2 * e * B * L * (hq + 2 * hkf[j]) * D if T else 0) for gi, j, m in members}
+        # my heads of the joint tokens copied in front of / behind the scatter's rows (read + write)
+        mem = {m: 2 * e * B * T * (hq + 2 * hkf[j]) * D for gi, j, m in members}
         phases.append(Phase("attention (whole sequence, H/u heads)", [], {m: fl for m in groups[0]},
                              mem=mem))
     else:
@@ -263,10 +266,9 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         # (B*T*hq*D), which is how the joint output is all-gathered over the Ulysses group.
         msgs = [(g[i], g[j], B * (seq[g[j]] + T) * hq * D * w)
                 for g in groups for j in range(u) for i in range(u) if i != j]
-        # copy every outgoing piece contiguous (and the joint output into each), then put the
-        # received heads side by side
-        mem = {m: 2 * e * B * D * (hq * (seg_lens[gi] - seq[m]) + H * seq[m] + T * H)
-               for gi, j, m in members}
+        # Parts: the pieces go from the kernel's output into the slots and from the slots into
+        # their heads of the final output; only my own rows (and joint output) are copied in place
+        mem = {m: 2 * e * B * D * hq * (seq[m] + T) for gi, j, m in members}
         phases.append(Phase(f"Ulysses all-to-all output{' and joint output' if T else ''} (u={u})",
                              msgs, {}, mem=mem))
     return phases
@@ -355,7 +357,7 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
     # 1. intra-node all-to-all (scatter_heads over the group), exactly Ulysses' scatter
     if u > 1:
         pre.append(scatter_phase(f"Ulysses all-to-all q,k,v inside groups (u={u})", groups, seq, B,
-                                  D, e, hq_u, hk_raw, glen, w))
+                                  D, e, hq_u, hk_raw, w))
     # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
     #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
     steps: List[List[Msg]] = []
