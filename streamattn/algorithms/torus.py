@@ -28,6 +28,7 @@ import torch
 from .. import tags
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
+from ..transport.base import Parts
 from .ring import alternating_buffers, merge_across
 from .ulysses import allgather_heads, fit_kv_heads, gather_heads, head_ranges, scatter_heads, slice_joint
 
@@ -136,11 +137,10 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
     incoming = {}
     for step in range(1, t):
         dst, src = (m + step) % t, (m - step) % t
-        payload = torch.cat([sub(qn, q_rng[dst]).reshape(-1), sub(kn, kv_rng[dst]).reshape(-1),
-                             sub(vn, kv_rng[dst]).reshape(-1)])
+        payload = Parts([sub(qn, q_rng[dst]), sub(kn, kv_rng[dst]), sub(vn, kv_rng[dst])])
         buf = torch.empty(B * st.glen[src] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
-        incoming[src] = (buf, transport.exchange([(st.peers[dst], payload)], [(st.peers[src], buf)],
-                                                 TAG_QKV + step))
+        incoming[src] = (buf, transport.exchange_parts([(st.peers[dst], payload)],
+                                                       [(st.peers[src], buf)], TAG_QKV + step))
     st.home = {j: torch.empty(B, st.glen[m], q_rng[j][1] - q_rng[j][0], D, dtype=q.dtype,
                               device=q.device) for j in range(t) if j != m}
     if not st.paired_outputs:  # the negative control's (pre-fix) posting order
