@@ -257,7 +257,8 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
             msgs = [(g[j], other[j], B * hq * jl[g[j]] * (D + 1) * ea)
                     for j in range(u) for g in groups for other in groups
                     if other is not g and jl[g[j]]]
-            mem = {m: 2 * ea * B * hq * T * (D + 1) for m in rows}
+            # Parts: the others' rows land in place; my own rows are copied in (read + write)
+            mem = {m: 2 * ea * B * hq * jl[m] * (D + 1) for m in rows}
             phases.append(Phase(f"all-gather the joint output rows over the ring (r={r})", msgs, {},
                                  mem=mem))
 

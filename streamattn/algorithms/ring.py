@@ -28,6 +28,7 @@ from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
 from ..sharding import ring_runs, run_pieces, run_size, run_within, split_lengths
+from ..transport.base import Parts
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
 
@@ -255,15 +256,19 @@ def gather_rows(transport, members, me, out, lse, lens, tag):
     of every member side by side in member order, ([B, h, sum(lens), D], [B, h, sum(lens)]), the
     same on every member."""
     B, h, _, D = out.shape
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    rows = lambda i: slice(starts[i], starts[i] + lens[i])  # noqa: E731
     with trace.span("pack"):
-        mine = torch.cat([out.reshape(-1), lse.reshape(-1)])
-    flats = [mine if i == me else mine.new_empty(B * h * n * (D + 1)) for i, n in enumerate(lens)]
-    sends = [(p, mine) for i, p in enumerate(members) if i != me and lens[me]]
-    recvs = [(p, flats[i]) for i, p in enumerate(members) if i != me and lens[i]]
-    transport.exchange(sends, recvs, tag).wait()
-    outs = [f[:B * h * n * D].view(B, h, n, D) for f, n in zip(flats, lens)]
-    lses = [f[B * h * n * D:].view(B, h, n) for f, n in zip(flats, lens)]
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+        outs = out.new_empty(B, h, sum(lens), D)
+        lses = lse.new_empty(B, h, sum(lens))
+        outs[:, :, rows(me)].copy_(out)
+        lses[:, :, rows(me)].copy_(lse)
+    # Parts: my rows go out as they are, every member's land in place (no pack, no concatenation)
+    sends = [(p, Parts([out, lse])) for i, p in enumerate(members) if i != me and lens[me]]
+    recvs = [(p, Parts([outs[:, :, rows(i)], lses[:, :, rows(i)]]))
+             for i, p in enumerate(members) if i != me and lens[i]]
+    transport.exchange_parts(sends, recvs, tag).wait()
+    return outs, lses
 
 
 def merge_across(transport, members, out, lse, tag):
