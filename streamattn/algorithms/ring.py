@@ -27,7 +27,7 @@ from .. import tags
 from .. import trace
 from ..kernels import attention_with_lse
 from ..merge import empty_accumulator, merge_all, start_accumulator, update_out_and_lse
-from ..sharding import ring_runs, run_pieces, run_size, run_within, split_lengths
+from ..sharding import ring_runs, run_pieces, run_size, run_within, shard_rows, split_lengths
 from ..transport.base import Parts
 
 TAG_STEP, TAG_JOINT = tags.RING_STEP, tags.RING_JOINT
@@ -256,8 +256,7 @@ def gather_rows(transport, members, me, out, lse, lens, tag):
     of every member side by side in member order, ([B, h, sum(lens), D], [B, h, sum(lens)]), the
     same on every member."""
     B, h, _, D = out.shape
-    starts = [sum(lens[:i]) for i in range(len(lens))]
-    rows = lambda i: slice(starts[i], starts[i] + lens[i])  # noqa: E731
+    rows = lambda i: slice(*shard_rows(lens, i))  # noqa: E731
     with trace.span("pack"):
         outs = out.new_empty(B, h, sum(lens), D)
         lses = lse.new_empty(B, h, sum(lens))

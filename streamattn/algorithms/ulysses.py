@@ -11,6 +11,7 @@ import torch
 
 from .. import tags
 from .. import trace
+from ..sharding import shard_rows
 from ..transport.base import AllPending, Parts
 from .local import attend
 
@@ -145,7 +146,11 @@ def _scatter_parts(transport, members, me, q, k, v, lens, heads, kv_heads, tag, 
     T = 0 if joint is None else joint[0].shape[1]
     S = sum(lens)
     first = T if joint_strategy == "front" else 0  # the row of the group's first token
-    starts = [first + sum(lens[:j]) for j in range(u)]
+
+    def rows(j):  # member j's tokens in the final buffers
+        start, stop = shard_rows(lens, j)
+        return slice(first + start, first + stop)
+
     with trace.span("pack"):
         qo = q.new_empty(B, S + T, b - a, D)
         if stack_kv:
@@ -155,22 +160,20 @@ def _scatter_parts(transport, members, me, q, k, v, lens, heads, kv_heads, tag, 
             ko, vo = k.new_empty(B, S + T, d - c, D), v.new_empty(B, S + T, d - c, D)
         if T:
             jq, jk, jv = joint
-            rows = slice(0, T) if joint_strategy == "front" else slice(S, S + T)
-            qo[:, rows].copy_(jq[:, :, a:b])
-            ko[:, rows].copy_(jk[:, :, c:d])
-            vo[:, rows].copy_(jv[:, :, c:d])
-        mine = slice(starts[me], starts[me] + lens[me])
-        qo[:, mine].copy_(q[:, :, a:b])
-        ko[:, mine].copy_(k[:, :, c:d])
-        vo[:, mine].copy_(v[:, :, c:d])
+            jrows = slice(0, T) if joint_strategy == "front" else slice(S, S + T)
+            qo[:, jrows].copy_(jq[:, :, a:b])
+            ko[:, jrows].copy_(jk[:, :, c:d])
+            vo[:, jrows].copy_(jv[:, :, c:d])
+        qo[:, rows(me)].copy_(q[:, :, a:b])
+        ko[:, rows(me)].copy_(k[:, :, c:d])
+        vo[:, rows(me)].copy_(v[:, :, c:d])
     sends, recvs = [], []
     for j in range(u):
         if j == me:
             continue
         (qa, qb), (kc, kd) = q_ranges[j], kv_ranges[j]
         sends.append((members[j], Parts([q[:, :, qa:qb], k[:, :, kc:kd], v[:, :, kc:kd]])))
-        rows = slice(starts[j], starts[j] + lens[j])
-        recvs.append((members[j], Parts([qo[:, rows], ko[:, rows], vo[:, rows]])))
+        recvs.append((members[j], Parts([qo[:, rows(j)], ko[:, rows(j)], vo[:, rows(j)]])))
     pending = transport.exchange_parts(sends, recvs, tag)
     g = heads // kv_heads
 
@@ -221,12 +224,7 @@ def pack_scatter(q, k, v, q_ranges, kv_ranges, with_q=True):
         return flat, list(rows.unbind(0))
     chunks = list(flat.split(size))
     for j, ((a, b), (c, d)) in enumerate(zip(q_ranges, kv_ranges)):
-        parts = ([q[:, :, a:b]] if with_q else []) + [k[:, :, c:d], v[:, :, c:d]]
-        off = 0
-        for x in parts:
-            n = x.numel()
-            chunks[j][off:off + n].view(x.shape).copy_(x)
-            off += n
+        Parts(([q[:, :, a:b]] if with_q else []) + [k[:, :, c:d], v[:, :, c:d]]).unpack_into(chunks[j])
     return flat, chunks
 
 
@@ -310,8 +308,7 @@ def _gather_parts(transport, members, me, out, lens, joint_out, tag):
     The wire carries [rows [B, lens[j], h, D] | joint [B, T, h, D]]."""
     u = len(members)
     B, _, h, D = out.shape
-    starts = [sum(lens[:j]) for j in range(u)]
-    rows = lambda j: out[:, starts[j] : starts[j] + lens[j]]  # noqa: E731
+    rows = lambda j: out[:, slice(*shard_rows(lens, j))]  # noqa: E731
     heads = lambda j: slice(j * h, (j + 1) * h)  # noqa: E731
     with trace.span("pack"):
         o = out.new_empty(B, lens[me], u * h, D)

@@ -142,9 +142,11 @@ class Transport(ABC):
         """exchange() with each Parts message packed into (sends) or received through (recvs) a
         contiguous buffer, except those for which direct(peer, parts) is true: exchange() takes
         those as they are."""
-        s, r, staged = [], [], []
+        s, r, staged, packed = [], [], [], False
         for p, x in sends:
-            s.append((p, x.pack() if isinstance(x, Parts) and not direct(p, x) else x))
+            if isinstance(x, Parts) and not direct(p, x):
+                x, packed = x.pack(), True
+            s.append((p, x))
         for p, x in recvs:
             if isinstance(x, Parts) and not direct(p, x):
                 buf = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
@@ -152,7 +154,8 @@ class Transport(ABC):
                 x = buf
             r.append((p, x))
         pending = self.exchange(s, r, tag, count)
-        return _Unstaging(pending, staged, s) if staged else pending
+        # the packed sends live until the wait (as CastTransport keeps its cast ones)
+        return _Unstaging(pending, staged, s) if staged or packed else pending
 
     @abstractmethod
     def describe_peer(self, peer: int) -> str:
