@@ -125,6 +125,36 @@ def test_timed_rounds():
     assert timed_rounds(SweepSpec(shapes=[], algorithms=[], iters=5), [0.001]) == 5  # off by default
 
 
+def _order_balance(order, n, rounds):
+    """(positions[c] = how often c ran at each place, pairs[(a, b)] = how often b ran right after a)."""
+    from collections import Counter
+
+    pos, pairs = Counter(), Counter()
+    for i in range(rounds):
+        row = order(n, i)
+        assert sorted(row) == list(range(n))
+        pos.update((c, j) for j, c in enumerate(row))
+        pairs.update(zip(row, row[1:]))
+    return pos, pairs
+
+
+@pytest.mark.parametrize("n", range(1, 12))
+def test_round_order_balances_positions_and_neighbours(n):
+    """Every n rounds (2n for odd n) each configuration runs once (twice) in each position and
+    right after each other configuration once (twice); the old rotation keeps one neighbour."""
+    from streamattn.bench.runner import round_order
+
+    rounds = n if n % 2 == 0 else 2 * n
+    pos, pairs = _order_balance(round_order, n, rounds)
+    assert set(pos.values()) == {rounds // n}
+    want = {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert set(pairs) == want and set(pairs.values()) <= {rounds // n}
+    if n >= 3:  # negative control: a rotation puts "auto" (0) behind the same configuration always
+        _, rot = _order_balance(lambda m, i: list(range(i % m, m)) + list(range(i % m)), n, rounds)
+        assert {a for (a, b) in rot if b == 0} == {n - 1}
+        assert set(rot) != want
+
+
 def test_local_bench_end_to_end(tmp_path, capsys):
     # --min-time far above what 2 calls take: every configuration gets --max-iters rounds
     rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + TINY + ["--min-time", "600", "--max-iters", "3"])

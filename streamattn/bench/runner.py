@@ -236,9 +236,8 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                     bar.step(c["name"])
             timed = [c for c in cfgs if not c.get("check_only")]
             i, rounds = 0, spec.iters
-            while i < rounds:  # interleaved, rotating order
-                k = i % len(timed) if timed else 0
-                for c in timed[k:] + timed[:k]:
+            while i < rounds:  # interleaved, each round in another order (round_order)
+                for c in [timed[j] for j in round_order(len(timed), i)]:
                     res = ex.run("bench_call", shape=shape, cfg=c, mode="full", seed=spec.seed)
                     _absorb_timed(recs[c["name"]], res)
                     bar.step(c["name"])
@@ -253,8 +252,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                         ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                         bar.step(f"{c['name']} {mode}")
                     for i in range(spec.overlap_iters):
-                        k = i % len(ocfgs) if ocfgs else 0
-                        for c in ocfgs[k:] + ocfgs[:k]:
+                        for c in [ocfgs[j] for j in round_order(len(ocfgs), i)]:
                             res = ex.run("bench_call", shape=shape, cfg=c, mode=mode, seed=spec.seed)
                             recs[c["name"]].setdefault("_" + mode, []).append(res[0]["t"])
                             if (cpu := _cpu(res)) is not None:
@@ -316,6 +314,28 @@ def _absorb_first(rec, res) -> None:
               "joint_fold", "joint_all", "predicted_s", "transport"):
         if k in res[0]:
             rec[k] = res[0][k]
+
+
+def round_order(n: int, i: int) -> List[int]:
+    """The order of n configurations in timed round i: row i of a Williams balanced Latin square
+    (0, 1, n-1, 2, n-2, ... shifted by i; mirrored in every other block of n rounds when n is odd).
+
+    Why not a rotation: rotating one list keeps every configuration right behind the same
+    neighbour in every round, so whatever that neighbour leaves behind (measured: the
+    configuration listed first, "auto", ran 1-2% slower than the same plan listed elsewhere, round
+    after round, in matrices m53-m60) is charged to the same configuration every time. Here every
+    n rounds put each configuration once in each position, and each ordered pair of distinct
+    configurations next to each other once (n even; twice in 2n rounds when n is odd)."""
+    if n <= 0:
+        return []
+    base, lo, hi = [0], 1, n - 1
+    while lo <= hi:
+        base.append(lo)
+        if lo != hi:
+            base.append(hi)
+        lo, hi = lo + 1, hi - 1
+    row = [(b + i) % n for b in base]
+    return row[::-1] if n % 2 and (i // n) % 2 else row
 
 
 def timed_rounds(spec: SweepSpec, medians: List[float]) -> int:
