@@ -207,10 +207,26 @@ class CostModel:
             cache[key] = self.comm_time(msgs)
         return cache[key]
 
+    def phase_mem(self, ph: Phase) -> Dict[int, float]:
+        """ph.mem plus, for a phase of Parts messages, the packing copies of those the transport
+        stages: every message off the shm links (another node, gloo, a GPU heap) is packed into
+        one buffer on the sender and unpacked on the receiver (ph.staged bytes per wire byte on
+        each side); on shm the parts move straight between the views and the slots, unless the
+        wire dtype differs (ph.cast: CastTransport stages every message)."""
+        if not ph.staged:
+            return ph.mem
+        mem = defaultdict(float, ph.mem)
+        for a, b, n in ph.msgs:
+            if ph.cast or self._pair(a, b)[0].kind != LinkKind.SHM:
+                mem[a] += ph.staged * n
+                mem[b] += ph.staged * n
+        return mem
+
     def _blocking(self, ph: Phase, cache) -> Tuple[Step, float, float, str]:
         """(Step, compute, comm, bottleneck) of one phase: blocking adds, overlapped costs max."""
-        ranks = set(ph.compute) | set(ph.mem)
-        c = max((self._local(ph.compute.get(x, 0.0), ph.mem.get(x, 0.0)) for x in ranks), default=0.0)
+        pm = self.phase_mem(ph)
+        ranks = set(ph.compute) | set(pm)
+        c = max((self._local(ph.compute.get(x, 0.0), pm.get(x, 0.0)) for x in ranks), default=0.0)
         m, bott, per_kind = self._comm(ph.msgs, cache)
         st = max(c, m) if ph.overlapped else c + m
         return Step(ph.name, st, c, m, ph.overlapped, bott, tuple(sorted(per_kind.items()))), c, m, bott
@@ -322,9 +338,10 @@ class CostModel:
         gather = next(p for p in ph if p.name.startswith("Ulysses all-to-all output"))
         rest = [p for p in ph if p not in (scatter, attn, gather)]
         cache: Dict[tuple, tuple] = {}
-        ranks = set(attn.compute) | set(attn.mem) | set(scatter.mem)
-        pack = max((self._local(0.0, scatter.mem.get(x, 0.0)) for x in ranks), default=0.0)
-        work = max((self._local(attn.compute.get(x, 0.0), attn.mem.get(x, 0.0) + gather.mem.get(x, 0.0))
+        smem, gmem = self.phase_mem(scatter), self.phase_mem(gather)
+        ranks = set(attn.compute) | set(attn.mem) | set(smem)
+        pack = max((self._local(0.0, smem.get(x, 0.0)) for x in ranks), default=0.0)
+        work = max((self._local(attn.compute.get(x, 0.0), attn.mem.get(x, 0.0) + gmem.get(x, 0.0))
                     for x in ranks), default=0.0)
         g_time, g_bott, g_kind = self._comm(gather.msgs, cache)
         steps: List[Step] = [Step(f"pack and post the {chunks} scatters", chunks * pack, chunks * pack)]

@@ -139,6 +139,12 @@ class Phase:
     compute: Dict[int, float]  # rank -> FLOPs in this phase
     overlapped: bool = False
     mem: Dict[int, float] = field(default_factory=dict)  # rank -> local memory bytes
+    # Parts messages (transport.base.Parts): memory bytes each side moves per wire byte of a
+    # message the transport stages (packed before the send, unpacked after the wait: every link
+    # but shm, costmodel.CostModel.phase_mem; every link when the wire dtype differs, cast);
+    # 0: contiguous messages, sent as they are
+    staged: float = 0.0
+    cast: bool = False
 
 
 def scatter_phase(name, groups, seq, B, D, e, hq, hk, w=None) -> "Phase":
@@ -147,14 +153,14 @@ def scatter_phase(name, groups, seq, B, D, e, hq, hk, w=None) -> "Phase":
     messages are Parts: a peer's slices go from q, k, v into its slot and from the slot into the
     final buffers (the put and the copy-out, priced with the bytes), so locally only member j's
     own slice is copied into place (read + write). A message staged through a buffer (to another
-    node, over gloo, or larger than a slot) adds a packing copy on each side, not priced here.
-    e / w: bytes per element in memory / on the wire (default e)."""
+    node, over gloo) adds a packing copy on each side (Phase.staged; larger than a slot: not
+    priced). e / w: bytes per element in memory / on the wire (default e)."""
     u = len(groups[0])
     msgs = [(g[j], g[i], B * seq[g[j]] * (hq + 2 * hk[i]) * D * (w or e))
             for g in groups for j in range(u) for i in range(u) if i != j]
     mem = {m: 2 * e * B * D * seq[m] * (hq + 2 * hk[j])
            for g in groups for j, m in enumerate(g)}
-    return Phase(name, msgs, {}, mem=mem)
+    return Phase(name, msgs, {}, mem=mem, staged=2 * e / (w or e), cast=(w or e) != e)
 
 
 def merge_bytes(dtype) -> int:
@@ -220,8 +226,12 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
             phases.append(Phase("append my share of the joint queries to my queries", [], {},
                                  mem={m: 2 * e * B * hq * rows[m] * D for m in rows}))
         runs = 1 if problem.zigzag else ring_runs(seg_lens, chunks)
-        phases.append(Phase("ring: stack K,V into one message" + (f" per run ({runs})" if runs > 1 else ""),
-                             [], {}, mem=stack))
+        # the step message: K and V stacked (torch.stack, pure ring) or each run cut out of the
+        # block (ring._run); after a Ulysses scatter (u > 1) the whole block already lies stacked
+        # in one buffer (post_scatter with stack_kv) and goes out as it is
+        if runs > 1 or u == 1:
+            phases.append(Phase("ring: stack K,V into one message"
+                                + (f" per run ({runs})" if runs > 1 else ""), [], {}, mem=stack))
         cuts = []  # ring j: each block's run sizes as ring.ring_core cuts it (one run: the block)
         for j in range(u):
             first, lead = run_starts(seq, groups, j, causal)
@@ -260,7 +270,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
             # Parts: the others' rows land in place; my own rows are copied in (read + write)
             mem = {m: 2 * ea * B * hq * jl[m] * (D + 1) for m in rows}
             phases.append(Phase(f"all-gather the joint output rows over the ring (r={r})", msgs, {},
-                                 mem=mem))
+                                 mem=mem, staged=2.0))
 
     if u > 1:
         # With joint tokens every message also carries the sender's heads of the joint output
@@ -271,7 +281,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         # their heads of the final output; only my own rows (and joint output) are copied in place
         mem = {m: 2 * e * B * D * hq * (seq[m] + T) for gi, j, m in members}
         phases.append(Phase(f"Ulysses all-to-all output{' and joint output' if T else ''} (u={u})",
-                             msgs, {}, mem=mem))
+                             msgs, {}, mem=mem, staged=2 * e / w, cast=w != e))
     return phases
 
 

@@ -1173,3 +1173,40 @@ def test_joint_all_only_where_the_saved_transfer_beats_the_added_compute():
     idle = make_plan(problem, resolve_topology(topology="2x4:inter=1Gbit/s,intra=5GB/s"),
                      **dict(kw, overlap=1.0, sync_s=0.0))
     assert not any(c.joint_all and c.dropped for c in idle.candidates)
+
+
+def test_schedule_prices_the_copies_the_algorithms_make():
+    """The ring's stacking copy only where ring_core makes it (pure ring: torch.stack; token runs:
+    each run cut out); after USP's scatter the block already lies stacked. Parts messages pay a
+    packing copy on each side exactly where the transport stages them: off the shm links, or on
+    every link when the wire dtype differs."""
+    from streamattn.topology import resolve_topology
+
+    def stacks(prob, u, groups, chunks=1):
+        return [p.name for p in phases(prob, u, groups, chunks) if p.name.startswith("ring: stack")]
+
+    prob = _usp_problem(P=4, seq=4096)
+    assert stacks(prob, 2, ((0, 1), (2, 3))) == []
+    assert len(stacks(prob, 2, ((0, 1), (2, 3)), chunks=4)) == 1
+    assert len(stacks(prob, 1, ((0,), (1,), (2,), (3,)))) == 1
+
+    topo = resolve_topology(topology="2x2")  # ranks 0, 1 | 2, 3
+    m = CostModel(topo, 5e10, 5e9)
+    e = 4
+    for groups, crossing in ((((0, 1), (2, 3)), False), (((0, 1, 2, 3),), True)):
+        for wire in (None, torch.bfloat16):
+            p = dataclasses.replace(prob, wire_dtype=wire)
+            w = 2 if wire else e
+            u = len(groups[0])
+            for ph in phases(p, u, groups):
+                if not ph.name.startswith("Ulysses all-to-all"):
+                    continue
+                added = {x: m.phase_mem(ph).get(x, 0.0) - ph.mem.get(x, 0.0) for x in range(4)}
+                want = defaultdict(float)
+                for a, b, n in ph.msgs:
+                    if wire or topo.node[a] != topo.node[b]:
+                        want[a] += 2 * e / w * n
+                        want[b] += 2 * e / w * n
+                assert added == {x: want[x] for x in range(4)}, (ph.name, groups, wire)
+                staged = bool(wire) or crossing
+                assert any(added.values()) == staged  # negative control: nothing added on shm
