@@ -66,9 +66,10 @@ class _Msg:
             off, length = self.chunks[self.next]
             heap.put(peer, self.buf[off : off + length], offset)
             return
-        for t in self.parts.tensors:
+        e = self.parts.element_size()
+        for t, n in zip(self.parts.tensors, self.parts.sizes):
             heap.put(peer, t, offset)
-            offset += t.numel() * t.element_size()
+            offset += n * e
 
     def take(self, heap, offset):
         """Copy the next chunk out of this member's slot at `offset`."""
@@ -76,10 +77,10 @@ class _Msg:
             off, length = self.chunks[self.next]
             self.buf[off : off + length].copy_(heap.local(offset, length))
             return
-        for t in self.parts.tensors:
-            n = t.numel() * t.element_size()
-            t.copy_(heap.local(offset, n).view(t.dtype).view(t.shape))
-            offset += n
+        e = self.parts.element_size()
+        for t, n in zip(self.parts.tensors, self.parts.sizes):
+            t.copy_(heap.local(offset, n * e).view(t.dtype).view(t.shape))
+            offset += n * e
 
 
 class _OneSidedPending(Pending):
