@@ -212,7 +212,10 @@ class CostModel:
         stages: every message off the shm links (another node, gloo, a GPU heap) is packed into
         one buffer on the sender and unpacked on the receiver (ph.staged bytes per wire byte on
         each side); on shm the parts move straight between the views and the slots, unless the
-        wire dtype differs (ph.cast: CastTransport stages every message)."""
+        wire dtype differs (ph.cast: CastTransport stages every message). Assumes the shm
+        transport on shm links: a group forced onto gloo (STREAMATTN_TRANSPORT=torch), the
+        shm-device and in-order transports and the collective all-to-all stage (or pack) there
+        too, unpriced; so is a message larger than one slot."""
         if not ph.staged:
             return ph.mem
         mem = defaultdict(float, ph.mem)
@@ -221,6 +224,18 @@ class CostModel:
                 mem[a] += ph.staged * n
                 mem[b] += ph.staged * n
         return mem
+
+    def torus_exchange_mem(self, parts) -> Dict[Tuple[int, int], float]:
+        """{(rank, block index): memory bytes} the Torus exchanges' staged Parts add: the sender
+        packs before its local block (index 0), the receiver unpacks exchange k's message before
+        attending its block (index k); nothing where the parts move straight (shm, one slot)."""
+        extra: Dict[Tuple[int, int], float] = defaultdict(float)
+        for k, msgs in enumerate(parts.steps, 1):
+            for a, b, n in msgs:
+                if parts.cast or self._pair(a, b)[0].kind != LinkKind.SHM:
+                    extra[(a, 0)] += parts.staged * n
+                    extra[(b, k)] += parts.staged * n
+        return extra
 
     def _blocking(self, ph: Phase, cache) -> Tuple[Step, float, float, str]:
         """(Step, compute, comm, bottleneck) of one phase: blocking adds, overlapped costs max."""
@@ -504,8 +519,9 @@ class CostModel:
             all_msgs += msgs
         # every rank's pipeline
         runs = {}
+        extra = self.torus_exchange_mem(parts)
         for x, work in parts.block.items():
-            c = [self._local(f, m) for f, m in work]
+            c = [self._local(f, m + extra.get((x, i), 0.0)) for i, (f, m) in enumerate(work)]
             ca = self._local(*parts.last_a[x]) if x in parts.last_a else 0.0
             end, waits, post_early = c[0], [0.0], 0.0
             for k in range(1, t):

@@ -228,10 +228,16 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
         runs = 1 if problem.zigzag else ring_runs(seg_lens, chunks)
         # the step message: K and V stacked (torch.stack, pure ring) or each run cut out of the
         # block (ring._run); after a Ulysses scatter (u > 1) the whole block already lies stacked
-        # in one buffer (post_scatter with stack_kv) and goes out as it is
-        if runs > 1 or u == 1:
+        # in one buffer (post_scatter with stack_kv) and goes out as it is -- unless the member's
+        # K/V heads are expanded to fit its query heads (ulysses.fit_kv_heads: an index_select,
+        # one copy of the block)
+        if runs == 1 and u > 1:
+            stack = {m: stack[m] for gi, j, m in members if hkf[j] != hk[j]}
+        if stack:
             phases.append(Phase("ring: stack K,V into one message"
-                                + (f" per run ({runs})" if runs > 1 else ""), [], {}, mem=stack))
+                                + (f" per run ({runs})" if runs > 1 else "")
+                                + (" (K/V heads fitted)" if runs == 1 and u > 1 else ""),
+                                [], {}, mem=stack))
         cuts = []  # ring j: each block's run sizes as ring.ring_core cuts it (one run: the block)
         for j in range(u):
             first, lead = run_starts(seq, groups, j, causal)
@@ -270,7 +276,7 @@ def phases(problem, u: int, groups, chunks: int = 1, joint_all: bool = False) ->
             # Parts: the others' rows land in place; my own rows are copied in (read + write)
             mem = {m: 2 * ea * B * hq * jl[m] * (D + 1) for m in rows}
             phases.append(Phase(f"all-gather the joint output rows over the ring (r={r})", msgs, {},
-                                 mem=mem, staged=2.0))
+                                 mem=mem, staged=2.0, cast=w != e))
 
     if u > 1:
         # With joint tokens every message also carries the sender's heads of the joint output
@@ -336,6 +342,11 @@ class TorusParts:
     last_a: Dict[int, Tuple[float, float]]
     home_early: List[Msg]
     home_last: List[Msg]
+    # the exchange messages are Parts (torus.py): bytes each side copies per wire byte where the
+    # transport stages them (Phase.staged; the sender before its local block, the receiver once
+    # the exchange has arrived), and whether every link stages them (the cast wire)
+    staged: float = 0.0
+    cast: bool = False
 
 
 def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
@@ -372,7 +383,6 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
     # 2. the torus exchange: step k, member m of a team sends its group's tokens of sub-slice
     #    (m+k) % t to member (m+k) % t (same position g), raw K/V head range of that sub-slice
     steps: List[List[Msg]] = []
-    pack = defaultdict(float)
     for k in range(1, t):
         msgs = []
         for gi, g, x in members:
@@ -381,7 +391,6 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
             dst = (m + k) % t
             n = B * glen[gi] * (hq + 2 * (kv_rng[dst][1] - kv_rng[dst][0])) * D
             msgs.append((x, groups[team * t + dst][g], n * w))
-            pack[x] += 2 * n * e  # torch.cat of the three sub-slices (read + write)
         steps.append(msgs)
     # 3. block attention in arrival order: local block first, then the block of exchange k from
     #    member (m-k) % t; each (query block, K/V block) pair once; every attend merges by LSE
@@ -399,7 +408,6 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
         for idx, j in enumerate(order):
             J = tg(j)
             f = mem = 0.0
-            mem += pack[x] if idx == 0 else 0.0  # the posts happen before the local block
             if T and strat == "front":
                 f += fl(pairs(0, glen[J], 0, T, False))
                 mem += mb * B * hq * glen[J] * D
@@ -488,7 +496,8 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
                 for grp in groups for j in range(u) for i in range(u) if i != j]
         mem = {x: keep[x] + 2 * e * B * D * (hq_u * (glen[gi] - seq[x]) + H * seq[x])
                for gi, g, x in members}
-        post.append(Phase(f"Ulysses all-to-all output inside groups (u={u})", msgs, {}, mem=mem))
+        post.append(Phase(f"Ulysses all-to-all output inside groups (u={u})", msgs, {}, mem=mem,
+                          staged=2 * e / w, cast=w != e))
     else:
         post.append(Phase("torus: concatenate the outputs of the sub-slices", [], {}, mem=keep))
     # 6. joint output: team 0 adds the joint K/V; ring factor: (out, lse) partials across the r
@@ -515,7 +524,8 @@ def torus_parts(problem, u: int, t: int, groups) -> TorusParts:
         mem = {x: 2 * e * B * T * hq_u * t * D for gi, g, x in members}
         post.append(Phase(f"all-gather of joint output over the team (u x t = {u * t})", msgs, {},
                            mem=mem))
-    return TorusParts(t, r, pre, post_ring, post, steps, block, last_a, home_early, home_last)
+    return TorusParts(t, r, pre, post_ring, post, steps, block, last_a, home_early, home_last,
+                      staged=2 * e / w, cast=w != e)
 
 
 def torus_messages(parts: TorusParts) -> List[Tuple[str, List[Msg]]]:

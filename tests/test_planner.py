@@ -1210,3 +1210,53 @@ def test_schedule_prices_the_copies_the_algorithms_make():
                 assert added == {x: want[x] for x in range(4)}, (ph.name, groups, wire)
                 staged = bool(wire) or crossing
                 assert any(added.values()) == staged  # negative control: nothing added on shm
+
+
+def test_schedule_prices_gqa_fitting_joint_rows_and_torus_exchanges_where_staged():
+    """USP with GQA heads straddling K/V groups: the fitted K/V (fit_kv_heads' index_select) is a
+    copy of the block, charged for those members only; the ring's joint rows (Parts) are staged on
+    every link on the cast wire; the Torus exchange and its output gather pay packing only where
+    staged."""
+    from streamattn.schedule import fitted_kv, head_ranges, torus_parts
+    from streamattn.topology import resolve_topology
+
+    prob = Problem(batch=1, heads=12, kv_heads=4, head_dim=16, dtype=torch.float32,
+                   seq_lens=(64,) * 6, scale=0.25)
+    groups = ((0, 1, 2), (3, 4, 5))
+    q_r, kv_r = head_ranges(12, 4, 3)
+    fitted = [j for j in range(3) if fitted_kv(q_r[j], kv_r[j], 3) != kv_r[j][1] - kv_r[j][0]]
+    assert fitted and len(fitted) < 3  # some members expand, some do not
+    stack = [p for p in phases(prob, 3, groups) if p.name.startswith("ring: stack")]
+    assert len(stack) == 1 and set(stack[0].mem) == {g[j] for g in groups for j in fitted}
+    full = dataclasses.replace(prob, kv_heads=12)  # negative control: nothing to fit, no copy
+    assert not [p for p in phases(full, 3, groups) if p.name.startswith("ring: stack")]
+
+    topo = resolve_topology(topology="2x2")
+    m = CostModel(topo, 5e10, 5e9)
+    joint = _usp_problem(P=4, seq=256, T=32)
+    for wire, want_shm in ((None, False), (torch.bfloat16, True)):
+        p = dataclasses.replace(joint, wire_dtype=wire)
+        ph = next(x for x in phases(p, 1, ((0,), (1,), (2,), (3,)))
+                  if x.name.startswith("all-gather the joint output rows"))
+        added = {x: m.phase_mem(ph).get(x, 0.0) - ph.mem.get(x, 0.0) for x in range(4)}
+        shm_msgs = [(a, b, n) for a, b, n in ph.msgs if topo.node[a] == topo.node[b]]
+        assert shm_msgs
+        want = defaultdict(float)
+        for a, b, n in ph.msgs:
+            if want_shm or topo.node[a] != topo.node[b]:
+                want[a] += 2 * n
+                want[b] += 2 * n
+        assert added == {x: want[x] for x in range(4)}, wire
+
+    # Torus 1 x 2 x 1 on 2 nodes of 2: the exchange crosses the nodes -> packed and unpacked;
+    # declared as one node of 4 (shm everywhere) -> nothing
+    tprob = _usp_problem(P=4, seq=256)
+    tgroups = ((0, 1), (2, 3))
+    for spec, crossing in (("2x2", True), ("1x4", False)):
+        model = CostModel(resolve_topology(topology=spec), 5e10, 5e9)
+        parts = torus_parts(tprob, 2, 2, tgroups)
+        extra = model.torus_exchange_mem(parts)
+        sent = sum(n for msgs in parts.steps for _, _, n in msgs)
+        assert math.isclose(sum(extra.values()), 2 * parts.staged * sent if crossing else 0.0)
+        gather = next(p for p in parts.post if p.name.startswith("Ulysses all-to-all output"))
+        assert gather.staged and not gather.cast

@@ -325,7 +325,10 @@ def round_order(n: int, i: int) -> List[int]:
     configuration listed first, "auto", ran 1-2% slower than the same plan listed elsewhere, round
     after round, in matrices m53-m60) is charged to the same configuration every time. Here every
     n rounds put each configuration once in each position, and each ordered pair of distinct
-    configurations next to each other once (n even; twice in 2n rounds when n is odd)."""
+    configurations next to each other once (n even; twice in 2n rounds when n is odd). Left
+    unbalanced: the pair across a round boundary (the last call of a round and the first of the
+    next), and the rounds beyond the last whole block of n (2n) -- the timed rounds are rarely a
+    multiple of n, and rounding them up would double a slow cell's time."""
     if n <= 0:
         return []
     base, lo, hi = [0], 1, n - 1
