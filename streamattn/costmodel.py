@@ -220,10 +220,15 @@ class CostModel:
             return ph.mem
         mem = defaultdict(float, ph.mem)
         for a, b, n in ph.msgs:
-            if ph.cast or self._pair(a, b)[0].kind != LinkKind.SHM:
+            if self._staged(a, b, ph.cast):
                 mem[a] += ph.staged * n
                 mem[b] += ph.staged * n
         return mem
+
+    def _staged(self, a: int, b: int, cast: bool) -> bool:
+        """Whether a Parts message a -> b goes through a packing buffer: off the shm links, or on
+        every link when the wire dtype differs (CastTransport)."""
+        return cast or self._pair(a, b)[0].kind != LinkKind.SHM
 
     def torus_exchange_mem(self, parts) -> Dict[Tuple[int, int], float]:
         """{(rank, block index): memory bytes} the Torus exchanges' staged Parts add: the sender
@@ -232,7 +237,7 @@ class CostModel:
         extra: Dict[Tuple[int, int], float] = defaultdict(float)
         for k, msgs in enumerate(parts.steps, 1):
             for a, b, n in msgs:
-                if parts.cast or self._pair(a, b)[0].kind != LinkKind.SHM:
+                if self._staged(a, b, parts.cast):
                     extra[(a, 0)] += parts.staged * n
                     extra[(b, k)] += parts.staged * n
         return extra

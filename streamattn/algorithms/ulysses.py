@@ -164,16 +164,18 @@ def _scatter_parts(transport, members, me, q, k, v, lens, heads, kv_heads, tag, 
             qo[:, jrows].copy_(jq[:, :, a:b])
             ko[:, jrows].copy_(jk[:, :, c:d])
             vo[:, jrows].copy_(jv[:, :, c:d])
-        qo[:, rows(me)].copy_(q[:, :, a:b])
-        ko[:, rows(me)].copy_(k[:, :, c:d])
-        vo[:, rows(me)].copy_(v[:, :, c:d])
+        mine = rows(me)
+        qo[:, mine].copy_(q[:, :, a:b])
+        ko[:, mine].copy_(k[:, :, c:d])
+        vo[:, mine].copy_(v[:, :, c:d])
     sends, recvs = [], []
     for j in range(u):
         if j == me:
             continue
         (qa, qb), (kc, kd) = q_ranges[j], kv_ranges[j]
         sends.append((members[j], Parts([q[:, :, qa:qb], k[:, :, kc:kd], v[:, :, kc:kd]])))
-        recvs.append((members[j], Parts([qo[:, rows(j)], ko[:, rows(j)], vo[:, rows(j)]])))
+        theirs = rows(j)
+        recvs.append((members[j], Parts([qo[:, theirs], ko[:, theirs], vo[:, theirs]])))
     pending = transport.exchange_parts(sends, recvs, tag)
     g = heads // kv_heads
 
