@@ -346,7 +346,7 @@ def test_traced_call_sets_up_its_recorder_before_the_common_start(rank_pool):
     and the ranks entered the call up to 9 ms apart (4 ranks / 2 cores), a skew no untraced call
     has, shown in every breakdown and timeline (traced/untraced 1.14-1.32). Negative control: the
     untraced call reaches the start with no recorder."""
-    got = rank_pool(2).run("streamattn.testing.cases:recorder_at_common_start")
+    got = rank_pool(2).run("streamattn.bench.tasks:recorder_at_common_start")
     assert got == [[True, False]] * 2
 
 

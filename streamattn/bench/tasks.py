@@ -544,6 +544,32 @@ def group_topology(rank, world_size):
             "source": (t.inter.source if t.inter is not None else t.provenance) or t.provenance}
 
 
+def recorder_at_common_start(rank, world_size, *, seq=64, heads=4, head_dim=8):
+    """(tests) bench_call's common start (_start_together) spied on for one traced and one untraced
+    USP call: [whether a trace recorder was active when the start was reached] for each, in that
+    order. A traced call must have its recorder (and its wrapped hooks) set up before the start."""
+    global _start_together
+    from streamattn import trace
+
+    shape = {"seq": seq, "heads": heads, "head_dim": head_dim, "joint_len": 0, "batch": 1,
+             "dtype": "float32"}
+    cfg = {"name": "usp", "kind": "streamattn", "algorithm": "usp",
+           "ulysses_degree": world_size, "ring_degree": 1}
+    seen, real = [], _start_together
+
+    def spy():
+        seen.append(trace.enabled())
+        return real()
+
+    _start_together = spy
+    try:
+        for traced in (True, False):
+            bench_call(rank, world_size, shape=shape, cfg=cfg, trace=traced)
+    finally:
+        _start_together = real
+    return seen
+
+
 def trace_hook_cost(rank, world_size):
     """Seconds one disabled streamattn.trace hook costs in this process."""
     from streamattn import trace

@@ -212,32 +212,6 @@ def traced_with_spy(rank, world_size, module, name, wrap, **kw):
     return rec, res
 
 
-def recorder_at_common_start(rank, world_size, *, seq=64, heads=4, head_dim=8):
-    """bench_call's common start (tasks._start_together) spied on for one traced and one untraced
-    USP call: [whether a trace recorder was active when the start was reached] for each, in that
-    order. A traced call must have its recorder (and its wrapped hooks) set up before the start."""
-    from streamattn import trace
-    from streamattn.bench import tasks
-
-    shape = {"seq": seq, "heads": heads, "head_dim": head_dim, "joint_len": 0, "batch": 1,
-             "dtype": "float32"}
-    cfg = {"name": "usp", "kind": "streamattn", "algorithm": "usp",
-           "ulysses_degree": world_size, "ring_degree": 1}
-    seen, real = [], tasks._start_together
-
-    def spy():
-        seen.append(trace.enabled())
-        return real()
-
-    tasks._start_together = spy
-    try:
-        for traced in (True, False):
-            tasks.bench_call(rank, world_size, shape=shape, cfg=cfg, trace=traced)
-    finally:
-        tasks._start_together = real
-    return seen
-
-
 def posts_before_first_kernel(rank, world_size, *, seq=64, heads=4, head_dim=16, joint_len=6,
                               joint_strategy="front", algorithm="ring", ulysses_degree=None,
                               ring_degree=None, settings=None):
