@@ -314,9 +314,11 @@ def test_run_pieces_cut_every_token_once():
     """sharding.run_lengths / run_pieces: every token of the block in exactly one run, no run
     empty, the last two shorter (half and a quarter of the others), a run across the wrap in two
     ranges, and a boundary moved to `lead` when no run empties."""
-    from streamattn.sharding import run_lengths, run_pieces, split_lengths
+    from streamattn.sharding import KEY_GRANULE, run_lengths, run_pieces, split_lengths
 
-    assert run_lengths(2048, 8) == [303, 303, 304, 303, 304, 303, 152, 76]
+    assert run_lengths(2048, 8) == [304, 304, 304, 304, 304, 304, 144, 80]
+    assert run_lengths(128, 4) == [48, 48, 16, 16]  # tokens, as 46, 47, 23, 12 cost 1.7x the block
+    assert run_lengths(130, 4) == [50, 48, 16, 16]  # the remainder rides in the first run
     assert run_lengths(9, 8) == split_lengths(9, 8)  # too short to taper: a run would be empty
     assert run_lengths(7, 1) == [7]
     for total in (1, 2, 5, 13, 64, 1000):
@@ -328,9 +330,22 @@ def test_run_pieces_cut_every_token_once():
                     assert rows == list(range(total)), (total, runs, first, lead, cut)
                     assert len(cut) == runs and all(sum(n for _, n in p) > 0 for p in cut)
                     assert all(len(p) == 1 for p in cut) or first > 0
-    assert run_pieces(10, 3, 7) == [[(7, 3), (0, 2)], [(2, 3)], [(5, 2)]]
+    assert run_pieces(10, 3, 7) == [[(7, 3), (0, 3)], [(3, 3)], [(6, 1)]]
+    # Blocks with a granule per run: every run but the first a whole number of granules, also
+    # with the boundary moved towards `lead` (to the last granule edge at or before it, so that
+    # the run before it still holds only tokens below `lead`)
+    for total in (64, 100, 130, 256, 1000, 1037):
+        for runs in range(2, min(total // KEY_GRANULE, 9) + 1):
+            for lead in (0, 17, total // 2, total // 2 + 5):
+                cut = run_pieces(total, runs, total // 3, lead)
+                sizes = [sum(n for _, n in p) for p in cut]
+                assert all(n % KEY_GRANULE == 0 for n in sizes[1:]), (total, runs, lead, sizes)
+                assert sizes[0] % KEY_GRANULE == total % KEY_GRANULE, (total, runs, lead, sizes)
+    assert run_pieces(256, 4, 128, 120)[0] == [(128, 112)]  # 120 own tokens: 112 of them go first
+    assert run_pieces(128, 4, 64, 64) == [[(64, 64)], [(0, 32)], [(32, 16)], [(48, 16)]]
+    assert run_lengths(48, 4) == [17, 18, 9, 4]  # fewer tokens than a granule per run: in tokens
     assert run_pieces(32, 4, 16, 16) == [[(16, 16)], [(0, 7)], [(7, 6)], [(13, 3)]]
-    assert run_pieces(32, 4, 16, 0) == [[(16, 11)], [(27, 5), (0, 7)], [(7, 6)], [(13, 3)]]
+    assert run_pieces(32, 4, 16, 0) == [[(16, 12)], [(28, 4), (0, 7)], [(7, 6)], [(13, 3)]]
 
 
 @pytest.mark.parametrize("causal", [False, True])
