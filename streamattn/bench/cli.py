@@ -73,9 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "(by default it is, so that it delivers what streamattn delivers)")
     what.add_argument("--force-auto", default=None, choices=["ulysses", "ring"],
                       help="negative control: add an 'auto' run whose planner is forced to this plan")
-    what.add_argument("--trace-iters", type=int, default=2,
+    what.add_argument("--trace-iters", type=int, default=3,
                       help="extra calls per configuration under the span recorder (breakdown in the "
-                           "JSON; default 2, 0 = none)")
+                           "JSON: the median one; default 3, 0 = none)")
     what.add_argument("--no-limit", action="store_true",
                       help="skip timing the limit (whole attention on all cores in one process)")
     what.add_argument("--autotune", type=int, default=0, metavar="N",

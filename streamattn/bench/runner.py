@@ -147,7 +147,7 @@ class SweepSpec:
     yunchang_text_local: bool = False  # time yunchang without handing every rank the text output
     force_auto: Optional[str] = None
     seed: int = 0
-    trace_iters: int = 2   # traced calls per streamattn configuration (breakdown, timeline); 0: none
+    trace_iters: int = 3   # traced calls per streamattn configuration (breakdown, timeline: the median); 0: none
     limit: bool = True     # time the limit's compute half (whole attention, all cores, one process)
     comm_dtype: Optional[str] = None  # "bfloat16": also run auto with the reduced-precision wire
     autotune: int = 0  # N > 0: also run "auto tuned" (STREAMATTN_AUTOTUNE=N; its trials in the warm-up)
