@@ -17,7 +17,7 @@ from . import config
 from .files import write_private
 from .datasheet import DEVICE_MEMORY_BW
 from .schedule import as_dtype, attention_flops
-from .sharding import KEY_GRANULE
+from .sharding import run_granule
 from .topology import Topology
 
 _CPU_RATE: Dict[tuple, float] = {}
@@ -143,10 +143,9 @@ def run_shape(shape: Shape, runs: int) -> Shape:
     [1,12,256,256,32] cut into 4 runs took 1.31x the whole block's time, into 8 runs 1.59x
     ([1,12,1024,1024,32]: 1.05x and 1.12x)."""
     B, h, sq, sk, D = shape
+    g = run_granule(sk, runs)  # the runs are cut in whole granules (sharding.run_lengths)
     n = -(-sk // max(1, runs))
-    if sk >= KEY_GRANULE * runs:  # the runs are cut in whole granules (sharding.run_lengths)
-        n = -(-n // KEY_GRANULE) * KEY_GRANULE
-    return (B, h, sq, n, D)
+    return (B, h, sq, -(-n // g) * g, D)
 
 
 def run_rate(rates: Dict[Shape, float], block: Shape, run: Shape) -> Optional[float]:

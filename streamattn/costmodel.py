@@ -44,11 +44,15 @@ Time model:
   200 Mbit/s text-free 8192 cell by 1.27x (USP 4x2 in 8 runs) and 1.32x (Torus 4x2x1).
 - net_cpu (multi-node CPU groups: measured by planner.measure_net_cpu, 0 otherwise): the CPU
   seconds one side of a network transfer spends per byte (gloo's threads, the kernel's TCP stack).
-  When ranks outnumber cores (overlap < 1) moving bytes takes cores from the compute: a last step
-  adds the busiest rank's CPU for what it sends and receives -- network bytes x net_cpu, node-local
-  (shm) bytes x one copy at the memory bandwidth (the put or the copy-out) -- divided by the core
-  share (a rank gets `overlap` of a core). Measured on the emulated 2x2 / 2x4 clusters: without
-  it the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of measured.
+  When ranks outnumber cores (overlap < 1) moving bytes takes cores from the compute: the
+  busiest rank's CPU for what it sends and receives -- network bytes x net_cpu, node-local (shm)
+  bytes x one copy at the memory bandwidth (the put or the copy-out) -- divided by the core share
+  (a rank gets `overlap` of a core). It first fills the call's waits (what the steps take beyond
+  their compute: a rank blocked on a peer or the wire leaves its core to the others); a last step
+  adds the rest, min(moving, compute + moving - the steps' sum). Measured on the emulated 2x2 /
+  2x4 clusters: without it the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of
+  measured; added whole (before 2026-12-06) it predicted plans with exposed waits too slow
+  (2x4 at 1 Gbit/s, flux 512 + 256: USP 2x4 1.23x, ring 8 1.22x, Ulysses 8 1.13x of measured).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked; ring steps
   in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
@@ -266,8 +270,15 @@ class CostModel:
                      if (lost := contended(s)) > 0 else s for s in steps]
         moving = self.moving_cpu_s(all_msgs)
         if moving > 0:
-            steps = list(steps) + [Step("CPU that moving the bytes takes from the shared cores "
-                                        "(TCP stack, shm copies)", moving, moving, 0.0)]
+            # the call is bound by its CPU on shared cores: every step's compute plus moving the
+            # bytes, over the cores; a step that waits on a peer or the wire leaves them to the
+            # others, so the moving CPU fills those waits before it adds to the call
+            busy = sum(s.compute_s for s in steps) + moving
+            over = min(moving, busy - sum(s.time_s for s in steps))
+            if over > 0:
+                steps = list(steps) + [Step("CPU that moving the bytes takes from the shared cores "
+                                            "(TCP stack, shm copies) beyond the steps' waits",
+                                            over, 0.0, 0.0)]
         if self.sync_s and problem.world_size > 1:
             steps = [Step("per-call agreement (every rank's signature, all-gathered)", self.sync_s,
                           0.0, self.sync_s)] + list(steps)

@@ -35,18 +35,23 @@ def ring_runs(seg_lens, chunks: int) -> int:
 KEY_GRANULE = 16
 
 
+def run_granule(total: int, runs: int) -> int:
+    """The unit a block of `total` tokens is cut into `runs` runs in: KEY_GRANULE when the block
+    holds one per run, else 1 (tokens)."""
+    return KEY_GRANULE if total >= KEY_GRANULE * runs else 1
+
+
 def run_lengths(total: int, runs: int) -> list:
     """Tokens of each of the `runs` token runs a ring step's block of `total` tokens travels in, in
     sending order: equal, except that the last two are a half and a quarter of the others
     (weights 4, ..., 4, 2, 1). Each run is attended once it has arrived, so after the block's last
-    byte the call still attends its last run: a short last run shortens that exposed tail. Every
-    run is a multiple of KEY_GRANULE tokens, except the first, which takes the block's remainder
-    (total % KEY_GRANULE), when the block has a granule per run; equal granules when the taper
-    would empty a run; else tokens, not granules (equal runs, split_lengths, when the taper
-    leaves a run empty)."""
+    byte the call still attends its last run: a short last run shortens that exposed tail. A block
+    with a KEY_GRANULE per run is cut in whole granules (the first run also takes the remainder,
+    total % KEY_GRANULE), a shorter one in tokens; equal runs (split_lengths) where the taper
+    would leave a run empty."""
     if runs <= 1:
         return [total]
-    g = KEY_GRANULE if total >= KEY_GRANULE * runs else 1
+    g = run_granule(total, runs)
     units, rem = divmod(total, g)
     cum = list(itertools.accumulate([4] * (runs - 2) + [2, 1]))
     edges = [0] + [(2 * units * c + cum[-1]) // (2 * cum[-1]) for c in cum]  # rounded
@@ -69,7 +74,7 @@ def run_pieces(total: int, runs: int, first: int = 0, lead: int = 0) -> list:
     lens = run_lengths(total, runs)
     ends = list(itertools.accumulate(lens))
     if 0 < lead < total and runs > 1:
-        g = KEY_GRANULE if total >= KEY_GRANULE * runs else 1
+        g = run_granule(total, runs)
         k = min(range(runs - 1), key=lambda i: (abs(ends[i] - lead), i))
         before = ends[k - 1] if k else 0
         # run k keeps its granules; run 0 also keeps the block's remainder (total % g)
