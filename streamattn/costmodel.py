@@ -32,22 +32,27 @@ Time model:
   a waiting rank needs its peer to be scheduled, milliseconds, not the links' microseconds. Every
   communication step adds it once, and so does the per-call agreement.
 - overlap (CPU groups: cores / the threads the ranks of one machine run, when that is below 1;
-  1 otherwise): below 1 the ranks share their cores, so a call is bound by the cores too (see
-  net_cpu) and a Torus' exchanges arrive together rather than in posting order.
+  1 otherwise): the share of an overlapped step's communication that really hides behind its
+  compute (and, below 1, a Torus' exchanges arrive together rather than in posting order). A step's
+  hidden part (compute + comm - its time), less the slack of a wire-bound step (comm - compute:
+  its cores idle while it waits on the wire; `contended`), is added back times (1 - overlap):
+  when ranks outnumber cores there is no idle core, and the ring plans measured on emulated
+  clusters ran up to 2x slower than fully-overlapped steps predict. A transfer is priced once,
+  against the compute it overlaps: a ring step's on the step that posts it, with or without token
+  runs (cost_ring_chunked); a Torus exchange against the blocks attended before it arrives
+  (cost_torus). Charging it against the compute after it instead over-predicted the 2x4
+  200 Mbit/s text-free 8192 cell by 1.27x (USP 4x2 in 8 runs) and 1.32x (Torus 4x2x1).
 - net_cpu (multi-node CPU groups: measured by planner.measure_net_cpu, 0 otherwise): the CPU
   seconds one side of a network transfer spends per byte (gloo's threads, the kernel's TCP stack).
-  When ranks outnumber cores (overlap < 1) the call is bound by the shared cores as well as by its
-  critical path: a last step adds what every step's compute plus the busiest rank's CPU for
-  moving its bytes (network bytes x net_cpu, node-local (shm) bytes x one copy at the memory
-  bandwidth, divided by the core share) exceeds the steps' own sum. The compute is calibrated
-  with every rank computing at once (its time is already at the core share), so the bound is the
-  call's CPU over the cores; a step that waits on a peer or the wire leaves its cores to the
-  others, hence a max, not a sum. Measured on the emulated 2x2 / 2x4 clusters: without the moving
-  CPU the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of measured; with it added whole
-  as a step, and each overlapped step charged (1 - overlap) x its hidden part beyond a wire-bound
-  step's slack (before 2026-12-06), plans were predicted at up to 1.46x of measured (2x4 at
-  1 Gbit/s, flux 512 + 256, interleaved: USP 2x4 1.23x, ring 8 1.22x; with the bound 1.01x and
-  1.05x; at 200 Mbit/s 0.97-1.06x -> 0.93-1.03x).
+  When ranks outnumber cores (overlap < 1) moving bytes takes cores from the compute: the
+  busiest rank's CPU for what it sends and receives -- network bytes x net_cpu, node-local (shm)
+  bytes x one copy at the memory bandwidth (the put or the copy-out) -- divided by the core share
+  (a rank gets `overlap` of a core). It first fills the call's waits (what the steps take beyond
+  their compute: a rank blocked on a peer or the wire leaves its core to the others); a last step
+  adds the rest, min(moving, compute + moving - the steps' sum). Measured on the emulated 2x2 /
+  2x4 clusters: without it the compute-bound 1 Gbit/s cells were predicted at 0.7-0.8x of
+  measured; added whole (before 2026-12-06) it predicted plans with exposed waits too slow
+  (2x4 at 1 Gbit/s, flux 512 + 256: USP 2x4 1.23x, ring 8 1.22x, Ulysses 8 1.13x of measured).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked; ring steps
   in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
@@ -251,7 +256,7 @@ class CostModel:
         return Step(ph.name, st, c, m, ph.overlapped, bott, tuple(sorted(per_kind.items()))), c, m, bott
 
     def _candidate(self, problem, algorithm, u, r, groups, placement, steps, bott_steps,
-                   all_msgs) -> Candidate:
+                   all_msgs, contention_priced: bool = False) -> Candidate:
         busiest: Dict[int, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for a, b, n in all_msgs:
             busiest[a][self._pair(a, b)[1][0]] += n
@@ -260,16 +265,20 @@ class CostModel:
             for k, n in per.items():
                 kinds[k] = max(kinds[k], n)
         worst = max(bott_steps, key=lambda x: x[0], default=(0.0, ""))
+        if self.overlap < 1.0 and not contention_priced:  # only this share hides behind compute
+            steps = [dataclasses.replace(s, time_s=s.time_s + (1.0 - self.overlap) * lost)
+                     if (lost := contended(s)) > 0 else s for s in steps]
         moving = self.moving_cpu_s(all_msgs)
         if moving > 0:
-            # on shared cores the call is bound by its CPU too: every step's compute plus moving
-            # the bytes (the TCP stack, shm copies), over the cores; a wait leaves them to others
+            # the call is bound by its CPU on shared cores: every step's compute plus moving the
+            # bytes, over the cores; a step that waits on a peer or the wire leaves them to the
+            # others, so the moving CPU fills those waits before it adds to the call
             busy = sum(s.compute_s for s in steps) + moving
-            over = busy - sum(s.time_s for s in steps)
+            over = min(moving, busy - sum(s.time_s for s in steps))
             if over > 0:
-                steps = list(steps) + [Step("the shared cores: every step's compute plus the CPU "
-                                            "that moving the bytes takes (TCP stack, shm copies) "
-                                            f"= {busy * 1e3:.3g} ms, beyond the steps", over, 0.0, 0.0)]
+                steps = list(steps) + [Step("CPU that moving the bytes takes from the shared cores "
+                                            "(TCP stack, shm copies) beyond the steps' waits",
+                                            over, 0.0, 0.0)]
         if self.sync_s and problem.world_size > 1:
             steps = [Step("per-call agreement (every rank's signature, all-gathered)", self.sync_s,
                           0.0, self.sync_s)] + list(steps)
@@ -277,6 +286,14 @@ class CostModel:
                          sum(s.time_s for s in steps), sum(s.compute_s for s in steps),
                          sum(s.comm_s for s in steps), worst[1] if worst[0] > 0 else "",
                          tuple(sorted(kinds.items())), tuple(steps))
+
+    def _contention(self, compute: float, comm: float) -> float:
+        """What a transfer of `comm` seconds costs on shared cores beyond its overlap with the
+        `compute` seconds that run while it is in flight: (1 - overlap) x `contended` of that
+        window; 0 when every thread has a core."""
+        if self.overlap >= 1.0:
+            return 0.0
+        return (1.0 - self.overlap) * contended(Step("", max(compute, comm), compute, comm, True))
 
     def moving_cpu_s(self, msgs: Sequence[Msg]) -> float:
         """Wall seconds the busiest rank spends moving `msgs` on cores its peers compute on: per
@@ -409,7 +426,9 @@ class CostModel:
         at max(its arrival, the end of the run before). With one run this is the unchunked
         sum of max(c_t, m_t) plus the last step's compute. Every run beyond the first of an
         arriving block is one more wait on a peer: sync_s each (scheduling on an oversubscribed
-        CPU). run_rate: FLOP/s of
+        CPU). On shared cores (overlap < 1) the step-t transfer contends with step t's compute
+        exactly as in the unchunked ring: cutting a block into runs changes when its compute can
+        start, not how much core time its transfer takes from that compute. run_rate: FLOP/s of
         the kernel on one run (calibration.run_shape; default self.rate): the steps attended run
         by run compute at it, the first step (its block attended whole) at self.rate."""
         ph = phases(problem, u, groups, chunks, joint_all)
@@ -457,6 +476,11 @@ class CostModel:
                                    True, bott, tuple(sorted(kinds.items()))))
             botts.append((m, f"ring step {t}: {bott}"))
             arrive = nxt
+        # a transfer steals the shared cores from the compute it overlaps whether or not its block
+        # is cut into runs: priced as the unchunked ring prices it, on the step that posts it
+        for t in range(r - 1):
+            if (lost := self._contention(c[t], comm[t][0])) > 0:
+                ring_steps[t] = dataclasses.replace(ring_steps[t], time_s=ring_steps[t].time_s + lost)
         for p in ph:
             if p is ring[0]:
                 steps += ring_steps
@@ -468,7 +492,7 @@ class CostModel:
             botts.append((m, f"{p.name}: {bott}"))
             all_msgs += p.msgs
         cand = self._candidate(problem, algorithm, u, len(groups), groups, placement, steps, botts,
-                               all_msgs)
+                               all_msgs, contention_priced=True)
         return dataclasses.replace(cand, chunks=chunks, joint_all=joint_all)
 
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
@@ -530,8 +554,11 @@ class CostModel:
         for k in range(1, t):
             bott, per_kind = step_info[k - 1]
             m = arrive[k] - arrive[k - 1]
+            # on shared cores the exchange contends with the compute it overlapped (what ran
+            # before it arrived), not with the block attended after it
+            lost = self._contention(max(0.0, m - waits[k]), m)
             steps.append(Step(f"torus exchange {k}/{t - 1} q,k,v arrives, attend its block",
-                              waits[k] + c[k], c[k], m, True, bott, per_kind))
+                              waits[k] + c[k] + lost, c[k], m, True, bott, per_kind))
         if r == 1 and (parts.home_early or parts.home_last):
             h_early, b_early, k_early = self._comm(parts.home_early, cache)
             h_last, b_last, k_last = self._comm(parts.home_last, cache)
@@ -558,7 +585,8 @@ class CostModel:
             steps.append(st)
             botts.append((m, f"{ph.name}: {bott}"))
             all_msgs += ph.msgs
-        return self._candidate(problem, "torus", u, r, groups, placement, steps, botts, all_msgs)
+        return self._candidate(problem, "torus", u, r, groups, placement, steps, botts, all_msgs,
+                               contention_priced=True)
 
 
 def run_shares(problem, groups, j: int, runs: int) -> Tuple[List[float], List[bool]]:
@@ -573,6 +601,17 @@ def run_shares(problem, groups, j: int, runs: int) -> Tuple[List[float], List[bo
     b = a + seq[groups[x][j]]
     pieces = run_pieces(lens[x], runs, first[x], lead[x])
     return [run_size(p) / lens[x] for p in pieces], [run_within(p, a, b) for p in pieces]
+
+
+def contended(step: Step) -> float:
+    """The part of an overlapped step's hidden time (compute + comm - its time) that contends for
+    shared cores: what the step's slack (comm - compute, when the wire is what it waits on: its
+    cores idle meanwhile) does not absorb. A compute-bound step loses its whole hidden comm; one
+    whose transfer takes twice its compute or more loses nothing (measured on 2x2 at 200 Mbit/s,
+    text-free 4096 tokens: USP 2x2 in 8 runs ran 388 ms where the model with the whole hidden part
+    contended predicted 509 ms)."""
+    hidden = max(0.0, step.compute_s + step.comm_s - step.time_s)
+    return max(0.0, hidden - max(0.0, step.comm_s - step.compute_s))
 
 
 def _mb(n: float) -> str:

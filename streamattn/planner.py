@@ -330,8 +330,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                 context=(_context(problem, topology, rate, rate_src, mbw, mbw_src) + _calibrated(block_rates)
                          + (f"\nSynchronising exchange on this group (measured): {sync_s * 1e3:.3g} ms"
                             if sync_s else "")
-                         + (f"\nOversubscribed CPU: each rank gets {overlap:.2g} of a core (the call is "
-                            "bound by the cores' CPU as well)" if overlap < 1 else "")
+                         + (f"\nOversubscribed CPU: {overlap:.2g} of overlapped communication hides "
+                            "behind compute" if overlap < 1 else "")
                          + (f"\nCPU per network byte and side (measured): {net_cpu * 1e9:.3g} ns"
                             if net_cpu else "")),
                 torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold,
