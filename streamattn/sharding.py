@@ -71,14 +71,13 @@ def run_pieces(total: int, runs: int, first: int = 0, lead: int = 0) -> list:
     before it a whole number of granules (run_lengths), when no run empties. USP starts each
     member's block at its own `lead` tokens, which it holds before the Ulysses all-to-all has
     finished: the runs that end by then go on the wire first."""
-    lens = run_lengths(total, runs)
-    ends = list(itertools.accumulate(lens))
+    ends = list(itertools.accumulate(run_lengths(total, runs)))
     if 0 < lead < total and runs > 1:
         g = run_granule(total, runs)
         k = min(range(runs - 1), key=lambda i: (abs(ends[i] - lead), i))
         before = ends[k - 1] if k else 0
         # run k keeps its granules; run 0 also keeps the block's remainder (total % g)
-        base = before + (0 if k else lens[0] % g)
+        base = before + (0 if k else total % g)
         at = base + (lead - base) // g * g if lead >= base else lead
         if before < at < ends[k + 1]:
             ends[k] = at

@@ -317,7 +317,7 @@ def test_run_pieces_cut_every_token_once():
     from streamattn.sharding import KEY_GRANULE, run_lengths, run_pieces, split_lengths
 
     assert run_lengths(2048, 8) == [304, 304, 304, 304, 304, 304, 144, 80]
-    assert run_lengths(128, 4) == [48, 48, 16, 16]  # tokens, as 46, 47, 23, 12 cost 1.7x the block
+    assert run_lengths(128, 4) == [48, 48, 16, 16]  # 46, 47, 23, 12 cost 3.2x the block's kernel
     assert run_lengths(130, 4) == [50, 48, 16, 16]  # the remainder rides in the first run
     assert run_lengths(9, 8) == split_lengths(9, 8)  # too short to taper: a run would be empty
     assert run_lengths(7, 1) == [7]
