@@ -36,20 +36,13 @@ WITHIN = 1.5
 def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> List[Plan]:
     """The plans to measure: `plan` (the planner's pick) first, then the next cheapest costed
     candidates predicted within `within` x of the best, `limit` in all."""
-    chosen = next((c for c in plan.candidates if _same(c, plan)), None)
+    chosen = plan.chosen()
     if chosen is None or chosen.predicted_s is None:
         return [plan]
-    others = sorted((c for c in plan.candidates if c.valid and not _same(c, plan)
+    others = sorted((c for c in plan.candidates if c.valid and not plan.runs(c)
                      and c.predicted_s <= chosen.predicted_s * within),
                     key=lambda c: c.predicted_s)
     return [plan] + [plan_of(plan, c) for c in others[: max(0, limit - 1)]]
-
-
-def _same(c: Candidate, plan: Plan) -> bool:
-    return (c.valid and c.algorithm == plan.algorithm and c.ulysses_degree == plan.ulysses_degree
-            and c.ring_degree == plan.ring_degree and torus_degree(c) == plan.torus_degree
-            and c.chunks == plan.chunks and c.joint_fold == plan.joint_fold
-            and c.joint_all == plan.joint_all and tuple(c.groups) == tuple(plan.groups))
 
 
 def plan_of(plan: Plan, c: Candidate) -> Plan:

@@ -174,6 +174,19 @@ class Plan:
         d["settings"] = tuple(sorted(d.get("settings", {}).items()))
         return cls(**d)
 
+    def chosen(self) -> Optional["Candidate"]:
+        """The candidate this plan was made from (its steps are what the cost model predicted),
+        or None when the plan did not come from the cost model."""
+        return next((c for c in self.candidates if self.runs(c)), None)
+
+    def runs(self, c: "Candidate") -> bool:
+        """Whether this plan runs candidate `c` (a valid one of the same split, groups, chunks and
+        joint handling)."""
+        return (c.valid and c.algorithm == self.algorithm and c.ulysses_degree == self.ulysses_degree
+                and c.ring_degree == self.ring_degree and torus_degree(c) == self.torus_degree
+                and c.chunks == self.chunks and c.joint_fold == self.joint_fold
+                and c.joint_all == self.joint_all and tuple(c.groups) == tuple(self.groups))
+
     def explain(self) -> str:
         """Every candidate with its predicted time (or why it was dropped), the winner's steps, and
         why the winner won. Also `print(plan.explain())`."""
@@ -290,15 +303,9 @@ def explain_plan(plan: Plan) -> str:
            f"{'local':>11} {'exposed comm':>12}  bytes sent by the busiest rank / bottleneck")
     lines.append(hdr)
     ranked = sorted((c for c in plan.candidates if c.valid), key=lambda c: c.predicted_s)
-
-    def chosen(c):
-        return (c.valid and c.algorithm == plan.algorithm and c.groups == plan.groups
-                and c.ulysses_degree == plan.ulysses_degree and c.ring_degree == plan.ring_degree
-                and c.joint_fold == plan.joint_fold and c.joint_all == plan.joint_all
-                and c.predicted_s == plan.predicted_s)
-
+    win = plan.chosen()
     for c in plan.candidates:
-        mark = "* " if chosen(c) else "  "
+        mark = "* " if c is win else "  "
         head = (f"  {mark}{c.algorithm:<8} {c.ulysses_degree:>3} {torus_degree(c):>3} "
                 f"{c.ring_degree:>3} {_placement(c):<12}")
         if not c.valid:
@@ -310,7 +317,6 @@ def explain_plan(plan: Plan) -> str:
         if c.bottleneck:
             lines.append(f"  {'':2}{'':<8} {'':>3} {'':>3} {'':>3} {'':<12} {'':>11} {'':>11} {'':>12}  "
                          f"slowest exchange: {c.bottleneck}")
-    win = next((c for c in plan.candidates if chosen(c)), None)
     if win is not None:
         lines.append("")
         lines.append(f"Steps of the chosen plan ({label(win)}):")

@@ -165,6 +165,7 @@ def test_local_bench_end_to_end(tmp_path, capsys):
     assert env["torch"] and env["cpu_count"] and env["topology"] == "1x2" and env["mode"] == "local"
     assert env["cpu_malloc"] == ["retain"]  # set in every rank before the first timing
     runs = data["runs"]
+    explained = 0
     assert {r["shape"]["seq"] for r in runs} == {64, 128}
     for r in runs:
         assert r["err"] < 1e-5, r
@@ -180,6 +181,14 @@ def test_local_bench_end_to_end(tmp_path, capsys):
             assert r["compute_only_s"] > 0 and r["comm_only_s"] > 0 and r["overlap_efficiency"] > 0
             assert r["compute_only_cpu_s"] > 0 and r["comm_only_cpu_s"] > 0
             assert "predicted_s" in r
+            # what the prediction was made from, for reading a miss later: the planner's context
+            # and the chosen candidate's steps, which add up to the prediction
+            if r["predicted_s"] is not None:
+                explained += 1
+                assert "Problem:" in r["plan_context"], r["plan_context"]
+                total = sum(s["time_s"] for s in r["predicted_steps"])
+                assert abs(total - r["predicted_s"]) <= 1e-9 * max(1.0, total), (total, r)
+    assert explained > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "median ms" in out and "auto" in out and "ulysses 2" in out
 

@@ -311,7 +311,8 @@ def _absorb_first(rec, res) -> None:
     if errs:
         rec["err"] = max(errs)
     for k in ("plan", "algorithm", "ulysses_degree", "ring_degree", "torus_degree", "chunks",
-              "joint_fold", "joint_all", "predicted_s", "transport"):
+              "joint_fold", "joint_all", "predicted_s", "transport", "plan_context",
+              "predicted_steps"):
         if k in res[0]:
             rec[k] = res[0][k]
 

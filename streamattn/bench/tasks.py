@@ -417,8 +417,9 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
     oversubscribed CPU the sum over ranks is what the call costs the shared cores), "bytes": payload
     bytes this rank sent in the call by link class, "wire_tx": bytes its node's uplink transmitted
     (emulated cluster only), "faults": its minor page faults in the call, "late": how long after
-    the common start it began (_start_together), "plan", "plan_json", "predicted_s", "err" (when
-    check)}.
+    the common start it began (_start_together), "plan", "predicted_s", "err" (when check); rank 0
+    also "plan_context" (the planner's problem, links and measured terms) and "predicted_steps"
+    (the chosen candidate's steps, Step.to_dict)}.
     trace=True (streamattn configurations): the call runs under a streamattn.trace recorder and
     the result also has "spans"/"events" (seconds from this rank's call start), "t_rank" (this
     rank's own time) and "t0_abs" (its CLOCK_MONOTONIC start, to align ranks of one host).
@@ -480,6 +481,10 @@ def bench_call(rank, world_size, *, shape, cfg, mode="full", check=False, seed=0
                        joint_all=getattr(plan, "joint_all", False),
                        predicted_s=plan.predicted_s,
                        transport=getattr(plan, "transport", "torch"))
+            if rank == 0:  # what the prediction was made from: the measured terms, the steps
+                won = plan.chosen()
+                res.update(plan_context=plan.context,
+                           predicted_steps=[s.to_dict() for s in won.steps] if won else None)
     if check and mode == "full":
         if kind == "yunchang":
             lo, hi = st["yc_rows"]
