@@ -131,6 +131,10 @@ SETTINGS = {s.name: s for s in (
     Setting("STREAMATTN_SHM_SLOT_MB", "float", 4.0,
             "one-sided mailbox slot size in MiB (2 slots per peer; fixed when the group's shm "
             "transport is created)", low=1 / 256, high=1024.0, agreed=True),
+    Setting("STREAMATTN_CORE_TURNS", "flag", True,
+            "CPU groups whose machine runs more ranks than it has cores: each rank yields its core "
+            "before every attention kernel, so a peer woken to move messages runs first "
+            "(core_turns.py); 0: never (read when a group's shm transport is created)"),
     Setting("STREAMATTN_CPU_MALLOC", "choice", "retain",
             "CPU groups: retain keeps freed heap memory in the process between calls (glibc "
             "mmap threshold 32 MiB, trim threshold 64 MiB, set once at a group's first call; "
@@ -249,6 +253,11 @@ def alltoall_mode() -> str:
 def transport() -> str:
     """STREAMATTN_TRANSPORT: torch | shm | nvshmem | auto."""
     return get("STREAMATTN_TRANSPORT")
+
+
+def core_turns() -> bool:
+    """STREAMATTN_CORE_TURNS: yield before CPU kernels when ranks outnumber cores (default on)."""
+    return bool(get("STREAMATTN_CORE_TURNS"))
 
 
 def kernel() -> str:

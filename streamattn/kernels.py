@@ -31,7 +31,7 @@ import logging
 
 import torch
 
-from . import config, nonfinite
+from . import config, core_turns, nonfinite
 from .merge import acc_dtype
 
 log = logging.getLogger("streamattn.kernels")
@@ -89,6 +89,7 @@ def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, q_offset:
     Sk = k.shape[2]
     if Sq == 0 or Sk == 0:
         return _empty(q, Sq)
+    core_turns.before_kernel(q.device.type)
     out, lse = _attention_with_lse(q, k, v, scale, causal, q_offset, k_offset)
     if nonfinite.suspicious(out, lse) and not nonfinite.all_finite(q, k, v):
         # NaN/Inf inputs: the reference's semantics, not the kernel's (see nonfinite.py)

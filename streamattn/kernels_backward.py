@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import core_turns
 from .config import kernel
 from .merge import acc_dtype
 
@@ -53,6 +54,7 @@ def attention_block_backward(dout, q, k, v, out, lse, *, scale: float, causal: b
     backend = "math" if (q.device.type != "cpu" or kernel() == "math") \
         else "cpu-flash"
     g = Hq // Hk
+    core_turns.before_kernel(q.device.type)
     ke, ve = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
     if backend == "cpu-flash":
         dq, dk, dv = _cpu_flash(dout, q, ke, ve, out, lse, scale, diag)

@@ -431,6 +431,31 @@ def cpu_malloc_state(rank, world_size, *, seq=21, heads=4):
     return {"state": cpu_malloc.state()}
 
 
+def core_turns_state(rank, world_size, *, seq=21, heads=4):
+    """After a call on the default CPU group: whether its shm transport found the machine's cores
+    oversubscribed, whether this process's CPU kernels yield first (streamattn.core_turns), and
+    how many times the next call yielded."""
+    from streamattn import api, core_turns
+
+    q, k, v, _ = make_inputs(seed=4, batch=1, seq=seq, heads=heads, kv_heads=heads, head_dim=8)
+    lens = split_lengths(seq, world_size)
+    mine = [shard(t, lens, rank).contiguous() for t in (q, k, v)]
+    streamattn.attention(*mine)
+    transport = api.group_transport(None, api.last_plan()[1].transport)
+    yields, real = [0], core_turns.os.sched_yield
+
+    def counted():
+        yields[0] += 1
+        real()
+    core_turns.os.sched_yield = counted
+    try:
+        streamattn.attention(*mine, algorithm="ring")
+    finally:
+        core_turns.os.sched_yield = real
+    return {"oversubscribed": getattr(transport, "oversubscribed", None),
+            "shared": core_turns.shared(), "yields": yields[0]}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -17,9 +17,9 @@ from collections import deque
 
 import torch
 
+from .. import config, core_turns, trace
 from ..tags import SHM_BOOTSTRAP
 from ..topology import kernel_hash, usable_cores
-from .. import trace
 from ..errors import PeerError, PeerTimeoutError
 from .base import SMALL_WORDS, Parts, Pending
 from .node_heap import NodeHeapTransport
@@ -245,6 +245,7 @@ class OneSidedTransport(NodeHeapTransport):
         self.failed_call_signal, self.culprit_signal = self.remote_signal + 1, self.remote_signal + 2
         self.board_calls = 0
         self.oversubscribed = ranks_sharing_cores(base, n) > usable_cores()
+        core_turns.share(self.oversubscribed and config.core_turns())
         self.sent = [0] * n
         self.recvd = [0] * n
         self.outq = [deque() for _ in range(n)]
