@@ -13,7 +13,7 @@ Rules (the same on every rank, so every rank runs the same candidate on the same
   * only for the planner's free choice (algorithm="auto", no degrees, not zigzag) of the eager,
     inference call; a forced plan or a call that needs gradients runs its plan as before;
   * the trials are the costed candidates predicted within WITHIN x of the best, the best first,
-    at most MAX_TRIALS; fewer than two: nothing to tune;
+    then its plain twin (trial_plans), at most MAX_TRIALS; fewer than two: nothing to tune;
   * call i of the shape runs trial i mod n until every trial ran N + 1 times; the first round is
     not timed (a plan's first call builds its buffers and transports); each rank times its own
     calls; after the last trial call the ranks exchange their per-trial medians (tag AUTOTUNE),
@@ -34,14 +34,28 @@ WITHIN = 1.5
 
 
 def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> List[Plan]:
-    """The plans to measure: `plan` (the planner's pick) first, then the next cheapest costed
-    candidates predicted within `within` x of the best, `limit` in all."""
+    """The plans to measure: `plan` (the planner's pick) first; then, when the pick is a variant
+    (token runs, every joint query on every ring member, joint tokens folded), its plain twin --
+    the same split, one message per step -- if predicted within `within` x of the best; then the
+    next cheapest costed candidates within that window, `limit` in all.
+
+    Why the twin: the variants are what the model is least sure of on shared cores (they add
+    kernel calls, merges and messages whose CPU it does not count), and the next cheapest
+    candidates are mostly more variants of the same split: on the emulated 1 Gbit/s clusters the
+    three best predictions were all variants and the plain USP, measured fastest in the same run
+    (18.0 ms against 23.6), was never raced."""
     chosen = plan.chosen()
     if chosen is None or chosen.predicted_s is None:
         return [plan]
-    others = sorted((c for c in plan.candidates if c.valid and not plan.runs(c)
-                     and c.predicted_s <= chosen.predicted_s * within),
-                    key=lambda c: c.predicted_s)
+    fits = [c for c in plan.candidates if c.valid and not plan.runs(c)
+            and c.predicted_s <= chosen.predicted_s * within]
+    twin = next((c for c in fits if (c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c),
+                                     tuple(c.groups)) == (chosen.algorithm, chosen.ulysses_degree,
+                                                          chosen.ring_degree, torus_degree(chosen),
+                                                          tuple(chosen.groups))
+                 and c.chunks == 1 and not c.joint_all and not c.joint_fold), None)
+    others = ([twin] if twin is not None else []) + sorted(
+        (c for c in fits if c is not twin), key=lambda c: c.predicted_s)
     return [plan] + [plan_of(plan, c) for c in others[: max(0, limit - 1)]]
 
 

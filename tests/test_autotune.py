@@ -16,15 +16,46 @@ def _problem(P=4, seq=61, heads=8):
                    seq_lens=tuple(lens), scale=0.25, causal=False, joint_len=5)
 
 
+def _plain(c):
+    return c.chunks == 1 and not c.joint_all and not c.joint_fold
+
+
 def test_trial_plans_are_the_pick_then_the_next_cheapest():
-    plan = make_plan(_problem(), "2x2", compute_rate=5e9, memory_bandwidth=5e9)
+    best = plan = make_plan(_problem(), "2x2", compute_rate=5e9, memory_bandwidth=5e9)
+    if not _plain(plan):  # a variant's plain twin would race second (the next test)
+        plan = autotune.plan_of(plan, next(c for c in plan.candidates if c.valid and _plain(c)))
     trials = autotune.trial_plans(plan, limit=3, within=10.0)
     assert trials[0] is plan and 2 <= len(trials) <= 3
-    preds = [t.predicted_s for t in trials]
+    preds = [t.predicted_s for t in trials[1:]]
     assert preds == sorted(preds) and all(p <= plan.predicted_s * 10.0 for p in preds)
     assert len({(t.algorithm, t.ulysses_degree, t.torus_degree, t.ring_degree, t.chunks, t.joint_fold)
                 for t in trials}) == len(trials)
-    assert autotune.trial_plans(plan, within=1.0) == [plan]  # nothing else predicted as fast
+    assert autotune.trial_plans(best, within=1.0) == [best]  # nothing else predicted as fast
+
+
+def test_a_variant_races_its_plain_twin_second():
+    """A pick in token runs (or with every joint query on every ring member) races the same split
+    in one message per step right after it, whatever the twin's rank among the predictions;
+    control: a plain pick's trials are the next cheapest, in order."""
+    plan = make_plan(_problem(P=4, seq=203), "2x2", compute_rate=5e9, memory_bandwidth=5e9)
+    variants = [c for c in plan.candidates if c.valid and c.algorithm in ("ring", "usp")
+                and not _plain(c)]
+    assert variants
+    for v in variants[:4]:
+        pick = autotune.plan_of(plan, v)
+        twin = next((c for c in plan.candidates if c.valid and _plain(c) and
+                     (c.algorithm, c.ulysses_degree, c.ring_degree, c.groups) ==
+                     (v.algorithm, v.ulysses_degree, v.ring_degree, v.groups)), None)
+        trials = autotune.trial_plans(pick, limit=2, within=100.0)
+        assert twin is not None and len(trials) == 2
+        assert (trials[1].algorithm, trials[1].ulysses_degree, trials[1].chunks,
+                trials[1].joint_all, trials[1].joint_fold) == (v.algorithm, v.ulysses_degree, 1,
+                                                               False, False), (v, trials[1])
+    plain = autotune.plan_of(plan, twin)
+    trials = autotune.trial_plans(plain, limit=3, within=100.0)
+    preds = [t.predicted_s for t in trials[1:]]
+    assert preds == sorted(preds) and all(not plain.runs(c) for c in
+                                          [t.chosen() for t in trials[1:]])
 
 
 def test_pick_takes_the_slowest_rank_of_each_trial():
