@@ -49,11 +49,8 @@ def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> 
         return [plan]
     fits = [c for c in plan.candidates if c.valid and not plan.runs(c)
             and c.predicted_s <= chosen.predicted_s * within]
-    twin = next((c for c in fits if (c.algorithm, c.ulysses_degree, c.ring_degree, torus_degree(c),
-                                     tuple(c.groups)) == (chosen.algorithm, chosen.ulysses_degree,
-                                                          chosen.ring_degree, torus_degree(chosen),
-                                                          tuple(chosen.groups))
-                 and c.chunks == 1 and not c.joint_all and not c.joint_fold), None)
+    plain = dataclasses.replace(plan, chunks=1, joint_all=False, joint_fold=False)
+    twin = next((c for c in fits if plain.runs(c)), None)  # None when the pick is plain itself
     others = ([twin] if twin is not None else []) + sorted(
         (c for c in fits if c is not twin), key=lambda c: c.predicted_s)
     return [plan] + [plan_of(plan, c) for c in others[: max(0, limit - 1)]]
