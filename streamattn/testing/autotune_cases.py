@@ -17,8 +17,8 @@ from .cases import make_inputs
 def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_len=5, slow=None,
                 delay=0.15):
     """`calls` eager calls with STREAMATTN_AUTOTUNE=reps, each checked against float64. slow: a
-    plan, as the returned labels name it ("usp 2x1x2/1"), made `delay` s slower on every rank (a
-    planted handicap the tuning must see).
+    plan, as the returned labels name it ("usp 2x1x2/1", "usp 2x1x2/1+jall"), made `delay` s
+    slower on every rank (a planted handicap the tuning must see).
     Returns per call the plan that ran and its error, and the cached plan at the end."""
     q, k, v, joint = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads // 2,
                                  head_dim=16, joint_len=joint_len)
@@ -51,8 +51,11 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
 
 
 def _label(plan) -> str:
+    # every field trial_plans varies is named: a variant and its plain twin are two trials (CI133
+    # counted a jall pick and its twin as one label)
     return (f"{plan.algorithm} {plan.ulysses_degree}x{plan.torus_degree}x{plan.ring_degree}"
-            f"/{plan.chunks}{'+fold' if plan.joint_fold else ''}")
+            f"/{plan.chunks}{'+fold' if plan.joint_fold else ''}"
+            f"{'+jall' if plan.joint_all else ''}")
 
 
 def release_group(rank, world_size):
