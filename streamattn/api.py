@@ -153,7 +153,7 @@ def tuned_plan_call(group, err, q, k, layout, causal, scale, joint, joint_strate
     trial = None
     if tune:
         tuning = tunings.get(token, key)
-        reps = int(settings.values.get("STREAMATTN_AUTOTUNE", 0))
+        reps = autotune.reps(int(settings.values.get("STREAMATTN_AUTOTUNE", -1)), plan.cores_shared)
         if (tuning is None and fresh and reps > 0 and algorithm == "auto" and not ulysses_degree
                 and not ring_degree and not problem.zigzag):
             plans = autotune.trial_plans(plan)

@@ -1,5 +1,6 @@
 """Measure-and-pick (STREAMATTN_AUTOTUNE=N): the first calls of a shape run the planner's top
-candidates, N calls each in turn, and every later call runs the fastest one.
+candidates, N calls each in turn, and every later call runs the fastest one. By default (-1) only
+where the ranks outnumber their machine's cores (`reps`).
 
 Why: the cost model ranks candidates from calibrated kernel times and link rates, but on a CPU the
 ranks share cores with the TCP stack and each other, and its predictions there were 0.42-1.16x of
@@ -31,6 +32,24 @@ from .plan import Candidate, Plan, label, torus_degree
 
 MAX_TRIALS = 3
 WITHIN = 1.5
+SHARED_CORES_REPS = 3  # STREAMATTN_AUTOTUNE=-1 (the default) where the ranks outnumber the cores
+
+
+def reps(setting: int, cores_shared: bool) -> int:
+    """Timed calls per trial for STREAMATTN_AUTOTUNE=`setting` on a plan made for ranks that do
+    (`cores_shared`) or do not outnumber their machine's cores: -1 (the default) measures only
+    where they do -- SHARED_CORES_REPS there, 0 elsewhere.
+
+    Why by default there: on shared cores a call is bound by all its ranks' CPU, of which the
+    model counts the kernels and bytes but not the rest (per call and rank 2-4 CPU-ms of Python,
+    dispatch, copies and waits on the emulated clusters, 2x2 and 2x4 at 1 Gbit/s), and the plans
+    it ranks 15-20% apart there measure as far apart the other way: a ring in token runs or with
+    every joint query on every member was picked over the plain USP that ran 5-33% faster in the
+    same run (docs/matrix-2026-12-06-stop44.md). With cores enough (GPUs, one rank per core) the
+    prediction stands."""
+    if setting >= 0:
+        return setting
+    return SHARED_CORES_REPS if cores_shared else 0
 
 
 def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> List[Plan]:

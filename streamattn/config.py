@@ -109,10 +109,11 @@ SETTINGS = {s.name: s for s in (
             "planner's choice, algorithm='auto' only), always "
             "(whenever possible, forced algorithms too), never", choices=("auto", "always", "never"),
             agreed=True),
-    Setting("STREAMATTN_AUTOTUNE", "int", 0,
+    Setting("STREAMATTN_AUTOTUNE", "int", -1,
             "measure-and-pick: with N > 0, the first calls of a shape run the planner's top "
-            "candidates N times each and keep the fastest (slowest rank, median); 0: the prediction",
-            low=0, high=16, agreed=True),
+            "candidates N times each and keep the fastest (slowest rank, median); 0: the "
+            "prediction; -1 (default): 3 where the ranks outnumber their machine's cores (CPU), "
+            "0 elsewhere", low=-1, high=16, agreed=True),
     Setting("STREAMATTN_ALLTOALL", "choice", "p2p",
             "how a Ulysses exchange over a whole gloo group travels: p2p (one send/receive per "
             "peer) or collective (one all_to_all_single)", choices=("p2p", "collective"),

@@ -139,6 +139,9 @@ class Plan:
     # ((name, value), ...): the agreed STREAMATTN_* settings the call ran with (kernel, Triton,
     # slot size, topology, ...; config.py, agreed=True), set by the api; empty for make_plan's plans
     settings: tuple = field(default=(), compare=False)
+    # made for ranks that outnumber their machine's cores (make_plan's overlap < 1, CPU groups):
+    # where the default STREAMATTN_AUTOTUNE measures the top candidates (autotune.reps)
+    cores_shared: bool = field(default=False, compare=False)
 
     def to_dict(self, candidates: bool = False) -> dict:
         d = {
@@ -154,6 +157,8 @@ class Plan:
             "predicted_s": self.predicted_s,
             "reason": self.reason,
         }
+        if self.cores_shared:
+            d["cores_shared"] = True
         if self.settings:
             d["settings"] = dict(self.settings)
         if candidates:

@@ -335,7 +335,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
                          + (f"\nCPU per network byte and side (measured): {net_cpu * 1e9:.3g} ns"
                             if net_cpu else "")),
                 torus_degree=torus_degree(best), chunks=best.chunks, joint_fold=best.joint_fold,
-                joint_all=best.joint_all)
+                joint_all=best.joint_all, cores_shared=overlap < 1.0)
 
 
 def _calibrated(block_rates) -> str:

@@ -1,5 +1,7 @@
 """STREAMATTN_AUTOTUNE: the first calls of a shape measure the planner's top candidates and the
 fastest is kept, on every rank alike; every call (trials included) is exact."""
+import os
+
 import pytest
 
 from streamattn import autotune
@@ -108,3 +110,37 @@ def test_tuning_is_exact_agreed_and_sees_a_planted_handicap(rank_pool, P):
     plain = pool.run(TASK + "tuned_calls", calls=3, reps=0)
     assert all(len(set(r["ran"])) == 1 and not r["reason"].startswith("autotune") for r in plain)
     pool.run(TASK + "release_group")
+
+
+def test_default_measures_only_where_cores_are_shared():
+    """STREAMATTN_AUTOTUNE=-1 (the default): SHARED_CORES_REPS timed calls per trial on a plan made
+    for ranks that outnumber their cores, none elsewhere; an explicit N wins either way."""
+    assert autotune.reps(-1, True) == autotune.SHARED_CORES_REPS > 0
+    assert autotune.reps(-1, False) == 0  # control: cores enough, the prediction stands
+    assert autotune.reps(0, True) == 0 and autotune.reps(2, False) == 2
+    prob = _problem()
+    assert make_plan(prob, "2x2", compute_rate=5e9, memory_bandwidth=5e9, overlap=0.5).cores_shared
+    assert not make_plan(prob, "2x2", compute_rate=5e9, memory_bandwidth=5e9).cores_shared
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_default_tunes_exactly_when_the_plan_says_cores_are_shared(rank_pool, P):
+    """With STREAMATTN_AUTOTUNE unset, a group whose plan was made for shared cores (4 ranks on
+    CI's 2 cores) races its trials and keeps a measured winner; one with cores enough (2 ranks on
+    2 cores) runs the planner's pick on every call. Every call exact either way."""
+    pool = rank_pool(P, ENV if P == 4 else {"STREAMATTN_TOPOLOGY": "1x2"})
+    pool.run(TASK + "release_group")
+    res = pool.run(TASK + "tuned_calls", calls=3 * autotune.MAX_TRIALS * (
+        autotune.SHARED_CORES_REPS + 1) + 2, reps=None)
+    pool.run(TASK + "release_group")
+    for r in res:
+        assert max(r["errs"]) <= 1e-5 and r["tuning_left"] == 0
+        assert r["cores_shared"] == res[0]["cores_shared"]
+    if res[0]["cores_shared"]:
+        assert len(set(res[0]["ran"])) >= 2 and res[0]["reason"].startswith("autotune:"), res[0]
+    else:
+        assert len(set(res[0]["ran"])) == 1 and not res[0]["reason"].startswith("autotune"), res[0]
+    if P == 4 and len(os.sched_getaffinity(0)) <= 2:
+        assert res[0]["cores_shared"]  # CI's machine: 4 ranks on 2 cores share them
+    if P == 2 and len(os.sched_getaffinity(0)) >= 2:
+        assert not res[0]["cores_shared"]

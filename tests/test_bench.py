@@ -264,8 +264,10 @@ def test_emulated_cli_runs_and_leaves_nothing_behind(tmp_path):
 
 @needs_netns
 def test_emulated_cli_ctrl_c_leaves_nothing_behind(tmp_path):
+    # iterations enough that the run is still going when SIGINT comes (50 had finished in the 2 s
+    # below on a warm calibration cache, and the bench rightly exited 0)
     p, tag = _start_cli(tmp_path, ["--seq", "4096", "--heads", "4", "--head-dim", "16",
-                                   "--iters", "50", "--no-progress"])
+                                   "--iters", "5000", "--no-progress"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until the ranks are up inside the namespaces
         if len(_leftovers(p.pid, tag)["procs"]) >= 4 + 1 and _leftovers(p.pid, tag)["netns"]:

@@ -78,9 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "JSON: the median one; default 3, 0 = none)")
     what.add_argument("--no-limit", action="store_true",
                       help="skip timing the limit (whole attention on all cores in one process)")
-    what.add_argument("--autotune", type=int, default=0, metavar="N",
-                      help="also run 'auto tuned': STREAMATTN_AUTOTUNE=N (the planner's top candidates "
-                           "measured N calls each in the warm-up, the fastest kept)")
+    what.add_argument("--autotune", type=int, default=None, metavar="N",
+                      help="also run auto with STREAMATTN_AUTOTUNE=N: 'auto tuned' (N > 0: the "
+                           "planner's top candidates measured N calls each in the warm-up, the "
+                           "fastest kept) or 'auto predicted' (0: the planner's pick, unmeasured)")
     what.add_argument("--comm-dtype", default=None, choices=["bfloat16"],
                       help="also run auto with this reduced-precision wire format (error vs float64 "
                            "reported; exact float32 stays the default)")
@@ -154,7 +155,8 @@ def run(args) -> int:
                      yunchang_native=args.yunchang_native, force_auto=args.force_auto,
                      yunchang_text_local=args.yunchang_text_local,
                      trace_iters=max(0, args.trace_iters), limit=not args.no_limit,
-                     comm_dtype=args.comm_dtype, autotune=max(0, args.autotune))
+                     comm_dtype=args.comm_dtype,
+                     autotune=None if args.autotune is None else max(0, args.autotune))
     if args.emulate:
         return _run_emulated(args, spec, preset)
     if args.nproc is None and _in_torchrun():

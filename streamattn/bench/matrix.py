@@ -52,8 +52,9 @@ def add_arguments(p) -> None:
                    help=f"NODESxRANKS:RATE cells (default {','.join(CELLS)})")
     m.add_argument("--matrix-shapes", default=",".join(SHAPES),
                    help=f"subset of {','.join(SHAPES)} (default both)")
-    m.add_argument("--matrix-autotune", type=int, default=2, metavar="N",
-                   help="the 'auto tuned' configuration's STREAMATTN_AUTOTUNE (default 2)")
+    m.add_argument("--matrix-autotune", type=int, default=0, metavar="N",
+                   help="STREAMATTN_AUTOTUNE of the second auto configuration: 0 (default) 'auto "
+                        "predicted', the planner's pick unmeasured; N > 0 'auto tuned'")
     m.add_argument("--max-busy", type=float, default=0.10,
                    help="flag runs that start while other processes use more than this fraction of "
                         "the machine's CPU (sampled for 3 s)")
@@ -109,7 +110,7 @@ def run_matrix(args) -> int:
                    "--max-iters", str(args.max_iters),
                    "--warmup", str(args.warmup), "--no-overlap", "--breakdown",
                    "--trace-iters", str(max(1, args.trace_iters)), "--comm-dtype", "bfloat16",
-                   "--autotune", str(max(1, args.matrix_autotune)),
+                   "--autotune", str(max(0, args.matrix_autotune)),
                    "--threads", str(args.threads), "--timeout", str(args.timeout)]
             if args.no_progress:
                 cmd.append("--no-progress")
@@ -180,7 +181,7 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
         best_yc = min(yc, key=med) if yc else None
         lim = auto.get("limit") or {}
         wire = next((r for r in rs if r["config"].startswith("auto ") and r["cfg"].get("comm_dtype")), None)
-        tuned = next((r for r in rs if r["cfg"].get("autotune")), None)
+        alt = next((r for r in rs if "autotune" in r["cfg"]), None)  # the second auto
         row = {
             "cell": run["cell"], "shape": run["shape"], "seq": seq,
             "joint_len": auto["shape"].get("joint_len", 0),
@@ -194,8 +195,9 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
             "yunchang_best_s": med(best_yc) if best_yc else None,
             "auto_err": auto.get("err"),
             "bf16_wire_s": med(wire) if wire else None, "bf16_wire_err": wire.get("err") if wire else None,
-            "tuned_s": med(tuned) if tuned else None,
-            "tuned_plan": plan_label(tuned) if tuned else None,
+            "alt_config": alt["config"] if alt else None,
+            "alt_s": med(alt) if alt else None,
+            "alt_plan": plan_label(alt) if alt else None,
             "loaded": run.get("busy_before", 0.0) > max_busy,
             # CPU seconds of one call summed over the ranks, and the one-process limit call's
             "auto_cpu_s": auto.get("cpu_s"), "best_fixed_cpu_s": best_fixed.get("cpu_s") if best_fixed else None,
@@ -209,11 +211,11 @@ def summarize(records: List[dict], run: dict, max_busy: float) -> List[dict]:
         row["auto_vs_yunchang_paired"] = 1 / paired(auto, best_yc) if best_yc else None
         row["auto_vs_fixed_paired"] = paired(auto, best_fixed) if best_fixed else None
         row["predicted_over_measured"] = (row["predicted_s"] / row["auto_s"]) if row["predicted_s"] else None
-        row["tuned_over_limit"] = (row["tuned_s"] / row["limit_s"]) if row["tuned_s"] and row["limit_s"] else None
-        row["tuned_vs_yunchang"] = (row["yunchang_best_s"] / row["tuned_s"]
-                                    if row["tuned_s"] and row["yunchang_best_s"] else None)
-        row["tuned_vs_fixed"] = (row["best_fixed_s"] / row["tuned_s"]
-                                 if row["tuned_s"] and row["best_fixed_s"] else None)
+        row["alt_over_limit"] = (row["alt_s"] / row["limit_s"]) if row["alt_s"] and row["limit_s"] else None
+        row["alt_vs_yunchang"] = (row["yunchang_best_s"] / row["alt_s"]
+                                  if row["alt_s"] and row["yunchang_best_s"] else None)
+        row["alt_vs_fixed"] = (row["best_fixed_s"] / row["alt_s"]
+                               if row["alt_s"] and row["best_fixed_s"] else None)
         checks = []
         if row["auto_over_limit"] is not None and row["auto_over_limit"] > 1.10:
             checks.append("auto > 1.10x limit")
@@ -244,7 +246,7 @@ def _x(x) -> str:
 def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
     head = ("| cell | shape | seq | bound by | limit ms | auto (plan) ms | auto/limit | best fixed ms | "
             "yunchang best ms | yunchang/limit | auto vs yunchang | predicted ms | pred/meas | "
-            "auto tuned ms (plan) | tuned/limit | tuned vs best fixed | tuned vs yunchang | "
+            "second auto ms (plan) | second/limit | second vs best fixed | second vs yunchang | "
             "bf16 wire ms (err) | CPU ms auto / fixed / yunchang / limit | checks |")
     lines = [head, "|" + "|".join([" --- "] * (head.count("|") - 1)) + "|"]
     for r in rows:
@@ -254,18 +256,20 @@ def format_matrix(rows: List[dict], runs: List[dict], total_s: float) -> str:
             f"{_ms(r['limit_s'])} | {_ms(r['auto_s'])} ({r['auto_plan']}) | {_x(r['auto_over_limit'])} | "
             f"{_ms(r['best_fixed_s'])} ({r['best_fixed']}) | {_ms(r['yunchang_best_s'])} ({r['yunchang_best']}) | "
             f"{_x(r['yunchang_over_limit'])} | {_x(r['auto_vs_yunchang'])} | {_ms(r['predicted_s'])} | "
-            f"{_x(r['predicted_over_measured'])} | {_ms(r.get('tuned_s'))} ({r.get('tuned_plan')}) | "
-            f"{_x(r.get('tuned_over_limit'))} | {_x(r.get('tuned_vs_fixed'))} | "
-            f"{_x(r.get('tuned_vs_yunchang'))} | {_ms(r['bf16_wire_s'])} "
+            f"{_x(r['predicted_over_measured'])} | {_ms(r.get('alt_s'))} ({r.get('alt_config')}: "
+            f"{r.get('alt_plan')}) | {_x(r.get('alt_over_limit'))} | {_x(r.get('alt_vs_fixed'))} | "
+            f"{_x(r.get('alt_vs_yunchang'))} | {_ms(r['bf16_wire_s'])} "
             f"({err}) | "
             f"{' / '.join(_ms(r.get(k)) for k in ('auto_cpu_s', 'best_fixed_cpu_s', 'yunchang_cpu_s', 'limit_cpu_s'))} | "
             f"{'; '.join(r['checks']) or 'ok'} |")
     lines.append("")
     lines.append("auto vs yunchang = yunchang's best median / auto's median (> 1: auto faster). limit = "
                  "max(whole attention in one process on all cores, fewest inter-node bytes any plan "
-                 "needs per node at the link rate). auto tuned: STREAMATTN_AUTOTUNE=N (the planner's top "
-                 "candidates measured in the warm-up, the fastest kept; > 1 in 'vs' columns: tuned "
-                 "faster). CPU ms: one call's CPU time summed over the ranks (process time, all threads; "
+                 "needs per node at the link rate). auto: the default, which measures the planner's top "
+                 "candidates in the warm-up and keeps the fastest where the ranks outnumber the "
+                 "cores (STREAMATTN_AUTOTUNE=-1). second auto: STREAMATTN_AUTOTUNE=N, 'auto "
+                 "predicted' (0: the planner's pick, unmeasured) or 'auto tuned' (N > 0); > 1 in "
+                 "'vs' columns: it ran faster. CPU ms: one call's CPU time summed over the ranks (process time, all threads; "
                  "kernel TCP work in softirq is not in it), for auto, the best fixed plan, yunchang's best "
                  "and the one-process limit call. checks: the issue's acceptance bars per row, for the "
                  "default auto.")

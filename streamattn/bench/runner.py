@@ -78,7 +78,7 @@ def torus_splits(world: int, heads: int, ranks_per_node: Optional[int]) -> list:
 def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optional[List[tuple]] = None,
                  yunchang: bool = False, yunchang_native: bool = False,
                  force_auto: Optional[str] = None, ranks_per_node: Optional[int] = None,
-                 comm_dtype: Optional[str] = None, autotune: int = 0,
+                 comm_dtype: Optional[str] = None, autotune: Optional[int] = None,
                  yunchang_text_local: bool = False) -> list:
     """The configurations to compare on `world` ranks. degrees: (u, r) pairs to keep, or all
     (a torus u x t x r is kept when (u, r) is listed). ranks_per_node: the torus' u."""
@@ -102,9 +102,9 @@ def make_configs(world: int, heads: int, algorithms: List[str], degrees: Optiona
                 if not degrees or (u, r) in degrees:
                     cfgs.append({"name": f"torus {u}x{t}x{r}", "kind": "streamattn", "algorithm": "torus",
                                  "ulysses_degree": u, "ring_degree": r, "torus_degree": t})
-    if autotune and "auto" in algorithms:
-        cfgs.append({"name": "auto tuned", "kind": "streamattn", "algorithm": "auto",
-                     "autotune": int(autotune)})
+    if autotune is not None and "auto" in algorithms:
+        cfgs.append({"name": "auto tuned" if autotune else "auto predicted", "kind": "streamattn",
+                     "algorithm": "auto", "autotune": int(autotune)})
     if comm_dtype and "auto" in algorithms:
         cfgs.append({"name": f"auto {comm_dtype} wire", "kind": "streamattn", "algorithm": "auto",
                      "comm_dtype": comm_dtype})
@@ -150,7 +150,9 @@ class SweepSpec:
     trace_iters: int = 3   # traced calls per streamattn configuration (breakdown, timeline: the median); 0: none
     limit: bool = True     # time the limit's compute half (whole attention, all cores, one process)
     comm_dtype: Optional[str] = None  # "bfloat16": also run auto with the reduced-precision wire
-    autotune: int = 0  # N > 0: also run "auto tuned" (STREAMATTN_AUTOTUNE=N; its trials in the warm-up)
+    # N: also run auto with STREAMATTN_AUTOTUNE=N -- "auto tuned" (N > 0, its trials in the warm-up)
+    # or "auto predicted" (0: the planner's pick, never measured); None: auto alone
+    autotune: Optional[int] = None
 
 
 class _Progress:

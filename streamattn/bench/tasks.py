@@ -384,13 +384,18 @@ def _run_streamattn(st, cfg, mode, check):
         kw.update(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2], joint_strategy="front")
     if mode == "full" or ckey not in st["plans"]:
         tune = cfg.get("autotune")  # an agreed setting: every rank runs this configuration alike
-        with _forced_auto(cfg.get("force_auto")), (override(STREAMATTN_AUTOTUNE=tune) if tune
-                                                   else contextlib.nullcontext()):
-            if tune and ckey not in st["plans"]:
-                for _ in range(64):  # its trial calls, in the configuration's first (warm-up) call
-                    streamattn.attention(ql, kl, vl, **kw)
+        if cfg.get("force_auto"):
+            tune = 0  # the negative control runs its bad plan, not the tuning's measured winner
+        with _forced_auto(cfg.get("force_auto")), (override(STREAMATTN_AUTOTUNE=tune)
+                                                   if tune is not None else contextlib.nullcontext()):
+            if ckey not in st["plans"]:
+                # a tuning's trial calls (STREAMATTN_AUTOTUNE: by default where the ranks
+                # outnumber the cores), all in the configuration's first (warm-up) call
+                streamattn.attention(ql, kl, vl, **kw)
+                for _ in range(64):
                     if not api.tunings.active:
                         break
+                    streamattn.attention(ql, kl, vl, **kw)
             res = streamattn.attention(ql, kl, vl, **kw)
             st["plans"][ckey] = _last_entry()
         if mode == "full":

@@ -1,6 +1,7 @@
 """Rank tasks for tests/test_autotune.py: STREAMATTN_AUTOTUNE on real process groups."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -14,9 +15,9 @@ from ..sharding import shard, split_lengths
 from .cases import make_inputs
 
 
-def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_len=5, slow=None,
+def tuned_calls(rank, world_size, *, calls=10, reps: "int | None" = 2, seq=61, heads=8, joint_len=5, slow=None,
                 delay=0.15):
-    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps, each checked against float64. slow: a
+    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps (None: unset, the default), each checked against float64. slow: a
     plan, as the returned labels name it ("usp 2x1x2/1", "usp 2x1x2/1+jall"), made `delay` s
     slower on every rank (a planted handicap the tuning must see).
     Returns per call the plan that ran and its error, and the cached plan at the end."""
@@ -37,7 +38,7 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
     api.run_plan = recording
     errs = []
     try:
-        with override(STREAMATTN_AUTOTUNE=reps):
+        with override(STREAMATTN_AUTOTUNE=reps) if reps is not None else contextlib.nullcontext():
             for _ in range(calls):
                 out, jout = streamattn.attention(ql, kl, vl, joint_q=joint[0], joint_k=joint[1],
                                                  joint_v=joint[2])
@@ -47,7 +48,7 @@ def tuned_calls(rank, world_size, *, calls=10, reps=2, seq=61, heads=8, joint_le
     finally:
         api.run_plan = real
     return {"ran": ran, "errs": errs, "final": _label(plan), "reason": plan.reason,
-            "tuning_left": tuning_left}
+            "tuning_left": tuning_left, "cores_shared": plan.cores_shared}
 
 
 def _label(plan) -> str:
