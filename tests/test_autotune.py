@@ -144,3 +144,21 @@ def test_default_tunes_exactly_when_the_plan_says_cores_are_shared(rank_pool, P)
         assert res[0]["cores_shared"]  # CI's machine: 4 ranks on 2 cores share them
     if P == 2 and len(os.sched_getaffinity(0)) >= 2:
         assert not res[0]["cores_shared"]
+
+
+def test_a_variant_must_beat_its_plain_twin_by_the_margin():
+    """A variant pick replaces its raced plain twin only when VARIANT_MARGIN faster (its trials
+    scatter by about that much on shared cores); control: clearly faster, the variant wins; a
+    plain winner is never second-guessed."""
+    plan = make_plan(_problem(P=4, seq=203), "2x2", compute_rate=5e9, memory_bandwidth=5e9)
+    v = next(c for c in plan.candidates if c.valid and c.algorithm in ("ring", "usp")
+             and not _plain(c))
+    variant, twin = autotune.trial_plans(autotune.plan_of(plan, v), limit=2, within=100.0)
+    m = autotune.VARIANT_MARGIN
+    close = autotune.pick([variant, twin], [[0.100 * (1 - m / 2), 0.100]])
+    assert (close.chunks, close.joint_all, close.joint_fold) == (1, False, False), close
+    assert "kept" in close.reason
+    clear = autotune.pick([variant, twin], [[0.100 * (1 - 2 * m), 0.100]])
+    assert (clear.chunks, clear.joint_all, clear.joint_fold) == (
+        variant.chunks, variant.joint_all, variant.joint_fold)
+    assert autotune.pick([twin, variant], [[0.099, 0.100]]).chunks == 1  # plain won outright
