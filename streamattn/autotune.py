@@ -75,7 +75,7 @@ def trial_plans(plan: Plan, limit: int = MAX_TRIALS, within: float = WITHIN) -> 
         return [plan]
     fits = [c for c in plan.candidates if c.valid and not plan.runs(c)
             and c.predicted_s <= chosen.predicted_s * within]
-    plain = dataclasses.replace(plan, chunks=1, joint_all=False, joint_fold=False)
+    plain = plain_twin(plan)
     twin = next((c for c in fits if plain.runs(c)), None)  # None when the pick is plain itself
     others = ([twin] if twin is not None else []) + sorted(
         (c for c in fits if c is not twin), key=lambda c: c.predicted_s)
@@ -120,8 +120,8 @@ def pick(plans: Sequence[Plan], medians_by_rank: Sequence[Sequence[float]]) -> P
     the twin. The measurements are in its reason."""
     slowest = [max(row[i] for row in medians_by_rank) for i in range(len(plans))]
     best = min(range(len(plans)), key=lambda i: (slowest[i], i))
-    twin = next((j for j, p in enumerate(plans) if _plain_key(p) == _plain_key(plans[best])
-                 and j != best and _plain_key(p) == _key(p)), None)
+    plain = _key(plain_twin(plans[best]))  # the pick's own key when it is plain: no twin then
+    twin = next((j for j, p in enumerate(plans) if j != best and _key(p) == plain), None)
     kept = ""
     if twin is not None and slowest[best] > slowest[twin] * (1.0 - VARIANT_MARGIN):
         kept = (f"; {_short(plans[twin])} kept: {_short(plans[best])} was not "
@@ -134,14 +134,16 @@ def pick(plans: Sequence[Plan], medians_by_rank: Sequence[Sequence[float]]) -> P
     return dataclasses.replace(plans[best], reason=f"{why}. Planner: {base}")
 
 
+def plain_twin(plan: Plan) -> Plan:
+    """`plan`'s split in one message per step: no token runs, joint queries split over the ring,
+    joint tokens not folded (itself when it is plain)."""
+    return dataclasses.replace(plan, chunks=1, joint_all=False, joint_fold=False)
+
+
 def _key(p: Plan) -> tuple:
+    """What a trial runs (Plan equality also compares reason and prediction)."""
     return (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree, tuple(p.groups),
             p.chunks, p.joint_all, p.joint_fold)
-
-
-def _plain_key(p: Plan) -> tuple:
-    """The key of `p`'s plain twin: the same split in one message per step (trial_plans)."""
-    return _key(p)[:5] + (1, False, False)
 
 
 def _short(p: Plan) -> str:

@@ -15,11 +15,12 @@ from ..sharding import shard, split_lengths
 from .cases import make_inputs
 
 
-def tuned_calls(rank, world_size, *, calls=10, reps: "int | None" = 2, seq=61, heads=8, joint_len=5, slow=None,
-                delay=0.15):
-    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps (None: unset, the default), each checked against float64. slow: a
-    plan, as the returned labels name it ("usp 2x1x2/1", "usp 2x1x2/1+jall"), made `delay` s
-    slower on every rank (a planted handicap the tuning must see).
+def tuned_calls(rank, world_size, *, calls=10, reps: "int | None" = 2, seq=61, heads=8,
+                joint_len=5, slow=None, delay=0.15):
+    """`calls` eager calls with STREAMATTN_AUTOTUNE=reps (None: unset, the default), each checked
+    against float64. slow: a plan, as the returned labels name it ("usp 2x1x2/1",
+    "usp 2x1x2/1+jall"), made `delay` s slower on every rank (a planted handicap the tuning must
+    see).
     Returns per call the plan that ran and its error, and the cached plan at the end."""
     q, k, v, joint = make_inputs(seed=3, batch=1, seq=seq, heads=heads, kv_heads=heads // 2,
                                  head_dim=16, joint_len=joint_len)
