@@ -157,16 +157,24 @@ def test_round_order_balances_positions_and_neighbours(n):
 
 def test_local_bench_end_to_end(tmp_path, capsys):
     # --min-time far above what 2 calls take: every configuration gets --max-iters rounds
-    rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + TINY + ["--min-time", "600", "--max-iters", "3"])
-    out = capsys.readouterr().out
+    # 127 + 8 tokens do not split in two equal shards: no yunchang rows there, and a note says so
+    args = TINY[:]
+    args[1] = "64,127"
+    rc = cli.main(["--nproc", "2", "--out", str(tmp_path)] + args + ["--min-time", "600", "--max-iters", "3"])
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0, out
+    assert "no yunchang rows for seq 127 + text 8" in captured.out + captured.err
+    assert "rows for seq 64" not in captured.out + captured.err
     data = json.loads((tmp_path / "bench.json").read_text())
     env = data["environment"]
     assert env["torch"] and env["cpu_count"] and env["topology"] == "1x2" and env["mode"] == "local"
     assert env["cpu_malloc"] == ["retain"]  # set in every rank before the first timing
     runs = data["runs"]
     explained = 0
-    assert {r["shape"]["seq"] for r in runs} == {64, 128}
+    assert {r["shape"]["seq"] for r in runs} == {64, 127}
+    yunchang_seqs = {r["shape"]["seq"] for r in runs if r["kind"] == "yunchang"}
+    assert yunchang_seqs == {64}, yunchang_seqs  # present where it fits (the control)
     for r in runs:
         assert r["err"] < 1e-5, r
         if r.get("cfg", {}).get("native"):

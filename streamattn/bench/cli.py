@@ -178,6 +178,13 @@ def _check_yunchang(ex, spec, say) -> None:
     else:
         say(f"baseline: yunchang {res['version']} USP (its CPU kernel replaced through its "
             "attn_processor hook by one returning the true LSE)")
+        from .runner import yunchang_fits
+
+        for shape in spec.shapes:
+            if not yunchang_fits(shape, ex.world):
+                say(f"note: no yunchang rows for seq {shape['seq']} + text "
+                    f"{shape.get('joint_len', 0)}: yunchang splits the whole sequence in equal "
+                    f"shards, which {ex.world} ranks cannot")
 
 
 def _finish(args, ex, spec, preset, env, say) -> int:

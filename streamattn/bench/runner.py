@@ -199,6 +199,12 @@ def _stats(ts: List[float]) -> dict:
             "all": ts}
 
 
+def yunchang_fits(shape: dict, world: int) -> bool:
+    """yunchang shards one sequence (its text tokens in front of the image tokens) in equal
+    parts: it runs only where seq + joint_len divides by the ranks."""
+    return (shape["seq"] + shape.get("joint_len", 0)) % world == 0
+
+
 def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress: bool = True,
               log: Callable[[str], None] = lambda s: None) -> List[dict]:
     """Run every configuration on every shape; return one record per (shape, configuration)."""
@@ -210,8 +216,7 @@ def run_sweep(ex, spec: SweepSpec, *, inter_bw: Optional[float] = None, progress
                             ranks_per_node=getattr(ex, "ranks_per_node", None),
                             comm_dtype=spec.comm_dtype, autotune=spec.autotune,
                             yunchang_text_local=spec.yunchang_text_local)
-        cfgs = [c for c in cfgs if c["kind"] != "yunchang"
-                or (shape["seq"] + shape.get("joint_len", 0)) % world == 0]
+        cfgs = [c for c in cfgs if c["kind"] != "yunchang" or yunchang_fits(shape, world)]
         plans.append((shape, cfgs))
     n_overlap = lambda cfgs: sum(1 for c in cfgs if _overlap_cfg(c))
     modes = ["compute", "comm"] + (["inter"] if ex.nodes > 1 else [])
