@@ -33,7 +33,7 @@ Time model:
   communication step adds it once, and so does the per-call agreement.
 - overlap (CPU groups: cores / the threads the ranks of one machine run, when that is below 1;
   1 otherwise): the share of an overlapped step's communication that really hides behind its
-  compute (and, below 1, a Torus' exchanges arrive together rather than in posting order). A step's
+  compute. A step's
   hidden part (compute + comm - its time), less the slack of a wire-bound step (comm - compute:
   its cores idle while it waits on the wire; `contended`), is added back times (1 - overlap):
   when ranks outnumber cores there is no idle core, and the ring plans measured on emulated
@@ -56,9 +56,7 @@ Time model:
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked; ring steps
   in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
-  exchange, delivered in posting order; with fair sharing between concurrent TCP connections the
-  early blocks of a t > 2 torus arrive later than modelled; at t = 2 there is one exchange and the
-  two agree). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
+  exchange; the exchanges go one at a time, each posted as the one before has arrived). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
   sync_s each (those not already costed with a transfer).
 
 Not modelled: kernel launch overheads on GPUs (CPU groups calibrate the kernel at the calls each
@@ -498,12 +496,12 @@ class CostModel:
     def cost_torus(self, problem, u: int, t: int, groups, placement: str = "consecutive") -> Candidate:
         """Torus over `groups` (P/u Ulysses groups in team order, teams of t groups, r = P/(u*t)).
 
-        Time: the intra all-to-all blocks. The t-1 torus exchanges are all posted at once and are
-        delivered in posting order on whatever resource they share: exchange k has arrived by
-        A_k = comm_time(messages of exchanges 1..k), its increment over A_(k-1) being what step k
-        adds to the links. Every rank attends its local block first, then block k as soon as it has
-        arrived and the previous block is done: start_k = max(end_(k-1), A_k) -- the first exchange
-        hides behind the local block, the k-th behind everything computed before it arrives. With
+        Time: the intra all-to-all blocks. The t-1 torus exchanges go one at a time (torus.py posts
+        step k+1 once step k has arrived): every rank attends its local block first, then block k
+        as soon as it has arrived and the previous block is done, start_k = max(end_(k-1), A_k),
+        where A_1 = comm_time(step 1) and A_(k+1) = start_k + comm_time(step k+1) -- the first
+        exchange hides behind the local block, each later one behind the block attended while it
+        travels. With
         r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
         work (after their last merge), the last block's when it is done; the call waits for them
         (done = max(last early post + their transfer, end of compute) + the last block's
@@ -521,17 +519,13 @@ class CostModel:
             steps.append(st)
             botts.append((m, f"{ph.name}: {bott}"))
             all_msgs += ph.msgs
-        # arrival of the exchanges, in posting order; on an oversubscribed CPU (overlap < 1) the
-        # t-1 exchanges progress together instead (gloo's threads and the kernel's TCP stack share
-        # the cores, concurrent connections share the link), so each arrives when all have
-        together = self.comm_time([m for msgs in parts.steps for m in msgs])[0] if self.overlap < 1 else None
-        arrive, prefix, step_info = [0.0], [], []
+        # each exchange's transfer on its own (they go one at a time)
+        transfer, step_info = [], []
         for k, msgs in enumerate(parts.steps, 1):
-            prefix += msgs
-            arrive.append(together if together is not None else self.comm_time(prefix)[0])
-            _, bott, per_kind = self._comm(msgs, cache)
+            tk, bott, per_kind = self._comm(msgs, cache)
+            transfer.append(tk)
             step_info.append((bott, tuple(sorted(per_kind.items()))))
-            botts.append((arrive[k] - arrive[k - 1], f"torus exchange {k}/{t - 1}: {bott}"))
+            botts.append((tk, f"torus exchange {k}/{t - 1}: {bott}"))
             all_msgs += msgs
         # every rank's pipeline
         runs = {}
@@ -540,9 +534,12 @@ class CostModel:
             c = [self._local(f, m + extra.get((x, i), 0.0)) for i, (f, m) in enumerate(work)]
             ca = self._local(*parts.last_a[x]) if x in parts.last_a else 0.0
             end, waits, post_early = c[0], [0.0], 0.0
+            arrive = transfer[0] if t > 1 else 0.0
             for k in range(1, t):
-                start = max(end, arrive[k])
+                start = max(end, arrive)
                 waits.append(start - end)
+                if k < t - 1:  # step k+1 is posted as step k has arrived
+                    arrive = start + transfer[k]
                 if k == t - 1 and r == 1:
                     post_early = start + ca
                     c[k] += ca
@@ -550,10 +547,10 @@ class CostModel:
             runs[x] = (end, post_early, c, waits)
         slow = max(runs, key=lambda x: (runs[x][0], -x))
         end, _, c, waits = runs[slow]
-        steps.append(Step(f"torus: post the {t - 1} exchange(s), attend the local block", c[0], c[0]))
+        steps.append(Step(f"torus: post exchange 1 of {t - 1}, attend the local block", c[0], c[0]))
         for k in range(1, t):
             bott, per_kind = step_info[k - 1]
-            m = arrive[k] - arrive[k - 1]
+            m = transfer[k - 1]
             # on shared cores the exchange contends with the compute it overlapped (what ran
             # before it arrived), not with the block attended after it
             lost = self._contention(max(0.0, m - waits[k]), m)

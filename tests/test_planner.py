@@ -51,10 +51,13 @@ def test_a100_nvlink_node_picks_ulysses_8(size):
 
 def test_l20_pcie_hybrid_beats_ulysses_8_at_32k():
     """USP paper: on 8xL20 PCIe at 32K tokens Ulysses 4 x Ring 2 beats Ulysses 8 (by 4x there; the
-    model predicts a smaller factor, see test_l20_ratio_is_reported)."""
+    model predicts a smaller factor, see test_l20_ratio_is_reported). The pick itself is a Torus
+    over all 8 GPUs since its exchanges go one at a time (each hides behind a block's attention);
+    USP 4x2 before that."""
     p = plan_for(32768, 32, 128, topology="l20x8-pcie")
-    assert p.algorithm == "usp" and 1 < p.ulysses_degree < 8, p.explain()
+    assert (p.algorithm, p.ulysses_degree) in (("torus", 1), ("usp", 4)), p.explain()
     c = _cands(p)
+    assert p.predicted_s <= c[(4, "consecutive")].predicted_s
     assert c[(8, "consecutive")].predicted_s > p.predicted_s
     assert c[(4, "consecutive")].predicted_s < c[(8, "consecutive")].predicted_s
 
@@ -109,18 +112,17 @@ def test_h100_two_nodes_small_sizes_torus_does_not_beat_ulysses_16(heads, seq):
     assert tor.compute_s > 1.3 * uly.compute_s
 
 
-@pytest.mark.parametrize("seq,heads,topology,split", [
-    (16384, 32, "h100x8-4node", (8, 4, 1)),               # M = 4: 3 exchanges hide behind 3 blocks
-    (32768, 32, "h100x8-4node", (8, 4, 1)),
-    (65536, 32, "l40x8-pcie-100gbe-2node", (4, 4, 1)),   # PCIe node: t spans both nodes
-    (118800, 48, "l40x8-pcie-100gbe-2node", (4, 4, 1)),
+@pytest.mark.parametrize("seq,heads,topology", [
+    (16384, 32, "h100x8-4node"),               # M = 4: 3 exchanges hide behind 3 blocks (8x4x1)
+    (32768, 32, "h100x8-4node"),
+    (65536, 32, "l40x8-pcie-100gbe-2node"),   # PCIe node: t spans both nodes (4x4x1, 1x16x1
+    (118800, 48, "l40x8-pcie-100gbe-2node"),  # within 1.5% of each other)
 ])
-def test_where_torus_wins(seq, heads, topology, split):
+def test_where_torus_wins(seq, heads, topology):
     """Recorded model finding: Torus is the cheapest plan only where several exchanges can hide
-    behind several blocks (t = 4) and the all-to-all it overlaps is large."""
+    behind several blocks (t >= 4) and the all-to-all it overlaps is large."""
     p = plan_for(seq, heads, 128, joint_len=256, topology=topology)
-    assert (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree) == ("torus",) + split, \
-        p.explain()
+    assert p.algorithm == "torus" and p.torus_degree >= 4 and p.ring_degree == 1, p.explain()
     assert p.groups == consecutive_groups(p.ulysses_degree * p.torus_degree * p.ring_degree,
                                           p.ulysses_degree)
     assert "runner-up" in p.reason

@@ -7,8 +7,11 @@ member g of group m of its team.
 1. Intra-node all-to-all (Ulysses over the group): the rank holds its group's tokens for H/u heads.
 2. Torus exchange: of those heads, group member m' of the team owns sub-slice m'. For k = 1..t-1 the
    rank sends Q, K, V of its group's tokens for sub-slice (m+k) % t to (m+k) % t and receives the
-   same from (m-k) % t. All sends are posted at once: with a one-sided transport the data is in the
-   peer's memory before any compute starts.
+   same from (m-k) % t. Step k+1 is posted once step k has arrived: the steps share the rank's link
+   (a node's uplink, a GPU's NIC), so posted together they all arrive at the end of the whole
+   transfer and no remote block can be attended before it; one at a time, block k arrives after k
+   steps' transfers and is attended while the next step travels (measured on an emulated 4 nodes x
+   2 ranks, t = 4: docs/architecture.md).
 3. Blocks are attended as they arrive, starting with the local one, every (query block, K/V block)
    pair exactly once, partial results merged by the LSE (merge.update_out_and_lse).
 4. With a ring factor, the team's K/V then rotates around the ring of teams.
@@ -133,14 +136,19 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
     def fitted(kx):
         return fit_kv_heads(kx, q_rng[m], kv_rng[m], ggrp)
 
-    # 2. post every torus exchange at once (step k: send to m+k, receive from m-k)
+    # 2. the torus exchange, step k: send to m+k, receive from m-k; step 1 now, step k+1 once step
+    # k has arrived (below)
     incoming = {}
-    for step in range(1, t):
+
+    def post_step(step):
         dst, src = (m + step) % t, (m - step) % t
         payload = Parts([sub(qn, q_rng[dst]), sub(kn, kv_rng[dst]), sub(vn, kv_rng[dst])])
         buf = torch.empty(B * st.glen[src] * (hq + 2 * hk) * D, dtype=q.dtype, device=q.device)
         incoming[src] = (buf, transport.exchange_parts([(st.peers[dst], payload)],
                                                        [(st.peers[src], buf)], TAG_QKV + step))
+
+    if t > 1:
+        post_step(1)
     st.home = {j: torch.empty(B, st.glen[m], q_rng[j][1] - q_rng[j][0], D, dtype=q.dtype,
                               device=q.device) for j in range(t) if j != m}
     if not st.paired_outputs:  # the negative control's (pre-fix) posting order
@@ -161,6 +169,8 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         else:
             buf, pend = incoming[j]
             pend.wait()
+            if idx + 1 < t:
+                post_step(idx + 1)
             nq, nkv = B * st.glen[j] * hq * D, B * st.glen[j] * hk * D
             blk = _Block(j, buf[:nq].view(B, st.glen[j], hq, D),
                          fitted(buf[nq : nq + nkv].view(B, st.glen[j], hk, D)),
