@@ -99,3 +99,26 @@ def test_old_torus_order_passes_on_plain_gloo(rank_pool, P):
     pool = rank_pool(P, {"STREAMATTN_TOPOLOGY": "2x2", "STREAMATTN_TRANSPORT": "torch"})
     res = pool.run("streamattn.testing.nccl_order:legacy_torus", seq=30, heads=8, head_dim=8, seed=1)
     assert all(x["type"] is None and x["err"] <= 1e-5 for x in res), res
+
+
+def _posted_after_arrival(events, t):
+    """Whether every torus exchange k+1 was posted after exchange k arrived (one call's events)."""
+    at = {tuple(e): i for i, e in enumerate(events)}
+    return all(at[("post", k + 1)] > at[("arrived", k)] for k in range(1, t - 1))
+
+
+@pytest.mark.parametrize("P", [4])
+def test_torus_exchanges_go_one_at_a_time(rank_pool, P):
+    """A Torus of t = 4 (four single-rank nodes) posts exchange k+1 only once exchange k has
+    arrived (together they would share the link and all land at the end), and stays exact.
+    Negative control: the order before (every exchange posted at once) fails the check."""
+    pool = rank_pool(P, {"STREAMATTN_TOPOLOGY": "4x1", "STREAMATTN_TRANSPORT": "torch"})
+    kw = dict(seq=37, heads=8, head_dim=8, joint_len=3, seed=2)
+    res = pool.run("streamattn.testing.nccl_order:torus_post_order", **kw)
+    for x in res:
+        assert x["err"] <= 1e-5, x
+        assert [e for e in x["events"] if e[0] == "post"] == [["post", k] for k in (1, 2, 3)], x
+        assert _posted_after_arrival(x["events"], 4), x["events"]
+    old = pool.run("streamattn.testing.nccl_order:torus_post_order", one_at_a_time=False, **kw)
+    assert all(x["err"] <= 1e-5 for x in old), old
+    assert not any(_posted_after_arrival(x["events"], 4) for x in old), old

@@ -54,6 +54,9 @@ class _TorusRank:
     # exchange up front, each output sent alone): it deadlocks on NCCL with t > 1 and exists only as
     # the negative control of tests/test_inorder.py.
     paired_outputs = True
+    # False restores posting every torus exchange at once (before stop 46): the negative control of
+    # tests/test_inorder.py::test_torus_exchanges_go_one_at_a_time.
+    one_at_a_time = True
 
     def __init__(self, transport, problem, plan, dtype):
         self.tr, self.problem, self.plan, self.dtype = transport, problem, plan, dtype
@@ -114,6 +117,12 @@ def use_paired_outputs(flag: bool) -> None:
     _TorusRank.paired_outputs = bool(flag)
 
 
+def use_one_exchange_at_a_time(flag: bool) -> None:
+    """Tests only: False posts all t-1 torus exchanges at once (the order before stop 46, exact
+    but slower: the exchanges share the link and every block lands at the end)."""
+    _TorusRank.one_at_a_time = bool(flag)
+
+
 def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
     """q: [B, S_local, H, D], k, v: [B, S_local, Hk, D]; joint: None or (jq, jk, jv) replicated.
     plan: Plan(algorithm="torus", ulysses_degree=u, torus_degree=t, ring_degree=r) whose groups
@@ -147,8 +156,8 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         incoming[src] = (buf, transport.exchange_parts([(st.peers[dst], payload)],
                                                        [(st.peers[src], buf)], TAG_QKV + step))
 
-    if t > 1:
-        post_step(1)
+    for step in range(1, 2 if st.one_at_a_time else t):
+        post_step(step)
     st.home = {j: torch.empty(B, st.glen[m], q_rng[j][1] - q_rng[j][0], D, dtype=q.dtype,
                               device=q.device) for j in range(t) if j != m}
     if not st.paired_outputs:  # the negative control's (pre-fix) posting order
@@ -169,7 +178,7 @@ def torus_attention(transport, problem, q, k, v, joint=None, *, plan):
         else:
             buf, pend = incoming[j]
             pend.wait()
-            if idx + 1 < t:
+            if st.one_at_a_time and idx + 1 < t:
                 post_step(idx + 1)
             nq, nkv = B * st.glen[j] * hq * D, B * st.glen[j] * hk * D
             blk = _Block(j, buf[:nq].view(B, st.glen[j], hq, D),
