@@ -85,8 +85,10 @@ class CostModel:
     """Times communication steps and whole candidates on one topology at one compute rate."""
 
     def __init__(self, topology: Topology, rate: float, memory_bandwidth: Optional[float] = None,
-                 sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0):
+                 sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0,
+                 host_waits: bool = False):
         self.topology = topology
+        self.host_waits = bool(host_waits)
         self.net_cpu = float(net_cpu)
         self.rate = float(rate)
         self.mem_bw = memory_bandwidth
@@ -499,9 +501,11 @@ class CostModel:
         Time: the intra all-to-all blocks. The t-1 torus exchanges go one at a time (torus.py posts
         step k+1 once step k has arrived): every rank attends its local block first, then block k
         as soon as it has arrived and the previous block is done, start_k = max(end_(k-1), A_k),
-        where A_1 = comm_time(step 1) and A_(k+1) = start_k + comm_time(step k+1) -- the first
-        exchange hides behind the local block, each later one behind the block attended while it
-        travels. With
+        where A_1 = comm_time(step 1) and A_(k+1) = start_k + comm_time(step k+1) where a wait
+        blocks the host (host_waits: CPU groups, which post step k+1 only when they get to step
+        k's wait), A_k + comm_time(step k+1) where it only orders a stream (GPUs: the host has
+        long posted it, and it runs as soon as step k is done) -- the first exchange hides behind
+        the local block, each later one behind the block attended while it travels. With
         r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
         work (after their last merge), the last block's when it is done; the call waits for them
         (done = max(last early post + their transfer, end of compute) + the last block's
@@ -538,8 +542,8 @@ class CostModel:
             for k in range(1, t):
                 start = max(end, arrive)
                 waits.append(start - end)
-                if k < t - 1:  # step k+1 is posted as step k has arrived
-                    arrive = start + transfer[k]
+                if k < t - 1:  # step k+1 goes out as step k has arrived
+                    arrive = (start if self.host_waits else arrive) + transfer[k]
                 if k == t - 1 and r == 1:
                     post_early = start + ca
                     c[k] += ca

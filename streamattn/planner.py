@@ -174,7 +174,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
               memory_bandwidth: Optional[float] = None,
               block_rates: Optional[Dict[tuple, float]] = None, joint_fold: str = "auto",
               sync_s: float = 0.0, overlap: float = 1.0, net_cpu: float = 0.0,
-              joint_all: str = "auto") -> Plan:
+              joint_all: str = "auto", host_waits: bool = False) -> Plan:
     """The cheapest valid plan for `problem` on `topology` (a Topology, spec, machine name or
     .json path, describing exactly problem.world_size ranks).
 
@@ -191,7 +191,8 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     sync_s: seconds one synchronising exchange costs beyond its bytes on this group; overlap: the
     share of an overlapped step's communication that hides behind compute; net_cpu: CPU seconds
     per byte one side of a network transfer costs (all three measured on CPU groups, see
-    `agreed_calibration`; their use: costmodel).
+    `agreed_calibration`; their use: costmodel). host_waits: a wait on a peer blocks the rank's
+    thread (CPU groups; agreed_calibration says so), rather than ordering a GPU stream.
     joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
     algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
     can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD).
@@ -224,7 +225,7 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
 
     rate, rate_src = resolve_rate(topology, compute_rate, problem.dtype)
     mbw, mbw_src = resolve_memory_bandwidth(topology, memory_bandwidth)
-    model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu)
+    model = CostModel(topology, rate, mbw, sync_s, overlap, net_cpu, host_waits)
     cands: List[Candidate] = []
     rates = block_rates or {}
     for c in considered_candidates(problem, topology, joint_fold, joint_all):
@@ -476,8 +477,8 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
                        algorithm: str = "auto", ulysses_degree: Optional[int] = None,
                        ring_degree: Optional[int] = None, joint_fold: str = "auto",
                        joint_all: str = "auto") -> dict:
-    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte}
-    for make_plan with the same request arguments, identical on every rank (sync_s:
+    """{"block_rates": {shape: FLOP/s}, "sync_s": seconds, "overlap": share, "net_cpu": s/byte,
+    "host_waits": True} for make_plan with the same request arguments, identical on every rank (sync_s:
     `measure_sync` and net_cpu: `measure_net_cpu`, both measured once per transport; overlap:
     `core_share`). Every rank times the kernel at the block shapes of the candidates the request can
     answer with (calibration_shapes: all of them for "auto", with the finest token run of each
@@ -527,7 +528,7 @@ def agreed_calibration(transport, problem: Problem, topology: Topology, tag: int
     if nodes not in known:
         known[nodes] = measure_net_cpu(transport, topology, tag)
     return {"block_rates": rates, "sync_s": known["sync_s"], "overlap": share,
-            "net_cpu": known[nodes]}
+            "net_cpu": known[nodes], "host_waits": True}
 
 
 # The group's terms, measured once per transport (a group's ranks create and drop their transports
