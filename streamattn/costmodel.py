@@ -501,11 +501,12 @@ class CostModel:
         Time: the intra all-to-all blocks. The t-1 torus exchanges go one at a time (torus.py posts
         step k+1 once step k has arrived): every rank attends its local block first, then block k
         as soon as it has arrived and the previous block is done, start_k = max(end_(k-1), A_k),
-        where A_1 = comm_time(step 1) and A_(k+1) = start_k + comm_time(step k+1) where a wait
-        blocks the host (host_waits: CPU groups, which post step k+1 only when they get to step
-        k's wait), A_k + comm_time(step k+1) where it only orders a stream (GPUs: the host has
-        long posted it, and it runs as soon as step k is done) -- the first exchange hides behind
-        the local block, each later one behind the block attended while it travels. With
+        where A_1 = comm_time(step 1) and A_(k+1) = start_k + comm_time(step k+1) where the rank's
+        thread runs the attention itself (host_waits: CPU groups, which get to step k's wait, and
+        post step k+1 after it, only once the blocks before are attended), A_k + comm_time(step
+        k+1) on GPUs (the host only enqueues the kernels: it is at step k's wait long before step
+        k lands) -- the first exchange hides behind the local block, each later one behind the
+        block attended while it travels. With
         r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
         work (after their last merge), the last block's when it is done; the call waits for them
         (done = max(last early post + their transfer, end of compute) + the last block's

@@ -191,8 +191,9 @@ def make_plan(problem: Problem, topology: Union[Topology, str], *, algorithm: st
     sync_s: seconds one synchronising exchange costs beyond its bytes on this group; overlap: the
     share of an overlapped step's communication that hides behind compute; net_cpu: CPU seconds
     per byte one side of a network transfer costs (all three measured on CPU groups, see
-    `agreed_calibration`; their use: costmodel). host_waits: a wait on a peer blocks the rank's
-    thread (CPU groups; agreed_calibration says so), rather than ordering a GPU stream.
+    `agreed_calibration`; their use: costmodel). host_waits: the rank's thread runs the attention
+    itself (CPU groups; agreed_calibration says so), so it gets to a wait on a peer only after the
+    compute posted before it; a GPU's host only enqueues kernels.
     joint_fold: "auto" (candidates with the joint tokens folded into the sequence compete when
     algorithm="auto" and no degree is forced), "always" (only folded candidates when the problem
     can fold: non-causal, joint tokens, contiguous) or "never" (STREAMATTN_JOINT_FOLD).
