@@ -29,7 +29,7 @@ import dataclasses
 import statistics
 from typing import Dict, List, Sequence, Tuple
 
-from .plan import Candidate, Plan, joint_suffix, label, torus_degree
+from .plan import Candidate, Plan, joint_suffix, label, run_key, torus_degree
 
 MAX_TRIALS = 3
 WITHIN = 1.5
@@ -120,8 +120,8 @@ def pick(plans: Sequence[Plan], medians_by_rank: Sequence[Sequence[float]]) -> P
     the twin. The measurements are in its reason."""
     slowest = [max(row[i] for row in medians_by_rank) for i in range(len(plans))]
     best = min(range(len(plans)), key=lambda i: (slowest[i], i))
-    plain = _key(plain_twin(plans[best]))  # the pick's own key when it is plain: no twin then
-    twin = next((j for j, p in enumerate(plans) if j != best and _key(p) == plain), None)
+    plain = run_key(plain_twin(plans[best]))  # the pick's own key when it is plain: no twin then
+    twin = next((j for j, p in enumerate(plans) if j != best and run_key(p) == plain), None)
     kept = ""
     if twin is not None and slowest[best] > slowest[twin] * (1.0 - VARIANT_MARGIN):
         kept = (f"; {_short(plans[twin])} kept: {_short(plans[best])} was not "
@@ -138,12 +138,6 @@ def plain_twin(plan: Plan) -> Plan:
     """`plan`'s split in one message per step: no token runs, joint queries split over the ring,
     joint tokens not folded (itself when it is plain)."""
     return dataclasses.replace(plan, chunks=1, joint_all=False, joint_fold=False)
-
-
-def _key(p: Plan) -> tuple:
-    """What a trial runs (Plan equality also compares reason and prediction)."""
-    return (p.algorithm, p.ulysses_degree, p.torus_degree, p.ring_degree, tuple(p.groups),
-            p.chunks, p.joint_all, p.joint_fold)
 
 
 def _short(p: Plan) -> str:

@@ -33,13 +33,12 @@ Time model:
   communication step adds it once, and so does the per-call agreement.
 - overlap (CPU groups: cores / the threads the ranks of one machine run, when that is below 1;
   1 otherwise): the share of an overlapped step's communication that really hides behind its
-  compute. A step's
-  hidden part (compute + comm - its time), less the slack of a wire-bound step (comm - compute:
-  its cores idle while it waits on the wire; `contended`), is added back times (1 - overlap):
-  when ranks outnumber cores there is no idle core, and the ring plans measured on emulated
-  clusters ran up to 2x slower than fully-overlapped steps predict. A transfer is priced once,
-  against the compute it overlaps: a ring step's on the step that posts it, with or without token
-  runs (cost_ring_chunked); a Torus exchange against the blocks attended before it arrives
+  compute. A step's hidden part (compute + comm - its time), less the slack of a wire-bound step
+  (comm - compute: its cores idle while it waits on the wire; `contended`), is added back times
+  (1 - overlap): when ranks outnumber cores there is no idle core, and the ring plans measured on
+  emulated clusters ran up to 2x slower than fully-overlapped steps predict. A transfer is priced
+  once, against the compute it overlaps: a ring step's on the step that posts it, with or without
+  token runs (cost_ring_chunked); a Torus exchange against the blocks attended before it arrives
   (cost_torus). Charging it against the compute after it instead over-predicted the 2x4
   200 Mbit/s text-free 8192 cell by 1.27x (USP 4x2 in 8 runs) and 1.32x (Torus 4x2x1).
 - net_cpu (multi-node CPU groups: measured by planner.measure_net_cpu, 0 otherwise): the CPU
@@ -55,8 +54,9 @@ Time model:
   (2x4 at 1 Gbit/s, flux 512 + 256: USP 2x4 1.23x, ring 8 1.22x, Ulysses 8 1.13x of measured).
 - blocking steps (all-to-alls, joint gathers, compute between them) add up; a ring step costs
   max(compute, comm). Ulysses in head-group chunks: see CostModel.cost_ulysses_chunked; ring steps
-  in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits only for its own
-  exchange; the exchanges go one at a time, each posted as the one before has arrived). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
+  in token runs: CostModel.cost_ring_chunked. Torus: see CostModel.cost_torus (each block waits
+  only for its own exchange; the exchanges go one at a time, each posted as the one before has
+  arrived). With sync_s, each of a Torus' t-1 arrivals and t-1 outputs home is a wait on a peer,
   sync_s each (those not already costed with a transfer).
 
 Not modelled: kernel launch overheads on GPUs (CPU groups calibrate the kernel at the calls each
@@ -506,8 +506,7 @@ class CostModel:
         post step k+1 after it, only once the blocks before are attended), A_k + comm_time(step
         k+1) on GPUs (the host only enqueues the kernels: it is at step k's wait long before step
         k lands) -- the first exchange hides behind the local block, each later one behind the
-        block attended while it travels. With
-        r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
+        block attended while it travels. With r = 1 the outputs go home as soon as final: the earlier blocks' during the last block's
         work (after their last merge), the last block's when it is done; the call waits for them
         (done = max(last early post + their transfer, end of compute) + the last block's
         transfer). With a ring factor the ring-of-teams steps are blocking (torus.py posts each

@@ -187,10 +187,7 @@ class Plan:
     def runs(self, c: "Candidate") -> bool:
         """Whether this plan runs candidate `c` (a valid one of the same split, groups, chunks and
         joint handling)."""
-        return (c.valid and c.algorithm == self.algorithm and c.ulysses_degree == self.ulysses_degree
-                and c.ring_degree == self.ring_degree and torus_degree(c) == self.torus_degree
-                and c.chunks == self.chunks and c.joint_fold == self.joint_fold
-                and c.joint_all == self.joint_all and tuple(c.groups) == tuple(self.groups))
+        return c.valid and run_key(c) == run_key(self)
 
     def explain(self) -> str:
         """Every candidate with its predicted time (or why it was dropped), the winner's steps, and
@@ -260,6 +257,14 @@ def valid_ulysses_degrees(world: int, heads: int) -> list:
 def torus_degree(c: Candidate) -> int:
     """t of a torus candidate (its groups are all P/u Ulysses groups, r teams of t); 1 otherwise."""
     return len(c.groups) // c.ring_degree if c.algorithm == "torus" else 1
+
+
+def run_key(x) -> tuple:
+    """What a Plan or Candidate runs -- split, groups, token runs / chunks, joint handling -- and
+    nothing of why (equal Plans also share their reason and prediction)."""
+    t = x.torus_degree if isinstance(x, Plan) else torus_degree(x)
+    return (x.algorithm, x.ulysses_degree, t, x.ring_degree, tuple(x.groups), x.chunks,
+            x.joint_all, x.joint_fold)
 
 
 def chunk_unit(algorithm: str) -> str:

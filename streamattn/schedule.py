@@ -324,8 +324,8 @@ class TorusParts:
 
     pre / post: blocking phases before the torus exchange (intra Ulysses scatter) and after it
     (intra gather, joint output). steps[k-1]: the messages of exchange k (k = 1..t-1); exchange 1
-    is posted right after the intra all-to-all, exchange k+1 once exchange k has arrived. block[rank][i]: (FLOPs, memory bytes) of the i-th
-    block a rank attends (i = 0 is its local block, i = k the block of exchange k); with r == 1 the
+    is posted right after the intra all-to-all, exchange k+1 once exchange k has arrived.
+    block[rank][i]: (FLOPs, memory bytes) of the i-th block a rank attends (i = 0 is its local block, i = k the block of exchange k); with r == 1 the
     last block's work is split into last_a (earlier query blocks against the new K/V, finalised and
     their outputs sent home one by one) and last_b (the new queries against every K/V; then its
     output goes home). home_early / home_last: those output messages. ring: the ring-of-teams steps

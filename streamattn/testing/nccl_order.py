@@ -39,7 +39,7 @@ class _Recording:
 
         pending = self._t.exchange_parts(sends, recvs, tag, count)
         step = tag - tags.TORUS_QKV
-        if not 0 < step < 64:
+        if not 0 < step < tags.HALF:
             return pending
         self._events.append(("post", step))
         events = self._events
